@@ -1,0 +1,18 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test
+
+# torch and torchvision first, pinned to the releases served from local disk here
+install:
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[test,larger]"
+
+demo: install
+	$(PYTHON) -m benchmarks.samples build/samples
+	$(PYTHON) -m clipzsl.cli classify build/samples --labels demo --top-k 3
+
+test: install
+	$(PYTHON) -m pytest -q

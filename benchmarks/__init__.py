@@ -1,0 +1,1 @@
+"""clipzsl's benchmarks: data fetched from package registries, results in benchmarks/results/."""

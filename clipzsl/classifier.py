@@ -1,0 +1,104 @@
+"""Prompt-ensembled zero-shot classification: label set -> class embeddings -> scores.
+
+A class embedding is the mean of the L2-normalised embeddings of all its prompts
+(every template x every name and synonym, plus free-text prompts), renormalised,
+as CLIP does. Identical prompts are encoded once, and prompts are batched by
+length so a batch is padded only as far as its longest member.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backends import Backend, load_model
+from .images import EmbeddedImages, ImageSource, embed_images
+from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_labels, load_templates
+
+
+def encode_prompts(backend: Backend, prompts: Sequence[str], progress: bool | None = None) -> torch.Tensor:
+    """L2-normalised embeddings [len(prompts), D] of possibly repeated prompts, each encoded once."""
+    unique = list(dict.fromkeys(prompts))
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+    by_length = [unique[i] for i in order]
+    size = backend.text_batch_size
+    disable = (len(unique) <= 4 * size) if progress is None else not progress
+    chunks = [
+        backend.encode_texts(by_length[start : start + size])
+        for start in tqdm(range(0, len(by_length), size), desc="prompts", unit="batch", disable=disable)
+    ]
+    encoded = torch.empty(len(unique), chunks[0].shape[1], dtype=chunks[0].dtype)
+    encoded[torch.tensor(order)] = torch.cat(chunks)
+    row = {prompt: i for i, prompt in enumerate(unique)}
+    return encoded[torch.tensor([row[p] for p in prompts])]
+
+
+def class_embeddings(
+    backend: Backend,
+    entries: Sequence[ClassEntry],
+    templates: Sequence[str],
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Prompt-ensembled, renormalised class embeddings [C, D] (rows in `entries` order)."""
+    texts = [entry.texts(templates) for entry in entries]
+    flat = encode_prompts(backend, [t for group in texts for t in group], progress)
+    counts = torch.tensor([len(group) for group in texts])
+    owner = torch.repeat_interleave(torch.arange(len(entries)), counts)
+    sums = torch.zeros(len(entries), flat.shape[1], dtype=flat.dtype).index_add_(0, owner, flat)
+    means = sums / counts[:, None].to(flat.dtype)
+    return means / means.norm(dim=-1, keepdim=True)
+
+
+class ZeroShotClassifier:
+    """A classifier over any label set, from a frozen dual encoder and prompt templates.
+
+    >>> clf = ZeroShotClassifier(load_model(), labels=["cat", "dog"], templates=["a photo of a {}."])
+    >>> clf.predict("photos/", top_k=1)
+    """
+
+    def __init__(
+        self,
+        model: Backend | str | None = None,
+        labels: LabelsArg = (),
+        templates: TemplatesArg = DEFAULT_TEMPLATES,
+        progress: bool | None = None,
+    ):
+        self.model = load_model(model) if isinstance(model, str) else model or load_model()
+        self.entries = load_labels(labels)
+        self.templates = load_templates(templates)
+        self.weights = class_embeddings(self.model, self.entries, self.templates, progress)
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names, in score-column order."""
+        return [entry.name for entry in self.entries]
+
+    def embed(self, images: ImageSource | Sequence[ImageSource], **kwargs) -> EmbeddedImages:
+        """Image embeddings; keyword arguments go to `clipzsl.images.embed_images`."""
+        return embed_images(self.model, images, **kwargs)
+
+    def scores_from_embeddings(self, embeddings: torch.Tensor) -> np.ndarray:
+        """Probabilities [N, C] for already-embedded images."""
+        logits = self.model.logit_scale * embeddings @ self.weights.T + self.model.logit_bias
+        if getattr(self.model, "probability", "softmax") == "sigmoid":
+            return torch.sigmoid(logits).numpy()
+        return torch.softmax(logits, dim=-1).numpy()
+
+    def scores(self, images: ImageSource | Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
+        """Probabilities [N, C]; images are paths, PIL images or folders (walked recursively)."""
+        return self.scores_from_embeddings(self.embed(images, batch_size=batch_size).embeddings)
+
+    def top_k(self, probabilities: np.ndarray, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """(label, probability) pairs per row, best first."""
+        k = min(top_k, probabilities.shape[1])
+        best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        labels = self.labels
+        return [[(labels[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, best)]
+
+    def predict(
+        self, images: ImageSource | Sequence[ImageSource], top_k: int = 5, batch_size: int = 32
+    ) -> list[list[tuple[str, float]]]:
+        """Per image: the `top_k` (label, probability) pairs, best first."""
+        return self.top_k(self.scores(images, batch_size), top_k)

@@ -1,0 +1,155 @@
+"""From paths, folders and PIL images to batches of embeddings, skipping what cannot be read.
+
+Decoding and preprocessing run in a small thread pool (Pillow releases the GIL
+while it decodes and resizes) so the encoder is not kept waiting.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import torch
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from .backends.base import Backend
+
+ImageSource = Union[str, Path, Image.Image]
+IMAGE_SUFFIXES = {suffix for suffix, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be decoded; `source` says which."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+@dataclass
+class EmbeddedImages:
+    embeddings: torch.Tensor  # [N, D], L2-normalised, in `sources` order
+    sources: list[str]  # names of the images that were embedded
+    failures: list[ImageLoadError]  # images that were skipped, with why
+
+
+def expand_sources(sources: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+    """Files stay, folders become their image files (recursively, sorted), PIL images pass."""
+    if isinstance(sources, (str, Path, Image.Image)):
+        sources = [sources]
+    expanded: list[ImageSource] = []
+    for source in sources:
+        if isinstance(source, Image.Image):
+            expanded.append(source)
+        elif Path(source).is_dir():
+            expanded.extend(
+                str(p)
+                for p in sorted(Path(source).rglob("*"))
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            )
+        else:
+            expanded.append(str(source))
+    return expanded
+
+
+def source_name(source: ImageSource, index: int) -> str:
+    return source if isinstance(source, str) else f"<image {index}>"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Honour EXIF orientation and put transparent pixels on white, as people see them."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or image.mode.endswith("a"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Open and fully decode one image; raises ImageLoadError naming the file and the cause."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    path = str(source)
+    if not os.path.exists(path):
+        raise ImageLoadError(path, "no such file")
+    if os.path.getsize(path) == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageLoadError(path, f"refused as a possible decompression bomb ({err})") from err
+    except Image.UnidentifiedImageError as err:
+        raise ImageLoadError(path, "not an image Pillow can read") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageLoadError(path, f"corrupt or truncated image ({err})") from err
+
+
+def _prepared(backend: Backend, source: ImageSource) -> torch.Tensor | ImageLoadError:
+    try:
+        return backend.preprocess(load_image(source))
+    except ImageLoadError as err:
+        return err
+
+
+def _batches(
+    backend: Backend, sources: list[ImageSource], batch_size: int, workers: int
+) -> Iterator[list[tuple[int, torch.Tensor | ImageLoadError]]]:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        prepared = pool.map(lambda s: _prepared(backend, s), sources)
+        batch: list[tuple[int, torch.Tensor | ImageLoadError]] = []
+        for index, item in enumerate(prepared):
+            batch.append((index, item))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def embed_images(
+    backend: Backend,
+    images: ImageSource | Sequence[ImageSource],
+    batch_size: int = 32,
+    skip_errors: bool = False,
+    progress: bool | None = None,
+    workers: int | None = None,
+) -> EmbeddedImages:
+    """Embed images in batches. Unreadable ones raise, or with `skip_errors` are reported back."""
+    sources = expand_sources(images)
+    workers = workers or min(4, os.cpu_count() or 1)
+    chunks: list[torch.Tensor] = []
+    kept: list[str] = []
+    failures: list[ImageLoadError] = []
+    with tqdm(total=len(sources), unit="img", desc="images", disable=_quiet(progress, len(sources))) as bar:
+        for batch in _batches(backend, sources, batch_size, workers):
+            good = [(i, t) for i, t in batch if isinstance(t, torch.Tensor)]
+            for _, err in ((i, t) for i, t in batch if isinstance(t, ImageLoadError)):
+                if not skip_errors:
+                    raise err
+                failures.append(err)
+            if good:
+                chunks.append(backend.encode_images(torch.stack([t for _, t in good])))
+                kept.extend(source_name(sources[i], i) for i, _ in good)
+            bar.update(len(batch))
+    embeddings = torch.cat(chunks) if chunks else torch.empty(0, backend.embed_dim)
+    return EmbeddedImages(embeddings.float().cpu(), kept, failures)
+
+
+def _quiet(progress: bool | None, total: int) -> bool | None:
+    """tqdm's `disable`: explicit choice wins; by default only long runs on a terminal show a bar."""
+    if progress is None:
+        return None if total > 64 else True
+    return not progress
+
