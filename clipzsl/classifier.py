@@ -7,6 +7,8 @@ length so a batch is padded only as far as its longest member.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +18,11 @@ from tqdm.auto import tqdm
 from .backends import Backend, load_model
 from .images import EmbeddedImages, ImageSource, embed_images
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_labels, load_templates
+from .search import build_index, search
+from .store import EmbeddingStore, digest
+
+#: rows of labels scored at once when normalising over a large vocabulary
+LABEL_CHUNK = 16_384
 
 
 def encode_prompts(backend: Backend, prompts: Sequence[str], progress: bool | None = None) -> torch.Tensor:
@@ -51,6 +58,28 @@ def class_embeddings(
     return means / means.norm(dim=-1, keepdim=True)
 
 
+def class_key(entry: ClassEntry, templates: Sequence[str]) -> str:
+    """Cache key of one class embedding: the template set's content and the class entry."""
+    return digest(json.dumps([list(templates), entry.name, list(entry.synonyms), list(entry.prompts)]))
+
+
+def cached_class_embeddings(
+    backend: Backend,
+    entries: Sequence[ClassEntry],
+    templates: Sequence[str],
+    store: EmbeddingStore,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """`class_embeddings`, encoding only the classes the store does not hold yet."""
+    keys = [class_key(entry, templates) for entry in entries]
+    by_key = dict(zip(keys, entries))
+
+    def compute(todo: list[str]) -> np.ndarray:
+        return class_embeddings(backend, [by_key[k] for k in todo], templates, progress).numpy()
+
+    return torch.from_numpy(store.get_or_compute(keys, compute))
+
+
 class ZeroShotClassifier:
     """A classifier over any label set, from a frozen dual encoder and prompt templates.
 
@@ -63,12 +92,22 @@ class ZeroShotClassifier:
         model: Backend | str | None = None,
         labels: LabelsArg = (),
         templates: TemplatesArg = DEFAULT_TEMPLATES,
+        cache: bool | str | os.PathLike = True,
+        index: str = "auto",
         progress: bool | None = None,
     ):
+        """`cache`: True for the default cache directory, a directory, or False for none.
+        `index`: FAISS factory string for top-k search over the labels ("auto", "Flat", "HNSW32")."""
         self.model = load_model(model) if isinstance(model, str) else model or load_model()
         self.entries = load_labels(labels)
         self.templates = load_templates(templates)
-        self.weights = class_embeddings(self.model, self.entries, self.templates, progress)
+        if cache:
+            store = EmbeddingStore.for_labels(self.model, None if cache is True else cache)
+            self.weights = cached_class_embeddings(self.model, self.entries, self.templates, store, progress)
+        else:
+            self.weights = class_embeddings(self.model, self.entries, self.templates, progress)
+        self.index_spec = index
+        self._index = None
 
     @property
     def labels(self) -> list[str]:
@@ -90,15 +129,40 @@ class ZeroShotClassifier:
         """Probabilities [N, C]; images are paths, PIL images or folders (walked recursively)."""
         return self.scores_from_embeddings(self.embed(images, batch_size=batch_size).embeddings)
 
-    def top_k(self, probabilities: np.ndarray, top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """(label, probability) pairs per row, best first."""
-        k = min(top_k, probabilities.shape[1])
-        best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    @property
+    def index(self):
+        """FAISS index over the class embeddings, built on first use."""
+        if self._index is None:
+            self._index = build_index(self.weights.numpy(), self.index_spec)
+        return self._index
+
+    def top_k_from_embeddings(self, embeddings: torch.Tensor, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """(label, probability) pairs per image, best first, without an [N, C] score matrix.
+
+        The index finds the best labels; the softmax normaliser is accumulated over
+        label chunks, so memory stays bounded for vocabularies of 100k labels.
+        """
+        similarities, ids = search(self.index, embeddings.numpy(), top_k)
+        logits = self.model.logit_scale * torch.from_numpy(similarities) + self.model.logit_bias
+        if getattr(self.model, "probability", "softmax") == "sigmoid":
+            probabilities = torch.sigmoid(logits)
+        else:
+            probabilities = torch.exp(logits - self._log_normaliser(embeddings)[:, None])
         labels = self.labels
-        return [[(labels[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, best)]
+        return [
+            [(labels[j], float(p)) for j, p in zip(row_ids, row_p) if j >= 0]
+            for row_ids, row_p in zip(ids.tolist(), probabilities.tolist())
+        ]
+
+    def _log_normaliser(self, embeddings: torch.Tensor) -> torch.Tensor:
+        parts = [
+            torch.logsumexp(self.model.logit_scale * embeddings @ chunk.T + self.model.logit_bias, dim=1)
+            for chunk in self.weights.split(LABEL_CHUNK)
+        ]
+        return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
 
     def predict(
         self, images: ImageSource | Sequence[ImageSource], top_k: int = 5, batch_size: int = 32
     ) -> list[list[tuple[str, float]]]:
         """Per image: the `top_k` (label, probability) pairs, best first."""
-        return self.top_k(self.scores(images, batch_size), top_k)
+        return self.top_k_from_embeddings(self.embed(images, batch_size=batch_size).embeddings, top_k)

@@ -176,14 +176,3 @@ def test_cache_file_damage_is_rebuilt(tmp_path, damage):
     np.testing.assert_array_equal(packaged.load_or_build(path, (3, 4), build), good)
     assert len(calls) == 2
     np.testing.assert_array_equal(np.load(path), good)
-
-
-def test_cache_dir_precedence(monkeypatch, tmp_path):
-    monkeypatch.setenv("CLIPZSL_CACHE_DIR", str(tmp_path / "explicit"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert packaged.cache_dir() == tmp_path / "explicit"
-    monkeypatch.delenv("CLIPZSL_CACHE_DIR")
-    assert packaged.cache_dir() == tmp_path / "xdg" / "clipzsl"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert packaged.cache_dir() == tmp_path / ".cache" / "clipzsl"

