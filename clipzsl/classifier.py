@@ -95,9 +95,12 @@ class ZeroShotClassifier:
         cache: bool | str | os.PathLike = True,
         index: str = "auto",
         progress: bool | None = None,
+        adapter=None,
     ):
         """`cache`: True for the default cache directory, a directory, or False for none.
-        `index`: FAISS factory string for top-k search over the labels ("auto", "Flat", "HNSW32")."""
+        `index`: FAISS factory string for top-k search over the labels ("auto", "Flat", "HNSW32").
+        `adapter`: a `clipzsl.adapter.CrossAttentionAdapter` or the directory it was saved to; its
+        scores are added to the zero-shot ones (it must have been trained on this backbone)."""
         self.model = load_model(model) if isinstance(model, str) else model or load_model()
         self.entries = load_labels(labels)
         self.templates = load_templates(templates)
@@ -108,6 +111,11 @@ class ZeroShotClassifier:
             self.weights = class_embeddings(self.model, self.entries, self.templates, progress)
         self.index_spec = index
         self._index = None
+        self.adapter = None
+        if adapter is not None:
+            from .adapter import resolve_adapter
+
+            self.adapter = resolve_adapter(adapter, self.model)
 
     @property
     def labels(self) -> list[str]:
@@ -121,13 +129,38 @@ class ZeroShotClassifier:
     def scores_from_embeddings(self, embeddings: torch.Tensor) -> np.ndarray:
         """Probabilities [N, C] for already-embedded images."""
         logits = self.model.logit_scale * embeddings @ self.weights.T + self.model.logit_bias
-        if getattr(self.model, "probability", "softmax") == "sigmoid":
+        if self.model.probability == "sigmoid":
             return torch.sigmoid(logits).numpy()
         return torch.softmax(logits, dim=-1).numpy()
 
     def scores(self, images: ImageSource | Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
         """Probabilities [N, C]; images are paths, PIL images or folders (walked recursively)."""
+        if self.adapter is not None:
+            return self.scores_from_features(self.features(images, batch_size=batch_size))
         return self.scores_from_embeddings(self.embed(images, batch_size=batch_size).embeddings)
+
+    def features(self, images, batch_size: int = 32, cache: bool = False):
+        """Pooled embeddings and spatial tokens (`clipzsl.adapter.Features`) of the images."""
+        from .adapter import extract_features
+
+        return extract_features(self.model, images, batch_size=batch_size, cache=cache)
+
+    def scores_from_features(self, features) -> np.ndarray:
+        """Probabilities [N, C] from `features(...)`, through the adapter when there is one."""
+        if self.adapter is None:
+            return self.scores_from_embeddings(features.pooled)
+        logits = self.adapter.logits(self.weights, features, self.model.logit_scale, self.model.logit_bias)
+        if getattr(self.model, "probability", "softmax") == "sigmoid":
+            return torch.sigmoid(logits).numpy()
+        return torch.softmax(logits, dim=-1).numpy()
+
+    def attention(self, images, batch_size: int = 32) -> torch.Tensor:
+        """The adapter's attention [N, C, heads, 1 + T] (global token first) over each image's tokens."""
+        if self.adapter is None:
+            raise ValueError("attention needs an adapter: ZeroShotClassifier(..., adapter=PATH_OR_OBJECT)")
+        feats = self.features(images, batch_size=batch_size)
+        with torch.no_grad():
+            return self.adapter.attention(self.weights, feats.tokens, feats.pooled)
 
     @property
     def index(self):
@@ -144,7 +177,7 @@ class ZeroShotClassifier:
         """
         similarities, ids = search(self.index, embeddings.numpy(), top_k)
         logits = self.model.logit_scale * torch.from_numpy(similarities) + self.model.logit_bias
-        if getattr(self.model, "probability", "softmax") == "sigmoid":
+        if self.model.probability == "sigmoid":
             probabilities = torch.sigmoid(logits)
         else:
             probabilities = torch.exp(logits - self._log_normaliser(embeddings)[:, None])
@@ -165,4 +198,9 @@ class ZeroShotClassifier:
         self, images: ImageSource | Sequence[ImageSource], top_k: int = 5, batch_size: int = 32
     ) -> list[list[tuple[str, float]]]:
         """Per image: the `top_k` (label, probability) pairs, best first."""
+        if self.adapter is not None:
+            probs = torch.from_numpy(self.scores(images, batch_size=batch_size))
+            p, ids = probs.topk(min(top_k, probs.shape[1]), dim=1)
+            return [[(self.labels[j], float(q)) for j, q in zip(r_ids, r_p)]
+                    for r_ids, r_p in zip(ids.tolist(), p.tolist())]
         return self.top_k_from_embeddings(self.embed(images, batch_size=batch_size).embeddings, top_k)

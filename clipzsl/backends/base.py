@@ -29,6 +29,8 @@ class Backend(abc.ABC):
     logit_scale: float
     #: added to the scaled similarities (SigLIP); 0 for CLIP-style models
     logit_bias: float = 0.0
+    #: how logits become probabilities: "softmax" over classes (CLIP) or "sigmoid" per class (SigLIP)
+    probability: str = "softmax"
     #: turns one PIL image (RGB) into a [3, H, W] float tensor
     preprocess: Callable[[Image.Image], torch.Tensor]
     #: how many prompts one forward pass of the text tower takes
