@@ -124,6 +124,126 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    from . import load_model
+    from .adapter import TrainConfig, extract_features, fit_with_selection, folder_dataset
+    from .classifier import class_embeddings
+    from .evaluation import DEFAULT_GRID
+    from .prompts import ClassEntry, load_templates
+
+    backend = load_model(args.model)
+    names, paths, labels = folder_dataset(args.data)
+    seen = list(range(len(names)))
+    if args.seen:
+        wanted = [l.strip() for l in Path(args.seen).read_text().splitlines() if l.strip() and not l.startswith("#")]
+        unknown = [w for w in wanted if w not in names and w.replace("_", " ") not in names]
+        if unknown:
+            raise ValueError(f"{args.seen}: classes not in {args.data}: {unknown[:5]}")
+        seen = sorted(names.index(w.replace("_", " ")) for w in wanted)
+    keep = [i for i, y in enumerate(labels) if y in set(seen)]
+    templates = load_templates(args.templates)
+    emb = class_embeddings(backend, [ClassEntry(n) for n in names], templates)
+    feats = extract_features(backend, [paths[i] for i in keep], cache=args.cache_dir or True, progress=True)
+    if args.lr is None and args.consistency is None:
+        grid = DEFAULT_GRID
+    else:
+        grid = ({"lr": args.lr or 3e-3, "consistency": 1.0 if args.consistency is None else args.consistency},)
+    result, info = fit_with_selection(feats, [labels[i] for i in keep], emb, seen, backend.logit_scale,
+                                      seed=args.seed, grid=grid, base=TrainConfig(epochs=args.epochs, patience=4),
+                                      logit_bias=backend.logit_bias, log=lambda m: print(m, file=sys.stderr))
+    info.pop("val_split")
+    result.adapter.save(args.out, backend, templates=templates, labels=[names[c] for c in seen],
+                        extra={"training": info})
+    print(f"{args.out}: adapter trained on {len(seen)} classes, {info['n_train']} images; chosen {info['params']}, "
+          f"validation H {info['val_score']:.3f} at epoch {info['best_epoch']}, {info['epoch_seconds']:.2f} s/epoch")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from . import evaluation as ev
+    from . import load_model
+    from .adapter import extract_features, folder_dataset
+    from .classifier import class_embeddings
+    from .prompts import ClassEntry, load_templates
+
+    backend = load_model(args.model)
+    names, paths, labels = folder_dataset(args.data)
+    if args.test:
+        tnames, tpaths, tlabels = folder_dataset(args.test)
+        common = sorted(set(names) & set(tnames))
+        tr = [(p, common.index(names[y])) for p, y in zip(paths, labels) if names[y] in common]
+        te = [(p, common.index(tnames[y])) for p, y in zip(tpaths, tlabels) if tnames[y] in common]
+        names = common
+    else:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        tr, te = [], []
+        for c in range(len(names)):
+            idx = rng.permutation([i for i, y in enumerate(labels) if y == c]).tolist()
+            tr += [(paths[i], c) for i in idx[: len(idx) // 2]]
+            te += [(paths[i], c) for i in idx[len(idx) // 2:]]
+    emb = class_embeddings(backend, [ClassEntry(n) for n in names], load_templates(args.templates))
+    base, novel = ev.base_novel_split(names)
+    tr = [(p, y) for p, y in tr if y in set(base)]
+    cache = args.cache_dir or True
+    ftr = extract_features(backend, [p for p, _ in tr], cache=cache, progress=True)
+    fte = extract_features(backend, [p for p, _ in te], cache=cache, progress=True)
+    problem = ev.Problem(ftr, [y for _, y in tr], emb, base, backend.logit_scale, backend.logit_bias)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ev.METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {list(ev.METHODS)}")
+    results = {}
+    for m in methods:
+        runs = []
+        for seed in range(args.seeds):
+            fitted = ev.METHODS[m](problem, seed=seed)
+            run = {"seed": seed}
+            if args.protocol in ("b2n", "both"):
+                run["b2n"] = ev.base_to_novel(fitted, fte, [y for _, y in te], base, novel)
+            if args.protocol in ("gzsl", "both"):
+                run["gzsl"] = ev.gzsl(fitted, problem, fte, [y for _, y in te], base, novel, seed)
+            runs.append(run)
+        results[m] = runs
+
+    def ms(values):
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            return "n/a"
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+    print(f"{len(names)} classes ({len(base)} base, {len(novel)} novel), {len(tr)} training images, {len(te)} test")
+    if args.protocol in ("b2n", "both"):
+        print("base-to-novel        Base           Novel          H")
+        for m, runs in results.items():
+            print(f"{m:<20} " + "  ".join(f"{ms([r['b2n'][k] for r in runs]):<13}" for k in ("base", "novel", "H")))
+    if args.protocol in ("gzsl", "both"):
+        print("GZSL                 Seen           Unseen         H              | calibrated stacking: Seen, Unseen, H")
+        for m, runs in results.items():
+            print(f"{m:<20} " + "  ".join(f"{ms([r['gzsl'][v][k] for r in runs]):<13}"
+                                          for v in ("plain", "calibrated") for k in ("seen", "unseen", "H")))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from . import load_model
+    from .explain import explain
+
+    backend = load_model(args.model)
+    written = explain(backend, args.images, labels_argument(args.labels), args.out, adapter=args.adapter,
+                      templates=args.templates)
+    for path in written:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipzsl", description="Zero-shot image classification.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +283,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list model specs and what runs offline")
     models.set_defaults(run=cmd_models)
+
+    train = commands.add_parser("train-adapter", help="train a cross-attention adapter on a class-folder data set")
+    train.add_argument("data", help="folder with one sub-folder of images per class")
+    train.add_argument("--out", required=True, help="directory for adapter.safetensors + adapter.json")
+    train.add_argument("--seen", help="file listing the classes to train on (one per line); default all")
+    train.add_argument("--model", default="packaged")
+    train.add_argument("--templates", default=DEFAULT_TEMPLATES)
+    train.add_argument("--epochs", type=positive_int, default=15)
+    train.add_argument("--lr", type=float, help="learning rate (default: chosen on the seen validation split)")
+    train.add_argument("--consistency", type=float, help="KL-to-zero-shot weight (default: chosen on validation)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--cache-dir", help="feature cache directory")
+    train.set_defaults(run=cmd_train_adapter)
+
+    evaluate = commands.add_parser("eval", help="base-to-novel and GZSL protocols, adapters vs baselines")
+    evaluate.add_argument("data", help="training folder (one sub-folder per class)")
+    evaluate.add_argument("--test", help="test folder with the same class sub-folders (default: half of DATA per class)")
+    evaluate.add_argument("--protocol", choices=("b2n", "gzsl", "both"), default="both")
+    evaluate.add_argument("--methods", default="zero-shot,linear probe,CLIP-Adapter,Tip-Adapter-F,ours")
+    evaluate.add_argument("--seeds", type=positive_int, default=3)
+    evaluate.add_argument("--model", default="packaged")
+    evaluate.add_argument("--templates", default=DEFAULT_TEMPLATES)
+    evaluate.add_argument("--output", help="also write the results as JSON here")
+    evaluate.add_argument("--cache-dir", help="feature cache directory")
+    evaluate.set_defaults(run=cmd_eval)
+
+    explain = commands.add_parser("explain", help="heatmap PNGs: adapter attention or patch-text similarity")
+    explain.add_argument("images", nargs="+")
+    explain.add_argument("--labels", required=True, help="label file, shipped set name, or a,b,c")
+    explain.add_argument("--adapter", help="saved adapter directory (default: patch-to-text similarity)")
+    explain.add_argument("--out", default="explain", help="output directory")
+    explain.add_argument("--model", default="packaged")
+    explain.add_argument("--templates", help="template set (default: the adapter's, else the default)")
+    explain.set_defaults(run=cmd_explain)
     return parser
 
 

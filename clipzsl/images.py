@@ -36,6 +36,7 @@ class EmbeddedImages:
     embeddings: torch.Tensor  # [N, D], L2-normalised, in `sources` order
     sources: list[str]  # names of the images that were embedded
     failures: list[ImageLoadError]  # images that were skipped, with why
+    tokens: torch.Tensor | None = None  # [N, T, D] spatial tokens, with `return_tokens`
 
 
 def expand_sources(sources: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
@@ -125,11 +126,16 @@ def embed_images(
     skip_errors: bool = False,
     progress: bool | None = None,
     workers: int | None = None,
+    return_tokens: bool = False,
 ) -> EmbeddedImages:
-    """Embed images in batches. Unreadable ones raise, or with `skip_errors` are reported back."""
+    """Embed images in batches. Unreadable ones raise, or with `skip_errors` are reported back.
+
+    With `return_tokens`, the backend's spatial tokens come back too (what an adapter attends over).
+    """
     sources = expand_sources(images)
     workers = workers or min(4, os.cpu_count() or 1)
     chunks: list[torch.Tensor] = []
+    token_chunks: list[torch.Tensor] = []
     kept: list[str] = []
     failures: list[ImageLoadError] = []
     with tqdm(total=len(sources), unit="img", desc="images", disable=_quiet(progress, len(sources))) as bar:
@@ -140,11 +146,16 @@ def embed_images(
                     raise err
                 failures.append(err)
             if good:
-                chunks.append(backend.encode_images(torch.stack([t for _, t in good])))
+                encoded = backend.encode_images(torch.stack([t for _, t in good]), return_tokens=return_tokens)
+                if return_tokens:
+                    encoded, tokens = encoded
+                    token_chunks.append(tokens.float().cpu())
+                chunks.append(encoded)
                 kept.extend(source_name(sources[i], i) for i, _ in good)
             bar.update(len(batch))
     embeddings = torch.cat(chunks) if chunks else torch.empty(0, backend.embed_dim)
-    return EmbeddedImages(embeddings.float().cpu(), kept, failures)
+    tokens = torch.cat(token_chunks) if token_chunks else None
+    return EmbeddedImages(embeddings.float().cpu(), kept, failures, tokens)
 
 
 def _quiet(progress: bool | None, total: int) -> bool | None:

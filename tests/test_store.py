@@ -1,11 +1,9 @@
 """The embedding store: cache precedence, durability under SIGKILL, corruption, concurrency."""
-import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
