@@ -58,9 +58,9 @@ def class_embeddings(
     return means / means.norm(dim=-1, keepdim=True)
 
 
-def class_key(entry: ClassEntry, templates: Sequence[str]) -> str:
-    """Cache key of one class embedding: the template set's content and the class entry."""
-    return digest(json.dumps([list(templates), entry.name, list(entry.synonyms), list(entry.prompts)]))
+def class_key(entry: ClassEntry, templates_digest: str) -> str:
+    """Cache key of one class embedding: the template set's content hash and the class entry."""
+    return digest(json.dumps([templates_digest, entry.name, entry.synonyms, entry.prompts]))
 
 
 def cached_class_embeddings(
@@ -71,7 +71,8 @@ def cached_class_embeddings(
     progress: bool | None = None,
 ) -> torch.Tensor:
     """`class_embeddings`, encoding only the classes the store does not hold yet."""
-    keys = [class_key(entry, templates) for entry in entries]
+    templates_digest = digest(json.dumps(list(templates)))
+    keys = [class_key(entry, templates_digest) for entry in entries]
     by_key = dict(zip(keys, entries))
 
     def compute(todo: list[str]) -> np.ndarray:

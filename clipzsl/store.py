@@ -138,13 +138,17 @@ class EmbeddingStore:
                 continue
             keys, seg_vectors, seg_info, deleted = segment
             vectors.append(seg_vectors)
-            for i, key in enumerate(keys):
-                if deleted[i]:
-                    row.pop(key, None)
-                    info.pop(key, None)
-                else:
-                    row[key] = count + i
-                    info[key] = seg_info[i]
+            if not deleted.any():  # the common case, without a Python-level branch per key
+                row.update(zip(keys, range(count, count + len(keys))))
+                info.update(zip(keys, seg_info))
+            else:
+                for i, key in enumerate(keys):
+                    if deleted[i]:
+                        row.pop(key, None)
+                        info.pop(key, None)
+                    else:
+                        row[key] = count + i
+                        info[key] = seg_info[i]
             count += len(keys)
         self._vectors = np.concatenate(vectors) if vectors else np.empty((0, self.embed_dim), np.float32)
         self._row, self._info, self._segments = row, info, names
