@@ -1,0 +1,88 @@
+"""Helpers shared by the suite's benchmarks: metrics over numpy arrays, classifier options, load, plots."""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import clipzsl
+
+
+# ---------------------------------------------------------------- classification metrics
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose true label is among the k highest scores (ties: the lower index wins)."""
+    k = min(k, scores.shape[1])
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return float((best == np.asarray(labels)[:, None]).any(axis=1).mean())
+
+
+def mean_per_class_recall(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 recall of each class that has images, averaged over those classes."""
+    labels = np.asarray(labels)
+    predicted = np.argmax(scores, axis=1)
+    return float(np.mean([(predicted[labels == c] == c).mean() for c in np.unique(labels)]))
+
+
+def metrics(scores: np.ndarray, labels: Sequence[int]) -> dict:
+    """top-1, top-5 (None where there are at most 5 classes: it would be trivially 1) and mean per-class recall."""
+    labels = np.asarray(labels)
+    return {
+        "top1": topk_accuracy(scores, labels, 1),
+        "top5": topk_accuracy(scores, labels, 5) if scores.shape[1] > 5 else None,
+        "mean_class_recall": mean_per_class_recall(scores, labels),
+    }
+
+
+# ---------------------------------------------------------------- clipzsl options that vary across versions
+
+
+def uncached() -> dict:
+    """Keyword arguments that turn the on-disk label-embedding cache off, where the constructor has one:
+    timings of text encoding must encode every prompt, on every run."""
+    params = inspect.signature(clipzsl.ZeroShotClassifier).parameters
+    return {"cache": False} if "cache" in params else {}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: how busy the shared machine was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{100 * value:.{digits}f}"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display); ImportError says how to install it."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install matplotlib (or pip install -e '.[bench]')") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
