@@ -131,7 +131,7 @@ def page(records: dict[str, dict], statuses: dict[str, dict], command: str, tota
         "# clipzsl benchmark results",
         "",
         f"- command: `{command}` (this run: {ran}; total {total_s / 60:.1f} min)",
-        f"- commit: `{suite_commit(records)}`, finished {date}",
+        f"- commit: `{suite_commit(records)}` (each section names its own), finished {date}",
         f"- machine: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
         f"Python {machine['python']}, torch {machine['torch']}, {machine['platform']}",
         "- Absolute times on these shared 2-core machines are noisy (the load average of each benchmark is "
