@@ -271,6 +271,8 @@ def main() -> None:
     parser.add_argument("--model", default=clipzsl.DEFAULT_MODEL)
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), help="default: all")
     args = parser.parse_args()
+    if args.quick:  # as `python -m benchmarks --quick` does: keep the full results
+        report.RESULTS_DIR = report.RESULTS_DIR / "quick"
     run(args.quick, args.model, args.datasets)
     print((report.RESULTS_DIR / f"{NAME}.md").read_text())
 

@@ -386,6 +386,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--modes", nargs="+", choices=MODES, help="default: all (fp32 always runs)")
     args = parser.parse_args()
+    if args.quick:  # as `python -m benchmarks --quick` does: keep the full results
+        report.RESULTS_DIR = report.RESULTS_DIR / "quick"
     run(args.quick, args.modes)
     print((report.RESULTS_DIR / f"{NAME}.md").read_text())
 

@@ -188,6 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    if args.quick:  # as `python -m benchmarks --quick` does: keep the full results
+        report.RESULTS_DIR = report.RESULTS_DIR / "quick"
     run(args.quick)
     print((report.RESULTS_DIR / f"{NAME}.md").read_text())
 

@@ -30,6 +30,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import subprocess
 import sys
@@ -122,6 +123,24 @@ def query_embeddings(model, cache: Path, count: int) -> tuple[np.ndarray, str]:
     np.save(path, vectors)
     source_path.write_text(source)
     return vectors, source
+
+
+def load_avg() -> float:
+    """1-minute load average: how busy the shared machine was (2 cores here)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def interleaved(fns: dict, n_queries: int, repeats: int) -> dict:
+    """name -> (median ms/query, run times, last result); one call of each per round, so drifting
+    load from other jobs hits every method alike."""
+    times = {name: [] for name in fns}
+    results = {name: fn() for name, fn in fns.items()}  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (1000 * report.median(times[name]) / n_queries, times[name], results[name]) for name in fns}
 
 
 def per_query_ms(fn, n_queries: int, repeats: int, min_total_s: float = 1.0) -> tuple[float, list[float], object]:
@@ -330,6 +349,7 @@ def child_build(label_path: str, cache_dir: str, queries_path: str, profile: boo
     t = time.perf_counter()
     clipzsl.ZeroShotClassifier(model, labels=entries[:10], templates=[TEMPLATE], cache=cache_dir)
     out["build_10_cached_labels_s"] = time.perf_counter() - t
+    out["load_avg_1min"] = load_avg()
     print("CHILD-RESULT " + json.dumps(out), flush=True)
 
 
@@ -355,6 +375,9 @@ def part_store(model, cache: Path, count: int, queries: np.ndarray, query_source
     populate_s = time.perf_counter() - t
     encoded = before != segments(cache)
     store_mb = sum(p.stat().st_size for p in (cache / "labels").glob("*/seg-*.npz")) / 1e6
+    from clipzsl.store import EmbeddingStore
+
+    store_entries = len(EmbeddingStore.for_labels(model, cache))
     queries_path = cache / f"queries-current-{len(queries)}.npy"
     np.save(queries_path, queries)
     print("[store] fresh processes: build + search", flush=True)
@@ -365,7 +388,7 @@ def part_store(model, cache: Path, count: int, queries: np.ndarray, query_source
     results = {
         "labels": count, "label_source": info, "template": TEMPLATE, "query_source": query_source,
         "queries": len(queries), "populate_s": populate_s, "populate_encoded": encoded,
-        "store_mb_all_entries_in_cache": store_mb, "fresh_process_runs": runs, "profiled_run": profiled,
+        "store_mb_all_entries_in_cache": store_mb, "store_entries": store_entries, "fresh_process_runs": runs, "profiled_run": profiled,
         "small_write_to_big_store": small,
         "median": {k: med(k) for k in runs[0] if isinstance(runs[0][k], (int, float)) and not isinstance(runs[0][k], bool)},
         "targets": {"build_s": 1.0, "flat_search_ms_per_query": 1.0},
@@ -379,7 +402,7 @@ def part_store(model, cache: Path, count: int, queries: np.ndarray, query_source
         + (f" + the first {info['synonyms_as_labels']:,} of their {info['wordnet_synonyms']:,} synonyms as labels "
            "of their own (all unique case-insensitively)" if info["synonyms_as_labels"] else "")
         + f", x 1 template `{TEMPLATE}` = one prompt per label. "
-        f"Store: {store_mb:.0f} MB on disk. "
+        f"Store: {store_entries:,} entries, {store_mb:.0f} MB on disk. "
         + (f"Encoding them took {populate_s:.0f} s ({count / populate_s:.0f} labels/s) in this run."
            if encoded else f"Already cached (classifier over the cache: {populate_s:.1f} s in the parent)."),
         f"Queries: {len(queries):,} real image embeddings, {query_source}.",
@@ -405,7 +428,8 @@ def part_store(model, cache: Path, count: int, queries: np.ndarray, query_source
         f"{small['build_10_new_labels_s']:.2f} |",
         f"| of which encoding the 10 prompts (`class_embeddings`, no store) | {small['encode_10_s']:.2f} |",
         "",
-        f"Store unchanged by the fresh builds: {all(r['store_unchanged'] for r in runs)}.",
+        f"Store unchanged by the fresh builds: {all(r['store_unchanged'] for r in runs)}. "
+        f"1-min load average at the end of each fresh process: {[r['load_avg_1min'] for r in runs]}.",
         "",
         "| top-5 search | ms/query |",
         "|---|---|",
@@ -513,11 +537,11 @@ def part_search(clf, queries: np.ndarray, repeats: int) -> tuple[dict, list[str]
     weights = np.ascontiguousarray(clf.weights.numpy())
     n = len(queries)
     index = build_index(weights, "Flat")
-    search(index, queries[:8], 5)
-    rows = {}
-    rows["faiss IndexFlatIP"] = per_query_ms(lambda: search(index, queries, 5), n, repeats)
-    rows["numpy matmul + argpartition"] = per_query_ms(lambda: numpy_topk(weights, queries, 5), n, repeats)
-    rows["torch matmul + topk"] = per_query_ms(lambda: torch_topk(weights, queries, 5), n, repeats)
+    rows = interleaved({
+        "faiss IndexFlatIP": lambda: search(index, queries, 5),
+        "numpy matmul + argpartition": lambda: numpy_topk(weights, queries, 5),
+        "torch matmul + topk": lambda: torch_topk(weights, queries, 5),
+    }, n, repeats)
     exact = rows["faiss IndexFlatIP"][2]
     checks = {name: compare(exact, r[2], weights, queries) for name, r in rows.items() if name != "faiss IndexFlatIP"}
     results = {
@@ -530,7 +554,7 @@ def part_search(clf, queries: np.ndarray, repeats: int) -> tuple[dict, list[str]
         f"## 3. Exact top-5: FAISS IndexFlatIP vs numpy vs torch ({len(weights):,} labels, {n:,} queries)",
         "",
         f"Same float32 vectors and queries, all queries at once (numpy/torch in chunks of 256 queries), "
-        f"median of {repeats}.",
+        f"median of {repeats} rounds, the methods interleaved within each round.",
         "",
         "| method | ms/query | identical id lists vs FAISS | identical id sets | max |sim diff| |",
         "|---|---|---|---|---|",
@@ -542,9 +566,10 @@ def part_search(clf, queries: np.ndarray, repeats: int) -> tuple[dict, list[str]
             if c else "(reference) | | |"))
     # top-5 with probabilities, as the classifier returns them
     qt = torch.from_numpy(queries)
-    clf.top_k_from_embeddings(qt[:8], 5)
-    library_ms, library_s, library = per_query_ms(lambda: clf.top_k_from_embeddings(qt, 5), n, repeats)
-    fused_ms, fused_s, (fused_p, fused_ids) = per_query_ms(lambda: fused_top_k(clf, qt, 5), n, repeats)
+    both = interleaved({"library": lambda: clf.top_k_from_embeddings(qt, 5),
+                        "fused": lambda: fused_top_k(clf, qt, 5)}, n, repeats)
+    library_ms, library_s, library = both["library"]
+    fused_ms, fused_s, (fused_p, fused_ids) = both["fused"]
     labels = clf.labels
     same_labels = float(np.mean([[l for l, _ in row] == [labels[j] for j in ids]
                                  for row, ids in zip(library, fused_ids.tolist())]))
@@ -692,10 +717,14 @@ def main() -> None:
         "",
     ]
 
+    results["load_avg_1min"] = {}
+
     def timed_part(name, fn):
         t = time.perf_counter()
+        before = load_avg()
         out = fn()
         results["timings_s"][name] = time.perf_counter() - t
+        results["load_avg_1min"][name] = [before, load_avg()]
         print(f"[{name}] done in {results['timings_s'][name]:.0f} s", flush=True)
         return out
 
@@ -723,7 +752,9 @@ def main() -> None:
                 lines += [f"![recall vs speed]({name}.png)", ""]
     results["total_s"] = time.perf_counter() - started
     lines.append(f"Total run time: {results['total_s'] / 60:.1f} min "
-                 f"({', '.join(f'{k} {v:.0f} s' for k, v in results['timings_s'].items())}).")
+                 f"({', '.join(f'{k} {v:.0f} s' for k, v in results['timings_s'].items())}). "
+                 "1-min load average (2 cores) at the start and end of each part: "
+                 + ", ".join(f"{k} {a}->{b}" for k, (a, b) in results["load_avg_1min"].items()) + ".")
     name = "store_quick" if args.quick else "store"
     if set(parts) != set(PARTS):
         name += "_partial"
