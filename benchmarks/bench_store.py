@@ -663,6 +663,7 @@ def plot(ann: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     fig, axes = plt.subplots(1, len(ann), figsize=(5.5 * len(ann), 4), squeeze=False)
@@ -673,6 +674,7 @@ def plot(ann: dict, path: Path) -> bool:
             for r in pts:
                 ax.annotate(r["param"].split("=")[-1], (r["ms_per_query"], r["recall_at_5"]), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
         ax.set_xlabel("ms / query (batched)")
         ax.set_ylabel("recall@5 vs exact")
         ax.set_title(f"{int(size):,} labels")
