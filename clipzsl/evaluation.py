@@ -56,6 +56,34 @@ def per_class_accuracy(pred: Sequence[int], labels: Sequence[int]) -> float:
     return float(np.mean([(pred[labels == c] == c).mean() for c in classes])) if len(classes) else math.nan
 
 
+def expected_calibration_error(probs: torch.Tensor, labels: Sequence[int], bins: int = 15) -> float:
+    """ECE of the top-1 confidence (Guo et al. 2017): |confidence - accuracy| per equal-width
+    bin, weighted by the bin's share of images. 0 is perfectly calibrated."""
+    confidence, pred = probs.max(1)
+    hit = (pred == torch.as_tensor(labels)).float()
+    which = torch.clamp((confidence * bins).ceil().long() - 1, 0, bins - 1)
+    total = torch.zeros(bins).index_add_(0, which, torch.ones_like(confidence))
+    gap = torch.zeros(bins).index_add_(0, which, confidence - hit).abs()
+    return float(gap.sum() / total.sum())
+
+
+def fit_logit_scale(cosines: torch.Tensor, labels: Sequence[int]) -> float:
+    """The scale s minimising the NLL of softmax(s * cosines): temperature scaling, one
+    parameter fitted by L-BFGS in log space. Fit it on validation data, never on test data."""
+    log_scale = torch.zeros((), requires_grad=True)
+    target = torch.as_tensor(labels)
+    opt = torch.optim.LBFGS([log_scale], lr=0.5, max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(cosines * log_scale.exp(), target)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_scale.exp())
+
+
 def base_novel_split(classnames: Sequence[str]) -> tuple[list[int], list[int]]:
     """Class indices sorted by name; first half base, second half novel (CoCoOp)."""
     order = sorted(range(len(classnames)), key=lambda i: (classnames[i].lower(), i))

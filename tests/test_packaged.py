@@ -77,6 +77,32 @@ def test_imagenet_top1_on_photos(backend, photos):
     assert top1[0] in CATS and top1[1] in COFFEE
 
 
+def test_default_preprocessing_keeps_the_whole_image(backend):
+    """Stamps and emoji fill their canvas: the default squeezes the whole image to 224 x 224;
+    crop=True is TF-Lite's ImageNet evaluation, which cuts 16 px off every edge first."""
+    image = Image.new("RGB", (300, 200), (255, 255, 255))
+    image.paste((0, 0, 0), (0, 0, 8, 200))  # a black strip along the left edge
+    black, white = -packaged.MEAN[0] / packaged.STD[0], (1 - packaged.MEAN[0]) / packaged.STD[0]
+    whole = backend.preprocess(image)
+    assert whole.shape == (3, 224, 224)
+    assert whole[:, :, 0].max() < black + 0.05 and whole[:, :, -1].min() > white - 0.05
+    cropped = packaged.image_transform(224, crop=True)(image)
+    assert cropped.shape == (3, 224, 224) and cropped[:, :, 0].min() > white - 0.05
+
+
+def test_channels_last_tower_matches_the_default_layout(backend, photos):
+    """The tower runs channels-last for speed; the numbers must be those of the plain layout."""
+    import copy
+
+    plain = copy.deepcopy(backend.image_model).to(memory_format=torch.contiguous_format)
+    with torch.inference_mode():
+        expected = packaged.normalize(packaged.conse(plain(photos).softmax(-1), backend.concepts, backend.top_k))
+    got = backend.encode_images(photos)
+    assert next(backend.image_model.parameters()).dim() == 4
+    assert backend.image_model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_normalisation_is_the_one_the_stem_batchnorm_saw_in_training(backend, monkeypatch):
     """KL from the stem conv's per-channel statistics on photos to its BN running stats:
     TF-Lite's (x-127)/128 fits ~4x better than ImageNet mean/std (0.21 vs 0.90)."""
@@ -130,10 +156,11 @@ def test_tokens_are_per_cell_conse(backend, photos):
     assert (tokens.norm(dim=-1) <= 1 + 1e-5).all() and tokens.norm(dim=-1).std() > 0.01
 
 
-def test_fingerprint_tracks_variant_and_top_k(backend, cache):
+def test_fingerprint_tracks_variant_top_k_and_preprocessing(backend, cache):
     assert backend.fingerprint == PackagedBackend("lite0").fingerprint
-    others = {PackagedBackend("lite1").fingerprint, PackagedBackend("lite0", top_k=5).fingerprint}
-    assert len(others | {backend.fingerprint}) == 3
+    others = {PackagedBackend("lite1").fingerprint, PackagedBackend("lite0", top_k=5).fingerprint,
+              PackagedBackend("lite0", crop=True).fingerprint}
+    assert len(others | {backend.fingerprint}) == 4
     assert PackagedBackend("lite1").spec == "packaged:lite1" and backend.spec == "packaged"
 
 
