@@ -81,7 +81,7 @@ def fit_logit_scale(cosines: torch.Tensor, labels: Sequence[int]) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_scale.exp())
+    return float(log_scale.detach().exp())
 
 
 def base_novel_split(classnames: Sequence[str]) -> tuple[list[int], list[int]]:
