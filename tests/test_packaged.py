@@ -164,6 +164,18 @@ def test_fingerprint_tracks_variant_top_k_and_preprocessing(backend, cache):
     assert PackagedBackend("lite1").spec == "packaged:lite1" and backend.spec == "packaged"
 
 
+def test_crop_option_in_model_specs_round_trips(cache):
+    from clipzsl import load_model
+
+    cropped = load_model("packaged+crop")
+    assert cropped.spec == "packaged+crop" and ":crop:" in cropped.fingerprint
+    image = Image.new("RGB", (300, 200), (255, 255, 255))
+    assert torch.equal(cropped.preprocess(image), packaged.image_transform(224, crop=True)(image))
+    assert load_model(cropped.spec).fingerprint == cropped.fingerprint
+    with pytest.raises(ValueError, match=r"\+crop"):
+        load_model("packaged+squash")
+
+
 def test_concepts_were_cached_and_are_reused(backend, cache):
     (path,) = cache.glob("conse-imagenet-minilm-*.npy")
     np.testing.assert_array_equal(np.load(path), backend.concepts.numpy())

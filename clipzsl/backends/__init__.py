@@ -1,7 +1,8 @@
 """One place that turns a model spec string into a backend.
 
 Specs: ``packaged`` (the offline default; ``packaged:lite1`` and ``packaged:lite2``
-pick a larger image tower), ``openclip:<arch>/<tag|checkpoint path|random>`` and
+pick a larger image tower; ``+crop``, as in ``packaged+crop``, centre-crops instead of
+keeping the whole image, which suits photos better than cut-outs and drawings), ``openclip:<arch>/<tag|checkpoint path|random>`` and
 ``hf:<hub id|local directory>``.
 """
 from __future__ import annotations
@@ -14,10 +15,14 @@ DEFAULT_MODEL = "packaged"
 def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> Backend:
     """Build the backend a spec names; raises ValueError for an unknown prefix."""
     kind, _, rest = spec.partition(":")
-    if kind == "packaged":
+    if spec == "packaged" or spec.startswith(("packaged:", "packaged+")):
         from .packaged import PackagedBackend
 
-        return PackagedBackend(variant=rest or "lite0", device=device)
+        variant, _, view = spec.removeprefix("packaged").lstrip(":").partition("+")
+        if view not in ("", "crop"):
+            raise ValueError(f"Unknown packaged option {view!r} in {spec!r}: the only one is '+crop' "
+                             "(centre crop, better for photos; the default keeps the whole image)")
+        return PackagedBackend(variant=variant or "lite0", device=device, crop=view == "crop")
     if kind == "openclip" and rest:
         from .openclip import OpenClipBackend
 
@@ -43,6 +48,7 @@ def available_models() -> list[tuple[str, str]]:
          "offline (installed)" if variant_installed(name) else f"pip install {package}")
         for name, package in VARIANTS.items()
     ]
+    rows.append(("packaged+crop, packaged:<variant>+crop", "the same, centre-cropped (better for photos)"))
     rows += [(f"openclip:{arch}/random", "offline (random weights)") for arch in ("ViT-B-32", "ViT-B-16", "ViT-L-14")]
     rows += [(f"openclip:{arch}/{tag}", "hub download") for arch, tag in open_clip.list_pretrained()]
     rows.append(("hf:<local directory>", "offline (a saved CLIPModel/SiglipModel)"))

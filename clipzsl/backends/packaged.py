@@ -259,7 +259,7 @@ class PackagedBackend(Backend):
         self.top_k = top_k
         self.device = device
         self.preprocess = image_transform(RESOLUTION[variant], crop)
-        self.spec = "packaged" if variant == "lite0" else f"packaged:{variant}"
+        self.spec = ("packaged" if variant == "lite0" else f"packaged:{variant}") + ("+crop" if crop else "")
         # the preprocessing is part of it: image indexes and adapter feature caches key on it
         view = "crop" if crop else "whole"
         self.fingerprint = f"packaged:{arch}+{TEXT_MODEL}:T{top_k}:{view}:{_sha256(path)[:12]}:{key[:12]}"
