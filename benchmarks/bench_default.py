@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 
 import clipzsl
@@ -122,21 +122,6 @@ class Towers:
 
 
 # ---------------------------------------------------------------- text: labels and ImageNet concepts
-
-
-class Texts:
-    """MiniLM embeddings of label prompts and of ImageNet concept texts, memoised per text list."""
-
-    def __init__(self):
-        self.tower = packaged.load_text_tower()
-        self.memo: dict[str, np.ndarray] = {}
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-        if key not in self.memo:
-            self.memo[key] = np.concatenate([self.tower.encode(texts[i:i + 256]).numpy()
-                                             for i in range(0, len(texts), 256)])
-        return self.memo[key]
 
 
 def wordnet_imagenet() -> tuple[list[str], dict[str, tuple[list[str], list[str], str]]]:
@@ -285,17 +270,18 @@ def run(quick: bool = False) -> dict:
     start = time.perf_counter()
     sets = load_sets(quick)
     towers = Towers(sets, datasets.cache_root() / "features" / "default")
-    text = Texts()
+    lite0 = towers.model("lite0")
+
+    def text(prompts: list[str]) -> np.ndarray:  # MiniLM, L2-normalised
+        return clipzsl.encode_prompts(lite0, prompts, progress=False).numpy()
+
     labels = {n: text([TEMPLATE.format(c) for c in ds.classnames]) for n, ds in sets.items()}
     truth = {n: ds.labels for n, ds in sets.items()}
     ids, graph = wordnet_imagenet()
-    concept_sets = {k: unit(text(v)) for k, v in concept_texts(ids, graph).items()}
-    seven = [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
-    concept_sets["name, 7-template ensemble"] = unit(
-        text([t.format(n) for n in IMAGENET_CLASSNAMES for t in seven]).reshape(1000, len(seven), -1).mean(1))
-    baseline_concepts = concept_sets["name, 7-template ensemble"]  # the shipped recipe's (build_concepts)
+    concept_sets = {k: text(v) for k, v in concept_texts(ids, graph).items()}
+    baseline_concepts = lite0.concepts.numpy()  # the shipped 7-template ensemble, from its cache
     nodes, member = hierarchy(ids, graph)
-    node_text = unit(text([TEMPLATE.format(graph[n][0][0]) for n in nodes]))
+    node_text = text([TEMPLATE.format(graph[n][0][0]) for n in nodes])
 
     rows: list[dict] = []
 
@@ -331,8 +317,7 @@ def run(quick: bool = False) -> dict:
     for temperature in (0.5, 2.0):
         row("ImageNet softmax temperature", f"t={temperature}", plain(temperature=temperature))
     for key, concepts in concept_sets.items():
-        if concepts is not baseline_concepts:
-            row("concept text", f"{key} (1 template)", plain(concepts=concepts))
+        row("concept text", f"{key} (1 template)", plain(concepts=concepts))
     for tau in (0.05, 0.1):
         row("matching", f"log-sum-exp over concepts, tau={tau}",
             lambda n, tau=tau: log_sum_exp(softmax(logits(n)), baseline_concepts, labels[n], tau))
@@ -342,8 +327,7 @@ def run(quick: bool = False) -> dict:
                               labels[n], 0.1))
     row("matching", "hubness: minus each label's mean cosine to the 1,000 concepts",
         lambda n: plain()(n) - (baseline_concepts @ labels[n].T).mean(0))
-    lite0 = towers.model("lite0").image_model
-    linear = devise_on_classifier_rows(lite0.classifier.weight.detach(), baseline_concepts)
+    linear = devise_on_classifier_rows(lite0.image_model.classifier.weight.detach(), baseline_concepts)
     with torch.no_grad():
         mapped = {n: unit(linear(torch.from_numpy(towers.get("lite0", "crop", n)["feats"])).numpy()) for n in sets}
     row("learned alignment", "DeViSE map trained on the classifier's weight rows", lambda n: mapped[n] @ labels[n].T)

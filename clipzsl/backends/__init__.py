@@ -2,8 +2,8 @@
 
 Specs: ``packaged`` (the offline default; ``packaged:lite1`` and ``packaged:lite2``
 pick a larger image tower; ``+crop``, as in ``packaged+crop``, centre-crops instead of
-keeping the whole image, which suits photos better than cut-outs and drawings), ``openclip:<arch>/<tag|checkpoint path|random>`` and
-``hf:<hub id|local directory>``.
+keeping the whole image, which suits photos better than cut-outs and drawings),
+``openclip:<arch>/<tag|checkpoint path|random>`` and ``hf:<hub id|local directory>``.
 """
 from __future__ import annotations
 
