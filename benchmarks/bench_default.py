@@ -341,7 +341,7 @@ def run(quick: bool = False) -> dict:
                                                     [conse_of(n) for n in TEST[1:]], labels[VALIDATION[0]])
 
     # The choice, read off this table's validation column: the whole image (+0.9, free) is shipped;
-    # lite1 adds 0.7 more on validation at 0.66x the images/s and needs a second wheel, so it stays an
+    # lite1 adds 0.7 more on validation at 0.6-0.7x the images/s and needs a second wheel, so it stays an
     # option (packaged:lite1); log-sum-exp matching is not a dot product of embeddings, which the store,
     # FAISS and the adapter need. The shipped default (PackagedBackend()) must be exactly this recipe.
     shipped = towers.model("lite0").preprocess(sets["tuxpaint"].images[0].convert("RGB"))
