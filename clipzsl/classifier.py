@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -23,6 +24,13 @@ from .store import EmbeddingStore, digest
 
 #: rows of labels scored at once when normalising over a large vocabulary
 LABEL_CHUNK = 16_384
+
+#: the "format" metadata entry of a classifier file written by `ZeroShotClassifier.save`
+CLASSIFIER_FORMAT = "clipzsl-zero-shot-classifier"
+
+
+class ClassifierMismatch(ValueError):
+    """A saved classifier whose class embeddings were built with another model."""
 
 
 def encode_prompts(backend: Backend, prompts: Sequence[str], progress: bool | None = None) -> torch.Tensor:
@@ -97,15 +105,24 @@ class ZeroShotClassifier:
         index: str = "auto",
         progress: bool | None = None,
         adapter=None,
+        weights: torch.Tensor | None = None,
     ):
         """`cache`: True for the default cache directory, a directory, or False for none.
         `index`: FAISS factory string for top-k search over the labels ("auto", "Flat", "HNSW32").
         `adapter`: a `clipzsl.adapter.CrossAttentionAdapter` or the directory it was saved to; its
-        scores are added to the zero-shot ones (it must have been trained on this backbone)."""
+        scores are added to the zero-shot ones (it must have been trained on this backbone).
+        `weights`: class embeddings [len(labels), D] already built from these labels and templates
+        with this model (what `load` passes); no text is encoded then."""
         self.model = load_model(model) if isinstance(model, str) else model or load_model()
         self.entries = load_labels(labels)
         self.templates = load_templates(templates)
-        if cache:
+        if weights is not None:
+            expected = (len(self.entries), self.model.embed_dim)
+            if tuple(weights.shape) != expected:
+                raise ValueError(f"weights have shape {tuple(weights.shape)}, but {len(self.entries)} labels "
+                                 f"and model {self.model.spec!r} need {expected}")
+            self.weights = weights.float()
+        elif cache:
             store = EmbeddingStore.for_labels(self.model, None if cache is True else cache)
             self.weights = cached_class_embeddings(self.model, self.entries, self.templates, store, progress)
         else:
@@ -127,9 +144,14 @@ class ZeroShotClassifier:
         """Image embeddings; keyword arguments go to `clipzsl.images.embed_images`."""
         return embed_images(self.model, images, **kwargs)
 
+    def logits_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits [N, C] for already-embedded images: rank by these, since far-down
+        probabilities underflow to equal zeros."""
+        return self.model.logit_scale * embeddings @ self.weights.T + self.model.logit_bias
+
     def scores_from_embeddings(self, embeddings: torch.Tensor) -> np.ndarray:
         """Probabilities [N, C] for already-embedded images."""
-        logits = self.model.logit_scale * embeddings @ self.weights.T + self.model.logit_bias
+        logits = self.logits_from_embeddings(embeddings)
         if self.model.probability == "sigmoid":
             return torch.sigmoid(logits).numpy()
         return torch.softmax(logits, dim=-1).numpy()
@@ -162,6 +184,55 @@ class ZeroShotClassifier:
         feats = self.features(images, batch_size=batch_size)
         with torch.no_grad():
             return self.adapter.attention(self.weights, feats.tokens, feats.pooled)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the class embeddings as safetensors, with the model fingerprint and spec, the
+        labels and the templates as metadata, so a later run can skip the text encoder (`load`).
+        An adapter is not included; it is saved on its own."""
+        from safetensors.torch import save
+
+        from .store import atomic_write
+
+        metadata = {
+            "format": CLASSIFIER_FORMAT,
+            "fingerprint": self.model.fingerprint,
+            "spec": self.model.spec,
+            "labels": json.dumps([{"name": e.name, "synonyms": list(e.synonyms), "prompts": list(e.prompts)}
+                                  for e in self.entries]),
+            "templates": json.dumps(self.templates),
+        }
+        path = Path(path)
+        data = save({"class_embeddings": self.weights.contiguous()}, metadata=metadata)
+        atomic_write(path, lambda f: f.write(data))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Backend | str | None = None, **kwargs) -> "ZeroShotClassifier":
+        """A classifier written by `save`; refuses one built with another model than `model`
+        (its weights, not just its name: the fingerprint). Keyword arguments go to the constructor."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such classifier file; write one with ZeroShotClassifier.save "
+                                    "(clipzsl eval --save-classifier)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                weights = f.get_tensor("class_embeddings") if "class_embeddings" in f.keys() else None
+        except Exception as err:  # safetensors raises its own error type for a damaged file
+            raise ValueError(f"{path}: not a readable safetensors file ({err}); save the classifier again") from err
+        if meta.get("format") != CLASSIFIER_FORMAT or weights is None:
+            raise ValueError(f"{path}: not a clipzsl classifier file (no {CLASSIFIER_FORMAT!r} metadata); "
+                             "write one with ZeroShotClassifier.save (clipzsl eval --save-classifier)")
+        backend = load_model(model) if isinstance(model, str) else model or load_model()
+        if meta["fingerprint"] != backend.fingerprint:
+            raise ClassifierMismatch(
+                f"{path}: class embeddings were built with model {meta['spec']!r} (fingerprint "
+                f"{meta['fingerprint']}), but the model in use is {backend.spec!r} (fingerprint "
+                f"{backend.fingerprint}); use that model, or build the classifier again for this one")
+        return cls(backend, labels=json.loads(meta["labels"]), templates=json.loads(meta["templates"]),
+                   weights=weights, **kwargs)
 
     @property
     def index(self):

@@ -159,9 +159,74 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    """`eval --protocol zeroshot`: every class of DATA scored, no training; a CLIP_benchmark-style record."""
+    from . import load_model
+    from .adapter import folder_dataset
+    from .evaluation import zeroshot_classification
+    from .prompts import ClassEntry, load_templates
+
+    if args.test:
+        raise ValueError("--test does not apply to --protocol zeroshot: it evaluates every image of DATA")
+    names, paths, labels = folder_dataset(args.data)
+    if not paths:
+        raise ValueError(f"{args.data}: no images in its class folders; put each class's images in DATA/<class>/")
+    backend = load_model(args.model)
+    templates = load_templates(args.templates)
+    if args.load_classifier:
+        clf = ZeroShotClassifier.load(args.load_classifier, backend)
+        if clf.labels != names:
+            missing = [n for n in names if n not in clf.labels]
+            extra = [n for n in clf.labels if n not in names]
+            detail = (f"classes of {args.data} not in it: {missing[:5]}; classes in it not in {args.data}: {extra[:5]}"
+                      if missing or extra else "the same classes in another order")
+            raise ValueError(f"{args.load_classifier}: built for other classes than the folders of {args.data} "
+                             f"({detail}); build it again with --save-classifier")
+        if clf.templates != templates:
+            raise ValueError(f"{args.load_classifier}: built with other templates than --templates {args.templates!r}; "
+                             "pass the templates it was built with, or build it again with --save-classifier")
+    else:
+        clf = ZeroShotClassifier(backend, labels=[ClassEntry(n) for n in names], templates=templates,
+                                 cache=args.cache_dir or True)
+    if args.save_classifier:
+        clf.save(args.save_classifier)
+    metrics, failures = zeroshot_classification(clf, paths, labels, batch_size=args.batch_size)
+    for failure in failures:
+        print(f"clipzsl: skipped {failure}", file=sys.stderr)
+    scored = len(paths) - len(failures)
+    if failures:
+        print(f"clipzsl: {len(failures)} of {len(paths)} images could not be read; "
+              f"the metrics are over the other {scored}", file=sys.stderr)
+    if not scored:
+        print("clipzsl: error: no image could be read; nothing to evaluate", file=sys.stderr)
+        return 1
+    record = {
+        "dataset": str(args.data),
+        "model": backend.spec,
+        "pretrained": backend.fingerprint,  # a spec names architecture and weights together; this is the weights
+        "task": "zeroshot_classification",
+        "metrics": metrics,
+        "language": "en",
+        "templates": clf.templates,
+        "n_classes": len(names),
+        "n_images": scored,
+        "n_unreadable": len(failures),
+    }
+    print(f"zero-shot classification: {args.data}, {len(names)} classes, {scored} images, model {backend.spec}")
+    for key, value in metrics.items():
+        print(f"{key:<22} {'n/a (fewer than 5 classes)' if value is None else f'{100 * value:.2f}%'}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 1 if failures else 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import math
 
+    if args.protocol == "zeroshot":
+        return cmd_eval_zeroshot(args)
+    if args.save_classifier or args.load_classifier:
+        raise ValueError("--save-classifier and --load-classifier apply to --protocol zeroshot only")
     from . import evaluation as ev
     from . import load_model
     from .adapter import extract_features, folder_dataset
@@ -300,13 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="base-to-novel and GZSL protocols, adapters vs baselines")
     evaluate.add_argument("data", help="training folder (one sub-folder per class)")
     evaluate.add_argument("--test", help="test folder with the same class sub-folders (default: half of DATA per class)")
-    evaluate.add_argument("--protocol", choices=("b2n", "gzsl", "both"), default="both")
+    evaluate.add_argument("--protocol", choices=("b2n", "gzsl", "both", "zeroshot"), default="both",
+                          help="zeroshot: plain zero-shot accuracy on every image of DATA, no training")
     evaluate.add_argument("--methods", default="zero-shot,linear probe,CLIP-Adapter,Tip-Adapter-F,ours")
     evaluate.add_argument("--seeds", type=positive_int, default=3)
     evaluate.add_argument("--model", default="packaged")
     evaluate.add_argument("--templates", default=DEFAULT_TEMPLATES)
     evaluate.add_argument("--output", help="also write the results as JSON here")
     evaluate.add_argument("--cache-dir", help="feature cache directory")
+    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (zeroshot)")
+    evaluate.add_argument("--save-classifier", metavar="FILE",
+                          help="zeroshot: write the class embeddings (safetensors) for --load-classifier")
+    evaluate.add_argument("--load-classifier", metavar="FILE",
+                          help="zeroshot: class embeddings from --save-classifier (same model, classes, templates); "
+                               "no text is encoded")
     evaluate.set_defaults(run=cmd_eval)
 
     explain = commands.add_parser("explain", help="heatmap PNGs: adapter attention or patch-text similarity")

@@ -8,6 +8,8 @@
   (Chao et al. 2016): gamma subtracted from seen-class logits, gamma chosen on seen-class
   validation data only (held-out images of training classes + held-out seen classes acting
   as unseen), never on test data or real unseen classes.
+- plain zero-shot (as CLIP_benchmark reports it): every class of a labelled set scored,
+  no training; top-1, top-5 accuracy and the mean per-class recall.
 
 Baselines (from the papers' descriptions, on cached pooled features):
 - zero-shot: s * x @ T.T
@@ -31,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import Features, TrainConfig, fit_with_selection, seen_split
+from .classifier import ZeroShotClassifier
+from .images import ImageLoadError
 
 Scorer = Callable[[Features, Sequence[int]], torch.Tensor]  # (features, global class ids) -> logits
 
@@ -47,6 +51,15 @@ def harmonic_mean(a: float, b: float) -> float:
 def accuracy(logits: torch.Tensor, labels: Sequence[int]) -> float:
     labels = torch.as_tensor(labels)
     return float((logits.argmax(1) == labels).float().mean()) if len(labels) else math.nan
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: Sequence[int], k: int) -> float:
+    """Share of images whose true class is among the `k` highest logits (k = 1 is `accuracy`)."""
+    labels = torch.as_tensor(labels)
+    if not len(labels):
+        return math.nan
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return float((top == labels[:, None]).any(1).float().mean())
 
 
 def per_class_accuracy(pred: Sequence[int], labels: Sequence[int]) -> float:
@@ -392,3 +405,25 @@ def gzsl(fitted: Fitted, p: Problem, test: Features, test_labels: Sequence[int],
         gamma = choose_gamma(vlogits, [vcol[p.labels[i]] for i in vidx], vmask)
     calibrated = gzsl_metrics(logits, y, seen_mask, gamma)
     return {"plain": plain, "calibrated": calibrated}
+
+
+def zeroshot_classification(clf: ZeroShotClassifier, paths: Sequence[str], labels: Sequence[int],
+                            batch_size: int = 32) -> tuple[dict, list[ImageLoadError]]:
+    """CLIP_benchmark's zero-shot metrics of `clf` on labelled images (`labels` index `clf.labels`).
+
+    acc1, acc5 (None under 5 classes, where it would be 1 by construction, as CLIP_benchmark
+    does) and mean_per_class_recall (per-class accuracy). Unreadable images are not scored;
+    they come back so the caller can report them and say the metrics leave them out.
+    """
+    if clf.adapter is not None:
+        raise ValueError("zeroshot_classification scores the plain zero-shot classifier; this one has an adapter")
+    embedded = clf.embed(list(paths), batch_size=batch_size, skip_errors=True)
+    label_of = dict(zip(map(str, paths), labels))
+    y = [label_of[source] for source in embedded.sources]
+    logits = clf.logits_from_embeddings(embedded.embeddings)
+    metrics = {
+        "acc1": accuracy(logits, y),
+        "acc5": top_k_accuracy(logits, y, 5) if logits.shape[1] >= 5 else None,
+        "mean_per_class_recall": per_class_accuracy(logits.argmax(1).numpy(), y),
+    }
+    return metrics, embedded.failures
