@@ -102,9 +102,16 @@ class ZeroShotClassifier:
         `index`: FAISS factory string for top-k search over the labels ("auto", "Flat", "HNSW32").
         `adapter`: a `clipzsl.adapter.CrossAttentionAdapter` or the directory it was saved to; its
         scores are added to the zero-shot ones (it must have been trained on this backbone)."""
-        self.model = load_model(model) if isinstance(model, str) else model or load_model()
+        # labels and templates before the model: a bad file fails at once, not after a model load
         self.entries = load_labels(labels)
         self.templates = load_templates(templates)
+        self.model = load_model(model) if isinstance(model, str) else model or load_model()
+        if len(self.entries) == 1 and self.model.probability == "softmax":
+            raise ValueError(
+                f"one label ({self.entries[0].name!r}) with {self.model.spec}, whose softmax over the labels "
+                "would always give it 100%; give at least two labels (e.g. add 'something else'), or use a "
+                "sigmoid model (SigLIP), which scores each label on its own."
+            )
         if cache:
             store = EmbeddingStore.for_labels(self.model, None if cache is True else cache)
             self.weights = cached_class_embeddings(self.model, self.entries, self.templates, store, progress)
