@@ -113,9 +113,16 @@ class ZeroShotClassifier:
         scores are added to the zero-shot ones (it must have been trained on this backbone).
         `weights`: class embeddings [len(labels), D] already built from these labels and templates
         with this model (what `load` passes); no text is encoded then."""
-        self.model = load_model(model) if isinstance(model, str) else model or load_model()
+        # labels and templates before the model: a bad file fails at once, not after a model load
         self.entries = load_labels(labels)
         self.templates = load_templates(templates)
+        self.model = load_model(model) if isinstance(model, str) else model or load_model()
+        if len(self.entries) == 1 and self.model.probability == "softmax":
+            raise ValueError(
+                f"one label ({self.entries[0].name!r}) with {self.model.spec}, whose softmax over the labels "
+                "would always give it 100%; give at least two labels (e.g. add 'something else'), or use a "
+                "sigmoid model (SigLIP), which scores each label on its own."
+            )
         if weights is not None:
             expected = (len(self.entries), self.model.embed_dim)
             if tuple(weights.shape) != expected:

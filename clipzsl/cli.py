@@ -18,9 +18,10 @@ from . import available_models
 from .classifier import ZeroShotClassifier
 from .image_index import ImageIndex
 from .store import StoreError, cache_root
-from .prompts import DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, PromptFileError, available
+from .prompts import DEFAULT_TEMPLATES, PromptFileError
 
 FORMATS = ("table", "csv", "json")
+LABELS_HELP = "label file (FILE.json:KEY picks a data set), shipped set name, or a,b,c (one label: a,)"
 
 
 def positive_int(value: str) -> int:
@@ -31,10 +32,14 @@ def positive_int(value: str) -> int:
 
 
 def labels_argument(value: str) -> str | list[str]:
-    """A label file path or shipped set name stays as is; anything else is a comma-separated list."""
-    if Path(value).is_file() or value in available(LABELS_DIR, LABEL_SUFFIXES):
-        return value
-    return [part.strip() for part in value.split(",") if part.strip()]
+    """A comma-separated list of class names; anything without a comma names a label file or set.
+
+    So a typo such as `cifar11` or a missing `my.txt` is an error (load_labels says what it
+    tried) instead of a one-class list; a single class name is written `cat,`.
+    """
+    if "," in value and not Path(value).is_file():
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 def format_predictions(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str) -> str:
@@ -315,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = commands.add_parser("classify", help="classify images against a label set")
     classify.add_argument("paths", nargs="+", help="image files or folders (walked recursively)")
-    classify.add_argument("--labels", required=True, help="label file, shipped set name, or a,b,c")
-    classify.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file")
+    classify.add_argument("--labels", required=True, help=LABELS_HELP)
+    classify.add_argument("--templates", default=DEFAULT_TEMPLATES,
+                          help="template set name, .txt or .json file (FILE.json:KEY picks a data set)")
     classify.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     classify.add_argument("--top-k", type=positive_int, default=5)
     classify.add_argument("--format", choices=FORMATS, default="table")
@@ -383,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="heatmap PNGs: adapter attention or patch-text similarity")
     explain.add_argument("images", nargs="+")
-    explain.add_argument("--labels", required=True, help="label file, shipped set name, or a,b,c")
+    explain.add_argument("--labels", required=True, help=LABELS_HELP)
     explain.add_argument("--adapter", help="saved adapter directory (default: patch-to-text similarity)")
     explain.add_argument("--out", default="explain", help="output directory")
     explain.add_argument("--model", default="packaged")

@@ -1,13 +1,19 @@
 """Template sets and label sets: from names, files or lists to validated entries.
 
-Templates are strings with one ``{}`` placeholder. A label set is a list of
-`ClassEntry`: a name, optional synonyms (ensembled under every template) and
-optional free-text prompts (CuPL-style descriptions, used verbatim). Every file
-error names the file and the line (or entry) and says how to fix it.
+Templates are strings with one ``{}`` placeholder (``{c}``, CLIP_benchmark's spelling,
+is read as ``{}``). A label set is a list of `ClassEntry`: a name, optional synonyms
+(ensembled under every template) and optional free-text prompts (CuPL-style
+descriptions, used verbatim). Every file error names the file and the line (or entry)
+and says how to fix it; a string that names no file and no shipped set is an error,
+never a one-class label set.
 """
 from __future__ import annotations
 
+import difflib
+import itertools
 import json
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
@@ -20,6 +26,20 @@ DEFAULT_TEMPLATES = "simple_7"
 
 TemplatesArg = Union[str, Path, Sequence[str]]
 LabelsArg = Union[str, Path, Sequence[Union[str, dict, "ClassEntry"]]]
+
+
+#: longest name, synonym, prompt or template accepted: CLIP reads 77 tokens, so anything
+#: longer is a wrong file or a pasted paragraph, not a label
+MAX_TEXT_CHARS = 1000
+#: structured files; ``file.json:key`` picks one data set of a mapping (CLIP_benchmark's format)
+STRUCTURED_SUFFIXES = (".json", ".yaml", ".yml")
+
+_KEYED = re.compile(r"(.+\.(?:json|ya?ml)):([^:/\\]+)", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BRACES = re.compile(r"\{[^{}]*\}|[{}]")
+_LABELS_INSTEAD = "or a list of class names ('cat,dog' on the command line, a single class 'cat,'; a list in Python)"
+_TEMPLATES_INSTEAD = "or a list of templates in Python, such as ['a photo of a {}.']"
+_QUOTE_HINT = " (a number or boolean, not text: quote it; YAML reads unquoted yes/no/on/off this way too)"
 
 
 class PromptFileError(ValueError):
@@ -43,38 +63,107 @@ def available(directory: Path, suffixes: Iterable[str]) -> list[str]:
     return sorted(p.stem for p in directory.glob("*") if p.suffix in tuple(suffixes))
 
 
-def _resolve(spec: str | Path, directory: Path, suffixes: Sequence[str], what: str) -> Path:
+def _resolve(spec: str | Path, directory: Path, suffixes: Sequence[str], what: str, instead: str) -> Path:
+    """The file a spec names; a string that names no file and no shipped set is an error, never a label."""
     path = Path(spec)
     if path.is_file():
         return path
-    for suffix in suffixes:
-        shipped = directory / f"{spec}{suffix}"
-        if shipped.is_file():
-            return shipped
+    bare = len(path.parts) == 1 and path.suffix not in suffixes
+    if bare:
+        for suffix in suffixes:
+            shipped = directory / f"{spec}{suffix}"
+            if shipped.is_file():
+                return shipped
+    names = available(directory, suffixes)
+    tried = f"no file {path.absolute()}" + (" (a folder)" if path.is_dir() else "")
+    if bare:
+        tried += f" and no shipped {what} {directory / str(spec)}{{{','.join(suffixes)}}}"
+    close = difflib.get_close_matches(str(spec), names, n=3) + _close_files(path)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise PromptFileError(
-        f"Unknown {what} {str(spec)!r}: no such file, and not a shipped {what} "
-        f"({', '.join(available(directory, suffixes))}). Give a path or one of those names."
+        f"Unknown {what} {str(spec)!r}: {tried}.{hint} Give a file path, a shipped {what} "
+        f"({', '.join(names)}), {instead}."
     )
 
 
-def _check_template(template: Any, where: str) -> str:
-    if not isinstance(template, str) or template.count("{}") != 1:
+def _close_files(path: Path) -> list[str]:
+    """Files beside a mistyped path whose names are close to it."""
+    folder = path.parent
+    if not path.name or not folder.is_dir():
+        return []
+    try:
+        siblings = [p.name for p in itertools.islice(folder.iterdir(), 10_000) if p.is_file()]
+    except OSError:
+        return []
+    return [str(folder / name) for name in difflib.get_close_matches(path.name, siblings, n=3)]
+
+
+def _located(
+    spec: str | Path, directory: Path, suffixes: Sequence[str], what: str, instead: str
+) -> tuple[Path, str | None]:
+    """(file, data-set key): ``file.json:key`` picks one entry of a mapping file, unless a file has that very name."""
+    match = _KEYED.fullmatch(str(spec))
+    if match and not Path(spec).is_file():
+        return _resolve(match[1], directory, suffixes, what, instead), match[2]
+    return _resolve(spec, directory, suffixes, what, instead), None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """The repr of `value`, cut short for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_text(text: str, what: str, where: str) -> None:
+    """Refuse texts that can only come from a wrong file: far too long, or with control characters."""
+    if len(text) > MAX_TEXT_CHARS:
         raise PromptFileError(
-            f"{where}: template {template!r} must contain the placeholder '{{}}' exactly once, "
+            f"{where}: {what} {_shown(text)} has {len(text):,} characters; at most {MAX_TEXT_CHARS:,} are "
+            "allowed. Is this the right file?"
+        )
+    control = _CONTROL.search(text)
+    if control:
+        raise PromptFileError(
+            f"{where}: {what} {_shown(text)} contains the control character U+{ord(control[0]):04X}; remove it "
+            "(a UTF-16 or tab-separated file reads this way: save it as UTF-8 text)."
+        )
+
+
+def _check_template(template: Any, where: str) -> str:
+    """A template with its one placeholder written ``{}`` (``{c}`` is CLIP_benchmark's spelling)."""
+    if isinstance(template, str):
+        _check_text(template, "template", where)
+    if not isinstance(template, str) or template.count("{}") + template.count("{c}") != 1:
+        raise PromptFileError(
+            f"{where}: template {_shown(template)} must contain the placeholder '{{}}' (or '{{c}}') exactly once, "
             "e.g. 'a photo of a {}.'"
         )
-    return template
+    normalised = template.replace("{c}", "{}")
+    stray = _BRACES.search(normalised.replace("{}", "", 1))
+    if stray:
+        raise PromptFileError(
+            f"{where}: template {_shown(template)} has {stray[0]!r} besides its placeholder; the class name goes "
+            "in '{}' (or '{c}') and no other braces are allowed."
+        )
+    return normalised
 
 
 def load_templates(spec: TemplatesArg = DEFAULT_TEMPLATES) -> list[str]:
-    """A template list from a shipped set's name, a .txt file path, or a list of strings."""
+    """A template list from a shipped set's name, a file, or a list of strings.
+
+    Files are .txt (one template a line) or .json/.yaml lists; ``file.json:key`` picks
+    one data set of a mapping such as CLIP_benchmark's templates file. ``{c}`` is read
+    as ``{}``.
+    """
     if isinstance(spec, (list, tuple)):
-        templates = [_check_template(t, f"templates[{i}]") for i, t in enumerate(spec)]
-        source = "the template list"
+        located, source = [(t, f"templates[{i}]") for i, t in enumerate(spec)], "the template list"
     else:
-        path = _resolve(spec, TEMPLATES_DIR, (".txt",), "template set")
-        templates = [_check_template(text, f"{path}:{number}") for number, text in _content_lines(path)]
-        source = str(path)
+        path, key = _located(spec, TEMPLATES_DIR, (".txt",), "template set", _TEMPLATES_INSTEAD)
+        if path.suffix.lower() in STRUCTURED_SUFFIXES:
+            located, source = _structured_items(path, key, "templates")
+        else:
+            located, source = [(text, f"{path}:{number}") for number, text in _content_lines(path)], str(path)
+    templates = [_check_template(template, where) for template, where in located]
     if not templates:
         raise PromptFileError(f"{source}: no templates; add at least one line such as 'a photo of a {{}}.'")
     if len(set(templates)) != len(templates):
@@ -87,25 +176,45 @@ def load_labels(spec: LabelsArg) -> list[ClassEntry]:
     """Class entries from a shipped set's name, a .txt/.json/.yaml path, or a list.
 
     List items may be plain names, ``"name | synonym"`` strings, dicts with
-    ``name``/``synonyms``/``prompts``, or `ClassEntry` objects.
+    ``name``/``synonyms``/``prompts``, or `ClassEntry` objects. A list may repeat a
+    name (each keeps its own score column; one warning names them), as may a data
+    set picked from a mapping file with ``file.json:key``; a label file may not.
     """
     if isinstance(spec, (list, tuple)):
         located = [(_entry_from_item(item, f"labels[{i}]"), f"labels[{i}]") for i, item in enumerate(spec)]
-        return _validated(located, "the label list")
-    path = _resolve(spec, LABELS_DIR, LABEL_SUFFIXES, "label set")
-    if path.suffix == ".txt":
+        return _validated(located, "the label list", repeats_allowed=True)
+    path, key = _located(spec, LABELS_DIR, LABEL_SUFFIXES, "label set", _LABELS_INSTEAD)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
         located = [(_entry_from_line(text), f"{path}:{number}") for number, text in _content_lines(path)]
+        source = str(path)
+    elif suffix in STRUCTURED_SUFFIXES:
+        items, source = _structured_items(path, key, "classes")
+        located = [(_entry_from_item(item, where), where) for item, where in items]
     else:
-        located = [(_entry_from_item(item, f"{path}, {where}"), f"{path}, {where}") for item, where in _structured_items(path)]
-    return _validated(located, str(path))
+        raise PromptFileError(
+            f"{path}: a label file must end in {', '.join(LABEL_SUFFIXES)} (one class a line in .txt; "
+            "a list in .json/.yaml); rename it."
+        )
+    return _validated(located, source, repeats_allowed=key is not None)
+
+
+def _read_text(path: Path) -> str:
+    """A file's UTF-8 text, without the byte-order mark some editors write."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        utf16 = "; it looks like UTF-16" if err.object[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise PromptFileError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}{utf16}); save it as UTF-8."
+        ) from err
+    except OSError as err:
+        raise PromptFileError(f"{path}: cannot read it ({err.strerror}).") from err
 
 
 def _content_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of the non-blank, non-comment lines of a text file."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise PromptFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8.") from err
+    lines = _read_text(path).splitlines()
     return [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -114,10 +223,15 @@ def _entry_from_line(text: str) -> ClassEntry:
     return ClassEntry(name, tuple(synonyms))
 
 
-def _structured_items(path: Path) -> list[tuple[Any, str]]:
-    text = path.read_text(encoding="utf-8")
+def _structured_items(path: Path, key: str | None, field: str) -> tuple[list[tuple[Any, str]], str]:
+    """The items of a .json/.yaml list with where each is, and the name of the list.
+
+    The list is the file itself, its `field` ("classes", "templates") or, with `key`,
+    one data set of a mapping from data-set names to lists (CLIP_benchmark's files).
+    """
+    text = _read_text(path)
     try:
-        if path.suffix == ".json":
+        if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
             import yaml
@@ -127,14 +241,38 @@ def _structured_items(path: Path) -> list[tuple[Any, str]]:
         raise PromptFileError(f"{path}:{err.lineno}: invalid JSON ({err.msg}).") from err
     except Exception as err:  # yaml.YAMLError carries its own line in the message
         raise PromptFileError(f"{path}: invalid YAML: {err}") from err
-    if isinstance(data, dict) and "classes" in data:
-        data = data["classes"]
+    source = str(path)
+    if key is not None:
+        if not isinstance(data, dict):
+            raise PromptFileError(
+                f"{path}: ':{key}' picks a data set from a mapping, but this file holds a {type(data).__name__}; "
+                f"give {path} without ':{key}'."
+            )
+        if key not in data:
+            close = difflib.get_close_matches(key, [str(k) for k in data], n=3)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise PromptFileError(f"{path}: no data set {key!r}.{hint} {_keys_line(data)}")
+        data, source = data[key], f"{path}:{key}"
+    if isinstance(data, dict) and field in data:
+        data = data[field]
+    if isinstance(data, dict):
+        raise PromptFileError(
+            f"{source}: a mapping without {field!r}. If it maps data-set names to lists of {field} "
+            f"(CLIP_benchmark's format), pick one as {path}:KEY. {_keys_line(data)}"
+        )
     if not isinstance(data, list):
         raise PromptFileError(
-            f"{path}: expected a list of classes (or {{\"classes\": [...]}}), "
-            "each a name or an object with 'name', 'synonyms', 'prompts'."
+            f"{source}: expected a list of {field} (or {{\"{field}\": [...]}}), got {type(data).__name__}; "
+            + ("each class a name or an object with 'name', 'synonyms', 'prompts'." if field == "classes"
+               else "each template a string such as 'a photo of a {}.'")
         )
-    return [(item, f"entry {i + 1}") for i, item in enumerate(data)]
+    return [(item, f"{source}, entry {i + 1}") for i, item in enumerate(data)], source
+
+
+def _keys_line(mapping: dict) -> str:
+    keys = [str(k) for k in mapping]
+    shown = ", ".join(keys[:60]) + (f", ... ({len(keys)} in all)" if len(keys) > 60 else "")
+    return f"Its keys: {shown}."
 
 
 _ENTRY_KEYS = {"name", "synonyms", "prompts"}
@@ -146,34 +284,66 @@ def _entry_from_item(item: Any, where: str) -> ClassEntry:
     if isinstance(item, str):
         return _entry_from_line(item)
     if not isinstance(item, dict):
-        raise PromptFileError(f"{where}: expected a class name or an object with 'name', got {item!r}.")
+        hint = _QUOTE_HINT if isinstance(item, (bool, int, float)) else ""
+        raise PromptFileError(f"{where}: expected a class name or an object with 'name', got {_shown(item)}{hint}.")
     unknown = set(item) - _ENTRY_KEYS
     if unknown:
         raise PromptFileError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: name, synonyms, prompts.")
+    name = item.get("name")
+    if name is not None and not isinstance(name, str):
+        hint = _QUOTE_HINT if isinstance(name, (bool, int, float)) else " (synonyms go in 'synonyms')"
+        raise PromptFileError(f"{where}: 'name' must be a string, got {type(name).__name__} {_shown(name)}{hint}.")
     lists = {}
     for key in ("synonyms", "prompts"):
-        value = item.get(key) or []
-        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-            raise PromptFileError(f"{where}: '{key}' must be a list of strings, got {value!r}.")
+        value = item.get(key)
+        value = () if value is None else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise PromptFileError(f"{where}: '{key}' must be a list of strings, got {_shown(value)}.")
         lists[key] = tuple(v.strip() for v in value)
-    return ClassEntry(str(item.get("name") or "").strip(), lists["synonyms"], lists["prompts"])
+    return ClassEntry((name or "").strip(), lists["synonyms"], lists["prompts"])
 
 
-def _validated(located: list[tuple[ClassEntry, str]], source: str) -> list[ClassEntry]:
+def _validated(located: list[tuple[ClassEntry, str]], source: str, repeats_allowed: bool) -> list[ClassEntry]:
+    """The entries, checked; repeated names are an error, or with `repeats_allowed` one warning."""
     if not located:
         raise PromptFileError(f"{source}: no classes; add one class name a line (or a list item).")
-    first_seen: dict[str, str] = {}
+    first_seen: dict[str, tuple[str, str]] = {}
+    repeated: dict[str, list[tuple[str, str]]] = {}
     for entry, where in located:
         if not entry.name:
             raise PromptFileError(f"{where}: empty class name; write the name before any '|'.")
+        _check_text(entry.name, "class name", where)
         for text in (*entry.synonyms, *entry.prompts):
             if not text:
                 raise PromptFileError(f"{where}: empty synonym or prompt in class {entry.name!r}; remove it.")
-        for alias in dict.fromkeys(a.casefold() for a in (entry.name, *entry.synonyms)):
-            if alias in first_seen:
+            _check_text(text, "synonym or prompt", where)
+        aliases: dict[str, str] = {}
+        for text in (entry.name, *entry.synonyms):
+            aliases.setdefault(text.casefold(), text)
+        for folded, text in aliases.items():
+            if folded not in first_seen:
+                first_seen[folded] = (text, where)
+            elif not repeats_allowed:
                 raise PromptFileError(
-                    f"{where}: {alias!r} of class {entry.name!r} is already a class name or synonym at "
-                    f"{first_seen[alias]}; each name may name only one class (merge them with '|')."
+                    f"{where}: {folded!r} of class {entry.name!r} is already a class name or synonym at "
+                    f"{first_seen[folded][1]}; each name may name only one class (merge them with '|')."
                 )
-            first_seen[alias] = where
+            else:
+                repeated.setdefault(folded, [first_seen[folded]]).append((text, where))
+    if repeated:
+        listed = [_places(places, f"{source}, ") for places in repeated.values()]
+        more = f"; and {len(listed) - 10} more" if len(listed) > 10 else ""
+        warnings.warn(
+            f"{source} repeats {len(repeated)} name(s) (case-insensitively): {'; '.join(listed[:10])}{more}. "
+            "Each keeps its own score column, in the order given; rename them to tell them apart.",
+            stacklevel=3,
+        )
     return [entry for entry, _ in located]
+
+
+def _places(places: list[tuple[str, str]], prefix: str) -> str:
+    """"'cat' at entry 1 and entry 4" (or "'Cat' at ... and 'cat' at ..." when the spelling differs)."""
+    wheres = [where.removeprefix(prefix) for _, where in places]
+    if len({text for text, _ in places}) == 1:
+        return f"{places[0][0]!r} at " + " and ".join(wheres)
+    return " and ".join(f"{text!r} at {where}" for (text, _), where in zip(places, wheres))

@@ -151,7 +151,7 @@ def test_save_load_roundtrip_and_wrong_backbone(tiny_clip, tmp_path):
     with pytest.raises(AdapterMismatch, match="trained on backbone"):
         CrossAttentionAdapter.load(tmp_path / "ad", Other())
     with pytest.raises(AdapterMismatch, match="dim"):
-        clipzsl.ZeroShotClassifier(backend, labels=["cat"], adapter=CrossAttentionAdapter(backend.embed_dim + 4),
+        clipzsl.ZeroShotClassifier(backend, labels=["cat", "dog"], adapter=CrossAttentionAdapter(backend.embed_dim + 4),
                                    cache=False)
 
 
