@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -36,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 from .backends.base import Backend
@@ -47,8 +50,18 @@ WEIGHTS_NAME = "adapter.safetensors"
 FORMAT_VERSION = 1
 
 
-class AdapterMismatch(ValueError):
+class AdapterError(ValueError):
+    """A saved adapter that cannot be used: damaged files (whose scores would be NaN or silently
+    wrong), or, as `AdapterMismatch`, one made for another backbone."""
+
+
+class AdapterMismatch(AdapterError):
     """An adapter saved for another backbone (or embedding size) than the one it is used with."""
+
+
+def _damaged(path: Path, problem: str) -> AdapterError:
+    return AdapterError(f"{path}: {problem}; the saved adapter is damaged: retrain it (clipzsl train-adapter) "
+                        "or copy it again from where it was trained")
 
 
 # ------------------------------------------------------------------ backbone features, computed once
@@ -276,18 +289,30 @@ class CrossAttentionAdapter(nn.Module):
             **(extra or {}),
         }
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(_safetensors_bytes(state, {"fingerprint": fp})))
+        weights = _safetensors_bytes(state, {"fingerprint": fp})
+        # load() checks it: a flipped byte in the weights would otherwise give NaN or silently wrong scores
+        meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+        atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(weights))
         atomic_write(directory / CONFIG_NAME, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, backend: Backend | None = None) -> "CrossAttentionAdapter":
-        """Load a saved adapter; with `backend`, refuse one trained on another backbone."""
+        """Load a saved adapter; with `backend`, refuse one trained on another backbone.
+
+        Damaged files raise `AdapterError` naming the file: a checksum mismatch (adapters saved
+        with one), unreadable safetensors, non-finite weights or tensors that do not fit the config.
+        """
         directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         try:
-            meta = json.loads((directory / CONFIG_NAME).read_text())
+            meta = json.loads(config_path.read_text(encoding="utf-8"))
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; not a saved clipzsl adapter") from err
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _damaged(config_path, f"not valid JSON ({err})") from err
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise _damaged(config_path, "no adapter \"config\" object")
         if backend is not None:
             fp = meta.get("backbone_fingerprint")
             if fp != backend.fingerprint:
@@ -295,13 +320,40 @@ class CrossAttentionAdapter(nn.Module):
                     f"adapter {directory} was trained on backbone {fp!r} (spec {meta.get('backbone_spec')!r}), "
                     f"but the model in use is {backend.fingerprint!r} (spec {backend.spec!r}); "
                     "train an adapter for this backbone or load the one it was trained on")
-            if meta["config"]["dim"] != backend.embed_dim:
-                raise AdapterMismatch(f"adapter {directory} has dim {meta['config']['dim']}, "
+            if meta["config"].get("dim") != backend.embed_dim:
+                raise AdapterMismatch(f"adapter {directory} has dim {meta['config'].get('dim')}, "
                                       f"model {backend.spec!r} has {backend.embed_dim}")
-        adapter = cls(**meta["config"])
-        adapter.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
+        try:
+            adapter = cls(**meta["config"])
+        except (TypeError, ValueError) as err:
+            raise _damaged(config_path, f"unusable adapter config ({err})") from err
+        adapter.load_state_dict(_read_weights(weights_path, meta.get("weights_sha256"), adapter.state_dict()))
         adapter.meta = meta
         return adapter.eval()
+
+
+def _read_weights(path: Path, sha256: str | None, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of `path`, checked against the recorded checksum (None: older adapters without
+    one) and the adapter's own state dict (names, shapes), and all finite."""
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError as err:
+        raise _damaged(path, "missing") from err
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise _damaged(path, f"its sha256 differs from the one recorded in {CONFIG_NAME} at save")
+    try:
+        state = load_safetensors(blob)
+    except SafetensorError as err:
+        raise _damaged(path, f"not a readable safetensors file ({err})") from err
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        raise _damaged(path, f"its tensors do not fit the config in {CONFIG_NAME} (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]})")
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise _damaged(path, f"non-finite values (NaN or inf) in {bad[:3]}")
+    return state
 
 
 def resolve_adapter(adapter, backend: Backend) -> CrossAttentionAdapter:
@@ -470,10 +522,16 @@ def fit_with_selection(
 
     The score of a candidate is the harmonic mean of its validation accuracy on held-out images
     of the training classes (scored among the training classes) and on the held-out seen classes
-    (scored among themselves); unseen classes and test data are never looked at.
+    (scored among themselves); unseen classes and test data are never looked at. With fewer than
+    4 seen classes there are no held-out classes and the score is the first accuracy alone;
+    `info["val_metric"]` says which ("H", "base accuracy", "pseudo-novel accuracy", or None when
+    there are no validation images: then the last epoch of the first grid setting is kept).
     """
     from .evaluation import harmonic_mean
 
+    if len(set(seen_classes)) < 2:
+        raise ValueError(f"an adapter needs at least 2 seen classes to train on, got {len(set(seen_classes))}: "
+                         "cross-entropy over a single class is always 0")
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     tr, vb, vn, tr_classes, val_classes = seen_split(labels_t.numpy(), seen_classes, seed)
     remap = torch.full((class_emb_all.shape[0],), -1, dtype=torch.long)
@@ -494,22 +552,23 @@ def fit_with_selection(
     def validate(adapter):
         a = acc(adapter, emb_tr, f_vb, y_vb)
         b = acc(adapter, emb_val, f_vn, y_vn) if emb_val is not None else math.nan
-        vals = [v for v in (a, b) if not math.isnan(v)]
-        if len(vals) == 2:
-            return harmonic_mean(a, b)
-        return vals[0] if vals else 0.0
+        vals = [v for v in (a, b) if not math.isnan(v)]  # one at least: it is not called without validation data
+        return harmonic_mean(a, b) if len(vals) == 2 else vals[0]
 
+    # without validation images every epoch would score 0 and the untrained epoch 0 would be kept
+    metric = {(True, True): "H", (True, False): "base accuracy", (False, True): "pseudo-novel accuracy",
+              (False, False): None}[bool(vb), bool(vn)]
     grid = list(grid or [{}])
     best = None
     for params in grid:
         cfg = TrainConfig(**{**asdict(base), **params, "seed": seed})
-        result = train_adapter(f_tr, y_tr, emb_tr, logit_scale, cfg, validate, logit_bias)
+        result = train_adapter(f_tr, y_tr, emb_tr, logit_scale, cfg, validate if metric else None, logit_bias)
         if log:
-            log(f"  seed {seed} {params}: val H {result.best_score:.4f} at epoch {result.best_epoch}, "
-                f"{result.epoch_seconds:.2f} s/epoch")
+            score = f"val {metric} {result.best_score:.4f}" if metric else "no validation images, last"
+            log(f"  seed {seed} {params}: {score} at epoch {result.best_epoch}, {result.epoch_seconds:.2f} s/epoch")
         if best is None or result.best_score > best[0].best_score:
             best = (result, params)
-    info = {"params": best[1], "val_score": best[0].best_score, "best_epoch": best[0].best_epoch,
+    info = {"params": best[1], "val_score": best[0].best_score, "val_metric": metric, "best_epoch": best[0].best_epoch,
             "n_train": len(tr), "n_val_base": len(vb), "n_val_novel": len(vn),
             "train_classes": len(tr_classes), "val_classes": len(val_classes),
             "epoch_seconds": best[0].epoch_seconds,
@@ -519,15 +578,25 @@ def fit_with_selection(
 
 
 def folder_dataset(root: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
-    """(class names, image paths, labels) of a folder with one sub-folder per class (names: '_' -> ' ')."""
+    """(class names, image paths, labels) of a folder with one sub-folder per class (names: '_' -> ' ').
+
+    A sub-folder without images is left out with a warning naming it: as a class it would be a
+    label trained, validated and scored on nothing."""
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder; expected a folder with one sub-folder of images per class")
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
         raise ValueError(f"{root}: expected one sub-folder per class, found none")
     names, paths, labels = [], [], []
-    for i, d in enumerate(dirs):
-        names.append(d.name.replace("_", " "))
+    for d in dirs:
         files = expand_sources(str(d))
+        if not files:
+            warnings.warn(f"{d}: no images; class {d.name.replace('_', ' ')!r} left out")
+            continue
         paths += [str(f) for f in files]
-        labels += [i] * len(files)
+        labels += [len(names)] * len(files)
+        names.append(d.name.replace("_", " "))
+    if not names:
+        raise ValueError(f"{root}: none of its {len(dirs)} class sub-folders holds images")
     return names, paths, labels

@@ -136,16 +136,21 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     from .evaluation import DEFAULT_GRID
     from .prompts import ClassEntry, load_templates
 
-    backend = load_model(args.model)
     names, paths, labels = folder_dataset(args.data)
     seen = list(range(len(names)))
     if args.seen:
         wanted = [l.strip() for l in Path(args.seen).read_text().splitlines() if l.strip() and not l.startswith("#")]
         unknown = [w for w in wanted if w not in names and w.replace("_", " ") not in names]
         if unknown:
-            raise ValueError(f"{args.seen}: classes not in {args.data}: {unknown[:5]}")
-        seen = sorted(names.index(w.replace("_", " ")) for w in wanted)
+            raise ValueError(f"{args.seen}: classes not in {args.data} (no such sub-folder, or one without images): "
+                             f"{unknown[:5]}")
+        seen = sorted(set(names.index(w.replace("_", " ")) for w in wanted))
+    if len(seen) < 2:
+        where = f"{args.seen} selects" if args.seen else f"{args.data} has"
+        raise ValueError(f"{where} {len(seen)} class(es) with images ({[names[c] for c in seen]}); an adapter "
+                         f"needs at least 2 classes to train on: add class sub-folders of images to {args.data}")
     keep = [i for i, y in enumerate(labels) if y in set(seen)]
+    backend = load_model(args.model)
     templates = load_templates(args.templates)
     emb = class_embeddings(backend, [ClassEntry(n) for n in names], templates)
     feats = extract_features(backend, [paths[i] for i in keep], cache=args.cache_dir or True, progress=True)
@@ -159,8 +164,19 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     info.pop("val_split")
     result.adapter.save(args.out, backend, templates=templates, labels=[names[c] for c in seen],
                         extra={"training": info})
-    print(f"{args.out}: adapter trained on {len(seen)} classes, {info['n_train']} images; chosen {info['params']}, "
-          f"validation H {info['val_score']:.3f} at epoch {info['best_epoch']}, {info['epoch_seconds']:.2f} s/epoch")
+    metric = info["val_metric"]
+    if metric is None:
+        chosen = (f"no validation images (a class needs >= 2 images to hold one out), so the last epoch "
+                  f"{info['best_epoch']} of {info['params']} is kept")
+    else:
+        what = {"H": "H of base and pseudo-novel accuracy",
+                "base accuracy": f"accuracy on held-out images of the {info['train_classes']} training classes "
+                                 "(no pseudo-novel classes: that needs >= 4 seen classes)",
+                "pseudo-novel accuracy": f"accuracy on the {info['val_classes']} held-out seen classes "
+                                         "(no held-out images of the training classes)"}[metric]
+        chosen = f"chosen {info['params']}, validation {what} {info['val_score']:.3f} at epoch {info['best_epoch']}"
+    print(f"{args.out}: adapter trained on {len(seen)} classes, {info['n_train']} images; {chosen}, "
+          f"{info['epoch_seconds']:.2f} s/epoch")
     return 0
 
 
@@ -238,7 +254,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .classifier import class_embeddings
     from .prompts import ClassEntry, load_templates
 
-    backend = load_model(args.model)
     names, paths, labels = folder_dataset(args.data)
     if args.test:
         tnames, tpaths, tlabels = folder_dataset(args.test)
@@ -255,9 +270,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             idx = rng.permutation([i for i, y in enumerate(labels) if y == c]).tolist()
             tr += [(paths[i], c) for i in idx[: len(idx) // 2]]
             te += [(paths[i], c) for i in idx[len(idx) // 2:]]
-    emb = class_embeddings(backend, [ClassEntry(n) for n in names], load_templates(args.templates))
+    if len(names) < 4:  # base accuracy among one base class is 1.0 whatever the model does
+        where = f"{args.data} and {args.test} share" if args.test else f"{args.data} has"
+        raise ValueError(f"{where} {len(names)} class sub-folders with images ({names}); eval needs at least 4 "
+                         "(half base, half novel, each half scored among at least 2 classes)")
     base, novel = ev.base_novel_split(names)
     tr = [(p, y) for p, y in tr if y in set(base)]
+    untrained = sorted(set(names[c] for c in base) - set(names[y] for _, y in tr))
+    if untrained:
+        raise ValueError(f"{args.data}: base classes {untrained[:5]} have no training image; without --test each "
+                         "class is split in half, so it needs at least 2 images")
+    backend = load_model(args.model)
+    emb = class_embeddings(backend, [ClassEntry(n) for n in names], load_templates(args.templates))
     cache = args.cache_dir or True
     ftr = extract_features(backend, [p for p, _ in tr], cache=cache, progress=True)
     fte = extract_features(backend, [p for p, _ in te], cache=cache, progress=True)

@@ -2,38 +2,80 @@
 
 With an adapter: its attention (mean over heads, the global token left out) of the label's
 query over the image's spatial tokens. Without one: the patch-to-text cosine similarity map
-(each spatial token against the label's embedding). The token grid covers the backbone's
-centre crop, so the map is drawn over that region of the original image, which is kept at
-its own size.
+(each spatial token against the label's embedding). The token grid covers what the backbone
+was shown: the whole image squeezed to a square (the packaged default) or a centre crop
+(CLIP models, `packaged+crop`), so the map is stretched over exactly that part of the original
+image. The picture keeps the image at its own size, with the label and its probability in a
+strip below it and a colour scale beside it.
 """
 from __future__ import annotations
 
 import math
 import re
+from collections import Counter
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .images import ImageSource, expand_sources, load_image
 
 
-def crop_fraction(backend) -> float:
-    """Side of the centre crop / shorter side after resize, read from a torchvision Compose (else 1)."""
+@dataclass(frozen=True)
+class View:
+    """The part of an image that a backend's input shows.
+
+    `squeeze`: the whole image resized to the input size, aspect ratio not kept; otherwise the
+    shorter side is resized and a centre square cut out. `crop`: side of the centre crop over
+    the resized side (for `squeeze`, per axis)."""
+
+    squeeze: bool
+    crop: float = 1.0
+
+    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of that part in an image of this size."""
+        if self.squeeze:
+            w, h = round(width * self.crop), round(height * self.crop)
+        else:
+            w = h = round(min(width, height) * self.crop)
+        w, h = max(1, w), max(1, h)
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+
+def image_view(backend) -> View:
+    """The `View` of a backend's preprocessing, read from its transformers image processor (hf:)
+    or its torchvision Compose (open_clip, packaged). Anything else is taken as CLIP's centre square."""
+    processor = getattr(getattr(backend, "processor", None), "image_processor", None)
+    if processor is not None:
+        size = _size_fields(processor.size) if getattr(processor, "do_resize", True) else {}
+        crop = _size_fields(processor.crop_size) if getattr(processor, "do_center_crop", False) else {}
+        squeeze = "height" in size and "width" in size
+        resize = size.get("height") if squeeze else size.get("shortest_edge")
+        return View(squeeze, min(1.0, crop["height"] / resize) if resize and "height" in crop else 1.0)
     resize = crop = None
+    squeeze = False
     for t in getattr(backend.preprocess, "transforms", []):
-        name = type(t).__name__
         size = getattr(t, "size", None)
-        if isinstance(size, (list, tuple)):
-            size = size[0]
-        if name == "Resize" and isinstance(size, int):
-            resize = size
-        elif name == "CenterCrop" and isinstance(size, int):
-            crop = size
-    return min(1.0, crop / resize) if resize and crop else 1.0
+        pair = isinstance(size, (list, tuple)) and len(size) == 2
+        side = size[0] if isinstance(size, (list, tuple)) else size
+        if type(t).__name__ == "Resize":
+            squeeze, resize = pair, side  # Resize((h, w)) squeezes; Resize(n) scales the shorter side to n
+        elif type(t).__name__ == "CenterCrop":
+            crop = side
+    return View(squeeze, min(1.0, crop / resize) if resize and crop else 1.0)
+
+
+def _size_fields(size) -> dict:
+    """A processor's size (a dict, transformers 5's SizeDict, or a bare int) as a dict of its set fields."""
+    if isinstance(size, int):
+        return {"shortest_edge": size}
+    fields = asdict(size) if is_dataclass(size) else dict(size)
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def grid_of(values: torch.Tensor) -> np.ndarray:
@@ -54,36 +96,77 @@ def colormap(x: np.ndarray) -> np.ndarray:
     return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).astype(np.uint8)
 
 
-def overlay(image: Image.Image, heat: np.ndarray, fraction: float = 1.0, opacity: float = 0.5) -> Image.Image:
-    """The image (its own size) with `heat` ([h, w], any range) drawn over its centre crop."""
+def overlay(image: Image.Image, heat: np.ndarray, view: View = View(squeeze=False),
+            opacity: float = 0.5) -> Image.Image:
+    """The image (its own size) with `heat` ([h, w], any range) stretched over the part `view` shows."""
     image = image.convert("RGB")
-    w, h = image.size
-    side = int(round(min(w, h) * fraction))
-    left, top = (w - side) // 2, (h - side) // 2
+    left, top, right, bottom = view.box(*image.size)
     lo, hi = float(heat.min()), float(heat.max())
     norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-    small = Image.fromarray((norm * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+    small = Image.fromarray((norm * 255).astype(np.uint8)).resize((right - left, bottom - top), Image.BILINEAR)
     colored = Image.fromarray(colormap(np.asarray(small, float) / 255))
     out = image.copy()
-    region = out.crop((left, top, left + side, top + side))
+    region = out.crop((left, top, right, bottom))
     out.paste(Image.blend(region, colored, opacity), (left, top))
     return out
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable since Pillow 10.1
+    except TypeError:  # Pillow 10.0: its one fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def annotate(picture: Image.Image, caption: str) -> Image.Image:
+    """`picture` on a white canvas with `caption` in a strip below it and the colour scale of
+    `colormap` beside it (high at the top, low at the bottom)."""
+    w, h = picture.size
+    size = int(np.clip(max(w, h) / 40, 10, 48))
+    font, pad = _font(size), max(2, size // 3)
+    text_w = max(font.getlength(t) for t in ("high", "low"))
+    low_h, caption_h = font.getbbox("low")[3], font.getbbox(caption)[3]
+    scale_w = int(pad + size + pad + text_w + pad)
+    canvas = Image.new("RGB", (max(w + scale_w, int(font.getlength(caption)) + 2 * pad), h + caption_h + 2 * pad),
+                       "white")
+    canvas.paste(picture, (0, 0))
+    ramp = np.repeat(np.linspace(1, 0, h)[:, None], size, axis=1)
+    canvas.paste(Image.fromarray(colormap(ramp)), (w + pad, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((w + 2 * pad + size, 0), "high", fill="black", font=font)
+    draw.text((w + 2 * pad + size, h - low_h), "low", fill="black", font=font)
+    draw.text((pad, h + pad), caption, fill="black", font=font)
+    return canvas
+
+
+def heatmaps(features, class_emb: torch.Tensor, adapter=None) -> torch.Tensor:
+    """[N, C, T] maps from `clipzsl.adapter.Features`: adapter attention (mean over heads, without
+    the global token) or patch-text cosine."""
+    with torch.no_grad():
+        if adapter is not None:
+            attn = adapter.attention(class_emb, features.tokens, features.pooled).mean(2)  # [N, C, T']
+            return attn[..., 1:] if adapter.config.global_token else attn
+        return torch.einsum("ntd,cd->nct", F.normalize(features.tokens, dim=-1), class_emb)
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^\w.-]+", "_", text).strip("_")[:60] or "label"
 
 
-def heatmaps(backend, images: Sequence[ImageSource], class_emb: torch.Tensor, adapter=None) -> torch.Tensor:
-    """[N, C, T] maps: adapter attention (mean over heads, without the global token) or patch-text cosine."""
-    from .adapter import extract_features
+def _distinct(names: list[str]) -> list[str]:
+    """`names` with the repeated ones numbered by position (a-0, a-3), so no two are equal."""
+    counts = Counter(names)
+    return [f"{n}-{i}" if counts[n] > 1 else n for i, n in enumerate(names)]
 
-    feats = extract_features(backend, list(images), cache=False)
-    with torch.no_grad():
-        if adapter is not None:
-            attn = adapter.attention(class_emb, feats.tokens, feats.pooled).mean(2)  # [N, C, T']
-            return attn[..., 1:] if adapter.config.global_token else attn
-        return torch.einsum("ntd,cd->nct", F.normalize(feats.tokens, dim=-1), class_emb)
+
+def output_stems(sources: Sequence[ImageSource]) -> list[str]:
+    """A distinct file-name stem per image: its own stem, with its parent folder's name in front
+    where stems collide (a/cat.png, b/cat.png -> a_cat, b_cat), numbered if they still do."""
+    paths = [Path(s) if isinstance(s, (str, Path)) else None for s in sources]
+    stems = [_slug(p.stem) if p else f"image{i}" for i, p in enumerate(paths)]
+    counts = Counter(stems)
+    return _distinct([f"{_slug(p.parent.name)}_{s}" if p and p.parent.name and counts[s] > 1 else s
+                      for p, s in zip(paths, stems)])
 
 
 def explain(
@@ -94,29 +177,32 @@ def explain(
     adapter=None,
     templates=None,
 ) -> list[Path]:
-    """Write one PNG per (image, label) into `out_dir`: `<image stem>__<label>.png`, the image's size."""
-    from .classifier import class_embeddings
-    from .prompts import DEFAULT_TEMPLATES, load_labels, load_templates
+    """Write one PNG per (image, label) into `out_dir`, `<image stem>__<label>.png` (see
+    `output_stems`): the image at its own size with the label's map over what the model saw,
+    the label and its probability (among `labels`) below, the colour scale beside it."""
+    from .classifier import ZeroShotClassifier
+    from .prompts import DEFAULT_TEMPLATES
 
     if isinstance(adapter, (str, Path)):
         from .adapter import CrossAttentionAdapter
 
         adapter = CrossAttentionAdapter.load(adapter, backend)
-    entries = load_labels(labels)
-    tmpl = load_templates(templates or (adapter.meta.get("templates") if getattr(adapter, "meta", None)
-                                        and adapter.meta.get("templates") else DEFAULT_TEMPLATES))
-    emb = class_embeddings(backend, entries, tmpl)
+    saved = (getattr(adapter, "meta", None) or {}).get("templates")
+    clf = ZeroShotClassifier(backend, labels=labels, templates=templates or saved or DEFAULT_TEMPLATES, cache=False,
+                             adapter=adapter)
     sources = expand_sources(images)
-    maps = heatmaps(backend, sources, emb, adapter)
-    fraction = crop_fraction(backend)
+    features = clf.features(sources)
+    probs = clf.scores_from_features(features)
+    maps = heatmaps(features, clf.weights, clf.adapter)
+    view = image_view(backend)
+    label_names = _distinct([_slug(name) for name in clf.labels])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, src in enumerate(sources):
+    for i, (src, stem) in enumerate(zip(sources, output_stems(sources))):
         image = load_image(src)
-        stem = Path(src).stem if isinstance(src, (str, Path)) else f"image{i}"
-        for c, entry in enumerate(entries):
-            path = out_dir / f"{_slug(stem)}__{_slug(entry.name)}.png"
-            overlay(image, grid_of(maps[i, c]), fraction).save(path)
+        for c, name in enumerate(clf.labels):
+            path = out_dir / f"{stem}__{label_names[c]}.png"
+            annotate(overlay(image, grid_of(maps[i, c]), view), f"{name}: {probs[i, c]:.1%}").save(path)
             written.append(path)
     return written

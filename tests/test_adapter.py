@@ -252,7 +252,7 @@ def test_baselines_run_and_linear_probe_cannot_score_novel():
 # ---------------------------------------------------------------- explain and CLI
 
 
-def test_explain_writes_pngs_of_image_size(tiny_clip, pictures, tmp_path):
+def test_explain_writes_pngs_of_image_size_plus_scale_and_caption(tiny_clip, pictures, tmp_path):
     from clipzsl.explain import explain
 
     backend = clipzsl.load_model(f"hf:{tiny_clip}")
@@ -260,11 +260,11 @@ def test_explain_writes_pngs_of_image_size(tiny_clip, pictures, tmp_path):
     assert len(out) == 4
     for path in out:
         with Image.open(path) as im, Image.open(pictures[0 if path.name.startswith("a__") else 1]) as src:
-            assert im.size == src.size and im.format == "PNG"
+            assert im.width > src.width and im.height > src.height and im.format == "PNG"
     adapter = CrossAttentionAdapter(backend.embed_dim)
     out2 = explain(backend, pictures[2:], ["cat"], tmp_path / "att", adapter=adapter)
     with Image.open(out2[0]) as im:
-        assert im.size == (64, 64)
+        assert im.width > 64 and im.height > 64
 
 
 def test_cli_train_adapter_and_explain(tiny_clip, tmp_path, monkeypatch):
