@@ -262,7 +262,7 @@ def test_explain_writes_pngs_of_image_size_plus_scale_and_caption(tiny_clip, pic
         with Image.open(path) as im, Image.open(pictures[0 if path.name.startswith("a__") else 1]) as src:
             assert im.width > src.width and im.height > src.height and im.format == "PNG"
     adapter = CrossAttentionAdapter(backend.embed_dim)
-    out2 = explain(backend, pictures[2:], ["cat"], tmp_path / "att", adapter=adapter)
+    out2 = explain(backend, pictures[2:], ["cat", "dog"], tmp_path / "att", adapter=adapter)
     with Image.open(out2[0]) as im:
         assert im.width > 64 and im.height > 64
 
