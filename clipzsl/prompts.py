@@ -15,10 +15,21 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+def _prompts_dir() -> Path:
+    """The shipped prompts: clipzsl/_prompts/ in an installed wheel (pyproject.toml maps the
+    repository's top-level prompts/ there), else that prompts/ itself (checkout, editable install)."""
+    installed = resources.files(__package__) / "_prompts"
+    if installed.is_dir():
+        return Path(str(installed))
+    return Path(__file__).resolve().parent.parent / "prompts"
+
+
+PROMPTS_DIR = _prompts_dir()
 TEMPLATES_DIR = PROMPTS_DIR / "templates"
 LABELS_DIR = PROMPTS_DIR / "labels"
 LABEL_SUFFIXES = (".txt", ".json", ".yaml", ".yml")

@@ -6,6 +6,18 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """Every cache in a temporary directory for the whole session (subprocesses inherit it): tests never
+    write into the user's ~/.cache, and the packaged model's concept embeddings are built once a session."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(root))
+        mp.setenv("CLIPZSL_CACHE_DIR", str(root / "clipzsl"))
+        mp.setenv("CLIPZSL_DATA_DIR", str(root / "clipzsl" / "datasets"))
+        yield root
+
+
 @pytest.fixture(scope="session")
 def vit_b32():
     """A random-init open_clip ViT-B-32 with its preprocessing and tokenizer (no download)."""
