@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .backends import Backend, load_model
 from .images import EmbeddedImages, ImageSource, embed_images
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_labels, load_templates
-from .search import build_index, search
+from .search import build_index, check_top_k, search
 from .store import EmbeddingStore, digest
 
 #: rows of labels scored at once when normalising over a large vocabulary
@@ -277,9 +277,15 @@ class ZeroShotClassifier:
         self, images: ImageSource | Sequence[ImageSource], top_k: int = 5, batch_size: int = 32
     ) -> list[list[tuple[str, float]]]:
         """Per image: the `top_k` (label, probability) pairs, best first."""
+        check_top_k(top_k)  # before the images are embedded, not after
         if self.adapter is not None:
-            probs = torch.from_numpy(self.scores(images, batch_size=batch_size))
-            p, ids = probs.topk(min(top_k, probs.shape[1]), dim=1)
-            return [[(self.labels[j], float(q)) for j, q in zip(r_ids, r_p)]
-                    for r_ids, r_p in zip(ids.tolist(), p.tolist())]
+            return self.top_k_from_features(self.features(images, batch_size=batch_size), top_k)
         return self.top_k_from_embeddings(self.embed(images, batch_size=batch_size).embeddings, top_k)
+
+    def top_k_from_features(self, features, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per image of `features(...)`: the `top_k` (label, probability) pairs, through the adapter if any."""
+        check_top_k(top_k)
+        probs = torch.from_numpy(self.scores_from_features(features))
+        p, ids = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        return [[(self.labels[j], float(q)) for j, q in zip(r_ids, r_p)]
+                for r_ids, r_p in zip(ids.tolist(), p.tolist())]

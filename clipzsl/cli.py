@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
+import os
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from . import available_models
+from . import __version__, available_models
+from .adapter import CONFIG_NAME, Features
 from .classifier import ZeroShotClassifier
 from .image_index import ImageIndex
+from .images import NoImagesWarning, expand_sources
 from .store import StoreError, cache_root
 from .prompts import DEFAULT_TEMPLATES, PromptFileError
 
@@ -29,6 +35,59 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return number
+
+
+def output_file(value: str) -> str:
+    """A file the results can be written to: checked when the arguments are read, not after the work."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder; give the path of a file in it")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{value}: no permission to write there")
+    return value
+
+
+def adapter_directory(value: str) -> str:
+    """A saved adapter's directory: checked before the model is loaded and the labels encoded."""
+    if not (Path(value) / CONFIG_NAME).is_file():
+        reason = f"no {CONFIG_NAME} in it" if Path(value).is_dir() else "no such folder"
+        raise argparse.ArgumentTypeError(
+            f"{value}: {reason}, so not a saved clipzsl adapter (`clipzsl train-adapter --out DIR` makes one)")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends an option's help with its default, unless it has none or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file=None, line: str | None = None) -> None:
+    """A library warning as one `clipzsl: warning:` line, without Python's source-line echo."""
+    print(f"clipzsl: warning: {message}", file=sys.stderr)
+
+
+@contextmanager
+def empty_folders() -> Iterator[list[str]]:
+    """Collect the folders `expand_sources` found no images in (each is still reported)."""
+    found: list[str] = []
+    show = warnings.showwarning
+
+    def record(message, category, *args, **kwargs) -> None:
+        if isinstance(message, NoImagesWarning):
+            found.append(message.folder)
+        show(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", NoImagesWarning)
+        warnings.showwarning = record
+        yield found
 
 
 def labels_argument(value: str) -> str | list[str]:
@@ -63,24 +122,34 @@ def format_predictions(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    with empty_folders() as empty:  # before the model loads: a wrong path costs nothing
+        sources = expand_sources(args.paths)
+    if not sources:
+        print(f"clipzsl: error: no images to classify in {', '.join(args.paths)}", file=sys.stderr)
+        return 1
     cache = False if args.no_cache else (args.cache_dir or True)
     clf = ZeroShotClassifier(
-        args.model, labels=labels_argument(args.labels), templates=args.templates, cache=cache, index=args.index
+        args.model, labels=labels_argument(args.labels), templates=args.templates, cache=cache, index=args.index,
+        adapter=args.adapter,
     )
-    embedded = clf.embed(args.paths, batch_size=args.batch_size, skip_errors=True, progress=None)
+    embedded = clf.embed(sources, batch_size=args.batch_size, skip_errors=True, progress=None,
+                         return_tokens=clf.adapter is not None)
     for failure in embedded.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
-    predictions = clf.top_k_from_embeddings(embedded.embeddings, args.top_k)
-    text = format_predictions(list(zip(embedded.sources, predictions)), args.format)
-    if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
+    if embedded.sources:  # all unreadable: the message below, not an empty table
+        if clf.adapter is None:
+            predictions = clf.top_k_from_embeddings(embedded.embeddings, args.top_k)
+        else:
+            predictions = clf.top_k_from_features(Features(embedded.embeddings, embedded.tokens), args.top_k)
+        text = format_predictions(list(zip(embedded.sources, predictions)), args.format)
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text)
     if embedded.failures:
         print(f"clipzsl: {len(embedded.failures)} of {len(embedded.failures) + len(embedded.sources)} "
               "images could not be read", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if embedded.failures or empty else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -112,12 +181,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     index = ImageIndex(args.out, args.model)
-    report = index.update(args.folders, batch_size=args.batch_size)
+    with empty_folders() as empty:
+        report = index.update(args.folders, batch_size=args.batch_size)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(f"{args.out}: {len(index)} images ({report.added} added, {report.updated} updated, "
           f"{report.removed} removed, {report.unchanged} unchanged)")
-    return 1 if report.failures else 0
+    return 1 if report.failures or empty else 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -189,9 +259,7 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
 
     if args.test:
         raise ValueError("--test does not apply to --protocol zeroshot: it evaluates every image of DATA")
-    names, paths, labels = folder_dataset(args.data)
-    if not paths:
-        raise ValueError(f"{args.data}: no images in its class folders; put each class's images in DATA/<class>/")
+    names, paths, labels = folder_dataset(args.data)  # refuses a DATA without images
     backend = load_model(args.model)
     templates = load_templates(args.templates)
     if args.load_classifier:
@@ -339,8 +407,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipzsl", description="Zero-shot image classification.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="clipzsl", description="Zero-shot image classification.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparser = functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=subparser)
 
     classify = commands.add_parser("classify", help="classify images against a label set")
     classify.add_argument("paths", nargs="+", help="image files or folders (walked recursively)")
@@ -348,32 +419,35 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--templates", default=DEFAULT_TEMPLATES,
                           help="template set name, .txt or .json file (FILE.json:KEY picks a data set)")
     classify.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
-    classify.add_argument("--top-k", type=positive_int, default=5)
-    classify.add_argument("--format", choices=FORMATS, default="table")
-    classify.add_argument("--output", help="write results to this file instead of stdout")
-    classify.add_argument("--batch-size", type=int, default=32)
+    classify.add_argument("--top-k", type=positive_int, default=5, help="labels shown per image")
+    classify.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    classify.add_argument("--output", type=output_file, help="write results to this file instead of stdout")
+    classify.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     classify.add_argument("--index", default="auto", help="FAISS factory string for the label index (Flat, HNSW32, ...)")
     classify.add_argument("--cache-dir", help="label-embedding cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     classify.add_argument("--no-cache", action="store_true", help="encode every label, store nothing")
+    classify.add_argument("--adapter", type=adapter_directory,
+                          help="saved adapter directory (from train-adapter) to score through; it must have been "
+                               "trained on --model (default: none, plain zero-shot)")
     classify.set_defaults(run=cmd_classify)
 
     cache = commands.add_parser("cache", help="show or clear the label-embedding cache")
-    cache.add_argument("action", choices=("info", "clear"))
-    cache.add_argument("--cache-dir")
+    cache.add_argument("action", choices=("info", "clear"), help="info: list the cached label sets; clear: delete them")
+    cache.add_argument("--cache-dir", help="cache directory (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     cache.set_defaults(run=cmd_cache)
 
     index = commands.add_parser("index", help="embed a folder of images into an index (resumable)")
-    index.add_argument("kind", choices=("images",))
-    index.add_argument("folders", nargs="+")
+    index.add_argument("kind", choices=("images",), help="what to index (only images for now)")
+    index.add_argument("folders", nargs="+", help="folders of images (walked recursively)")
     index.add_argument("--out", required=True, help="index directory")
-    index.add_argument("--model", default="packaged")
-    index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
+    index.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     index.set_defaults(run=cmd_index)
 
     search = commands.add_parser("search", help="the best images of an index for a text query")
-    search.add_argument("index")
-    search.add_argument("query")
-    search.add_argument("--top-k", type=positive_int, default=10)
+    search.add_argument("index", help="index directory made by `clipzsl index images`")
+    search.add_argument("query", help="text describing the images wanted")
+    search.add_argument("--top-k", type=positive_int, default=10, help="images shown")
     search.set_defaults(run=cmd_search)
 
     models = commands.add_parser("models", help="list model specs and what runs offline")
@@ -383,26 +457,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data", help="folder with one sub-folder of images per class")
     train.add_argument("--out", required=True, help="directory for adapter.safetensors + adapter.json")
     train.add_argument("--seen", help="file listing the classes to train on (one per line); default all")
-    train.add_argument("--model", default="packaged")
-    train.add_argument("--templates", default=DEFAULT_TEMPLATES)
-    train.add_argument("--epochs", type=positive_int, default=15)
+    train.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
+    train.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file")
+    train.add_argument("--epochs", type=positive_int, default=15, help="most training epochs (stops early)")
     train.add_argument("--lr", type=float, help="learning rate (default: chosen on the seen validation split)")
     train.add_argument("--consistency", type=float, help="KL-to-zero-shot weight (default: chosen on validation)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--cache-dir", help="feature cache directory")
+    train.add_argument("--seed", type=int, default=0, help="random seed (splits, initialisation)")
+    train.add_argument("--cache-dir", help="feature cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     train.set_defaults(run=cmd_train_adapter)
 
     evaluate = commands.add_parser("eval", help="base-to-novel and GZSL protocols, adapters vs baselines")
     evaluate.add_argument("data", help="training folder (one sub-folder per class)")
     evaluate.add_argument("--test", help="test folder with the same class sub-folders (default: half of DATA per class)")
     evaluate.add_argument("--protocol", choices=("b2n", "gzsl", "both", "zeroshot"), default="both",
-                          help="zeroshot: plain zero-shot accuracy on every image of DATA, no training")
-    evaluate.add_argument("--methods", default="zero-shot,linear probe,CLIP-Adapter,Tip-Adapter-F,ours")
-    evaluate.add_argument("--seeds", type=positive_int, default=3)
-    evaluate.add_argument("--model", default="packaged")
-    evaluate.add_argument("--templates", default=DEFAULT_TEMPLATES)
-    evaluate.add_argument("--output", help="also write the results as JSON here")
-    evaluate.add_argument("--cache-dir", help="feature cache directory")
+                          help="b2n: base-to-novel; gzsl: generalised zero-shot; both; "
+                               "zeroshot: plain zero-shot accuracy on every image of DATA, no training")
+    evaluate.add_argument("--methods", default="zero-shot,linear probe,CLIP-Adapter,Tip-Adapter-F,ours",
+                          help="comma-separated methods to compare")
+    evaluate.add_argument("--seeds", type=positive_int, default=3, help="runs per method, seeds 0, 1, ...")
+    evaluate.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
+    evaluate.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file")
+    evaluate.add_argument("--output", type=output_file, help="also write the results as JSON here")
+    evaluate.add_argument("--cache-dir", help="feature cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     evaluate.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (zeroshot)")
     evaluate.add_argument("--save-classifier", metavar="FILE",
                           help="zeroshot: write the class embeddings (safetensors) for --load-classifier")
@@ -412,11 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_eval)
 
     explain = commands.add_parser("explain", help="heatmap PNGs: adapter attention or patch-text similarity")
-    explain.add_argument("images", nargs="+")
+    explain.add_argument("images", nargs="+", help="image files or folders")
     explain.add_argument("--labels", required=True, help=LABELS_HELP)
     explain.add_argument("--adapter", help="saved adapter directory (default: patch-to-text similarity)")
     explain.add_argument("--out", default="explain", help="output directory")
-    explain.add_argument("--model", default="packaged")
+    explain.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     explain.add_argument("--templates", help="template set (default: the adapter's, else the default)")
     explain.set_defaults(run=cmd_explain)
     return parser
@@ -424,11 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (PromptFileError, StoreError, FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"clipzsl: error: {err}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return args.run(args)
+        except (PromptFileError, StoreError, OSError, ValueError, RuntimeError) as err:
+            print(f"clipzsl: error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -39,8 +39,20 @@ class EmbeddedImages:
     tokens: torch.Tensor | None = None  # [N, T, D] spatial tokens, with `return_tokens`
 
 
+class NoImagesWarning(UserWarning):
+    """A folder that holds no image files: most often a wrong path, so it is not passed over silently."""
+
+    def __init__(self, folder: str):
+        super().__init__(f"{folder}: no image files (.jpg, .png, .webp, ...) in this folder or its "
+                         "sub-folders; check the path")
+        self.folder = folder
+
+
 def expand_sources(sources: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
-    """Files stay, folders become their image files (recursively, sorted), PIL images pass."""
+    """Files stay, folders become their image files (recursively, sorted), PIL images pass.
+
+    A folder without images warns with `NoImagesWarning`.
+    """
     if isinstance(sources, (str, Path, Image.Image)):
         sources = [sources]
     expanded: list[ImageSource] = []
@@ -48,14 +60,36 @@ def expand_sources(sources: ImageSource | Sequence[ImageSource]) -> list[ImageSo
         if isinstance(source, Image.Image):
             expanded.append(source)
         elif Path(source).is_dir():
-            expanded.extend(
-                str(p)
-                for p in sorted(Path(source).rglob("*"))
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-            )
+            files = folder_images(str(source))
+            if not files:
+                warnings.warn(NoImagesWarning(str(source)), stacklevel=2)
+            expanded.extend(files)
         else:
             expanded.append(str(source))
     return expanded
+
+
+def folder_images(folder: str) -> list[str]:
+    """Image files under `folder`, in sorted order, following symlinked sub-folders.
+
+    `Path.rglob` does not follow symlinked folders, so a photo library linked in from
+    another disk came out empty. Each real folder (device, inode) is walked once, which
+    stops symlink loops and lists a folder reached by two paths once.
+    """
+    seen: set[tuple[int, int]] = set()
+    files: list[Path] = []
+    for directory, subdirs, names in os.walk(folder, followlinks=True):
+        status = os.stat(directory)
+        if (status.st_dev, status.st_ino) in seen:
+            subdirs.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        subdirs.sort()  # which of two links to one folder is kept does not depend on the file system
+        files.extend(
+            path for path in (Path(directory, name) for name in names)
+            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+        )
+    return [str(path) for path in sorted(files)]
 
 
 def source_name(source: ImageSource, index: int) -> str:
@@ -93,6 +127,8 @@ def load_image(source: ImageSource) -> Image.Image:
         raise ImageLoadError(path, f"refused as a possible decompression bomb ({err})") from err
     except Image.UnidentifiedImageError as err:
         raise ImageLoadError(path, "not an image Pillow can read") from err
+    except PermissionError as err:
+        raise ImageLoadError(path, "permission denied (this user may not read it; check its permissions)") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(path, f"corrupt or truncated image ({err})") from err
 
@@ -132,6 +168,8 @@ def embed_images(
 
     With `return_tokens`, the backend's spatial tokens come back too (what an adapter attends over).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     sources = expand_sources(images)
     workers = workers or min(4, os.cpu_count() or 1)
     chunks: list[torch.Tensor] = []

@@ -37,8 +37,15 @@ def build_index(vectors: np.ndarray, spec: str = "auto"):
     return index
 
 
+def check_top_k(k: int) -> None:
+    """Refuse k < 1 with a clear error: FAISS would fail on a bare assertion, torch return nothing."""
+    if k < 1:
+        raise ValueError(f"top_k must be at least 1, got {k}")
+
+
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, ids), each [N, k], best first; k is capped at the index size."""
+    check_top_k(k)
     k = min(k, index.ntotal)
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 

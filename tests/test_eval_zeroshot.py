@@ -222,7 +222,7 @@ def test_no_readable_image_writes_no_result(tmp_path, tiny_clip, cache_dir, caps
     assert not out.exists()
 
 
-@pytest.mark.parametrize("extra, message", [((), "no images in its class folders"),
+@pytest.mark.parametrize("extra, message", [((), "class sub-folders holds images"),
                                             (("--test", "elsewhere"), "--test does not apply")])
 def test_bad_zeroshot_arguments_are_clean_errors(tmp_path, capsys, extra, message):
     (tmp_path / "data" / "cat").mkdir(parents=True)

