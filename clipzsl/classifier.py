@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ from .backends import Backend, load_model
 from .images import EmbeddedImages, ImageSource, embed_images
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_labels, load_templates
 from .search import build_index, search
-from .store import EmbeddingStore, digest
+from .store import EmbeddingStore, StoreError, digest
 
 #: rows of labels scored at once when normalising over a large vocabulary
 LABEL_CHUNK = 16_384
@@ -78,7 +79,7 @@ def cached_class_embeddings(
     def compute(todo: list[str]) -> np.ndarray:
         return class_embeddings(backend, [by_key[k] for k in todo], templates, progress).numpy()
 
-    return torch.from_numpy(store.get_or_compute(keys, compute))
+    return torch.from_numpy(store.get_or_compute(keys, compute, best_effort=True))
 
 
 class ZeroShotClassifier:
@@ -105,10 +106,15 @@ class ZeroShotClassifier:
         self.model = load_model(model) if isinstance(model, str) else model or load_model()
         self.entries = load_labels(labels)
         self.templates = load_templates(templates)
-        if cache:
-            store = EmbeddingStore.for_labels(self.model, None if cache is True else cache)
-            self.weights = cached_class_embeddings(self.model, self.entries, self.templates, store, progress)
-        else:
+        store = None
+        if cache:  # best effort: an unusable cache costs time, never the classification
+            try:
+                store = EmbeddingStore.for_labels(self.model, None if cache is True else cache)
+                self.weights = cached_class_embeddings(self.model, self.entries, self.templates, store, progress)
+            except (StoreError, OSError) as err:
+                warnings.warn(f"label cache not used ({err}); `clipzsl cache clear` resets it")
+                store = None
+        if store is None:
             self.weights = class_embeddings(self.model, self.entries, self.templates, progress)
         self.index_spec = index
         self._index = None

@@ -90,24 +90,52 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from .store import EmbeddingStore
 
     root = cache_root(args.cache_dir) / "labels"
-    stores = sorted(p for p in root.glob("*") if (p / "meta.json").exists()) if root.exists() else []
+    stores = sorted(p for p in root.glob("*") if p.is_dir()) if root.exists() else []
     if args.action == "clear":
-        for directory in stores:
-            meta = EmbeddingStore.read_meta(directory)
-            EmbeddingStore(directory, meta["fingerprint"], meta["embed_dim"]).clear()
+        for directory in stores:  # whatever state it is in: an unreadable meta.json must not block this
+            EmbeddingStore.destroy(directory)
         print(f"cleared {len(stores)} label cache(s) under {root}")
         return 0
     print(f"label cache: {root}")
     for directory in stores:
-        meta = EmbeddingStore.read_meta(directory)
-        store = EmbeddingStore(directory, meta["fingerprint"], meta["embed_dim"])
+        try:
+            meta = EmbeddingStore.read_meta(directory)
+            store = EmbeddingStore(directory, meta["fingerprint"], meta["embed_dim"])
+        except StoreError as err:
+            print(f"  {directory.name}  unusable ({err}); `clipzsl cache clear` removes it")
+            continue
         print(f"  {meta.get('spec') or '?'}  {len(store)} labels  {store.size_bytes() / 1e6:.1f} MB  {meta['fingerprint']}")
     return 0
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    index = ImageIndex(args.out, args.model)
-    report = index.update(args.folders, batch_size=args.batch_size)
+    if args.kind in ("info", "repair"):
+        if len(args.folders) != 1:
+            raise ValueError(f"`clipzsl index {args.kind}` takes one index directory, got {len(args.folders)}")
+        index = ImageIndex(args.folders[0], args.model)
+        if args.kind == "info":
+            info = index.info()
+            recall = "n/a (empty)" if info["recall_at_10"] is None else \
+                f"{info['recall_at_10']:.3f} against exact search on {info['recall_sample']} stored vectors"
+            print(f"{args.folders[0]}: {info['images']} images, {info['bytes'] / 1e6:.1f} MB on disk "
+                  f"({info['dtype']}, {info['segments']} segments, {info['dead_rows']} replaced rows)\n"
+                  f"model: {info['model']}\nfaiss factory: {info['factory']}"
+                  + (f" (search parameter {info['search_parameter']})" if info["search_parameter"] else "")
+                  + f"\nrecall@10: {recall}")
+            return 0
+        report = index.repair(batch_size=args.batch_size)
+        for line in report.damaged:
+            print(f"set aside damaged segment {line}")
+        for path in report.unrecoverable:
+            print(f"clipzsl: lost {path} (file gone or unreadable)", file=sys.stderr)
+        print(f"{args.folders[0]}: {len(index)} images; {len(report.damaged)} damaged segments, "
+              f"{report.reembedded} images re-embedded, {len(report.unrecoverable)} lost"
+              + (", index rebuilt" if report.index_rebuilt else ""))
+        return 1 if report.unrecoverable else 0
+    if not args.out:
+        raise ValueError(f"`clipzsl index {args.kind}` needs --out INDEX_DIR")
+    index = ImageIndex(args.out, args.model or "packaged", dtype=args.dtype)
+    report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(f"{args.out}: {len(index)} images ({report.added} added, {report.updated} updated, "
@@ -115,12 +143,27 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    rows = ImageIndex(args.index).search(args.query, top_k=args.top_k)
+def format_hits(rows: list[tuple[str, float]], fmt: str) -> str:
+    """Search results as a table, JSON (a list of {path, score}) or CSV (rank, path, score)."""
+    if fmt == "json":
+        return json.dumps([{"path": path, "score": score} for path, score in rows], indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["rank", "path", "score"])
+        writer.writerows([rank, path, f"{score:.6f}"] for rank, (path, score) in enumerate(rows, 1))
+        return out.getvalue()
     width = max([len("image")] + [len(path) for path, _ in rows])
-    print(f"{'image':<{width}}  similarity")
-    for path, similarity in rows:
-        print(f"{path:<{width}}  {similarity:.4f}")
+    return "".join([f"{'image':<{width}}  similarity\n"] + [f"{path:<{width}}  {s:.4f}\n" for path, s in rows])
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if (args.query is None) == (args.image is None):
+        raise ValueError("give a text query or --image PATH (exactly one)")
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"{args.image}: no such image file (--image)")
+    query = args.query if args.image is None else Path(args.image)
+    sys.stdout.write(format_hits(ImageIndex(args.index).search(query, top_k=args.top_k), args.format))
     return 0
 
 
@@ -267,18 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir")
     cache.set_defaults(run=cmd_cache)
 
-    index = commands.add_parser("index", help="embed a folder of images into an index (resumable)")
-    index.add_argument("kind", choices=("images",))
-    index.add_argument("folders", nargs="+")
-    index.add_argument("--out", required=True, help="index directory")
-    index.add_argument("--model", default="packaged")
+    index = commands.add_parser("index", help="build, inspect or repair an image index (resumable)")
+    index.add_argument("kind", choices=("images", "info", "repair"),
+                       help="images: embed FOLDERS into --out; info / repair: the index directory given")
+    index.add_argument("folders", nargs="+", metavar="PATH", help="image folders or files (images); the index (info, repair)")
+    index.add_argument("--out", help="index directory (images)")
+    index.add_argument("--model", help="model spec (default: the index's own, else packaged)")
     index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                       help="how a new index stores vectors (float16: half the disk)")
+    index.add_argument("--faiss-factory", default="auto",
+                       help="FAISS factory string for the saved index (auto: exact up to 200k images, else IVF)")
     index.set_defaults(run=cmd_index)
 
-    search = commands.add_parser("search", help="the best images of an index for a text query")
+    search = commands.add_parser("search", help="the best images of an index for a text or image query")
     search.add_argument("index")
-    search.add_argument("query")
+    search.add_argument("query", nargs="?", help="text query (or use --image)")
+    search.add_argument("--image", help="an image file as the query")
     search.add_argument("--top-k", type=positive_int, default=10)
+    search.add_argument("--format", choices=FORMATS, default="table")
     search.set_defaults(run=cmd_search)
 
     models = commands.add_parser("models", help="list model specs and what runs offline")
