@@ -134,12 +134,34 @@ def cmd_index(args: argparse.Namespace) -> int:
         return 1 if report.unrecoverable else 0
     if not args.out:
         raise ValueError(f"`clipzsl index {args.kind}` needs --out INDEX_DIR")
+    if args.kind == "from-shards":
+        from .shards import index_from_shards
+
+        if len(args.folders) != 1 or not args.model:
+            raise ValueError("`clipzsl index from-shards DIR --out INDEX --model SPEC`: one shard directory, and "
+                             "the model that embedded the shards")
+        index = index_from_shards(args.folders[0], args.out, args.model, args.faiss_factory, args.dtype)
+        print(f"{args.out}: {len(index)} images from {args.folders[0]} "
+              f"(faiss factory {index.store.index_state().get('factory', 'Flat')})")
+        return 0
     index = ImageIndex(args.out, args.model or "packaged", dtype=args.dtype)
     report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(f"{args.out}: {len(index)} images ({report.added} added, {report.updated} updated, "
           f"{report.removed} removed, {report.unchanged} unchanged)")
+    return 1 if report.failures else 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from . import load_model
+    from .shards import write_shards
+
+    report = write_shards(load_model(args.model), args.paths, args.out, shard_size=args.shard_size,
+                          batch_size=args.batch_size)
+    for failure in report.failures:
+        print(f"clipzsl: skipped {failure}", file=sys.stderr)
+    print(f"{args.out}: {report.rows} embeddings in {len(report.shards)} shard(s) (img_emb/, metadata/)")
     return 1 if report.failures else 0
 
 
@@ -311,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(run=cmd_cache)
 
     index = commands.add_parser("index", help="build, inspect or repair an image index (resumable)")
-    index.add_argument("kind", choices=("images", "info", "repair"),
-                       help="images: embed FOLDERS into --out; info / repair: the index directory given")
+    index.add_argument("kind", choices=("images", "from-shards", "info", "repair"),
+                       help="images: embed PATHs into --out; from-shards: clip-retrieval shards DIR into --out; "
+                            "info / repair: the index directory given")
     index.add_argument("folders", nargs="+", metavar="PATH", help="image folders or files (images); the index (info, repair)")
     index.add_argument("--out", help="index directory (images)")
     index.add_argument("--model", help="model spec (default: the index's own, else packaged)")
@@ -322,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--faiss-factory", default="auto",
                        help="FAISS factory string for the saved index (auto: exact up to 200k images, else IVF)")
     index.set_defaults(run=cmd_index)
+
+    embed = commands.add_parser("embed", help="embed images into clip-retrieval shards (img_emb/, metadata/)")
+    embed.add_argument("paths", nargs="+", help="image files, folders, .txt lists of paths, webdataset .tar shards")
+    embed.add_argument("--out", required=True, help="output directory")
+    embed.add_argument("--model", default="packaged")
+    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--shard-size", type=positive_int, default=100_000, help="rows per shard")
+    embed.set_defaults(run=cmd_embed)
 
     search = commands.add_parser("search", help="the best images of an index for a text or image query")
     search.add_argument("index")
