@@ -683,8 +683,7 @@ class EmbeddingStore:
         index, base = self._search_index()
         if index.ntotal == 0:
             return [[] for _ in queries]
-        live = len(self)
-        want = min(top_k, live)
+        want = top_k
         k = min(index.ntotal, want + max(16, want))
         while True:
             similarities, ids = faiss_search(index, queries, k)
