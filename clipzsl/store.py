@@ -166,7 +166,7 @@ class EmbeddingStore:
         self._db: sqlite3.Connection | None = None
         self._segments: list[Segment] = []
         self._maps: dict[str, np.ndarray] = {}
-        self._index = None  # (faiss index, global row of position 0, rows it covers)
+        self._index = None  # (faiss index, global row of position 0, rows it covers, memory-mapped?)
         self._holding = False  # this object holds the directory lock (flock is not reentrant)
         self._check_meta()
         self.reload()
@@ -703,8 +703,8 @@ class EmbeddingStore:
         self.reload()
         first, next_row = self.row_span
         state = self._state()
-        if self._index is not None and self._index[1] != first:
-            self._index = None
+        if self._index is not None and (self._index[1] != first or (self._index[3] and self._index[2] < next_row)):
+            self._index = None  # compacted, or new rows to add to a read-only mapped index
         if self._index is None:
             saved = self.directory / "index.faiss"
             problem = None
@@ -716,17 +716,18 @@ class EmbeddingStore:
                     warnings.warn(f"ignoring damaged index {saved} ({problem}); searching the segments exactly")
             if state.get("index_factory") and not problem and saved.exists():
                 covered = int(state["index_rows"])
-                index = load_index(saved, mmap=covered == next_row)
+                mapped = covered == next_row
+                index = load_index(saved, mmap=mapped)
                 _set_search_parameter(index, state["index_factory"], int(state.get("index_param", 0)))
-                self._index = (index, first, covered)
+                self._index = (index, first, covered, mapped)
             else:
                 import faiss
 
-                self._index = (faiss.IndexFlatIP(self.embed_dim), first, first)
-        index, base, covered = self._index
+                self._index = (faiss.IndexFlatIP(self.embed_dim), first, first, False)
+        index, base, covered, mapped = self._index
         for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
             index.add(self.read_range(start, min(start + COMPACT_SEGMENT_ROWS, next_row)))
-        self._index = (index, base, max(covered, next_row))
+        self._index = (index, base, max(covered, next_row), mapped)
         return index, base
 
     @staticmethod

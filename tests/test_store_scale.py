@@ -95,11 +95,14 @@ def test_saved_index_is_updated_not_rebuilt(tmp_path, monkeypatch):
     hits = reader.search(v[2500:2501], 5)[0]  # a row newer than the saved index is found
     assert hits[0][0] == "k2500" and abs(hits[0][1] - 1) < 1e-5
     assert reader.save_index()["rows"] == 3000  # only the new rows were added (no training)
+    mapped = EmbeddingStore(tmp_path / "s", "m", 16)
+    assert mapped.search(v[:1], 1)[0][0][0] == "k0"  # the saved index, memory-mapped (read-only)
+    store.add(["late"], v[1:2] * -1)  # another writer appends: the open reader sees it on its next search
+    assert mapped.search(-v[1:2], 1)[0][0][0] == "late"
     # replaced and removed rows are never returned
     reader.add(["k7"], -v[7:8])
     reader.remove(["k8"])
-    found = [k for k, _ in EmbeddingStore(tmp_path / "s", "m", 16).search(v[7:9], 50)[0] + 
-             EmbeddingStore(tmp_path / "s", "m", 16).search(v[8:9], 50)[0]]
+    found = [k for hits in EmbeddingStore(tmp_path / "s", "m", 16).search(v[7:9], 50) for k, _ in hits]
     assert "k8" not in found and "k7" not in found[:1]
 
 
