@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +21,7 @@ from .backends import Backend, load_model
 from .images import EmbeddedImages, ImageSource, embed_images
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_labels, load_templates
 from .search import build_index, check_top_k, search
-from .store import EmbeddingStore, digest
+from .store import EmbeddingStore, StoreError, digest
 
 #: rows of labels scored at once when normalising over a large vocabulary
 LABEL_CHUNK = 16_384
@@ -86,7 +87,7 @@ def cached_class_embeddings(
     def compute(todo: list[str]) -> np.ndarray:
         return class_embeddings(backend, [by_key[k] for k in todo], templates, progress).numpy()
 
-    return torch.from_numpy(store.get_or_compute(keys, compute))
+    return torch.from_numpy(store.get_or_compute(keys, compute, best_effort=True))
 
 
 class ZeroShotClassifier:
@@ -123,16 +124,21 @@ class ZeroShotClassifier:
                 "would always give it 100%; give at least two labels (e.g. add 'something else'), or use a "
                 "sigmoid model (SigLIP), which scores each label on its own."
             )
+        store = None
         if weights is not None:
             expected = (len(self.entries), self.model.embed_dim)
             if tuple(weights.shape) != expected:
                 raise ValueError(f"weights have shape {tuple(weights.shape)}, but {len(self.entries)} labels "
                                  f"and model {self.model.spec!r} need {expected}")
             self.weights = weights.float()
-        elif cache:
-            store = EmbeddingStore.for_labels(self.model, None if cache is True else cache)
-            self.weights = cached_class_embeddings(self.model, self.entries, self.templates, store, progress)
-        else:
+        elif cache:  # best effort: an unusable cache costs time, never the classification
+            try:
+                store = EmbeddingStore.for_labels(self.model, None if cache is True else cache)
+                self.weights = cached_class_embeddings(self.model, self.entries, self.templates, store, progress)
+            except (StoreError, OSError) as err:
+                warnings.warn(f"label cache not used ({err}); `clipzsl cache clear` resets it")
+                store = None
+        if weights is None and store is None:
             self.weights = class_embeddings(self.model, self.entries, self.templates, progress)
         self.index_spec = index
         self._index = None
