@@ -191,8 +191,12 @@ class AutoView:
         self.whole = image_transform(size, crop=False)
         self.square = image_transform(size, crop=True, padding=0)
 
+    def transform_for(self, image: Image.Image) -> Callable:
+        """The view this image gets (explain maps heat back through it)."""
+        return self.whole if is_cutout(image) else self.square
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return (self.whole if is_cutout(image) else self.square)(image)
+        return self.transform_for(image)(image)
 
 
 def _sha256(*paths: Path) -> str:
