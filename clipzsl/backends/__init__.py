@@ -7,13 +7,19 @@ keeping the whole image, which suits photos better than cut-outs and drawings),
 """
 from __future__ import annotations
 
+import os
+
 from .base import Backend
 
 DEFAULT_MODEL = "packaged"
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> Backend:
-    """Build the backend a spec names; raises ValueError for an unknown prefix."""
+def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", cache: bool | str | os.PathLike = True) -> Backend:
+    """Build the model a spec names; raises ValueError for an unknown prefix.
+
+    `cache`: where a model keeps what it derives from its weights (the packaged model's concept
+    embeddings): True for the default cache directory, a directory, or False to keep nothing on
+    disk. Hub downloads stay in the hub's own cache."""
     kind, _, rest = spec.partition(":")
     if spec == "packaged" or spec.startswith(("packaged:", "packaged+")):
         from .packaged import PackagedBackend
@@ -22,7 +28,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> Backend:
         if view not in ("", "crop"):
             raise ValueError(f"Unknown packaged option {view!r} in {spec!r}: the only one is '+crop' "
                              "(centre crop, better for photos; the default keeps the whole image)")
-        return PackagedBackend(variant=variant or "lite0", device=device, crop=view == "crop")
+        return PackagedBackend(variant=variant or "lite0", device=device, crop=view == "crop", cache=cache)
     if kind == "openclip" and rest:
         from .openclip import OpenClipBackend
 
