@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +24,7 @@ from .head import Head, check_top_k, probabilities, zero_shot_head
 from .head import top_k as top_k_labels
 from .images import EmbeddedImages, ImageSource, embed_images
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_labels, load_templates
-from .store import EmbeddingStore, atomic_write, cache_root
+from .store import EmbeddingStore, StoreError, atomic_write, cache_root
 from .text_encoding import cached_class_embeddings
 from .text_encoding import class_embeddings as class_embeddings_of
 
@@ -76,11 +78,17 @@ class ZeroShotClassifier:
                 raise ValueError(f"class embeddings have shape {tuple(class_embeddings.shape)}, but "
                                  f"{len(self.entries)} labels and model {self.model.spec!r} need {expected}")
             self.class_embeddings = class_embeddings.float()
-        elif cache_dir is not None:
-            store = EmbeddingStore.for_labels(self.model, cache_dir)
-            self.class_embeddings = cached_class_embeddings(self.model, self.entries, self.templates, store, progress)
         else:
-            self.class_embeddings = class_embeddings_of(self.model, self.entries, self.templates, progress)
+            self.class_embeddings = None
+            if cache_dir is not None:  # best effort: an unusable cache costs time, never the classification
+                try:
+                    store = EmbeddingStore.for_labels(self.model, cache_dir)
+                    self.class_embeddings = cached_class_embeddings(self.model, self.entries, self.templates, store,
+                                                                    progress)
+                except (StoreError, OSError) as err:
+                    warnings.warn(f"label cache not used ({err}); `clipzsl cache clear` resets it")
+            if self.class_embeddings is None:
+                self.class_embeddings = class_embeddings_of(self.model, self.entries, self.templates, progress)
         self.adapter = resolve_adapter(adapter, self.model) if adapter is not None else None
 
     @property

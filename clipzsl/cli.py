@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import warnings
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from .explain import explain
 from .image_index import ImageIndex
 from .images import FEATURES_DIR, NoImagesWarning, embed_images_cached, expand_sources
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_templates
+from .shards import index_from_shards, write_shards
 from .store import EmbeddingStore, StoreError, cache_root
 from .text_encoding import class_embeddings
 from .training import TrainConfig, fit_with_selection, folder_dataset
@@ -173,16 +173,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     A label cache whose meta.json is damaged is shown as damaged and still cleared."""
     root = cache_root(args.cache_dir)
     labels_root = root / "labels"
-    stores = sorted(p.parent for p in labels_root.glob("*/meta.json"))  # a cleared store keeps only its lock file
+    stores = sorted(p for p in labels_root.glob("*") if p.is_dir())
     concepts = sorted(root.glob(f"{CONCEPTS_PREFIX}*.npy")) if root.is_dir() else []
     features = sorted((root / FEATURES_DIR).glob("*.safetensors"))
     if args.action == "clear":
-        for directory in stores:
-            try:
-                meta = EmbeddingStore.read_meta(directory)
-                EmbeddingStore(directory, meta["fingerprint"], meta["embed_dim"]).clear()
-            except (StoreError, KeyError, TypeError):  # damaged metadata: nothing in it can be trusted
-                shutil.rmtree(directory)
+        for directory in stores:  # whatever state it is in: an unreadable meta.json must not block this
+            EmbeddingStore.destroy(directory)
         for path in concepts + features:
             path.unlink(missing_ok=True)
         print(f"cleared {len(stores)} label cache(s), {len(concepts)} packaged concept file(s) and "
@@ -194,7 +190,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             meta = EmbeddingStore.read_meta(directory)
             store = EmbeddingStore(directory, meta["fingerprint"], meta["embed_dim"])
         except (StoreError, KeyError, TypeError) as err:
-            print(f"  {directory.name}  damaged ({err}); `clipzsl cache clear` removes it")
+            print(f"  {directory.name}  damaged, unusable ({err}); `clipzsl cache clear` removes it")
             continue
         print(f"  {meta.get('spec') or '?'}  {len(store)} labels  {store.size_bytes() / 1e6:.1f} MB  {meta['fingerprint']}")
     print(f"packaged concept embeddings: {len(concepts)} file(s), "
@@ -205,9 +201,42 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    index = ImageIndex(args.out, args.model)
+    if args.kind in ("info", "repair"):
+        if len(args.folders) != 1:
+            raise ValueError(f"`clipzsl index {args.kind}` takes one index directory, got {len(args.folders)}")
+        index = ImageIndex(args.folders[0], args.model)
+        if args.kind == "info":
+            info = index.info()
+            recall = "n/a (empty)" if info["recall_at_10"] is None else \
+                f"{info['recall_at_10']:.3f} against exact search on {info['recall_sample']} stored vectors"
+            print(f"{args.folders[0]}: {info['images']} images, {info['bytes'] / 1e6:.1f} MB on disk "
+                  f"({info['dtype']}, {info['segments']} segments, {info['dead_rows']} replaced rows)\n"
+                  f"model: {info['model']}\nfaiss factory: {info['factory']}"
+                  + (f" (search parameter {info['search_parameter']})" if info["search_parameter"] else "")
+                  + f"\nrecall@10: {recall}")
+            return 0
+        report = index.repair(batch_size=args.batch_size)
+        for line in report.damaged:
+            print(f"set aside damaged segment {line}")
+        for path in report.unrecoverable:
+            print(f"clipzsl: lost {path} (file gone or unreadable)", file=sys.stderr)
+        print(f"{args.folders[0]}: {len(index)} images; {len(report.damaged)} damaged segments, "
+              f"{report.reembedded} images re-embedded, {len(report.unrecoverable)} lost"
+              + (", index rebuilt" if report.index_rebuilt else ""))
+        return 1 if report.unrecoverable else 0
+    if not args.out:
+        raise ValueError(f"`clipzsl index {args.kind}` needs --out INDEX_DIR")
+    if args.kind == "from-shards":
+        if len(args.folders) != 1 or not args.model:
+            raise ValueError("`clipzsl index from-shards DIR --out INDEX --model SPEC`: one shard directory, and "
+                             "the model that embedded the shards")
+        index = index_from_shards(args.folders[0], args.out, args.model, args.faiss_factory, args.dtype)
+        print(f"{args.out}: {len(index)} images from {args.folders[0]} "
+              f"(faiss factory {index.store.index_state().get('factory', 'Flat')})")
+        return 0
+    index = ImageIndex(args.out, args.model or "packaged", dtype=args.dtype)
     with empty_folders() as empty:
-        report = index.update(args.folders, batch_size=args.batch_size)
+        report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(f"{args.out}: {len(index)} images ({report.added} added, {report.updated} updated, "
@@ -215,12 +244,36 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 1 if report.failures or empty else 0
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    rows = ImageIndex(args.index).search(args.query, top_k=args.top_k)
+def cmd_embed(args: argparse.Namespace) -> int:
+    report = write_shards(load_model(args.model), args.paths, args.out, shard_size=args.shard_size,
+                          batch_size=args.batch_size)
+    for failure in report.failures:
+        print(f"clipzsl: skipped {failure}", file=sys.stderr)
+    print(f"{args.out}: {report.rows} embeddings in {len(report.shards)} shard(s) (img_emb/, metadata/)")
+    return 1 if report.failures else 0
+
+
+def format_hits(rows: list[tuple[str, float]], fmt: str) -> str:
+    """Search results as a table, JSON (a list of {path, score}) or CSV (rank, path, score)."""
+    if fmt == "json":
+        return json.dumps([{"path": path, "score": score} for path, score in rows], indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["rank", "path", "score"])
+        writer.writerows([rank, path, f"{score:.6f}"] for rank, (path, score) in enumerate(rows, 1))
+        return out.getvalue()
     width = max([len("image")] + [len(path) for path, _ in rows])
-    print(f"{'image':<{width}}  similarity")
-    for path, similarity in rows:
-        print(f"{path:<{width}}  {similarity:.4f}")
+    return "".join([f"{'image':<{width}}  similarity\n"] + [f"{path:<{width}}  {s:.4f}\n" for path, s in rows])
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if (args.query is None) == (args.image is None):
+        raise ValueError("give a text query or --image PATH (exactly one)")
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"{args.image}: no such image file (--image)")
+    query = args.query if args.image is None else Path(args.image)
+    sys.stdout.write(format_hits(ImageIndex(args.index).search(query, top_k=args.top_k), args.format))
     return 0
 
 
@@ -438,18 +491,34 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir", help="cache directory (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     cache.set_defaults(run=cmd_cache)
 
-    index = commands.add_parser("index", help="embed a folder of images into an index (resumable)")
-    index.add_argument("kind", choices=("images",), help="what to index (only images for now)")
-    index.add_argument("folders", nargs="+", help="folders of images (walked recursively)")
-    index.add_argument("--out", required=True, help="index directory")
-    index.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
+    index = commands.add_parser("index", help="build, inspect or repair an image index (resumable)")
+    index.add_argument("kind", choices=("images", "from-shards", "info", "repair"),
+                       help="images: embed PATHs into --out; from-shards: clip-retrieval shards DIR into --out; "
+                            "info / repair: the index directory given")
+    index.add_argument("folders", nargs="+", metavar="PATH", help="image folders or files (images); the index (info, repair)")
+    index.add_argument("--out", help="index directory (images)")
+    index.add_argument("--model", help="model spec (default: the index's own, else packaged)")
     index.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
+    index.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                       help="how a new index stores vectors (float16: half the disk)")
+    index.add_argument("--faiss-factory", default="auto",
+                       help="FAISS factory string for the saved index (auto: exact up to 200k images, else IVF)")
     index.set_defaults(run=cmd_index)
 
-    search = commands.add_parser("search", help="the best images of an index for a text query")
-    search.add_argument("index", help="index directory made by `clipzsl index images`")
-    search.add_argument("query", help="text describing the images wanted")
+    embed = commands.add_parser("embed", help="embed images into clip-retrieval shards (img_emb/, metadata/)")
+    embed.add_argument("paths", nargs="+", help="image files, folders, .txt lists of paths, webdataset .tar shards")
+    embed.add_argument("--out", required=True, help="output directory")
+    embed.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
+    embed.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
+    embed.add_argument("--shard-size", type=positive_int, default=100_000, help="rows per shard")
+    embed.set_defaults(run=cmd_embed)
+
+    search = commands.add_parser("search", help="the best images of an index for a text or image query")
+    search.add_argument("index", help="index directory made by `clipzsl index images` or `index from-shards`")
+    search.add_argument("query", nargs="?", help="text query (or use --image)")
+    search.add_argument("--image", help="an image file as the query")
     search.add_argument("--top-k", type=positive_int, default=10, help="images shown")
+    search.add_argument("--format", choices=FORMATS, default="table", help="output format")
     search.set_defaults(run=cmd_search)
 
     models = commands.add_parser("models", help="list model specs and what runs offline")

@@ -1,9 +1,10 @@
-"""A folder of images embedded once and searched by text.
+"""A collection of images embedded once and searched by text, by image or by vector.
 
 The index is an `EmbeddingStore` keyed by absolute file path, with each file's size
 and modification time stored beside its vector: re-running `update` embeds only new
-or changed files and forgets deleted ones. Progress is written every
-`checkpoint_every` images, so an interrupted run loses at most one checkpoint's work.
+or changed files and forgets deleted ones. Every `checkpoint_every` images become a
+segment as they are embedded, so an interrupted run loses at most one checkpoint's
+work; the FAISS index is brought up to date (new rows added, never retrained) at the end.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .backends import Backend, load_model
 from .images import ImageLoadError, embed_images, expand_sources
-from .search import build_index, search
-from .store import EmbeddingStore
+from .search import recall_at_k
+from .store import EmbeddingStore, StoreError
 
 
 @dataclass
@@ -29,20 +31,33 @@ class UpdateReport:
     failures: list[ImageLoadError] = field(default_factory=list)
 
 
+@dataclass
+class RepairReport:
+    damaged: list[str] = field(default_factory=list)  # segment files set aside, with what was wrong
+    reembedded: int = 0  # lost images embedded again from their files
+    unrecoverable: list[str] = field(default_factory=list)  # lost images whose files are gone or unreadable
+    index_rebuilt: bool = False
+
+
 def file_stamp(path: str) -> str:
     stat = os.stat(path)
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 class ImageIndex:
-    """Image embeddings of one model, stored in `directory`, searchable by text."""
+    """Image embeddings of one model, stored in `directory`, searchable by text, image or vector."""
 
-    def __init__(self, directory: str | os.PathLike, model: Backend | str | None = None):
-        """Open or create an index. Without `model`, an existing index loads the model it was built with."""
+    def __init__(self, directory: str | os.PathLike, model: Backend | str | None = None, dtype: str = "float32"):
+        """Open or create an index. Without `model`, an existing index loads the model it was built with.
+        `dtype`: float32, or float16 (half the disk, as clip-retrieval stores embeddings) for a new index."""
         if model is None:
             model = EmbeddingStore.read_meta(directory).get("spec") or "packaged"
         self.model = load_model(model) if isinstance(model, str) else model
-        self.store = EmbeddingStore(directory, self.model.fingerprint, self.model.embed_dim, self.model.spec)
+        self.directory = Path(directory)
+        self.store = EmbeddingStore(
+            directory, self.model.fingerprint, self.model.embed_dim, self.model.spec, dtype=dtype,
+            repair_hint=f"Run `clipzsl index repair {directory}` to re-embed what was lost.",
+        )
 
     def __len__(self) -> int:
         return len(self.store)
@@ -51,34 +66,87 @@ class ImageIndex:
         self,
         folders: str | os.PathLike | Sequence[str | os.PathLike],
         batch_size: int = 32,
-        checkpoint_every: int = 256,
+        checkpoint_every: int = 1024,
         progress: bool | None = None,
+        factory: str = "auto",
     ) -> UpdateReport:
-        """Embed new and changed images under `folders`; forget indexed files that are gone."""
+        """Embed new and changed images under `folders`; forget indexed files that are gone.
+        `factory`: FAISS factory string of the saved index ("auto": the saved one, else by size)."""
         roots = [str(Path(p).resolve()) for p in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
         files = expand_sources(roots)
         present = set(files)
-        gone = [k for k in self.store.keys() if k not in present and any(k == r or k.startswith(r + os.sep) for r in roots)]
+        stored = self.store.infos()
+        gone = [k for k in stored if k not in present and any(k == r or k.startswith(r + os.sep) for r in roots)]
         self.store.remove(gone)
         report = UpdateReport(removed=len(gone))
         stamps = {f: file_stamp(f) for f in files}
-        todo = [f for f in files if f not in self.store or self.store.info(f) != stamps[f]]
+        todo = [f for f in files if stored.get(f) != stamps[f]]
         report.unchanged = len(files) - len(todo)
         for start in range(0, len(todo), checkpoint_every):
             chunk = todo[start : start + checkpoint_every]
             result = embed_images(self.model, chunk, batch_size=batch_size, skip_errors=True, progress=progress)
             report.failures += result.failures
-            report.updated += sum(1 for f in result.sources if f in self.store)
-            report.added += sum(1 for f in result.sources if f not in self.store)
+            report.updated += sum(1 for f in result.sources if f in stored)
+            report.added += sum(1 for f in result.sources if f not in stored)
             if result.sources:
                 self.store.add(result.sources, result.embeddings.numpy(), [stamps[f] for f in result.sources])
+        self.store.save_index(factory)
         return report
 
-    def search(self, query: str | torch.Tensor, top_k: int = 10, index: str = "auto") -> list[tuple[str, float]]:
-        """The `top_k` (path, cosine similarity) pairs for a text query or a query embedding."""
+    def query_vector(self, query: str | torch.Tensor | np.ndarray | os.PathLike) -> np.ndarray:
+        """A query as one embedding [1, D]: text, an image file (`pathlib.Path`), or a vector."""
+        if isinstance(query, str):
+            return self.model.encode_texts([query]).float().numpy()
+        if isinstance(query, os.PathLike):
+            return embed_images(self.model, [str(query)], progress=False).embeddings.numpy()
+        vector = query.float().numpy() if isinstance(query, torch.Tensor) else np.asarray(query, np.float32)
+        return vector.reshape(1, -1)
+
+    def search(self, query: str | torch.Tensor | np.ndarray | os.PathLike, top_k: int = 10) -> list[tuple[str, float]]:
+        """The `top_k` (path, cosine similarity) pairs, best first, for a text query, an image
+        file (as a `pathlib.Path`) or a query embedding."""
         if len(self.store) == 0:
             return []
-        vector = self.model.encode_texts([query]) if isinstance(query, str) else query.reshape(1, -1)
-        keys = self.store.keys()
-        similarities, ids = search(build_index(self.store.get(keys), index), vector.float().numpy(), top_k)
-        return [(keys[i], float(s)) for i, s in zip(ids[0], similarities[0]) if i >= 0]
+        return self.store.search(self.query_vector(query), top_k)[0]
+
+    def info(self, sample: int = 100) -> dict:
+        """Size, dtype, FAISS factory and recall@10 of the saved index against exact search,
+        measured now on `sample` stored vectors as queries (every checksum is verified first)."""
+        damaged = self.store.verify()
+        if damaged:
+            segment, problem = damaged[0]
+            raise StoreError(f"{self.directory / segment.name}: damaged store segment ({problem}); "
+                             f"{len(damaged)} damaged in all. {self.store.repair_hint}")
+        state = self.store.index_state()
+        result = {"images": len(self.store), "bytes": self.store.size_bytes(), "dtype": self.store.dtype.name,
+                  "model": self.model.spec, "segments": len(self.store.segments), "dead_rows": self.store.dead_rows(),
+                  "factory": state.get("factory", "Flat"), "search_parameter": state.get("param"),
+                  "recall_at_10": None, "recall_sample": 0}
+        if len(self.store):
+            queries = self.store.sample_vectors(sample)
+            found = [[hit for hit, _ in hits] for hits in self.store.search(queries, 10)]
+            exact = self.store.exact_ids(queries, min(10, len(self.store)))
+            names = self.store.row_keys(np.unique(exact))
+            exact_keys = [[names[r] for r in row] for row in exact.tolist()]
+            result["recall_at_10"] = recall_at_k(found, exact_keys)
+            result["recall_sample"] = len(queries)
+        return result
+
+    def repair(self, batch_size: int = 32, progress: bool | None = None) -> RepairReport:
+        """Set damaged segments aside, embed their images again from their files, rebuild a damaged index."""
+        report = RepairReport()
+        damaged = self.store.verify()
+        report.damaged = [f"{segment.name} ({problem})" for segment, problem in damaged]
+        lost = self.store.set_aside([segment for segment, _ in damaged]) if damaged else []
+        readable = [k for k in lost if os.path.isfile(k)]
+        report.unrecoverable = [k for k in lost if not os.path.isfile(k)]
+        for start in range(0, len(readable), 1024):
+            chunk = readable[start : start + 1024]
+            result = embed_images(self.model, chunk, batch_size=batch_size, skip_errors=True, progress=progress)
+            report.unrecoverable += [failure.source for failure in result.failures]
+            if result.sources:
+                self.store.add(result.sources, result.embeddings.numpy(), [file_stamp(f) for f in result.sources])
+            report.reembedded += len(result.sources)
+        report.index_rebuilt = self.store.index_problem() is not None
+        self.store.save_index()  # a damaged one is built afresh
+        return report

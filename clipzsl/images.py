@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,16 +176,25 @@ def _prepared(backend: Backend, source: ImageSource) -> torch.Tensor | ImageLoad
 def _batches(
     backend: Backend, sources: list[ImageSource], batch_size: int, workers: int
 ) -> Iterator[list[tuple[int, torch.Tensor | ImageLoadError]]]:
+    """Batches of decoded images, in order; at most 2 batches + `workers` images are decoded
+    ahead of the consumer, so memory does not grow with N when the model is the slower side."""
+    ahead = 2 * batch_size + workers
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        prepared = pool.map(lambda s: _prepared(backend, s), sources)
+        pending: deque = deque()
+        upcoming = iter(sources)
         batch: list[tuple[int, torch.Tensor | ImageLoadError]] = []
-        for index, item in enumerate(prepared):
-            batch.append((index, item))
+        for index in range(len(sources)):
+            while len(pending) < ahead and (source := next(upcoming, _END)) is not _END:
+                pending.append(pool.submit(_prepared, backend, source))
+            batch.append((index, pending.popleft().result()))
             if len(batch) == batch_size:
                 yield batch
                 batch = []
         if batch:
             yield batch
+
+
+_END = object()
 
 
 def embed_images(

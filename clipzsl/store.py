@@ -1,38 +1,86 @@
-"""A durable on-disk store of embeddings, keyed by strings, for one model.
+"""A durable on-disk store of embeddings, keyed by strings, for one model, sized for 10^8 rows.
 
-Label embeddings (so no label is encoded twice) and image embeddings (so a folder
-is embedded once, and re-indexing adds only new or changed files) live in stores.
+On-disk format 2 (one directory):
+  meta.json          {"format": 2, "fingerprint", "spec", "embed_dim", "dtype": "float32"|"float16"}
+  table.sqlite       entries(key PK, row UNIQUE, info) = live keys; segments(id, name, start, rows, bytes, crc32)
+                     = every segment's global row range and checksum; state(name, value) = next row, index state
+  seg-NNNNNN.npy     append-only [rows, D] arrays, memory-mapped; NNNNNN from a counter never reused
+  index.faiss        FAISS index over global rows [base, rows) (factory, nprobe, crc32, recall in `state`)
 
-Layout: a directory with `meta.json` (the model fingerprint and dimension) and
-append-only segment files `seg-*.npz`. Every write goes to a temporary file that is
-fsync'ed and renamed, so a process killed at any moment leaves the previous state
-loadable. Segments are zip archives whose members carry CRC-32s, so a truncated or
-corrupted segment is detected on read and ignored with a warning (its entries are
-simply missing and get recomputed), never served as wrong vectors. Writers take an
-exclusive file lock, so concurrent processes never lose or duplicate each other's work.
+Why: an append writes one new segment (temp, fsync, rename) and then commits its rows in
+one SQLite transaction, so it costs O(batch), a process killed at any moment leaves the
+previous state (an uncommitted segment is an orphan, deleted by the next writer), and
+opening reads only the segment list. Writers take an exclusive file lock, so concurrent
+processes never lose or duplicate each other's work. Replaced and removed rows stay in
+their segments until `compact()` (run on its own once they outnumber the live rows);
+small segments are concatenated (same rows, fewer files), never rewritten per write.
+Each segment's CRC-32 is checked when a process first reads it (at open for a small
+cache): a damaged segment is never served; a cache drops it with a warning (its entries
+are recomputed), an index (`repair_hint`) refuses with an error naming it and the repair.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
+import sqlite3
 import tempfile
-import uuid
 import warnings
-import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-#: more segments than this are merged into one on the next write
+from .search import build_index, factory_for, load_index, recall_at_k, write_index
+from .search import search as faiss_search
+
+FORMAT = 2
+#: more small segments than this (at the end of the store) are concatenated into one
 MAX_SEGMENTS = 16
+#: segments with fewer rows than this count as small
+SMALL_SEGMENT_ROWS = 8192
+#: rows per segment written by `compact`
+COMPACT_SEGMENT_ROWS = 65_536
+#: stores up to this size verify every checksum when opened; larger ones when first read
+VERIFY_ON_OPEN_BYTES = 256 << 20
+#: recall@10 the approximate index is tuned to reach against exact search
+TARGET_RECALL = 0.95
+DTYPES = ("float32", "float16")
+_SQL_CHUNK = 900  # keys per `IN (...)` query
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries(key TEXT PRIMARY KEY, row INTEGER NOT NULL UNIQUE, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS segments(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+    start INTEGER NOT NULL, rows INTEGER NOT NULL, bytes INTEGER NOT NULL, crc INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state(name TEXT PRIMARY KEY, value);
+"""
 
 
 class StoreError(RuntimeError):
-    """A store that cannot be used as asked (another model's, unreadable metadata)."""
+    """A store that cannot be used as asked (another model's, unreadable or damaged files, a full disk)."""
+
+
+class _Healed(Exception):
+    """A damaged segment was set aside while reading; the caller retries without it."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    start: int
+    rows: int
+    bytes: int
+    crc: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.rows
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -80,20 +128,55 @@ def digest(text: str, length: int = 32) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def file_crc(path: Path) -> int:
+    """CRC-32 of a file, read in 16 MB blocks (about 1.5 GB/s)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, sqlite3.OperationalError) and "full" in str(err)
+
+
 class EmbeddingStore:
     """Key -> vector for one model fingerprint; later writes of a key replace earlier ones."""
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: str, embed_dim: int, spec: str = ""):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        fingerprint: str,
+        embed_dim: int,
+        spec: str = "",
+        dtype: str = "float32",
+        repair_hint: str | None = None,
+    ):
+        """`dtype` (float32 or float16) applies to a new store; an existing one keeps its own.
+        `repair_hint`: None for a cache (damaged segments are dropped with a warning and their
+        entries recomputed); else damage is an error, and this text says how to repair it."""
+        if dtype not in DTYPES:
+            raise ValueError(f"store dtype must be one of {DTYPES}, got {dtype!r}")
         self.directory = Path(directory)
         self.fingerprint = fingerprint
         self.embed_dim = embed_dim
         self.spec = spec  # the model spec that built it, so a reader can load the same model
+        self.dtype = np.dtype(dtype)
+        self.repair_hint = repair_hint
+        self._db: sqlite3.Connection | None = None
+        self._segments: list[Segment] = []
+        self._maps: dict[str, np.ndarray] = {}
+        self._index = None  # (faiss index, global row of position 0, rows it covers, memory-mapped?)
+        self._holding = False  # this object holds the directory lock (flock is not reentrant)
         self._check_meta()
-        self._vectors = np.empty((0, embed_dim), np.float32)
-        self._row: dict[str, int] = {}
-        self._info: dict[str, str] = {}
-        self._segments: list[str] = []
         self.reload()
+        if repair_hint is None and sum(s.bytes for s in self._segments) <= VERIFY_ON_OPEN_BYTES:
+            for segment in list(self._segments):
+                with contextlib.suppress(_Healed):
+                    self._map(segment)
 
     @classmethod
     def for_labels(cls, backend, cache_dir: str | os.PathLike | None = None) -> "EmbeddingStore":
@@ -103,16 +186,36 @@ class EmbeddingStore:
 
     @staticmethod
     def read_meta(directory: str | os.PathLike) -> dict:
-        """The metadata of an existing store: fingerprint, embed_dim and model spec."""
+        """The metadata of an existing store: fingerprint, embed_dim, model spec and dtype."""
         path = Path(directory) / "meta.json"
         try:
-            return json.loads(path.read_text())
+            meta = json.loads(path.read_text())
         except FileNotFoundError as err:
             raise StoreError(f"{directory} is not a clipzsl store or index (no meta.json).") from err
         except (OSError, ValueError) as err:
             raise StoreError(f"{path}: unreadable store metadata ({err}); delete {directory} to rebuild.") from err
+        if not isinstance(meta, dict) or "fingerprint" not in meta or "embed_dim" not in meta:
+            raise StoreError(f"{path}: unreadable store metadata (no fingerprint/embed_dim); delete {directory} to rebuild.")
+        return meta
+
+    @staticmethod
+    def destroy(directory: str | os.PathLike) -> None:
+        """Delete a store's files, whatever state they are in (metadata unreadable included)."""
+        directory = Path(directory)
+        if not directory.exists():
+            return
+        with locked(directory):
+            for pattern in ("seg-*", "table.sqlite*", "index.faiss", "meta.json", ".*.tmp"):
+                for path in directory.glob(pattern):
+                    path.unlink(missing_ok=True)
+            (directory / ".lock").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only if nothing else is in it
 
     # -- reading -------------------------------------------------------------------------
+
+    def _describe(self, fingerprint, spec, dim) -> str:
+        return f"{fingerprint!r} (spec {spec or '?'!r}, dim {dim})"
 
     def _check_meta(self) -> None:
         if not (self.directory / "meta.json").exists():
@@ -120,147 +223,640 @@ class EmbeddingStore:
         meta = self.read_meta(self.directory)
         if meta.get("fingerprint") != self.fingerprint or meta.get("embed_dim") != self.embed_dim:
             raise StoreError(
-                f"{self.directory} holds embeddings of model {meta.get('fingerprint')!r} "
-                f"(dim {meta.get('embed_dim')}), not of {self.fingerprint!r} (dim {self.embed_dim}); "
+                f"{self.directory} holds embeddings of model "
+                f"{self._describe(meta.get('fingerprint'), meta.get('spec'), meta.get('embed_dim'))}, not of "
+                f"{self._describe(self.fingerprint, self.spec, self.embed_dim)}; "
                 "use the model it was built with, or another directory."
             )
+        if meta.get("format") != FORMAT:
+            if self.repair_hint is not None:
+                raise StoreError(f"{self.directory} was written by an older clipzsl (store format "
+                                 f"{meta.get('format', 1)}); delete it and build it again.")
+            warnings.warn(f"{self.directory}: cache in an older format, emptied (entries will be recomputed)")
+            self.destroy(self.directory)
+            return
+        self.dtype = np.dtype(meta.get("dtype", "float32"))
+        self.spec = self.spec or meta.get("spec", "")
+
+    def _connect(self, create: bool = False) -> sqlite3.Connection | None:
+        if self._db is None:
+            path = self.directory / "table.sqlite"
+            if not create and not path.exists():
+                return None
+            try:
+                if create and not path.exists():
+                    atomic_write(path, _new_table)  # readers never see a table without its schema
+                db = sqlite3.connect(path, timeout=600, isolation_level=None)
+                if create:
+                    db.execute("PRAGMA journal_mode=WAL")  # persistent: readers then never block writers
+                db.execute("PRAGMA synchronous=FULL")
+            except sqlite3.DatabaseError as err:
+                raise self._table_error(err) from err
+            self._db = db
+        return self._db
+
+    def _table_error(self, err: sqlite3.DatabaseError) -> StoreError:
+        if disk_full(err):
+            return StoreError(self._full_message())
+        hint = (f"delete {self.directory} (it is a cache: its entries are recomputed)" if self.repair_hint is None
+                else f"its keys cannot be recovered from the segments: delete {self.directory} and build it again")
+        return StoreError(f"{self.directory / 'table.sqlite'}: damaged store table ({err}); {hint}")
+
+    def _full_message(self) -> str:
+        return (f"{self.directory}: no space left on device; nothing was written and the store is as it was "
+                "(free some space and run again)")
+
+    def _sql(self, sql: str, params: Sequence = (), many: bool = False) -> list:
+        db = self._connect()
+        if db is None:
+            return []
+        try:
+            return (db.executemany if many else db.execute)(sql, params).fetchall()
+        except sqlite3.DatabaseError as err:
+            raise self._table_error(err) from err
+
+    def _state(self) -> dict:
+        return dict(self._sql("SELECT name, value FROM state"))
 
     def reload(self) -> None:
-        """Read every intact segment (oldest first, so later entries win)."""
-        names = sorted(p.name for p in self.directory.glob("seg-*.npz")) if self.directory.exists() else []
-        if names == self._segments:
-            return
-        vectors, row, info = [], {}, {}
-        count = 0
-        for name in names:
-            segment = _read_segment(self.directory / name, self.embed_dim)
-            if segment is None:
-                continue
-            keys, seg_vectors, seg_info, deleted = segment
-            vectors.append(seg_vectors)
-            if not deleted.any():  # the common case, without a Python-level branch per key
-                row.update(zip(keys, range(count, count + len(keys))))
-                info.update(zip(keys, seg_info))
-            else:
-                for i, key in enumerate(keys):
-                    if deleted[i]:
-                        row.pop(key, None)
-                        info.pop(key, None)
-                    else:
-                        row[key] = count + i
-                        info[key] = seg_info[i]
-            count += len(keys)
-        self._vectors = np.concatenate(vectors) if vectors else np.empty((0, self.embed_dim), np.float32)
-        self._row, self._info, self._segments = row, info, names
+        """Re-read the segment list (other processes may have written); cheap, O(segments)."""
+        rows = self._sql("SELECT name, start, rows, bytes, crc FROM segments ORDER BY start")
+        segments = [Segment(*row) for row in rows]
+        names = {s.name for s in segments}
+        self._maps = {name: m for name, m in self._maps.items() if name in names}
+        self._segments = segments
 
     def __len__(self) -> int:
-        return len(self._row)
+        return self._sql("SELECT count(*) FROM entries")[0][0] if self._connect() else 0
 
     def __contains__(self, key: str) -> bool:
-        return key in self._row
+        return bool(self._sql("SELECT 1 FROM entries WHERE key = ?", (key,)))
 
     def keys(self) -> list[str]:
-        """Present keys, in insertion order."""
-        return sorted(self._row, key=self._row.__getitem__)
+        """Present keys, in insertion order (a replaced key counts from its last write)."""
+        return [k for (k,) in self._sql("SELECT key FROM entries ORDER BY row")]
 
     def info(self, key: str) -> str:
         """The free-form string stored with a key (e.g. an image file's size and mtime)."""
-        return self._info[key]
+        found = self._sql("SELECT info FROM entries WHERE key = ?", (key,))
+        if not found:
+            raise KeyError(key)
+        return found[0][0]
+
+    def infos(self) -> dict[str, str]:
+        """Every present key's info string, in one query (what an incremental update compares)."""
+        return dict(self._sql("SELECT key, info FROM entries"))
+
+    def _rows_of(self, keys: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        keys = list(keys)
+        for start in range(0, len(keys), _SQL_CHUNK):
+            chunk = keys[start : start + _SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._sql(f"SELECT key, row FROM entries WHERE key IN ({marks})", chunk))
+        return found
 
     def get(self, keys: Sequence[str]) -> np.ndarray:
-        """Vectors [len(keys), D] of keys that are all present."""
-        return self._vectors[[self._row[k] for k in keys]] if keys else np.empty((0, self.embed_dim), np.float32)
+        """Vectors [len(keys), D] (float32) of keys that are all present."""
+        if not keys:
+            return np.empty((0, self.embed_dim), np.float32)
+        rows = self._rows_of(keys)
+        absent = [k for k in keys if k not in rows]
+        if absent:
+            raise KeyError(absent[0])
+        return self._read_rows(np.fromiter((rows[k] for k in keys), np.int64, len(keys)))
 
     def missing(self, keys: Sequence[str]) -> list[str]:
-        return [k for k in dict.fromkeys(keys) if k not in self._row]
+        unique = list(dict.fromkeys(keys))
+        present = self._rows_of(unique)
+        return [k for k in unique if k not in present]
+
+    def _open(self, segment: Segment) -> np.ndarray | str:
+        """A segment's rows memory-mapped after checking its size and checksum, or what is wrong."""
+        path = self.directory / segment.name
+        try:
+            size = path.stat().st_size
+            if size != segment.bytes:
+                return f"{size} bytes, expected {segment.bytes}"
+            if file_crc(path) != segment.crc:
+                return "checksum mismatch"
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            return "file missing"
+        except (OSError, ValueError) as err:
+            return str(err)
+        if mapped.shape != (segment.rows, self.embed_dim) or mapped.dtype != self.dtype:
+            return f"shape {mapped.shape} {mapped.dtype}, expected ({segment.rows}, {self.embed_dim}) {self.dtype}"
+        return mapped
+
+    def _map(self, segment: Segment) -> np.ndarray:
+        """The memory-mapped rows of a segment, its checksum verified on first use."""
+        mapped = self._maps.get(segment.name)
+        if mapped is None:
+            mapped = self._open(segment)
+            if isinstance(mapped, str) and mapped == "file missing":
+                self.reload()  # another writer may have concatenated it into a new one
+                if segment not in self._segments:
+                    raise _Healed()
+            if isinstance(mapped, str):
+                self._damaged(segment, mapped)
+            self._maps[segment.name] = mapped
+        return mapped
+
+    def _damaged(self, segment: Segment, problem: str) -> None:
+        path = self.directory / segment.name
+        if self.repair_hint is not None:
+            raise StoreError(f"{path}: damaged store segment ({problem}); its {segment.rows} rows cannot be "
+                             f"read. {self.repair_hint}")
+        warnings.warn(f"ignoring corrupt store segment {path} ({problem}); moved aside, its entries will be recomputed")
+        self.set_aside([segment])
+        raise _Healed()
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """The directory lock, reentrant within this object."""
+        if self._holding:
+            yield
+            return
+        with locked(self.directory):
+            self._holding = True
+            try:
+                yield
+            finally:
+                self._holding = False
+
+    def set_aside(self, segments: Sequence[Segment]) -> list[str]:
+        """Drop damaged segments and their entries (files renamed *.corrupt); returns the keys lost.
+        Segment names come from a counter that is never reused, so no later name collides."""
+        lost: list[str] = []
+        with self._lock():
+            self._set_aside(segments, lost)
+        return lost
+
+    def _set_aside(self, segments: Sequence[Segment], lost: list[str]) -> None:
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for segment in segments:
+                lost += [k for (k,) in db.execute("SELECT key FROM entries WHERE row >= ? AND row < ?",
+                                                  (segment.start, segment.end))]
+                db.execute("DELETE FROM entries WHERE row >= ? AND row < ?", (segment.start, segment.end))
+                db.execute("DELETE FROM segments WHERE name = ?", (segment.name,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        for segment in segments:
+            with contextlib.suppress(OSError):
+                os.replace(self.directory / segment.name, self.directory / f"{segment.name}.corrupt")
+        self.reload()
+
+    def _locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Segment number of each row (-1 where no segment holds it) and the row within it."""
+        starts = np.fromiter((s.start for s in self._segments), np.int64, len(self._segments))
+        ends = np.fromiter((s.end for s in self._segments), np.int64, len(self._segments))
+        which = np.searchsorted(starts, rows, side="right") - 1
+        valid = which >= 0
+        valid[valid] &= rows[valid] < ends[which[valid]]
+        which[~valid] = -1
+        return which, rows - np.where(valid, starts[np.maximum(which, 0)], 0)
+
+    def _read_rows(self, rows: np.ndarray, zeros_for_missing: bool = False) -> np.ndarray:
+        out = np.zeros((len(rows), self.embed_dim), np.float32)
+        which, offset = self._locate(rows)
+        if (which < 0).any() and not zeros_for_missing:
+            self.reload()  # written by another process since we listed the segments
+            which, offset = self._locate(rows)
+            if (which < 0).any():
+                raise StoreError(f"{self.directory / 'table.sqlite'}: rows without a segment; "
+                                 f"{self.repair_hint or 'delete the directory to rebuild it'}")
+        for number in np.unique(which[which >= 0]):
+            chosen = which == number
+            out[chosen] = self._map(self._segments[number])[offset[chosen]]
+        return out
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Vectors of global rows [start, stop) as float32, zeros for rows of set-aside segments."""
+        return self._read_rows(np.arange(start, stop, dtype=np.int64), zeros_for_missing=True)
+
+    def row_keys(self, rows: Sequence[int]) -> dict[int, str]:
+        """Live key of each of these global rows (rows of replaced or removed entries are absent)."""
+        rows = [int(r) for r in rows]
+        found: dict[int, str] = {}
+        for start in range(0, len(rows), _SQL_CHUNK):
+            chunk = rows[start : start + _SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._sql(f"SELECT row, key FROM entries WHERE row IN ({marks})", chunk))
+        return found
+
+    @property
+    def segments(self) -> list[Segment]:
+        return list(self._segments)
+
+    @property
+    def row_span(self) -> tuple[int, int]:
+        """(first, next) global row: rows written so far lie in [first, next)."""
+        state = self._state()
+        first = self._segments[0].start if self._segments else int(state.get("next_row", 0))
+        return first, int(state.get("next_row", 0))
+
+    def dead_rows(self) -> int:
+        """Rows still on disk whose entry was replaced or removed (what `compact` drops)."""
+        return sum(s.rows for s in self._segments) - len(self)
+
+    def verify(self) -> list[tuple[Segment, str]]:
+        """Check every segment's checksum; returns the damaged ones, with what is wrong."""
+        self.reload()
+        checked = [(segment, self._open(segment)) for segment in self._segments]
+        return [(segment, problem) for segment, problem in checked if isinstance(problem, str)]
 
     # -- writing -------------------------------------------------------------------------
 
-    def add(self, keys: Sequence[str], vectors: np.ndarray, info: Sequence[str] | None = None) -> None:
-        """Append (or replace) entries in one atomic segment."""
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.embed_dim)
-        with locked(self.directory):
-            self._write_segment(list(keys), vectors, list(info) if info else [""] * len(keys), np.zeros(len(keys), bool))
-
-    def remove(self, keys: Sequence[str]) -> None:
-        keys = [k for k in keys if k in self._row]
-        if keys:
-            with locked(self.directory):
-                zeros = np.zeros((len(keys), self.embed_dim), np.float32)
-                self._write_segment(keys, zeros, [""] * len(keys), np.ones(len(keys), bool))
-
-    def get_or_compute(self, keys: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-        """Vectors for `keys`, computing and storing only those no process has stored yet."""
-        self.reload()
-        if self.missing(keys):
-            with locked(self.directory):
-                self.reload()  # another process may have added some while we waited
-                todo = self.missing(keys)
-                if todo:
-                    vectors = np.asarray(compute(todo), dtype=np.float32)
-                    self._write_segment(todo, vectors, [""] * len(todo), np.zeros(len(todo), bool))
-        return self.get(keys)
-
-    def _write_segment(self, keys: list[str], vectors: np.ndarray, info: list[str], deleted: np.ndarray) -> None:
-        """Write one segment; caller holds the lock. Compacts when segments pile up."""
-        self._write_meta()
-        name = f"seg-{len(self._segments_on_disk()):06d}-{uuid.uuid4().hex[:8]}.npz"
-        atomic_write(self.directory / name, lambda f: _save_segment(f, keys, vectors, info, deleted))
-        self.reload()
-        if len(self._segments) > MAX_SEGMENTS:
-            self._compact()
-
-    def _segments_on_disk(self) -> list[Path]:
-        return sorted(self.directory.glob("seg-*.npz"))
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """Lock, create the files if new, drop what killed writers left; a full disk is one clear error."""
+        try:
+            with self._lock():
+                self._write_meta()
+                db = self._connect(create=True)
+                self._remove_orphans()
+                self.reload()
+                yield db
+        except (OSError, sqlite3.OperationalError) as err:
+            if disk_full(err):
+                raise StoreError(self._full_message()) from err
+            raise
 
     def _write_meta(self) -> None:
         path = self.directory / "meta.json"
         if not path.exists():
-            meta = json.dumps({"fingerprint": self.fingerprint, "embed_dim": self.embed_dim, "spec": self.spec}, indent=2)
+            meta = json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "embed_dim": self.embed_dim,
+                               "spec": self.spec, "dtype": self.dtype.name}, indent=2)
             atomic_write(path, lambda f: f.write(meta.encode()))
 
-    def _compact(self) -> None:
-        """Merge all segments into one; old ones are deleted only after the new one is durable."""
-        old = self._segments_on_disk()
-        keys = self.keys()
-        merged = f"seg-{len(old):06d}-{uuid.uuid4().hex[:8]}.npz"
-        atomic_write(
-            self.directory / merged,
-            lambda f: _save_segment(f, keys, self.get(keys), [self._info[k] for k in keys], np.zeros(len(keys), bool)),
-        )
-        for path in old:
+    def _remove_orphans(self) -> None:
+        """Segments no committed transaction names, and temp files: a killed writer's leftovers."""
+        known = {name for (name,) in self._sql("SELECT name FROM segments")}
+        for path in self.directory.glob("seg-*.npy"):
+            if path.name not in known:
+                path.unlink(missing_ok=True)
+        for path in self.directory.glob(".*.tmp"):
             path.unlink(missing_ok=True)
-        # the merged file sorts after the deleted ones only by accident; rename it to sort first
-        os.replace(self.directory / merged, self.directory / f"seg-000000-{merged[11:]}")
+
+    def add(self, keys: Sequence[str], vectors: np.ndarray, info: Sequence[str] | None = None) -> None:
+        """Append (or replace) entries as one new segment: O(len(keys)), whatever the store's size."""
+        if not len(keys):
+            return
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.embed_dim)
+        with self._writing():
+            self._append(list(keys), vectors, list(info) if info else [""] * len(keys))
+            self._maintain()
+
+    def remove(self, keys: Sequence[str]) -> None:
+        """Forget entries (their rows are dropped from disk by the next compaction)."""
+        if not keys:
+            return
+        with self._writing() as db:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._maintain()
+
+    def get_or_compute(
+        self, keys: Sequence[str], compute: Callable[[list[str]], np.ndarray], best_effort: bool = False
+    ) -> np.ndarray:
+        """Vectors for `keys`, computing and storing only those no process has stored yet.
+
+        `best_effort` (for caches): when storing fails (full disk, read-only directory), warn
+        and return the computed vectors anyway."""
+        for _ in range(3):
+            try:
+                self.reload()
+                todo = self.missing(keys)
+                if not todo:
+                    return self.get(keys)
+                vectors = None
+                try:
+                    with self._writing():
+                        todo = self.missing(keys)  # another process may have added some while we waited
+                        if todo:
+                            vectors = np.asarray(compute(todo), dtype=np.float32)
+                            self._append(todo, vectors, [""] * len(todo))
+                            self._maintain()
+                except (StoreError, OSError) as err:
+                    if not best_effort or not todo:
+                        raise
+                    warnings.warn(f"could not write the cache {self.directory} ({err}); continuing without it")
+                    return _assemble(keys, todo, compute(todo) if vectors is None else vectors, self)
+                return self.get(keys)
+            except _Healed:
+                continue  # a damaged segment was set aside: its keys are missing now, compute them
+        raise StoreError(f"{self.directory}: segments keep failing their checksums; delete the directory")
+
+    def _append(self, keys: list[str], vectors: np.ndarray, info: list[str]) -> None:
+        """Write one segment and commit its rows; caller holds the lock (`_writing`)."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(vectors, dtype=self.dtype), allow_pickle=False)
+        data = buffer.getbuffer()
+        db = self._connect()
+        path = None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'segments'").fetchone()
+            name = f"seg-{(seq[0] if seq else 0) + 1:06d}.npy"
+            start = int((db.execute("SELECT value FROM state WHERE name = 'next_row'").fetchone() or [0])[0])
+            path = self.directory / name
+            atomic_write(path, lambda f: f.write(data))
+            db.execute("INSERT INTO segments(name, start, rows, bytes, crc) VALUES (?, ?, ?, ?, ?)",
+                       (name, start, len(keys), len(data), zlib.crc32(data)))
+            db.executemany("INSERT OR REPLACE INTO entries(key, row, info) VALUES (?, ?, ?)",
+                           zip(keys, range(start, start + len(keys)), info))
+            db.execute("INSERT OR REPLACE INTO state VALUES ('next_row', ?)", (start + len(keys),))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if path is not None:
+                path.unlink(missing_ok=True)
+            raise
+        self.reload()
+
+    def _maintain(self) -> None:
+        """Amortised upkeep after a write: concatenate a run of small segments, compact when mostly dead."""
+        tail: list[Segment] = []
+        for segment in reversed(self._segments):
+            if segment.rows >= SMALL_SEGMENT_ROWS or (tail and segment.end != tail[-1].start):
+                break
+            tail.append(segment)
+        if len(tail) > MAX_SEGMENTS:
+            self._concatenate(tail[::-1])
+        dead = self.dead_rows()
+        if dead > SMALL_SEGMENT_ROWS and dead > len(self):
+            self._compact()
+
+    def _concatenate(self, segments: list[Segment]) -> None:
+        """Replace contiguous segments by one file holding the same rows (entries are unchanged)."""
+        vectors = np.concatenate([np.asarray(self._map(s)) for s in segments])
+        buffer = io.BytesIO()
+        np.save(buffer, vectors, allow_pickle=False)
+        data = buffer.getbuffer()
+        db = self._connect()
+        path = None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'segments'").fetchone()
+            path = self.directory / f"seg-{seq[0] + 1:06d}.npy"
+            atomic_write(path, lambda f: f.write(data))
+            db.executemany("DELETE FROM segments WHERE name = ?", [(s.name,) for s in segments])
+            db.execute("INSERT INTO segments(name, start, rows, bytes, crc) VALUES (?, ?, ?, ?, ?)",
+                       (path.name, segments[0].start, len(vectors), len(data), zlib.crc32(data)))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if path is not None:
+                path.unlink(missing_ok=True)
+            raise
+        for segment in segments:
+            (self.directory / segment.name).unlink(missing_ok=True)
+        self.reload()
+
+    def compact(self) -> None:
+        """Rewrite the live rows into fresh segments, dropping replaced and removed ones."""
+        with self._writing():
+            self._compact()
+
+    def _compact(self) -> None:
+        live = self._sql("SELECT key, row FROM entries ORDER BY row")
+        old = list(self._segments)
+        first = int(self._state().get("next_row", 0))
+        written: list[tuple[str, int, int, int, int]] = []
+        db = self._connect()
+        try:
+            seq = (db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'segments'").fetchone() or [0])[0]
+            for number, start in enumerate(range(0, len(live), COMPACT_SEGMENT_ROWS)):
+                rows = np.fromiter((r for _, r in live[start : start + COMPACT_SEGMENT_ROWS]), np.int64)
+                buffer = io.BytesIO()
+                np.save(buffer, self._read_rows(rows).astype(self.dtype), allow_pickle=False)
+                data = buffer.getbuffer()
+                name = f"seg-{seq + 1 + number:06d}.npy"
+                atomic_write(self.directory / name, lambda f: f.write(data))
+                written.append((name, first + start, len(rows), len(data), zlib.crc32(data)))
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("UPDATE entries SET row = ? WHERE key = ?",
+                           ((first + i, key) for i, (key, _) in enumerate(live)))
+            db.execute("DELETE FROM segments")
+            db.executemany("INSERT INTO segments(name, start, rows, bytes, crc) VALUES (?, ?, ?, ?, ?)", written)
+            db.execute("INSERT OR REPLACE INTO state VALUES ('next_row', ?)", (first + len(live),))
+            db.execute("DELETE FROM state WHERE name LIKE 'index_%'")  # its positions no longer match
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for name, *_ in written:
+                (self.directory / name).unlink(missing_ok=True)
+            raise
+        for segment in old:
+            (self.directory / segment.name).unlink(missing_ok=True)
+        (self.directory / "index.faiss").unlink(missing_ok=True)
+        self._index = None
         self.reload()
 
     def clear(self) -> None:
-        with locked(self.directory):
-            for path in self._segments_on_disk():
-                path.unlink()
-            (self.directory / "meta.json").unlink(missing_ok=True)
-            self.reload()
+        self._db = None
+        self.destroy(self.directory)
+        self._maps, self._segments, self._index = {}, [], None
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self._segments_on_disk())
+        return sum(p.stat().st_size for p in self.directory.glob("*") if p.is_file()) if self.directory.exists() else 0
 
+    # -- the persisted FAISS index ---------------------------------------------------------
 
-def _save_segment(f, keys: list[str], vectors: np.ndarray, info: list[str], deleted: np.ndarray) -> None:
-    np.savez(f, keys=np.array(keys, dtype=str), vectors=vectors, info=np.array(info, dtype=str), deleted=deleted)
+    def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+        """Per query, the `top_k` (key, inner product) pairs, best first, through the saved index
+        (exact search over the segments when none was saved); rows added since it was saved are
+        searched too. Never rebuilds or trains an index."""
+        queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.embed_dim))
+        index, base = self._search_index()
+        if index.ntotal == 0:
+            return [[] for _ in queries]
+        want = top_k
+        k = min(index.ntotal, want + max(16, want))
+        while True:
+            similarities, ids = faiss_search(index, queries, k)
+            keys = self.row_keys(np.unique(ids[ids >= 0]) + base)
+            results = [
+                [(keys[base + i], float(s)) for i, s in zip(row_ids, row_sims) if i >= 0 and base + i in keys][:want]
+                for row_ids, row_sims in zip(ids.tolist(), similarities.tolist())
+            ]
+            if all(len(r) == want for r in results) or k >= index.ntotal:
+                return results
+            k = min(index.ntotal, 4 * k)  # replaced rows crowded the live ones out: look further
 
+    def _search_index(self):
+        """(FAISS index, global row of its position 0), covering every row written so far."""
+        self.reload()
+        first, next_row = self.row_span
+        state = self._state()
+        if self._index is not None and (self._index[1] != first or (self._index[3] and self._index[2] < next_row)):
+            self._index = None  # compacted, or new rows to add to a read-only mapped index
+        if self._index is None:
+            saved = self.directory / "index.faiss"
+            problem = None
+            if state.get("index_factory") and int(state.get("index_base", -1)) == first and saved.exists():
+                problem = self._check_index(saved, state, full=saved.stat().st_size <= VERIFY_ON_OPEN_BYTES)
+                if problem and self.repair_hint is not None:
+                    raise StoreError(f"{saved}: damaged index ({problem}). {self.repair_hint}")
+                if problem:
+                    warnings.warn(f"ignoring damaged index {saved} ({problem}); searching the segments exactly")
+            if state.get("index_factory") and not problem and saved.exists():
+                covered = int(state["index_rows"])
+                mapped = covered == next_row
+                index = load_index(saved, mmap=mapped)
+                _set_search_parameter(index, state["index_factory"], int(state.get("index_param", 0)))
+                self._index = (index, first, covered, mapped)
+            else:
+                import faiss
 
-def _read_segment(path: Path, embed_dim: int):
-    """(keys, vectors, info, deleted) of an intact segment, else None with a warning."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys, vectors = data["keys"].tolist(), data["vectors"]
-            info, deleted = data["info"].tolist(), data["deleted"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        warnings.warn(f"ignoring corrupt store segment {path} ({err}); moved aside, its entries will be recomputed")
-        with contextlib.suppress(OSError):
-            os.replace(path, path.with_name(path.name + ".corrupt"))
+                self._index = (faiss.IndexFlatIP(self.embed_dim), first, first, False)
+        index, base, covered, mapped = self._index
+        for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
+            index.add(self.read_range(start, min(start + COMPACT_SEGMENT_ROWS, next_row)))
+        self._index = (index, base, max(covered, next_row), mapped)
+        return index, base
+
+    @staticmethod
+    def _check_index(path: Path, state: dict, full: bool = True) -> str | None:
+        """What is wrong with the saved index file (size; checksum when `full`), or None."""
+        size = path.stat().st_size if path.exists() else -1
+        if size != int(state.get("index_bytes", -2)):
+            return f"{size} bytes, expected {state.get('index_bytes')}"
+        if full and file_crc(path) != int(state["index_crc"]):
+            return "checksum mismatch"
         return None
-    if vectors.shape != (len(keys), embed_dim) or len(info) != len(keys) or len(deleted) != len(keys):
-        warnings.warn(f"ignoring store segment {path}: inconsistent shapes; its entries will be recomputed")
-        return None
-    return keys, vectors.astype(np.float32, copy=False), info, deleted
+
+    def index_problem(self) -> str | None:
+        """What is wrong with the saved index file (size, full checksum), or None (also when none is saved)."""
+        state = self._state()
+        return self._check_index(self.directory / "index.faiss", state) if state.get("index_factory") else None
+
+    def index_state(self) -> dict:
+        """What the saved index is: factory, rows covered, search parameter, measured recall@10."""
+        state = self._state()
+        return {k[len("index_"):]: v for k, v in state.items() if k.startswith("index_")}
+
+    def save_index(self, factory: str = "auto", sample: int = 200, seed: int = 0) -> dict:
+        """Bring the saved FAISS index up to date: add only the rows written since it was saved
+        (trained once, on a sample, when first built). `factory` "auto" keeps the saved one, else
+        chooses by size (`clipzsl.search.factory_for`); another factory string builds afresh.
+        The search parameter (nprobe/efSearch) is the smallest reaching TARGET_RECALL@10 on
+        `sample` stored vectors as queries. Returns `index_state()`."""
+        with self._writing():
+            first, next_row = self.row_span
+            state = self._state()
+            wanted = factory_for(len(self), state.get("index_factory", "auto") if factory == "auto" else factory)
+            saved = self.directory / "index.faiss"
+            if wanted == "Flat":  # exact search reads the segments themselves: no second copy
+                return self._set_index_state(None)
+            reuse = (state.get("index_factory") == wanted and int(state.get("index_base", -1)) == first
+                     and self._check_index(saved, state) is None)
+            if reuse:
+                index, covered = load_index(saved), int(state["index_rows"])
+            else:
+                rng = np.random.default_rng(seed)
+                live_rows = np.array([r for (r,) in self._sql("SELECT row FROM entries")], np.int64)
+                index = build_index(self._read_rows(np.sort(rng.choice(live_rows, min(len(live_rows), _train_size(wanted)),
+                                                                          replace=False))), wanted, add=False)
+                covered = first
+            for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
+                index.add(self.read_range(start, min(start + COMPACT_SEGMENT_ROWS, next_row)))
+            param, recall = self._tune(index, wanted, first, sample, seed, recall_at_k)
+            atomic_write(saved, lambda f: write_index(index, f))
+            self._set_index_state({"factory": wanted, "base": first, "rows": next_row, "bytes": saved.stat().st_size,
+                                   "crc": file_crc(saved), "param": param, "recall": recall})
+            self._index = None
+            return self.index_state()
+
+    def _set_index_state(self, values: dict | None) -> dict:
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM state WHERE name LIKE 'index_%'")
+        for name, value in (values or {}).items():
+            db.execute("INSERT INTO state VALUES (?, ?)", (f"index_{name}", value))
+        db.execute("COMMIT")
+        if values is None:
+            (self.directory / "index.faiss").unlink(missing_ok=True)
+        self._index = None
+        return self.index_state()
+
+    def _tune(self, index, factory: str, first: int, sample: int, seed: int, recall_at_k) -> tuple[int, float]:
+        queries = self.sample_vectors(sample, seed)
+        exact = self.exact_ids(queries, 10) - first
+        for param in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+            if not _set_search_parameter(index, factory, param):
+                return 0, recall_at_k(index.search(queries, 10)[1], exact)
+            recall = recall_at_k(index.search(queries, 10)[1], exact)
+            if recall >= TARGET_RECALL:
+                return param, recall
+        return param, recall
+
+    def sample_vectors(self, count: int, seed: int = 0) -> np.ndarray:
+        """`count` stored vectors chosen at random (queries for measuring recall)."""
+        rows = np.array([r for (r,) in self._sql("SELECT row FROM entries")], np.int64)
+        chosen = np.random.default_rng(seed).choice(rows, min(count, len(rows)), replace=False)
+        return self._read_rows(np.sort(chosen))
+
+    def exact_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Global rows [Q, k] of the exact top-k live rows, one segment in memory at a time."""
+        import faiss
+
+        best = faiss.ResultHeap(len(queries), k)
+        first, next_row = self.row_span
+        live = np.zeros(next_row - first, bool)
+        live[np.array([r for (r,) in self._sql("SELECT row FROM entries")], np.int64) - first] = True
+        for start in range(first, next_row, COMPACT_SEGMENT_ROWS):
+            stop = min(start + COMPACT_SEGMENT_ROWS, next_row)
+            sims = queries @ self.read_range(start, stop).T
+            sims[:, ~live[start - first : stop - first]] = -np.inf
+            best.add_result(-sims, np.broadcast_to(np.arange(start, stop), sims.shape).copy())
+        best.finalize()
+        return best.I
+
+
+def _new_table(f) -> None:
+    """Write an empty table file (the schema) into `f`."""
+    db = sqlite3.connect(":memory:")
+    db.executescript(SCHEMA)
+    f.write(db.serialize())
+    db.close()
+
+
+def _train_size(factory: str) -> int:
+    """Training sample for an index: 64 vectors per IVF cell (FAISS wants at least 39), else 100k."""
+    import re
+
+    cells = re.search(r"IVF(\d+)", factory)
+    return 64 * int(cells.group(1)) if cells else 100_000
+
+
+def _set_search_parameter(index, factory: str, value: int) -> bool:
+    """Set nprobe (IVF) or efSearch (HNSW); False for an index with no such knob."""
+    import faiss
+
+    name = "nprobe" if "IVF" in factory else "efSearch" if "HNSW" in factory else None
+    if name is None or value <= 0:
+        return False
+    faiss.ParameterSpace().set_index_parameter(index, name, value)
+    return True
+
+
+def _assemble(keys: Sequence[str], todo: list[str], computed: np.ndarray, store: EmbeddingStore) -> np.ndarray:
+    """Vectors for `keys` from the store plus freshly computed ones that could not be stored."""
+    fresh = dict(zip(todo, np.asarray(computed, np.float32)))
+    stored_keys = [k for k in dict.fromkeys(keys) if k not in fresh]
+    stored = dict(zip(stored_keys, store.get(stored_keys)))
+    return np.stack([fresh[k] if k in fresh else stored[k] for k in keys])

@@ -77,4 +77,4 @@ def cached_class_embeddings(
     def compute(todo: list[str]) -> np.ndarray:
         return class_embeddings(model, [by_key[k] for k in todo], templates, progress).numpy()
 
-    return torch.from_numpy(store.get_or_compute(keys, compute))
+    return torch.from_numpy(store.get_or_compute(keys, compute, best_effort=True))

@@ -1,0 +1,281 @@
+"""The embedding store at scale (issue 12), through the public API only.
+
+1. append: N synthetic unit vectors (d=512) in batches of 10,000 through `EmbeddingStore.add`, float32
+   and float16 stores: seconds per batch (last 10 / first 10, target <= 1.2), peak RSS, size on disk.
+   The vectors lie around 4,096 random centres (noise 0.5 per unit of centre): synthetic but with
+   neighbourhoods, as real embeddings have; on uniformly random 512-d vectors every approximate
+   index's recall collapses (there are no near neighbours), which says nothing about real use.
+2. open + query, in a fresh process: `save_index()` (auto factory), then time to the first result
+   after opening, ms/query unbatched and batched (FAISS single thread), recall@10 against exact.
+3. label cache: 100,000 label vectors (d=384) stored through `get_or_compute`; in a fresh process
+   the classifier's path (open, read all, exact Flat index) and ms/query, exact.
+4. from-shards vs autofaiss: the same N vectors written as clip-retrieval shards (float16);
+   `clipzsl index from-shards` and autofaiss's `build_index` on the same shards with the same factory
+   string, one after the other (autofaiss pins numpy<2: it runs in its own venv, $AUTOFAISS_PYTHON,
+   default /tmp/afvenv/bin/python: python -m venv /tmp/afvenv && /tmp/afvenv/bin/pip install autofaiss "pyarrow<16").
+5. `clipzsl index images` on 20,000 Fashion-MNIST images against 2,000 (PNG files, packaged model):
+   images/s and peak RSS of the process.
+
+Usage: nice python -m benchmarks.bench_store_scale [--rows 1000000] [--parts append,open,labels,shards,images]
+Results: benchmarks/results/store_scale.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import report
+
+DIM = 512
+BATCH = 10_000
+PARTS = ("append", "open", "labels", "shards", "images")
+MODEL_512 = "openclip:ViT-B-32/random"  # any 512-d model: from-shards needs one for text queries
+
+
+def synthetic(count: int, dim: int, seed: int, centres: int = 4096) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = np.random.default_rng(12345).normal(size=(centres, dim)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    v = c[rng.integers(0, centres, count)] + rng.normal(scale=0.5 / np.sqrt(dim), size=(count, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_json(code: str, *args: str, python: str = sys.executable) -> dict:
+    """Run `code` in a fresh interpreter; it prints one JSON line last."""
+    out = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def append(directory: Path, rows: int, dtype: str) -> dict:
+    from clipzsl.store import EmbeddingStore
+
+    store = EmbeddingStore(directory, "synthetic-512", DIM, spec="synthetic", dtype=dtype)
+    times = []
+    for b in range(rows // BATCH):
+        vectors = synthetic(BATCH, DIM, seed=b)
+        start = time.perf_counter()
+        store.add([f"img/{b:05d}/{i:05d}.jpg" for i in range(BATCH)], vectors)
+        times.append(time.perf_counter() - start)
+    first, last = report.median(times[:10]), report.median(times[-10:])
+    return {"rows": rows, "dtype": dtype, "batches": len(times), "first10_median_s": first, "last10_median_s": last,
+            "first10_total_s": sum(times[:10]), "last10_total_s": sum(times[-10:]),
+            "ratio_last_first": sum(times[-10:]) / sum(times[:10]), "total_s": sum(times),
+            "disk_mb": store.size_bytes() / 1e6, "peak_rss_mb": peak_rss_mb()}
+
+
+OPEN_QUERY = """
+import json, sys, time
+t0 = time.perf_counter()
+import faiss, numpy as np
+from clipzsl.store import EmbeddingStore
+faiss.omp_set_num_threads(1)
+queries = np.load(sys.argv[2])
+t1 = time.perf_counter()
+store = EmbeddingStore(sys.argv[1], "synthetic-512", 512)
+first = store.search(queries[:1], 10)
+t2 = time.perf_counter()
+unbatched = []
+for q in queries:
+    s = time.perf_counter(); store.search(q[None], 10); unbatched.append(time.perf_counter() - s)
+s = time.perf_counter(); found = store.search(queries, 10); batched = (time.perf_counter() - s) / len(queries)
+exact = store.exact_ids(queries[:100], 10)
+names = store.row_keys(np.unique(exact))
+exact_keys = [[names[r] for r in row] for row in exact.tolist()]
+hits = sum(len({k for k, _ in f} & set(e)) for f, e in zip(found[:100], exact_keys))
+print(json.dumps({"import_s": t1 - t0, "open_and_first_query_s": t2 - t1, "ms_per_query_unbatched":
+    1000 * float(np.median(unbatched)), "ms_per_query_batched": 1000 * batched, "recall_at_10": hits / exact.size,
+    "queries": len(queries), "index": store.index_state()}))
+"""
+
+
+def open_query(directory: Path, tmp: Path) -> dict:
+    from clipzsl.store import EmbeddingStore
+
+    store = EmbeddingStore(directory, "synthetic-512", DIM)
+    start = time.perf_counter()
+    state = store.save_index()
+    build = time.perf_counter() - start
+    queries = synthetic(1000, DIM, seed=10**6)  # new points near the same centres
+    np.save(tmp / "queries.npy", queries)
+    result = run_json(OPEN_QUERY, str(directory), str(tmp / "queries.npy"))
+    return {"save_index_s": build, "index": state, **result,
+            "index_mb": (directory / "index.faiss").stat().st_size / 1e6 if (directory / "index.faiss").exists() else 0}
+
+
+LABELS = """
+import json, sys, time
+import faiss, numpy as np, torch
+faiss.omp_set_num_threads(1)
+from clipzsl.store import EmbeddingStore
+from clipzsl.search import build_index, search
+keys = [f"label-{i}" for i in range(int(sys.argv[2]))]
+t0 = time.perf_counter()
+store = EmbeddingStore(sys.argv[1], "labels-384", 384)
+weights = store.get_or_compute(keys, lambda todo: 1 / 0)  # all cached: computing would fail
+index = build_index(weights, "auto")
+build = time.perf_counter() - t0
+queries = np.load(sys.argv[3])
+times = []
+for q in queries:
+    s = time.perf_counter(); search(index, q[None], 5); times.append(time.perf_counter() - s)
+s = time.perf_counter(); search(index, queries, 5); batched = (time.perf_counter() - s) / len(queries)
+print(json.dumps({"open_read_index_s": build, "ms_per_query_unbatched": 1000 * float(np.median(times)),
+                  "ms_per_query_batched": 1000 * batched}))
+"""
+
+
+def labels(tmp: Path, count: int = 100_000) -> dict:
+    from clipzsl.store import EmbeddingStore
+
+    vectors = synthetic(count, 384, seed=7)
+    store = EmbeddingStore(tmp / "labels", "labels-384", 384)
+    start = time.perf_counter()
+    store.get_or_compute([f"label-{i}" for i in range(count)], lambda todo: vectors)
+    write = time.perf_counter() - start
+    np.save(tmp / "lq.npy", synthetic(500, 384, seed=8))
+    runs = [run_json(LABELS, str(tmp / "labels"), str(count), str(tmp / "lq.npy")) for _ in range(3)]
+    best = {k: report.median([r[k] for r in runs]) for k in runs[0]}
+    return {"labels": count, "write_s": write, **best, "recall_at_10": 1.0, "note": "exact (Flat): recall 1"}
+
+
+AUTOFAISS = """
+import json, sys, time
+from autofaiss import build_index
+t = time.perf_counter()
+build_index(embeddings=sys.argv[1], index_path=sys.argv[2], index_infos_path=sys.argv[3], index_key=sys.argv[4],
+            metric_type="ip", max_index_memory_usage="16G", current_memory_available="20G", verbose=30)
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+
+def shards(directory: Path, tmp: Path, factory: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipzsl.store import EmbeddingStore
+
+    store = EmbeddingStore(directory, "synthetic-512", DIM)
+    out = tmp / "shards"
+    first, stop = store.row_span
+    per = 100_000
+    for number, start in enumerate(range(first, stop, per)):
+        (out / "img_emb").mkdir(parents=True, exist_ok=True)
+        (out / "metadata").mkdir(parents=True, exist_ok=True)
+        np.save(out / "img_emb" / f"img_emb_{number}.npy", store.read_range(start, min(start + per, stop)).astype(np.float16))
+        names = [f"img/{i}.jpg" for i in range(start, min(start + per, stop))]
+        pq.write_table(pa.table({"image_path": names}), out / "metadata" / f"metadata_{number}.parquet")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "clipzsl.cli", "index", "from-shards", str(out), "--out", str(tmp / "fs"),
+                    "--model", MODEL_512, "--faiss-factory", factory], check=True, capture_output=True)
+    ours = time.perf_counter() - start
+    result = {"rows": stop - first, "factory": factory, "clipzsl_from_shards_s": ours}
+    try:
+        af = run_json(AUTOFAISS, str(out / "img_emb"), str(tmp / "af.index"), str(tmp / "af.json"), factory,
+                      python=os.environ.get("AUTOFAISS_PYTHON", "/tmp/afvenv/bin/python"))
+        result["autofaiss_build_index_s"] = af["seconds"]
+        result["ratio_clipzsl_autofaiss"] = ours / af["seconds"]
+    except (subprocess.CalledProcessError, ValueError) as err:
+        result["autofaiss_skipped"] = f"{type(err).__name__}: {getattr(err, 'stderr', err)}"[-500:]
+    shutil.rmtree(out)
+    return result
+
+
+def images(tmp: Path, sizes=(2_000, 20_000)) -> dict:
+    from . import datasets
+
+    data = datasets.load("fashion_mnist", split="train", limit=max(sizes))
+    results = {}
+    for size in sizes:
+        folder = tmp / f"fm{size}"
+        folder.mkdir()
+        for i, image in enumerate(data.images[:size]):
+            image.save(folder / f"{i:05d}.png")
+        cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "clipzsl.cli", "index", "images", str(folder),
+               "--out", str(tmp / f"idx{size}")]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - start
+        results[size] = {"seconds": seconds, "images_per_s": size / seconds,
+                         "peak_rss_mb": int(done.stderr.strip().splitlines()[-1]) / 1024}
+        shutil.rmtree(folder)
+    small, large = results[sizes[0]], results[sizes[1]]
+    return {"runs": results, "throughput_ratio": large["images_per_s"] / small["images_per_s"],
+            "memory_ratio": large["peak_rss_mb"] / small["peak_rss_mb"]}
+
+
+def summary(results: dict) -> list[str]:
+    lines = []
+    for dtype in ("float32", "float16"):
+        a = results.get(f"append_{dtype}")
+        if a:
+            lines.append(f"- append {a['rows']:,} x {DIM} ({dtype}), batches of {BATCH:,}: last 10 / first 10 = "
+                         f"**{a['ratio_last_first']:.2f}** ({a['last10_total_s']:.2f} s / {a['first10_total_s']:.2f} s), "
+                         f"total {a['total_s']:.0f} s, peak RSS {a['peak_rss_mb']:.0f} MB, {a['disk_mb']:.0f} MB on disk")
+    o = results.get("open")
+    if o:
+        lines.append(f"- open + first query (fresh process): **{o['open_and_first_query_s']:.3f} s**; "
+                     f"{o['ms_per_query_unbatched']:.2f} ms/query unbatched, {o['ms_per_query_batched']:.2f} ms batched "
+                     f"(1 thread), recall@10 **{o['recall_at_10']:.3f}** vs exact; index {o['index'].get('factory')} "
+                     f"(param {o['index'].get('param')}), built in {o['save_index_s']:.0f} s, {o['index_mb']:.0f} MB")
+    l = results.get("labels")
+    if l:
+        lines.append(f"- label cache, {l['labels']:,} labels: open + read + index {l['open_read_index_s']:.3f} s, "
+                     f"{l['ms_per_query_unbatched']:.2f} ms/query unbatched, {l['ms_per_query_batched']:.3f} batched, "
+                     "exact (recall 1)")
+    s = results.get("shards")
+    if s:
+        af = (f"autofaiss build_index {s['autofaiss_build_index_s']:.0f} s, ratio **{s['ratio_clipzsl_autofaiss']:.2f}**"
+              if "autofaiss_build_index_s" in s else f"autofaiss skipped ({s['autofaiss_skipped'][:200]})")
+        lines.append(f"- {s['rows']:,} rows as clip-retrieval shards, factory {s['factory']}: "
+                     f"`index from-shards` {s['clipzsl_from_shards_s']:.0f} s; {af}")
+    i = results.get("images")
+    if i:
+        runs = "; ".join(f"{n:,}: {r['images_per_s']:.1f} img/s, {r['peak_rss_mb']:.0f} MB" for n, r in i["runs"].items())
+        lines.append(f"- `clipzsl index images` on Fashion-MNIST: {runs}; throughput ratio "
+                     f"**{i['throughput_ratio']:.2f}**, memory ratio **{i['memory_ratio']:.2f}**")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--factory", default="IVF1024,Flat", help="factory string for the autofaiss comparison")
+    parser.add_argument("--tmp", help="working directory (default: a temporary one)")
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="store_scale_", dir=args.tmp) as tmp:
+        tmp = Path(tmp)
+        if "append" in parts:
+            results["append_float16"] = append(tmp / "f16", args.rows, "float16")
+            shutil.rmtree(tmp / "f16")
+            results["append_float32"] = append(tmp / "f32", args.rows, "float32")
+        if "open" in parts:
+            results["open"] = open_query(tmp / "f32", tmp)
+        if "shards" in parts:
+            results["shards"] = shards(tmp / "f32", tmp, args.factory)
+        if "labels" in parts:
+            results["labels"] = labels(tmp)
+        if "images" in parts:
+            results["images"] = images(tmp)
+    report.write("store_scale", results, summary(results))
+    print("\n".join(summary(results)))
+
+
+if __name__ == "__main__":
+    main()

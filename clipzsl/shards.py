@@ -1,0 +1,167 @@
+"""clip-retrieval's embedding shards, both ways (what clip-retrieval writes and autofaiss reads).
+
+    DIR/img_emb/img_emb_{i}.npy          float16 [n_i, D], L2-normalised rows
+    DIR/metadata/metadata_{i}.parquet    column `image_path`, row j describing row j of img_emb_{i}
+
+`write_shards` embeds images into that layout; `index_from_shards` turns such shards,
+whoever wrote them, into a searchable `ImageIndex`. Inputs beyond folders and files: a
+`.txt` file listing image paths (one a line, relative to the list) and webdataset `.tar`
+shards (what img2dataset writes), whose images are named `SHARD.tar/MEMBER`.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .backends import Backend
+from .image_index import ImageIndex
+from .images import IMAGE_SUFFIXES, ImageLoadError, embed_images, expand_sources, load_image
+from .store import atomic_write
+
+
+@dataclass
+class ShardReport:
+    rows: int = 0
+    shards: list[str] = field(default_factory=list)
+    failures: list[ImageLoadError] = field(default_factory=list)
+
+
+def image_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | Image.Image | ImageLoadError]]:
+    """(name, image file path | decoded image | why not) for every image the inputs name, in order."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            yield from ((f, f) for f in expand_sources([str(path)]))
+        elif path.suffix == ".txt":
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    target = str((path.parent / line) if not os.path.isabs(line) else Path(line))
+                    yield target, target
+        elif path.suffix == ".tar":
+            yield from _tar_images(path)
+        else:
+            yield str(path), str(path)
+
+
+def _tar_images(path: Path) -> Iterator[tuple[str, Image.Image | ImageLoadError]]:
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                    name = f"{path}/{member.name}"
+                    try:
+                        with Image.open(io.BytesIO(tar.extractfile(member).read())) as image:
+                            yield name, load_image(image)
+                    except (OSError, SyntaxError, ValueError) as err:
+                        yield name, ImageLoadError(name, f"corrupt or truncated image ({err})")
+    except tarfile.TarError as err:
+        raise ValueError(f"{path}: not a readable webdataset .tar shard ({err})") from err
+
+
+def _write_shard(out: Path, number: int, vectors: np.ndarray, names: list[str]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    emb = out / "img_emb" / f"img_emb_{number}.npy"
+    atomic_write(emb, lambda f: np.save(f, vectors.astype(np.float16), allow_pickle=False))
+    table = pa.table({"image_path": pa.array(names, pa.string())})
+    atomic_write(out / "metadata" / f"metadata_{number}.parquet", lambda f: pq.write_table(table, f))
+    return str(emb)
+
+
+def write_shards(
+    backend: Backend,
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    shard_size: int = 100_000,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> ShardReport:
+    """Embed every image the inputs name into clip-retrieval shards of `shard_size` rows under `out`;
+    unreadable images are skipped and reported. Memory holds one shard's vectors, never all."""
+    out = Path(out)
+    report = ShardReport()
+    chunk: list[tuple[str, str | Image.Image]] = []
+    vectors: list[np.ndarray] = []
+    names: list[str] = []
+
+    def embed_chunk() -> None:
+        result = embed_images(backend, [s for _, s in chunk], batch_size=batch_size, skip_errors=True,
+                              progress=progress)
+        by_index = {f"<image {i}>": name for i, (name, _) in enumerate(chunk)}
+        report.failures.extend(ImageLoadError(by_index.get(f.source, f.source), f.reason) for f in result.failures)
+        vectors.append(result.embeddings.numpy())
+        names.extend(by_index.get(s, s) for s in result.sources)
+        chunk.clear()
+
+    def flush() -> None:
+        stacked = np.concatenate(vectors)
+        report.shards.append(_write_shard(out, len(report.shards), stacked, names[:]))
+        report.rows += len(stacked)
+        vectors.clear()
+        names.clear()
+
+    for name, source in image_sources(paths):
+        if isinstance(source, ImageLoadError):
+            report.failures.append(source)
+            continue
+        chunk.append((name, source))
+        if len(chunk) == min(1024, shard_size):
+            embed_chunk()
+            if len(names) >= shard_size:
+                flush()
+    if chunk:
+        embed_chunk()
+    if names:
+        flush()
+    return report
+
+
+def shard_files(directory: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(img_emb_i.npy, metadata_i.parquet) pairs of a clip-retrieval directory, by shard number."""
+    directory = Path(directory)
+    number = lambda p: int(re.search(r"(\d+)$", p.stem).group(1))
+    embeddings = sorted((directory / "img_emb").glob("img_emb_*.npy"), key=number)
+    if not embeddings:
+        raise FileNotFoundError(f"{directory}: no img_emb/img_emb_*.npy shards (clip-retrieval's layout)")
+    pairs = []
+    for emb in embeddings:
+        meta = directory / "metadata" / f"metadata_{number(emb)}.parquet"
+        if not meta.exists():
+            raise FileNotFoundError(f"{meta}: missing; every img_emb_i.npy needs its metadata_i.parquet")
+        pairs.append((emb, meta))
+    return pairs
+
+
+def index_from_shards(directory: str | os.PathLike, out: str | os.PathLike, model: Backend | str,
+                      factory: str = "auto", dtype: str = "float32"):
+    """An `ImageIndex` at `out` holding every row of the shards (keys from `image_path`), its FAISS
+    index saved. `model` must be the one that embedded them: it encodes the text queries."""
+    import pyarrow.parquet as pq
+
+    index = ImageIndex(out, model, dtype=dtype)
+    for emb, meta in shard_files(directory):
+        vectors = np.load(emb, mmap_mode="r", allow_pickle=False)
+        try:
+            paths = pq.read_table(meta, columns=["image_path"]).column(0).to_pylist()
+        except (OSError, KeyError, ValueError) as err:
+            raise ValueError(f"{meta}: unreadable metadata shard, need an `image_path` column ({err})") from err
+        if vectors.ndim != 2 or vectors.shape[1] != index.model.embed_dim:
+            raise ValueError(f"{emb}: vectors of shape {vectors.shape}, but model {index.model.spec} embeds "
+                             f"{index.model.embed_dim} dimensions; pass the model that wrote the shards (--model)")
+        if len(paths) != len(vectors):
+            raise ValueError(f"{meta}: {len(paths)} rows, but {emb} has {len(vectors)}; the pair does not match")
+        for start in range(0, len(paths), 65_536):
+            block = np.asarray(vectors[start : start + 65_536], np.float32)
+            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+            index.store.add([str(p) for p in paths[start : start + 65_536]], block)
+    index.store.save_index(factory)
+    return index
