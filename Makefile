@@ -14,5 +14,7 @@ demo: install
 	$(PYTHON) -m benchmarks.samples build/samples
 	$(PYTHON) -m clipzsl.cli classify build/samples --labels demo --top-k 3
 
+# the import-linter contracts of pyproject.toml first: a new import cycle fails before any test runs
 test: install
+	lint-imports
 	$(PYTHON) -m pytest -q

@@ -121,7 +121,7 @@ def evaluate(model, name: str, options: dict, quick: bool) -> dict:
         start = time.perf_counter()
         clf = clipzsl.ZeroShotClassifier(model, labels=labels, templates=templates, progress=False)
         build_s = time.perf_counter() - start
-        scores = clf.scores_from_embeddings(embedded.embeddings)
+        scores = clf.predict_proba(embedded)
         rows[template_set] = {"template_set": set_name, "templates": len(templates), "build_s": build_s,
                               **common.metrics(scores, truth)}
     return {

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from clipzsl import load_model
-from clipzsl.adapter import extract_features, Features
+from clipzsl import baselines
+from clipzsl.images import EmbeddedImages, embed_images_cached
+from clipzsl.store import cache_root
 
 from . import report
 from .datasets import DatasetUnavailable, load
@@ -90,7 +92,7 @@ def prepare_emoji(backend, limit=None):
         if not idx:
             continue
         t = time.perf_counter()
-        feats[style] = extract_features(backend, [ds.images[i] for i in idx], progress=True)
+        feats[style] = embed_images_cached(backend, [ds.images[i] for i in idx], cache_root(), progress=True)
         labels[style] = [ds.labels[i] for i in idx]
         log(f"emoji {style}: {len(idx)} images, features in {time.perf_counter() - t:.1f} s")
     return ds.classnames, feats, labels
@@ -104,7 +106,7 @@ def prepare_tux(backend, limit=None):
     if limit:
         keep = keep[:limit]
     t = time.perf_counter()
-    feats = extract_features(backend, [ds.images[i] for i in keep], progress=True)
+    feats = embed_images_cached(backend, [ds.images[i] for i in keep], cache_root(), progress=True)
     log(f"tuxpaint: {len(keep)} images, {len(names)} classes, features in {time.perf_counter() - t:.1f} s")
     labels = [names.index(cats[i]) for i in keep]
     return names, feats, labels
@@ -112,7 +114,7 @@ def prepare_tux(backend, limit=None):
 
 def class_embeddings_for(backend, classnames, templates):
     from clipzsl import ClassEntry, load_templates
-    from clipzsl.classifier import cached_class_embeddings
+    from clipzsl.text_encoding import cached_class_embeddings
     from clipzsl.store import EmbeddingStore
 
     return cached_class_embeddings(backend, [ClassEntry(n) for n in classnames], load_templates(templates),
@@ -129,7 +131,7 @@ def build_runs(name, prepared):
         used = sorted(common)
         remap = {c: i for i, c in enumerate(used)}
         names = [classnames[c] for c in used]
-        tr = Features.cat([feats[s].subset(keep(s)) for s in TRAIN_STYLES])
+        tr = EmbeddedImages.cat([feats[s].subset(keep(s)) for s in TRAIN_STYLES])
         ytr = [remap[labels[s][i]] for s in TRAIN_STYLES for i in keep(s)]
         tests = {f"held-out style {s}": (feats[s].subset(keep(s)), [remap[labels[s][i]] for i in keep(s)])
                  for s in TEST_STYLES if s in feats}
@@ -156,18 +158,18 @@ def run_dataset(backend, name, prepared, seeds, quick=False, on_seed=None):
     base, novel = ev.base_novel_split(classnames)
     base_set = set(base)
     keep = [i for i, y in enumerate(ytrain) if y in base_set]  # methods see base-class training images only
-    problem = ev.Problem(train.subset(keep), [ytrain[i] for i in keep], emb, base, backend.logit_scale,
+    problem = baselines.Problem(train.subset(keep), [ytrain[i] for i in keep], emb, base, backend.logit_scale,
                          backend.logit_bias)
     log(f"{name}: {len(classnames)} classes ({len(base)} base / {len(novel)} novel), "
         f"{len(keep)} base training images, tests {[(k, len(v[1])) for k, v in tests.items()]}")
     out = {"classes": len(classnames), "base_classes": len(base), "novel_classes": len(novel),
            "train_images": len(keep), "templates": templates,
            "tests": {k: len(v[1]) for k, v in tests.items()}, "runs": [], "command": report.invocation()}
-    methods = dict(ev.METHODS)
-    methods["ours, no consistency (lambda=0)"] = lambda p, seed: ev.cross_attention(
+    methods = dict(baselines.METHODS)
+    methods["ours, no consistency (lambda=0)"] = lambda p, seed: baselines.cross_attention(
         p, seed, grid=({"lr": 3e-3, "consistency": 0.0},), name="ours, lambda=0", log=log)
-    methods["ours"] = lambda p, seed: ev.cross_attention(
-        p, seed, grid=({"lr": 3e-3, "consistency": 1.0},) if quick else ev.DEFAULT_GRID, log=log)
+    methods["ours"] = lambda p, seed: baselines.cross_attention(
+        p, seed, grid=({"lr": 3e-3, "consistency": 1.0},) if quick else baselines.DEFAULT_GRID, log=log)
     for seed in range(seeds):
         for mname, fn in methods.items():
             if mname == "zero-shot" and seed > 0:

@@ -35,7 +35,7 @@ def measure(labels_count: int = 1000, templates_name: str = "simple_7", repeats:
     options = common.uncached()
 
     def ours():
-        return clipzsl.ZeroShotClassifier(backend, labels=labels, templates=templates, **options).weights
+        return clipzsl.ZeroShotClassifier(backend, labels=labels, templates=templates, **options).class_embeddings
 
     def reference():
         return open_clip.build_zero_shot_classifier(model, tokenizer, labels, templates).T

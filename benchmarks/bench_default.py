@@ -30,7 +30,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 
 import clipzsl
-from clipzsl import evaluation
+from clipzsl import metrics
 from clipzsl.backends import packaged
 
 from . import common, datasets, report
@@ -351,11 +351,11 @@ def run(quick: bool = False) -> dict:
     choice = row("chosen", "lite0, whole image, T=10, 7-template concepts, cosine (the new default)", chosen)
 
     validation = torch.from_numpy(np.concatenate([chosen(n) for n in VALIDATION]))  # same label set
-    scale = evaluation.fit_logit_scale(validation, [y for n in VALIDATION for y in truth[n]])
+    scale = metrics.fit_logit_scale(validation, [y for n in VALIDATION for y in truth[n]])
 
     def ece(name: str, at: float) -> float:
         probs = (torch.from_numpy(chosen(name)) * at).softmax(-1)
-        return 100 * evaluation.expected_calibration_error(probs, truth[name])
+        return 100 * metrics.expected_calibration_error(probs, truth[name])
     calibration = {n: {"ece_old": ece(n, OLD_SCALE), "ece_fitted": ece(n, scale),
                        "ece_shipped": ece(n, packaged.LOGIT_SCALE)} for n in sets}
     cost = measure_cost(sets["tuxpaint"], quick)

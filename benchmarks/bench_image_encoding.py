@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clipzsl
+from clipzsl.images import EmbeddedImages
 
 from . import common, datasets, report
 from .bench_accuracy import merge_case_duplicates
@@ -301,10 +302,10 @@ def run(quick: bool = False, modes: list[str] | None = None) -> dict:
             n = len(embeddings[model.name]["fp32"])
             truth_arr = np.asarray(all_truth[:n])
             clf = clipzsl.ZeroShotClassifier(model.backend, labels=classnames, templates=[TEMPLATE], progress=False)
-            reference = clf.scores_from_embeddings(embeddings[model.name]["fp32"]).argmax(axis=1)
+            reference = clf.predict_proba(EmbeddedImages(embeddings[model.name]["fp32"])).argmax(axis=1)
             for mode in modes:
                 emb = embeddings[model.name][mode]
-                top1 = clf.scores_from_embeddings(emb).argmax(axis=1)
+                top1 = clf.predict_proba(EmbeddedImages(emb)).argmax(axis=1)
                 rate = n / report.median(times[model.name][mode])
                 results["modes"][mode][model.name] = {
                     "seconds": times[model.name][mode], "images_per_s": rate,

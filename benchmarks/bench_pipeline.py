@@ -75,7 +75,7 @@ def run(quick: bool = False) -> dict:
             start = time.perf_counter()
             clf = clipzsl.ZeroShotClassifier(backend, labels=names, templates=[TEMPLATE], progress=False, **options)
             built = time.perf_counter()
-            scores = clf.scores(images, batch_size=32)
+            scores = clf.predict_proba(images, batch_size=32)
             return built - start, time.perf_counter() - built, scores
 
         def theirs(batch: list, batch_size: int = 32):
@@ -155,7 +155,7 @@ def run(quick: bool = False) -> dict:
         "",
         "| side | images timed | runs | median s | images/s | ratio |",
         "|---|---|---|---|---|---|",
-        f"| clipzsl: `ZeroShotClassifier(...).scores(images)`, classifier built once | {n_ours} | {len(classify_s)} "
+        f"| clipzsl: `ZeroShotClassifier(...).predict_proba(images)`, classifier built once | {n_ours} | {len(classify_s)} "
         f"| {report.median(classify_s):.1f} | {steady:.2f} | **{ratio:.1f}x** |",
         f"| clipzsl, building the classifier inside the timing (1,000 labels encoded) | {n_ours} | {len(build_s)} "
         f"| {report.median(build_s) + report.median(classify_s):.1f} | {cold:.2f} | {cold / pipe_rate:.1f}x |",

@@ -294,7 +294,7 @@ def child_build(label_path: str, cache_dir: str, queries_path: str, profile: boo
     out["labels"] = len(clf.labels)
     out["store_unchanged"] = before == segments(Path(cache_dir))
     if not profile:  # where the build's time goes, step by step (each step redone alone)
-        from clipzsl.classifier import class_key
+        from clipzsl.text_encoding import class_key
         from clipzsl.store import EmbeddingStore
 
         t = time.perf_counter()
@@ -318,28 +318,33 @@ def child_build(label_path: str, cache_dir: str, queries_path: str, profile: boo
         out["step_keys_all_cached"] = not store.missing(keys)
         store.get(keys)
         out["step_get_vectors_s"] = time.perf_counter() - t
+    from clipzsl.head import cosine_logits
+    from clipzsl.images import EmbeddedImages
+    from clipzsl.search import build_index
+
     t = time.perf_counter()
-    clf.index
+    label_index = build_index(clf.class_embeddings.numpy(), "Flat")
     out["flat_index_build_s"] = time.perf_counter() - t
     queries = np.load(queries_path)
     qt = torch.from_numpy(queries)
-    search(clf.index, queries[:8], 5)  # warm-up
+    search(label_index, queries[:8], 5)  # warm-up
     n = len(queries)
     out["queries"] = n
     out["flat_search_ms_per_query"], out["flat_search_s"], (_, ids) = per_query_ms(
-        lambda: search(clf.index, queries, 5), n, 3)
+        lambda: search(label_index, queries, 5), n, 3)
     out["top_k_from_embeddings_ms_per_query"], out["top_k_from_embeddings_s"], preds = per_query_ms(
-        lambda: clf.top_k_from_embeddings(qt, 5), n, 3)
-    out["log_normaliser_ms_per_query"], _, _ = per_query_ms(lambda: clf._log_normaliser(qt), n, 3)
+        lambda: clf.predict(EmbeddedImages(qt), 5), n, 3)
+    out["log_normaliser_ms_per_query"], _, _ = per_query_ms(lambda: torch.logsumexp(
+        cosine_logits(qt, clf.class_embeddings, clf.model.logit_scale, clf.model.logit_bias), 1), n, 3)
     single = queries[:50]
     out["flat_search_batch1_ms_per_query"], _, _ = per_query_ms(
-        lambda: [search(clf.index, q[None], 5) for q in single], len(single), 3)
+        lambda: [search(label_index, q[None], 5) for q in single], len(single), 3)
     import faiss
 
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     out["flat_search_batch1_1thread_ms_per_query"], _, _ = per_query_ms(
-        lambda: [search(clf.index, q[None], 5) for q in single], len(single), 3)
+        lambda: [search(label_index, q[None], 5) for q in single], len(single), 3)
     faiss.omp_set_num_threads(threads)
     out["same_top1_as_index"] = all(p[0][0] == clf.labels[i[0]] for p, i in zip(preds, ids.tolist()))
     t = time.perf_counter()
@@ -422,7 +427,7 @@ def part_store(model, cache: Path, count: int, queries: np.ndarray, query_source
         f"| &nbsp;&nbsp;`store.missing` + `store.get` (all present: "
         f"{all(r['step_keys_all_cached'] for r in runs)}) | {m['step_get_vectors_s']:.2f} |",
         f"| same build, `labels=<file path>` (includes parsing) | {m['build_from_file_path_s']:.2f} |",
-        f"| first `clf.index` (Flat, {count // 1000}k x 384) | {m['flat_index_build_s']:.2f} |",
+        f"| first `label_index` (Flat, {count // 1000}k x 384) | {m['flat_index_build_s']:.2f} |",
         f"| `ZeroShotClassifier` over 10 of those cached labels (same store) | {m['build_10_cached_labels_s']:.2f} |",
         f"| `ZeroShotClassifier` over 10 new labels (encode + write a segment; copy of the store) | "
         f"{small['build_10_new_labels_s']:.2f} |",
@@ -433,7 +438,7 @@ def part_store(model, cache: Path, count: int, queries: np.ndarray, query_source
         "",
         "| top-5 search | ms/query |",
         "|---|---|",
-        f"| **`search(clf.index, Q, 5)`, Flat, batch {len(queries)}** (< 1 ms) | **{m['flat_search_ms_per_query']:.3f}** |",
+        f"| **`search(label_index, Q, 5)`, Flat, batch {len(queries)}** (< 1 ms) | **{m['flat_search_ms_per_query']:.3f}** |",
         f"| same, one query at a time | {m['flat_search_batch1_ms_per_query']:.2f} |",
         f"| same, one query at a time, FAISS on 1 OpenMP thread | {m['flat_search_batch1_1thread_ms_per_query']:.2f} |",
         f"| `clf.top_k_from_embeddings(Q, 5)` (adds the softmax normaliser over all labels) | "
@@ -516,8 +521,8 @@ def fused_top_k(clf, embeddings, k: int, chunk: int = 16_384):
     model = clf.model
     best_v = best_i = None
     normalisers = []
-    for start in range(0, len(clf.weights), chunk):
-        logits = model.logit_scale * embeddings @ clf.weights[start : start + chunk].T + model.logit_bias
+    for start in range(0, len(clf.class_embeddings), chunk):
+        logits = model.logit_scale * embeddings @ clf.class_embeddings[start : start + chunk].T + model.logit_bias
         normalisers.append(torch.logsumexp(logits, dim=1))
         v, i = torch.topk(logits, min(k, logits.shape[1]), dim=1)
         i = i + start
@@ -534,7 +539,7 @@ def part_search(clf, queries: np.ndarray, repeats: int) -> tuple[dict, list[str]
 
     from clipzsl.search import build_index, search
 
-    weights = np.ascontiguousarray(clf.weights.numpy())
+    weights = np.ascontiguousarray(clf.class_embeddings.numpy())
     n = len(queries)
     index = build_index(weights, "Flat")
     rows = interleaved({
@@ -565,8 +570,10 @@ def part_search(clf, queries: np.ndarray, repeats: int) -> tuple[dict, list[str]
             f"{c['identical_id_lists']:.1%} | {c['identical_id_sets']:.1%} | {c['max_abs_similarity_diff']:.1e} |"
             if c else "(reference) | | |"))
     # top-5 with probabilities, as the classifier returns them
+    from clipzsl.images import EmbeddedImages
+
     qt = torch.from_numpy(queries)
-    both = interleaved({"library": lambda: clf.top_k_from_embeddings(qt, 5),
+    both = interleaved({"library": lambda: clf.predict(EmbeddedImages(qt), 5),
                         "fused": lambda: fused_top_k(clf, qt, 5)}, n, repeats)
     library_ms, library_s, library = both["library"]
     fused_ms, fused_s, (fused_p, fused_ids) = both["fused"]
@@ -741,7 +748,7 @@ def main() -> None:
         results["store"], section, clf = timed_part(
             "store", lambda: part_store(model, cache, count, queries, query_source))
         lines += section
-        weights = np.ascontiguousarray(clf.weights.numpy())
+        weights = np.ascontiguousarray(clf.class_embeddings.numpy())
         if "search" in parts:
             results["search"], section, _ = timed_part("search", lambda: part_search(clf, queries, args.repeats))
             lines += section

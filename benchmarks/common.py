@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 import clipzsl
+from clipzsl.metrics import per_class_recall
 
 
 # ---------------------------------------------------------------- classification metrics
@@ -22,10 +23,8 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 
 def mean_per_class_recall(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 recall of each class that has images, averaged over those classes."""
-    labels = np.asarray(labels)
-    predicted = np.argmax(scores, axis=1)
-    return float(np.mean([(predicted[labels == c] == c).mean() for c in np.unique(labels)]))
+    """Top-1 recall of each class that has images, averaged over those classes (clipzsl.metrics')."""
+    return per_class_recall(np.argmax(scores, axis=1), labels)
 
 
 def metrics(scores: np.ndarray, labels: Sequence[int]) -> dict:

@@ -11,6 +11,7 @@ import csv
 import functools
 import io
 import json
+import math
 import os
 import sys
 import warnings
@@ -18,13 +19,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import __version__, available_models
-from .adapter import CONFIG_NAME, Features
+import numpy as np
+
+from . import __version__
+from . import evaluation as ev
+from .adapter import CONFIG_NAME
+from .backends import available_models, load_model
+from .backends.base import CONCEPTS_PREFIX
+from .baselines import DEFAULT_GRID
 from .classifier import ZeroShotClassifier
+from .explain import explain
 from .image_index import ImageIndex
-from .images import NoImagesWarning, expand_sources
-from .store import StoreError, cache_root
-from .prompts import DEFAULT_TEMPLATES, PromptFileError
+from .images import FEATURES_DIR, NoImagesWarning, embed_images_cached, expand_sources
+from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_templates
+from .shards import index_from_shards, write_shards
+from .store import EmbeddingStore, StoreError, cache_root
+from .text_encoding import class_embeddings
+from .training import TrainConfig, fit_with_selection, folder_dataset
 
 FORMATS = ("table", "csv", "json")
 LABELS_HELP = "label file (FILE.json:KEY picks a data set), shipped set name, or a,b,c (one label: a,)"
@@ -127,20 +138,16 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not sources:
         print(f"clipzsl: error: no images to classify in {', '.join(args.paths)}", file=sys.stderr)
         return 1
+    # --no-cache: False all the way down, so neither the labels nor the model write anything
     cache = False if args.no_cache else (args.cache_dir or True)
     clf = ZeroShotClassifier(
-        args.model, labels=labels_argument(args.labels), templates=args.templates, cache=cache, index=args.index,
-        adapter=args.adapter,
+        args.model, labels=labels_argument(args.labels), templates=args.templates, cache=cache, adapter=args.adapter,
     )
-    embedded = clf.embed(sources, batch_size=args.batch_size, skip_errors=True, progress=None,
-                         return_tokens=clf.adapter is not None)
+    embedded = clf.embed(sources, batch_size=args.batch_size, skip_errors=True, progress=None)
     for failure in embedded.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     if embedded.sources:  # all unreadable: the message below, not an empty table
-        if clf.adapter is None:
-            predictions = clf.top_k_from_embeddings(embedded.embeddings, args.top_k)
-        else:
-            predictions = clf.top_k_from_features(Features(embedded.embeddings, embedded.tokens), args.top_k)
+        predictions = clf.predict(embedded, args.top_k)
         text = format_predictions(list(zip(embedded.sources, predictions)), args.format)
         if args.output:
             Path(args.output).write_text(text, encoding="utf-8")
@@ -161,24 +168,35 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .store import EmbeddingStore
+    """Every cache under the cache directory: label embeddings, packaged concepts, image features.
 
-    root = cache_root(args.cache_dir) / "labels"
-    stores = sorted(p for p in root.glob("*") if p.is_dir()) if root.exists() else []
+    A label cache whose meta.json is damaged is shown as damaged and still cleared."""
+    root = cache_root(args.cache_dir)
+    labels_root = root / "labels"
+    stores = sorted(p for p in labels_root.glob("*") if p.is_dir())
+    concepts = sorted(root.glob(f"{CONCEPTS_PREFIX}*.npy")) if root.is_dir() else []
+    features = sorted((root / FEATURES_DIR).glob("*.safetensors"))
     if args.action == "clear":
         for directory in stores:  # whatever state it is in: an unreadable meta.json must not block this
             EmbeddingStore.destroy(directory)
-        print(f"cleared {len(stores)} label cache(s) under {root}")
+        for path in concepts + features:
+            path.unlink(missing_ok=True)
+        print(f"cleared {len(stores)} label cache(s), {len(concepts)} packaged concept file(s) and "
+              f"{len(features)} image-feature file(s) under {root}")
         return 0
-    print(f"label cache: {root}")
+    print(f"label cache: {labels_root}")
     for directory in stores:
         try:
             meta = EmbeddingStore.read_meta(directory)
             store = EmbeddingStore(directory, meta["fingerprint"], meta["embed_dim"])
-        except StoreError as err:
-            print(f"  {directory.name}  unusable ({err}); `clipzsl cache clear` removes it")
+        except (StoreError, KeyError, TypeError) as err:
+            print(f"  {directory.name}  damaged, unusable ({err}); `clipzsl cache clear` removes it")
             continue
         print(f"  {meta.get('spec') or '?'}  {len(store)} labels  {store.size_bytes() / 1e6:.1f} MB  {meta['fingerprint']}")
+    print(f"packaged concept embeddings: {len(concepts)} file(s), "
+          f"{sum(p.stat().st_size for p in concepts) / 1e6:.1f} MB")
+    print(f"image features ({root / FEATURES_DIR}): {len(features)} file(s), "
+          f"{sum(p.stat().st_size for p in features) / 1e6:.1f} MB")
     return 0
 
 
@@ -209,8 +227,6 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not args.out:
         raise ValueError(f"`clipzsl index {args.kind}` needs --out INDEX_DIR")
     if args.kind == "from-shards":
-        from .shards import index_from_shards
-
         if len(args.folders) != 1 or not args.model:
             raise ValueError("`clipzsl index from-shards DIR --out INDEX --model SPEC`: one shard directory, and "
                              "the model that embedded the shards")
@@ -229,9 +245,6 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from . import load_model
-    from .shards import write_shards
-
     report = write_shards(load_model(args.model), args.paths, args.out, shard_size=args.shard_size,
                           batch_size=args.batch_size)
     for failure in report.failures:
@@ -265,13 +278,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
-    from . import load_model
-    from .adapter import TrainConfig, extract_features, fit_with_selection, folder_dataset
-    from .classifier import class_embeddings
-    from .evaluation import DEFAULT_GRID
-    from .prompts import ClassEntry, load_templates
-
-    names, paths, labels = folder_dataset(args.data)
+    names, paths, targets = folder_dataset(args.data)
     seen = list(range(len(names)))
     if args.seen:
         wanted = [l.strip() for l in Path(args.seen).read_text().splitlines() if l.strip() and not l.startswith("#")]
@@ -284,20 +291,20 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         where = f"{args.seen} selects" if args.seen else f"{args.data} has"
         raise ValueError(f"{where} {len(seen)} class(es) with images ({[names[c] for c in seen]}); an adapter "
                          f"needs at least 2 classes to train on: add class sub-folders of images to {args.data}")
-    keep = [i for i, y in enumerate(labels) if y in set(seen)]
-    backend = load_model(args.model)
+    keep = [i for i, y in enumerate(targets) if y in set(seen)]
+    model = load_model(args.model, cache=args.cache_dir or True)
     templates = load_templates(args.templates)
-    emb = class_embeddings(backend, [ClassEntry(n) for n in names], templates)
-    feats = extract_features(backend, [paths[i] for i in keep], cache=args.cache_dir or True, progress=True)
+    class_embs = class_embeddings(model, [ClassEntry(n) for n in names], templates)
+    images = embed_images_cached(model, [paths[i] for i in keep], cache_root(args.cache_dir), progress=True)
     if args.lr is None and args.consistency is None:
         grid = DEFAULT_GRID
     else:
         grid = ({"lr": args.lr or 3e-3, "consistency": 1.0 if args.consistency is None else args.consistency},)
-    result, info = fit_with_selection(feats, [labels[i] for i in keep], emb, seen, backend.logit_scale,
+    result, info = fit_with_selection(images, [targets[i] for i in keep], class_embs, seen, model.logit_scale,
                                       seed=args.seed, grid=grid, base=TrainConfig(epochs=args.epochs, patience=4),
-                                      logit_bias=backend.logit_bias, log=lambda m: print(m, file=sys.stderr))
+                                      logit_bias=model.logit_bias, log=lambda m: print(m, file=sys.stderr))
     info.pop("val_split")
-    result.adapter.save(args.out, backend, templates=templates, labels=[names[c] for c in seen],
+    result.adapter.save(args.out, model, templates=templates, labels=[names[c] for c in seen],
                         extra={"training": info})
     metric = info["val_metric"]
     if metric is None:
@@ -317,18 +324,14 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     """`eval --protocol zeroshot`: every class of DATA scored, no training; a CLIP_benchmark-style record."""
-    from . import load_model
-    from .adapter import folder_dataset
-    from .evaluation import zeroshot_classification
-    from .prompts import ClassEntry, load_templates
-
     if args.test:
         raise ValueError("--test does not apply to --protocol zeroshot: it evaluates every image of DATA")
-    names, paths, labels = folder_dataset(args.data)  # refuses a DATA without images
-    backend = load_model(args.model)
+    names, paths, targets = folder_dataset(args.data)  # refuses a DATA without images
+    cache = args.cache_dir or True
+    model = load_model(args.model, cache=cache)
     templates = load_templates(args.templates)
     if args.load_classifier:
-        clf = ZeroShotClassifier.load(args.load_classifier, backend)
+        clf = ZeroShotClassifier.load(args.load_classifier, model)
         if clf.labels != names:
             missing = [n for n in names if n not in clf.labels]
             extra = [n for n in clf.labels if n not in names]
@@ -340,11 +343,10 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.load_classifier}: built with other templates than --templates {args.templates!r}; "
                              "pass the templates it was built with, or build it again with --save-classifier")
     else:
-        clf = ZeroShotClassifier(backend, labels=[ClassEntry(n) for n in names], templates=templates,
-                                 cache=args.cache_dir or True)
+        clf = ZeroShotClassifier(model, labels=[ClassEntry(n) for n in names], templates=templates, cache=cache)
     if args.save_classifier:
         clf.save(args.save_classifier)
-    metrics, failures = zeroshot_classification(clf, paths, labels, batch_size=args.batch_size)
+    metrics, failures = ev.zeroshot_classification(clf, paths, targets, batch_size=args.batch_size)
     for failure in failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     scored = len(paths) - len(failures)
@@ -356,8 +358,8 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
         return 1
     record = {
         "dataset": str(args.data),
-        "model": backend.spec,
-        "pretrained": backend.fingerprint,  # a spec names architecture and weights together; this is the weights
+        "model": model.spec,
+        "pretrained": model.fingerprint,  # a spec names architecture and weights together; this is the weights
         "task": "zeroshot_classification",
         "metrics": metrics,
         "language": "en",
@@ -366,7 +368,7 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
         "n_images": scored,
         "n_unreadable": len(failures),
     }
-    print(f"zero-shot classification: {args.data}, {len(names)} classes, {scored} images, model {backend.spec}")
+    print(f"zero-shot classification: {args.data}, {len(names)} classes, {scored} images, model {model.spec}")
     for key, value in metrics.items():
         print(f"{key:<22} {'n/a (fewer than 5 classes)' if value is None else f'{100 * value:.2f}%'}")
     if args.output:
@@ -375,32 +377,22 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import math
-
     if args.protocol == "zeroshot":
         return cmd_eval_zeroshot(args)
     if args.save_classifier or args.load_classifier:
         raise ValueError("--save-classifier and --load-classifier apply to --protocol zeroshot only")
-    from . import evaluation as ev
-    from . import load_model
-    from .adapter import extract_features, folder_dataset
-    from .classifier import class_embeddings
-    from .prompts import ClassEntry, load_templates
-
-    names, paths, labels = folder_dataset(args.data)
+    names, paths, targets = folder_dataset(args.data)
     if args.test:
-        tnames, tpaths, tlabels = folder_dataset(args.test)
+        tnames, tpaths, ttargets = folder_dataset(args.test)
         common = sorted(set(names) & set(tnames))
-        tr = [(p, common.index(names[y])) for p, y in zip(paths, labels) if names[y] in common]
-        te = [(p, common.index(tnames[y])) for p, y in zip(tpaths, tlabels) if tnames[y] in common]
+        tr = [(p, common.index(names[y])) for p, y in zip(paths, targets) if names[y] in common]
+        te = [(p, common.index(tnames[y])) for p, y in zip(tpaths, ttargets) if tnames[y] in common]
         names = common
     else:
-        import numpy as np
-
         rng = np.random.default_rng(0)
         tr, te = [], []
         for c in range(len(names)):
-            idx = rng.permutation([i for i, y in enumerate(labels) if y == c]).tolist()
+            idx = rng.permutation([i for i, y in enumerate(targets) if y == c]).tolist()
             tr += [(paths[i], c) for i in idx[: len(idx) // 2]]
             te += [(paths[i], c) for i in idx[len(idx) // 2:]]
     if len(names) < 4:  # base accuracy among one base class is 1.0 whatever the model does
@@ -413,12 +405,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if untrained:
         raise ValueError(f"{args.data}: base classes {untrained[:5]} have no training image; without --test each "
                          "class is split in half, so it needs at least 2 images")
-    backend = load_model(args.model)
-    emb = class_embeddings(backend, [ClassEntry(n) for n in names], load_templates(args.templates))
-    cache = args.cache_dir or True
-    ftr = extract_features(backend, [p for p, _ in tr], cache=cache, progress=True)
-    fte = extract_features(backend, [p for p, _ in te], cache=cache, progress=True)
-    problem = ev.Problem(ftr, [y for _, y in tr], emb, base, backend.logit_scale, backend.logit_bias)
+    model = load_model(args.model, cache=args.cache_dir or True)
+    class_embs = class_embeddings(model, [ClassEntry(n) for n in names], load_templates(args.templates))
+    cache_dir = cache_root(args.cache_dir)
+    train_images = embed_images_cached(model, [p for p, _ in tr], cache_dir, progress=True)
+    test_images = embed_images_cached(model, [p for p, _ in te], cache_dir, progress=True)
+    problem = ev.Problem(train_images, [y for _, y in tr], class_embs, base, model.logit_scale, model.logit_bias)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ev.METHODS]
     if unknown:
@@ -430,9 +422,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             fitted = ev.METHODS[m](problem, seed=seed)
             run = {"seed": seed}
             if args.protocol in ("b2n", "both"):
-                run["b2n"] = ev.base_to_novel(fitted, fte, [y for _, y in te], base, novel)
+                run["b2n"] = ev.base_to_novel(fitted, test_images, [y for _, y in te], base, novel)
             if args.protocol in ("gzsl", "both"):
-                run["gzsl"] = ev.gzsl(fitted, problem, fte, [y for _, y in te], base, novel, seed)
+                run["gzsl"] = ev.gzsl(fitted, problem, test_images, [y for _, y in te], base, novel, seed)
             runs.append(run)
         results[m] = runs
 
@@ -460,11 +452,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from . import load_model
-    from .explain import explain
-
-    backend = load_model(args.model)
-    written = explain(backend, args.images, labels_argument(args.labels), args.out, adapter=args.adapter,
+    model = load_model(args.model)
+    written = explain(model, args.images, labels_argument(args.labels), args.out, adapter=args.adapter,
                       templates=args.templates)
     for path in written:
         print(path)
@@ -488,16 +477,17 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--format", choices=FORMATS, default="table", help="output format")
     classify.add_argument("--output", type=output_file, help="write results to this file instead of stdout")
     classify.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
-    classify.add_argument("--index", default="auto", help="FAISS factory string for the label index (Flat, HNSW32, ...)")
-    classify.add_argument("--cache-dir", help="label-embedding cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
-    classify.add_argument("--no-cache", action="store_true", help="encode every label, store nothing")
+    classify.add_argument("--cache-dir", help="cache directory: label embeddings, the packaged model's concepts "
+                                              "(default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
+    classify.add_argument("--no-cache", action="store_true",
+                          help="write no cache anywhere: encode every label (and the packaged model's concepts) in memory")
     classify.add_argument("--adapter", type=adapter_directory,
                           help="saved adapter directory (from train-adapter) to score through; it must have been "
                                "trained on --model (default: none, plain zero-shot)")
     classify.set_defaults(run=cmd_classify)
 
-    cache = commands.add_parser("cache", help="show or clear the label-embedding cache")
-    cache.add_argument("action", choices=("info", "clear"), help="info: list the cached label sets; clear: delete them")
+    cache = commands.add_parser("cache", help="show or clear the caches (labels, packaged concepts, image features)")
+    cache.add_argument("action", choices=("info", "clear"), help="info: list what is cached; clear: delete it all")
     cache.add_argument("--cache-dir", help="cache directory (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     cache.set_defaults(run=cmd_cache)
 

@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import ImageSource, expand_sources, load_image
+from .adapter import CrossAttentionAdapter
+from .backends import Backend
+from .classifier import ZeroShotClassifier
+from .images import EmbeddedImages, ImageSource, expand_sources, load_image
+from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
 
 
 @dataclass(frozen=True)
@@ -47,19 +51,19 @@ class View:
         return left, top, left + w, top + h
 
 
-def image_view(backend, image: Image.Image | None = None) -> View:
-    """The `View` of a backend's preprocessing, read from its transformers image processor (hf:)
+def image_view(model: Backend, image: Image.Image | None = None) -> View:
+    """The `View` of a model's preprocessing, read from its transformers image processor (hf:)
     or its torchvision Compose (open_clip, packaged). A preprocessing that picks its view per image
     (the packaged default's `transform_for`) is asked for `image`'s. Anything else is taken as CLIP's
     centre square."""
-    processor = getattr(getattr(backend, "processor", None), "image_processor", None)
+    processor = getattr(getattr(model, "processor", None), "image_processor", None)
     if processor is not None:
         size = _size_fields(processor.size) if getattr(processor, "do_resize", True) else {}
         crop = _size_fields(processor.crop_size) if getattr(processor, "do_center_crop", False) else {}
         squeeze = "height" in size and "width" in size
         resize = size.get("height") if squeeze else size.get("shortest_edge")
         return View(squeeze, min(1.0, crop["height"] / resize) if resize and "height" in crop else 1.0)
-    transform = backend.preprocess
+    transform = model.preprocess
     if image is not None and hasattr(transform, "transform_for"):
         transform = transform.transform_for(image)
     resize = crop = None
@@ -144,14 +148,15 @@ def annotate(picture: Image.Image, caption: str) -> Image.Image:
     return canvas
 
 
-def heatmaps(features, class_emb: torch.Tensor, adapter=None) -> torch.Tensor:
-    """[N, C, T] maps from `clipzsl.adapter.Features`: adapter attention (mean over heads, without
-    the global token) or patch-text cosine."""
+def heatmaps(images: EmbeddedImages, class_embeddings: torch.Tensor,
+             adapter: CrossAttentionAdapter | None = None) -> torch.Tensor:
+    """[N, C, T] maps from images embedded with their tokens: adapter attention (mean over heads,
+    without the global token) or patch-text cosine."""
     with torch.no_grad():
         if adapter is not None:
-            attn = adapter.attention(class_emb, features.tokens, features.pooled).mean(2)  # [N, C, T']
+            attn = adapter.attention(class_embeddings, images.tokens, images.embeddings).mean(2)  # [N, C, T']
             return attn[..., 1:] if adapter.config.global_token else attn
-        return torch.einsum("ntd,cd->nct", F.normalize(features.tokens, dim=-1), class_emb)
+        return torch.einsum("ntd,cd->nct", F.normalize(images.tokens, dim=-1), class_embeddings)
 
 
 def _slug(text: str) -> str:
@@ -175,30 +180,25 @@ def output_stems(sources: Sequence[ImageSource]) -> list[str]:
 
 
 def explain(
-    backend,
+    model: Backend,
     images: ImageSource | Sequence[ImageSource],
-    labels,
-    out_dir,
-    adapter=None,
-    templates=None,
+    labels: LabelsArg,
+    out_dir: str | Path,
+    adapter: CrossAttentionAdapter | str | Path | None = None,
+    templates: TemplatesArg | None = None,
 ) -> list[Path]:
     """Write one PNG per (image, label) into `out_dir`, `<image stem>__<label>.png` (see
     `output_stems`): the image at its own size with the label's map over what the model saw,
     the label and its probability (among `labels`) below, the colour scale beside it."""
-    from .classifier import ZeroShotClassifier
-    from .prompts import DEFAULT_TEMPLATES
-
     if isinstance(adapter, (str, Path)):
-        from .adapter import CrossAttentionAdapter
-
-        adapter = CrossAttentionAdapter.load(adapter, backend)
-    saved = (getattr(adapter, "meta", None) or {}).get("templates")
-    clf = ZeroShotClassifier(backend, labels=labels, templates=templates or saved or DEFAULT_TEMPLATES, cache=False,
+        adapter = CrossAttentionAdapter.load(adapter, model)
+    saved = adapter.meta.get("templates") if adapter is not None else None
+    clf = ZeroShotClassifier(model, labels=labels, templates=templates or saved or DEFAULT_TEMPLATES, cache=False,
                              adapter=adapter)
     sources = expand_sources(images)
-    features = clf.features(sources)
-    probs = clf.scores_from_features(features)
-    maps = heatmaps(features, clf.weights, clf.adapter)
+    embedded = clf.embed(sources, return_tokens=True)
+    probs = clf.predict_proba(embedded)
+    maps = heatmaps(embedded, clf.class_embeddings, clf.adapter)
     label_names = _distinct([_slug(name) for name in clf.labels])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,6 +207,6 @@ def explain(
         image = load_image(src)
         for c, name in enumerate(clf.labels):
             path = out_dir / f"{stem}__{label_names[c]}.png"
-            annotate(overlay(image, grid_of(maps[i, c]), image_view(backend, image)), f"{name}: {probs[i, c]:.1%}").save(path)
+            annotate(overlay(image, grid_of(maps[i, c]), image_view(model, image)), f"{name}: {probs[i, c]:.1%}").save(path)
             written.append(path)
     return written

@@ -1,23 +1,32 @@
-"""From paths, folders and PIL images to batches of embeddings, skipping what cannot be read.
+"""From paths, folders and PIL images to embeddings, skipping what cannot be read.
 
-Decoding and preprocessing run in a small thread pool (Pillow releases the GIL
-while it decodes and resizes) so the encoder is not kept waiting.
+`EmbeddedImages` is the one type of embedded images (pooled embeddings, optional
+spatial tokens, where they came from, what failed); every head, the adapter's
+training and the evaluation take it. Decoding and preprocessing run in a small
+thread pool (Pillow releases the GIL while it decodes and resizes) so the encoder
+is not kept waiting. `embed_images_cached` keeps (pooled, tokens) of a fixed image
+list on disk under `<cache_dir>/image-features/`, for training and evaluation,
+which embed the same images again and again.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import torch
 from PIL import Image, ImageOps
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from .backends.base import Backend
+from .store import atomic_write
 
 ImageSource = Union[str, Path, Image.Image]
 IMAGE_SUFFIXES = {suffix for suffix, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
@@ -32,12 +41,35 @@ class ImageLoadError(ValueError):
         self.reason = reason
 
 
+#: the sub-folder of the cache directory that `embed_images_cached` writes to
+FEATURES_DIR = "image-features"
+
+
 @dataclass
 class EmbeddedImages:
-    embeddings: torch.Tensor  # [N, D], L2-normalised, in `sources` order
-    sources: list[str]  # names of the images that were embedded
-    failures: list[ImageLoadError]  # images that were skipped, with why
-    tokens: torch.Tensor | None = None  # [N, T, D] spatial tokens, with `return_tokens`
+    """Images as a frozen backbone sees them: what every head scores."""
+
+    embeddings: torch.Tensor  # [N, D] pooled, L2-normalised, in `sources` order
+    tokens: torch.Tensor | None = None  # [N, T, D] spatial tokens (unnormalised), with `return_tokens`
+    sources: list[str] = field(default_factory=list)  # names of the images that were embedded
+    failures: list[ImageLoadError] = field(default_factory=list)  # images that were skipped, with why
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    def subset(self, index: Sequence[int] | torch.Tensor) -> "EmbeddedImages":
+        """The rows `index` (failures are not rows, so they stay behind)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        sources = [self.sources[i] for i in index.tolist()] if self.sources else []
+        tokens = self.tokens[index] if self.tokens is not None else None
+        return EmbeddedImages(self.embeddings[index], tokens, sources)
+
+    @staticmethod
+    def cat(parts: Sequence["EmbeddedImages"]) -> "EmbeddedImages":
+        tokens = [p.tokens for p in parts]
+        return EmbeddedImages(torch.cat([p.embeddings for p in parts]),
+                              torch.cat(tokens) if all(t is not None for t in tokens) else None,
+                              [s for p in parts for s in p.sources], [f for p in parts for f in p.failures])
 
 
 class NoImagesWarning(UserWarning):
@@ -166,7 +198,7 @@ _END = object()
 
 
 def embed_images(
-    backend: Backend,
+    model: Backend,
     images: ImageSource | Sequence[ImageSource],
     batch_size: int = 32,
     skip_errors: bool = False,
@@ -176,7 +208,7 @@ def embed_images(
 ) -> EmbeddedImages:
     """Embed images in batches. Unreadable ones raise, or with `skip_errors` are reported back.
 
-    With `return_tokens`, the backend's spatial tokens come back too (what an adapter attends over).
+    With `return_tokens`, the model's spatial tokens come back too (what an adapter attends over).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -187,23 +219,82 @@ def embed_images(
     kept: list[str] = []
     failures: list[ImageLoadError] = []
     with tqdm(total=len(sources), unit="img", desc="images", disable=_quiet(progress, len(sources))) as bar:
-        for batch in _batches(backend, sources, batch_size, workers):
+        for batch in _batches(model, sources, batch_size, workers):
             good = [(i, t) for i, t in batch if isinstance(t, torch.Tensor)]
             for _, err in ((i, t) for i, t in batch if isinstance(t, ImageLoadError)):
                 if not skip_errors:
                     raise err
                 failures.append(err)
             if good:
-                encoded = backend.encode_images(torch.stack([t for _, t in good]), return_tokens=return_tokens)
+                encoded = model.encode_images(torch.stack([t for _, t in good]), return_tokens=return_tokens)
                 if return_tokens:
                     encoded, tokens = encoded
                     token_chunks.append(tokens.float().cpu())
                 chunks.append(encoded)
                 kept.extend(source_name(sources[i], i) for i, _ in good)
             bar.update(len(batch))
-    embeddings = torch.cat(chunks) if chunks else torch.empty(0, backend.embed_dim)
+    embeddings = torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)
     tokens = torch.cat(token_chunks) if token_chunks else None
-    return EmbeddedImages(embeddings.float().cpu(), kept, failures, tokens)
+    return EmbeddedImages(embeddings.float().cpu(), tokens, kept, failures)
+
+
+def _image_identity(source: ImageSource) -> str:
+    """What a cached feature row depends on: a file's path, size and mtime, or a PIL image's pixels."""
+    if isinstance(source, (str, Path)):
+        try:
+            st = os.stat(source)
+            return f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            return f"{source}|missing"
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{source.mode}|{source.size}".encode())
+    h.update(source.tobytes())
+    return f"<pil {h.hexdigest()}>"
+
+
+def features_key(model: Backend, sources: Sequence[ImageSource]) -> str:
+    """Cache key of a list of images under one model: its fingerprint and every image's identity."""
+    h = hashlib.sha256(model.fingerprint.encode())
+    for source in sources:
+        h.update(b"\n" + _image_identity(source).encode())
+    return h.hexdigest()[:32]
+
+
+def embed_images_cached(
+    model: Backend,
+    images: ImageSource | Sequence[ImageSource],
+    cache_dir: str | os.PathLike | None,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> EmbeddedImages:
+    """Pooled embeddings and tokens of every image, kept in `<cache_dir>/image-features/`
+    (None: nothing is read or written).
+
+    The cache file is keyed by the model fingerprint and the images (path + size +
+    mtime, or a PIL image's pixels), so a second call costs one file read. Tokens are
+    stored as float16 (half the disk; far below the adapter's sensitivity); pooled stays
+    float32 so the zero-shot scores from cached embeddings equal the uncached ones.
+    Unreadable images raise `ImageLoadError` naming the file.
+    """
+    sources = expand_sources(images)
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / FEATURES_DIR / f"{features_key(model, sources)}.safetensors"
+        if path.exists():
+            try:
+                data = load_file(str(path))
+                if data["pooled"].shape[0] == len(sources):
+                    return EmbeddedImages(data["pooled"], data["tokens"].float(),
+                                          [source_name(s, i) for i, s in enumerate(sources)])
+            except Exception:  # a truncated/corrupt cache file is recomputed
+                pass
+    if not sources:
+        return EmbeddedImages(torch.empty(0, model.embed_dim), torch.empty(0, 0, model.embed_dim))
+    embedded = embed_images(model, sources, batch_size=batch_size, progress=progress, return_tokens=True)
+    if path is not None:
+        tensors = {"pooled": embedded.embeddings.contiguous(), "tokens": embedded.tokens.half().contiguous()}
+        atomic_write(path, lambda f: f.write(safetensors_bytes(tensors)))
+    return embedded
 
 
 def _quiet(progress: bool | None, total: int) -> bool | None:

@@ -50,13 +50,12 @@ def check_top_k(k: int) -> None:
         raise ValueError(f"top_k must be at least 1, got {k}")
 
 
-def write_index(index, path: os.PathLike) -> None:
-    """Save an index atomically (temp, fsync, rename), streamed rather than copied in memory."""
+def write_index(index, file) -> None:
+    """Write an index into an open binary file, streamed rather than copied in memory (the store
+    gives it the temporary file of an atomic write)."""
     import faiss
 
-    from .store import atomic_write
-
-    atomic_write(path, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
+    faiss.write_index(index, faiss.PyCallbackIOWriter(file.write))
 
 
 def load_index(path: os.PathLike, mmap: bool = False):

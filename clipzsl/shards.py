@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .backends import Backend
+from .image_index import ImageIndex
 from .images import IMAGE_SUFFIXES, ImageLoadError, embed_images, expand_sources, load_image
 from .store import atomic_write
 
@@ -145,8 +146,6 @@ def index_from_shards(directory: str | os.PathLike, out: str | os.PathLike, mode
     """An `ImageIndex` at `out` holding every row of the shards (keys from `image_path`), its FAISS
     index saved. `model` must be the one that embedded them: it encodes the text queries."""
     import pyarrow.parquet as pq
-
-    from .image_index import ImageIndex
 
     index = ImageIndex(out, model, dtype=dtype)
     for emb, meta in shard_files(directory):

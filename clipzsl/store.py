@@ -37,6 +37,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .search import build_index, factory_for, load_index, recall_at_k, write_index
+from .search import search as faiss_search
+
 FORMAT = 2
 #: more small segments than this (at the end of the store) are concatenated into one
 MAX_SEGMENTS = 16
@@ -677,8 +680,6 @@ class EmbeddingStore:
         """Per query, the `top_k` (key, inner product) pairs, best first, through the saved index
         (exact search over the segments when none was saved); rows added since it was saved are
         searched too. Never rebuilds or trains an index."""
-        from .search import search as faiss_search
-
         queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.embed_dim))
         index, base = self._search_index()
         if index.ntotal == 0:
@@ -698,8 +699,6 @@ class EmbeddingStore:
 
     def _search_index(self):
         """(FAISS index, global row of its position 0), covering every row written so far."""
-        from .search import load_index
-
         self.reload()
         first, next_row = self.row_span
         state = self._state()
@@ -756,8 +755,6 @@ class EmbeddingStore:
         chooses by size (`clipzsl.search.factory_for`); another factory string builds afresh.
         The search parameter (nprobe/efSearch) is the smallest reaching TARGET_RECALL@10 on
         `sample` stored vectors as queries. Returns `index_state()`."""
-        from .search import build_index, factory_for, load_index, recall_at_k, write_index
-
         with self._writing():
             first, next_row = self.row_span
             state = self._state()
@@ -778,7 +775,7 @@ class EmbeddingStore:
             for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
                 index.add(self.read_range(start, min(start + COMPACT_SEGMENT_ROWS, next_row)))
             param, recall = self._tune(index, wanted, first, sample, seed, recall_at_k)
-            write_index(index, saved)
+            atomic_write(saved, lambda f: write_index(index, f))
             self._set_index_state({"factory": wanted, "base": first, "rows": next_row, "bytes": saved.stat().st_size,
                                    "crc": file_crc(saved), "param": param, "recall": recall})
             self._index = None

@@ -10,15 +10,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clipzsl
+from clipzsl import baselines
 from clipzsl import evaluation as ev
-from clipzsl.adapter import (AdapterMismatch, CrossAttentionAdapter, Features, TrainConfig, extract_features,
-                             fit_with_selection, seen_split, train_adapter)
+from clipzsl import metrics
+from clipzsl.adapter import AdapterMismatch, CrossAttentionAdapter
+from clipzsl.images import EmbeddedImages, embed_images_cached
+from clipzsl.training import TrainConfig, fit_with_selection, seen_split, train_adapter
 from clipzsl.cli import main
 
 
 def rand_feats(n=8, t=9, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Features(F.normalize(torch.randn(n, d, generator=g), dim=-1), torch.randn(n, t, d, generator=g))
+    return EmbeddedImages(F.normalize(torch.randn(n, d, generator=g), dim=-1), torch.randn(n, t, d, generator=g))
 
 
 def rand_classes(c=5, d=16, seed=1):
@@ -28,20 +31,20 @@ def rand_classes(c=5, d=16, seed=1):
 def test_equals_zero_shot_at_init_and_with_alpha_zero():
     f, t = rand_feats(), rand_classes()
     adapter = CrossAttentionAdapter(16, heads=4)
-    zs = 20.0 * f.pooled @ t.T + 0.5
+    zs = 20.0 * f.embeddings @ t.T + 0.5
     for mode in (adapter.eval, adapter.train):
         mode()
-        out = adapter(t, f.tokens, f.pooled, 20.0, 0.5)
+        out = adapter(t, f.tokens, f.embeddings, 20.0, 0.5)
         assert torch.equal(out, zs)
     # trained weights but alpha forced back to 0: still exactly zero-shot
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(0.1 * torch.randn_like(p))
         adapter.alpha.zero_()
-    assert torch.equal(adapter.logits(t, f, 20.0, 0.5), zs)
+    assert torch.equal(adapter.head(f, t, 20.0, 0.5), zs)
     with torch.no_grad():
         adapter.alpha.fill_(1.0)
-    assert not torch.allclose(adapter.logits(t, f, 20.0, 0.5), zs)
+    assert not torch.allclose(adapter.head(f, t, 20.0, 0.5), zs)
 
 
 def test_class_agnostic_any_number_of_new_classes():
@@ -52,19 +55,19 @@ def test_class_agnostic_any_number_of_new_classes():
         adapter.alpha.fill_(0.5)
     for c in (1, 3, 50):
         t = rand_classes(c, seed=c)
-        assert adapter.logits(t, f, 10.0).shape == (8, c)
-        assert adapter.attention(t, f.tokens, f.pooled).shape == (8, c, 2, 9 + 1)
+        assert adapter.head(f, t, 10.0).shape == (8, c)
+        assert adapter.attention(t, f.tokens, f.embeddings).shape == (8, c, 2, 9 + 1)
         assert adapter.num_parameters() == count
     # a class's score does not depend on which other classes are present
     t = rand_classes(6, seed=3)
-    full = adapter.logits(t, f, 10.0)
-    assert torch.allclose(adapter.logits(t[[4, 1]], f, 10.0), full[:, [4, 1]], atol=1e-5)
+    full = adapter.head(f, t, 10.0)
+    assert torch.allclose(adapter.head(f, t[[4, 1]], 10.0), full[:, [4, 1]], atol=1e-5)
 
 
 def test_attention_rows_are_distributions():
     adapter = CrossAttentionAdapter(16, heads=4)
     f, t = rand_feats(), rand_classes()
-    attn = adapter.attention(t, f.tokens, f.pooled)
+    attn = adapter.attention(t, f.tokens, f.embeddings)
     assert torch.allclose(attn.sum(-1), torch.ones(8, 5, 4), atol=1e-5)
     assert (attn >= 0).all()
 
@@ -78,15 +81,15 @@ def toy_problem(seed=0, n_classes=6, per_class=12, d=16, t=9):
     pooled = F.normalize(noise + 0.3 * text[labels], dim=-1)
     tokens = torch.randn(len(labels), t, d, generator=g)
     tokens[:, 0] += 4 * text[labels]  # one region shows the object
-    return Features(pooled, tokens), labels, text
+    return EmbeddedImages(pooled, tokens), labels, text
 
 
 def test_training_reduces_seen_loss_and_leaves_zero_shot_at_start():
     feats, labels, text = toy_problem()
     cfg = TrainConfig(epochs=15, lr=1e-2, batch_size=16, consistency=0.0, seed=0)
-    before = F.cross_entropy(10.0 * feats.pooled @ text.T, labels)
+    before = F.cross_entropy(10.0 * feats.embeddings @ text.T, labels)
     result = train_adapter(feats, labels, text, 10.0, cfg)
-    after = F.cross_entropy(result.adapter.logits(text, feats, 10.0), labels)
+    after = F.cross_entropy(result.adapter.head(feats, text, 10.0), labels)
     assert float(after) < 0.7 * float(before)
     assert float(result.adapter.alpha.detach()) > 0
     assert result.epoch_seconds > 0
@@ -94,17 +97,17 @@ def test_training_reduces_seen_loss_and_leaves_zero_shot_at_start():
 
 def test_consistency_keeps_logits_closer_to_zero_shot():
     feats, labels, text = toy_problem()
-    zs = 10.0 * feats.pooled @ text.T
+    zs = 10.0 * feats.embeddings @ text.T
     kl = {}
     for lam in (0.0, 10.0):
         res = train_adapter(feats, labels, text, 10.0, TrainConfig(epochs=10, lr=1e-2, batch_size=16,
                                                                    consistency=lam, seed=0))
-        kl[lam] = float(ev_kl(res.adapter.logits(text, feats, 10.0), zs))
+        kl[lam] = float(ev_kl(res.adapter.head(feats, text, 10.0), zs))
     assert kl[10.0] < kl[0.0]
 
 
 def ev_kl(logits, zs):
-    from clipzsl.adapter import kl_to_zero_shot
+    from clipzsl.training import kl_to_zero_shot
     return kl_to_zero_shot(logits, zs)
 
 
@@ -174,7 +177,7 @@ def test_classifier_with_adapter_equals_zero_shot_at_init(tiny_clip, pictures, t
     adapter = CrossAttentionAdapter(backend.embed_dim)
     adapter.save(tmp_path / "ad", backend)
     with_adapter = clipzsl.ZeroShotClassifier(backend, labels=labels, cache=False, adapter=tmp_path / "ad")
-    np.testing.assert_allclose(with_adapter.scores(pictures), zs.scores(pictures), atol=1e-6)
+    np.testing.assert_allclose(with_adapter.predict_proba(pictures), zs.predict_proba(pictures), atol=1e-6)
     attn = with_adapter.attention(pictures)
     assert attn.shape[:3] == (3, 3, 4)
     assert [p[0][0] for p in with_adapter.predict(pictures, top_k=1)] == [p[0][0] for p in zs.predict(pictures, top_k=1)]
@@ -182,11 +185,11 @@ def test_classifier_with_adapter_equals_zero_shot_at_init(tiny_clip, pictures, t
 
 def test_feature_cache_roundtrip(tiny_clip, pictures, tmp_path):
     backend = clipzsl.load_model(f"hf:{tiny_clip}")
-    a = extract_features(backend, pictures, cache=tmp_path)
-    files = list((tmp_path / "adapter-features").glob("*.safetensors"))
+    a = embed_images_cached(backend, pictures, tmp_path)
+    files = list((tmp_path / "image-features").glob("*.safetensors"))
     assert len(files) == 1
-    b = extract_features(backend, pictures, cache=tmp_path)
-    assert torch.equal(a.pooled, b.pooled)
+    b = embed_images_cached(backend, pictures, tmp_path)
+    assert torch.equal(a.embeddings, b.embeddings)
     assert torch.allclose(a.tokens, b.tokens, atol=1e-2)
     assert a.tokens.shape == (3, 16, backend.embed_dim)  # 64 px / 16 px patches
 
@@ -195,10 +198,10 @@ def test_feature_cache_roundtrip(tiny_clip, pictures, tmp_path):
 
 
 def test_harmonic_mean_and_base_novel_split():
-    assert ev.harmonic_mean(0.5, 0.5) == 0.5
-    assert ev.harmonic_mean(1.0, 0.0) == 0.0
-    assert math.isclose(ev.harmonic_mean(0.8, 0.4), 2 * 0.32 / 1.2)
-    assert math.isnan(ev.harmonic_mean(0.8, math.nan))
+    assert metrics.harmonic_mean(0.5, 0.5) == 0.5
+    assert metrics.harmonic_mean(1.0, 0.0) == 0.0
+    assert math.isclose(metrics.harmonic_mean(0.8, 0.4), 2 * 0.32 / 1.2)
+    assert math.isnan(metrics.harmonic_mean(0.8, math.nan))
     base, novel = ev.base_novel_split(["zebra", "apple", "mango", "cat", "bee"])
     assert base == [1, 4] and novel == [0, 2, 3]  # apple, bee | cat, mango, zebra
 
@@ -226,13 +229,13 @@ def test_choose_gamma_uses_validation_scores_only():
 
 
 def test_base_to_novel_scores_each_subset_separately():
-    feats = Features(torch.eye(4), torch.zeros(4, 1, 4))
+    feats = EmbeddedImages(torch.eye(4), torch.zeros(4, 1, 4))
     emb = torch.eye(4)
-    p = ev.Problem(feats, [0, 1], emb, [0, 1], 10.0)
-    res = ev.base_to_novel(ev.zero_shot(p), feats, [0, 1, 2, 3], [0, 1], [2, 3])
+    p = baselines.Problem(feats, [0, 1], emb, [0, 1], 10.0)
+    res = ev.base_to_novel(baselines.zero_shot(p), feats, [0, 1, 2, 3], [0, 1], [2, 3])
     assert res == {"base": 1.0, "novel": 1.0, "H": 1.0}
     # swap the novel images' labels: novel accuracy drops to 0, base untouched
-    res = ev.base_to_novel(ev.zero_shot(p), feats, [0, 1, 3, 2], [0, 1], [2, 3])
+    res = ev.base_to_novel(baselines.zero_shot(p), feats, [0, 1, 3, 2], [0, 1], [2, 3])
     assert res["base"] == 1.0 and res["novel"] == 0.0 and res["H"] == 0.0
 
 
@@ -240,10 +243,10 @@ def test_baselines_run_and_linear_probe_cannot_score_novel():
     feats, labels, text = toy_problem(n_classes=8, per_class=8)
     seen = [0, 1, 2, 3, 4, 5]
     keep = [i for i, y in enumerate(labels.tolist()) if y in seen]
-    p = ev.Problem(feats.subset(keep), labels[keep].tolist(), text, seen, 10.0)
+    p = baselines.Problem(feats.subset(keep), labels[keep].tolist(), text, seen, 10.0)
     test_idx = list(range(len(labels)))
     for name in ("linear probe", "CLIP-Adapter", "Tip-Adapter-F"):
-        fitted = ev.METHODS[name](p, seed=0)
+        fitted = baselines.METHODS[name](p, seed=0)
         res = ev.base_to_novel(fitted, feats.subset(test_idx), labels.tolist(), seen, [6, 7])
         assert 0 <= res["base"] <= 1
         assert math.isnan(res["novel"]) == (name == "linear probe")

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from clipzsl.adapter import (AdapterError, CrossAttentionAdapter, Features, TrainConfig, fit_with_selection,
-                             folder_dataset)
+from clipzsl.adapter import AdapterError, CrossAttentionAdapter
+from clipzsl.images import EmbeddedImages
+from clipzsl.training import TrainConfig, fit_with_selection, folder_dataset
 from clipzsl.cli import main
 
 
@@ -132,7 +133,7 @@ def test_cli_train_adapter_refuses_a_single_class(tmp_path, capsys):
 
 def test_fit_with_selection_refuses_a_single_seen_class():
     g = torch.Generator().manual_seed(0)
-    feats = Features(F.normalize(torch.randn(6, 16, generator=g), dim=-1), torch.randn(6, 4, 16, generator=g))
+    feats = EmbeddedImages(F.normalize(torch.randn(6, 16, generator=g), dim=-1), torch.randn(6, 4, 16, generator=g))
     with pytest.raises(ValueError, match="at least 2 seen classes"):
         fit_with_selection(feats, [0] * 6, F.normalize(torch.randn(3, 16, generator=g), dim=-1), [0], 10.0)
 
@@ -140,7 +141,7 @@ def test_fit_with_selection_refuses_a_single_seen_class():
 def test_without_validation_images_the_last_epoch_is_kept():
     # one image per class: nothing can be held out, so every epoch would score the same
     g = torch.Generator().manual_seed(0)
-    feats = Features(F.normalize(torch.randn(2, 16, generator=g), dim=-1), torch.randn(2, 4, 16, generator=g))
+    feats = EmbeddedImages(F.normalize(torch.randn(2, 16, generator=g), dim=-1), torch.randn(2, 4, 16, generator=g))
     text = F.normalize(torch.randn(2, 16, generator=g), dim=-1)
     result, info = fit_with_selection(feats, [0, 1], text, [0, 1], 10.0, grid=[{"lr": 1e-2}],
                                       base=TrainConfig(epochs=3, patience=1))

@@ -37,14 +37,14 @@ def test_second_classifier_encodes_nothing(tiny, tmp_path, monkeypatch):
     assert len(seen) == 8 * 7  # 7 classes + 1 synonym, 7 templates
     warm = clipzsl.ZeroShotClassifier(tiny, labels=LABELS, templates="simple_7", cache=tmp_path)
     assert len(seen) == 8 * 7  # nothing encoded again
-    torch.testing.assert_close(warm.weights, cold.weights)
+    torch.testing.assert_close(warm.class_embeddings, cold.class_embeddings)
     # one new label, or another template set: only what is missing is encoded
     clipzsl.ZeroShotClassifier(tiny, labels=LABELS + ["frog"], templates="simple_7", cache=tmp_path)
     assert len(seen) == 8 * 7 + 7 and sorted(seen[-7:]) == sorted(t.replace("{}", "frog") for t in clipzsl.load_templates())
     clipzsl.ZeroShotClassifier(tiny, labels=["cat", "car"], templates=["a photo of a {}."], cache=tmp_path)
     assert sorted(seen[-2:]) == ["a photo of a car.", "a photo of a cat."] and len(seen) == 8 * 7 + 9
     uncached = clipzsl.ZeroShotClassifier(tiny, labels=LABELS, templates="simple_7", cache=False)
-    torch.testing.assert_close(warm.weights, uncached.weights)
+    torch.testing.assert_close(warm.class_embeddings, uncached.class_embeddings)
 
 
 def test_embeddings_of_one_model_never_serve_another(tiny_clip, tmp_path):
@@ -55,17 +55,16 @@ def test_embeddings_of_one_model_never_serve_another(tiny_clip, tmp_path):
     first = clipzsl.ZeroShotClassifier(f"hf:{tiny_clip}", labels=LABELS, cache=tmp_path / "c")
     second = clipzsl.ZeroShotClassifier(other, labels=LABELS, cache=tmp_path / "c")
     fresh = clipzsl.ZeroShotClassifier(other, labels=LABELS, cache=False)
-    torch.testing.assert_close(second.weights, fresh.weights)
-    assert not torch.allclose(first.weights, second.weights)
+    torch.testing.assert_close(second.class_embeddings, fresh.class_embeddings)
+    assert not torch.allclose(first.class_embeddings, second.class_embeddings)
 
 
-@pytest.mark.parametrize("index", ["Flat", "HNSW32"])
-def test_faiss_top_k_matches_dense_scores(tiny, index):
-    clf = clipzsl.ZeroShotClassifier(tiny, labels=LABELS, cache=False, index=index)
+def test_top_k_matches_dense_scores(tiny):
+    clf = clipzsl.ZeroShotClassifier(tiny, labels=LABELS, cache=False)
     images = [Image.new("RGB", (40, 40), color) for color in ("red", "green", "blue", "white")]
-    embeddings = clf.embed(images).embeddings
-    dense = clf.scores_from_embeddings(embeddings)
-    top = clf.top_k_from_embeddings(embeddings, top_k=3)
+    embedded = clf.embed(images)
+    dense = clf.predict_proba(embedded)
+    top = clf.predict(embedded, top_k=3)
     for row, preds in zip(dense, top):
         order = np.argsort(-row)[:3]
         assert [label for label, _ in preds] == [clf.labels[j] for j in order]

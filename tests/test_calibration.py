@@ -3,7 +3,7 @@ labels drawn from a known scale."""
 import pytest
 import torch
 
-from clipzsl.evaluation import expected_calibration_error, fit_logit_scale
+from clipzsl.metrics import expected_calibration_error, fit_logit_scale
 
 
 def confident(confidence: float, n: int, correct: int) -> tuple[torch.Tensor, list[int]]:

@@ -59,7 +59,7 @@ def test_api_refuses_top_k_and_batch_size_below_one_before_any_work(tiny_clip, t
     with pytest.raises(ValueError, match="top_k must be at least 1, got 0"):
         clf.predict(missing, top_k=0)
     with pytest.raises(ValueError, match="top_k must be at least 1, got 0"):
-        clf.top_k_from_embeddings(clf.embed(image).embeddings, 0)
+        clf.predict(clf.embed(image), 0)
     adapter = CrossAttentionAdapter(backend.embed_dim)
     with_adapter = clipzsl.ZeroShotClassifier(backend, labels=["cat", "dog"], cache=False, adapter=adapter)
     with pytest.raises(ValueError, match="top_k must be at least 1, got -1"):

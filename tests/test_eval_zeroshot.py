@@ -12,7 +12,7 @@ from clipzsl import load_model
 from clipzsl.backends.hf import HFBackend, save_random_clip
 from clipzsl.classifier import ZeroShotClassifier
 from clipzsl.cli import main
-from clipzsl.evaluation import accuracy, top_k_accuracy
+from clipzsl.metrics import accuracy, top_k_accuracy
 from clipzsl.prompts import load_templates
 from conftest import TINY
 
@@ -66,7 +66,7 @@ def test_metrics_match_an_independent_computation(tmp_path, tiny_clip, cache_dir
                              templates=TEMPLATES, cache=False)
     paths = [str(data / c / f"{i}.png") for c in CLASSES for i in range(4)]
     y = np.repeat(np.arange(len(CLASSES)), 4)
-    expected = reference_metrics(clf.scores(paths), y)
+    expected = reference_metrics(clf.predict_proba(paths), y)
     assert 0 < expected["acc5"] < 1 and expected["acc1"] < 1  # a random model: the metrics are not trivial
     assert record["metrics"] == pytest.approx(expected)
 
@@ -178,7 +178,7 @@ def test_unreadable_image_is_reported_and_left_out(tmp_path, tiny_clip, cache_di
     clf = ZeroShotClassifier(f"hf:{tiny_clip}", labels=[c.replace("_", " ") for c in classes],
                              templates=TEMPLATES, cache=False)
     good = [str(data / c / f"{i}.png") for c in classes for i in range(3)]
-    expected = reference_metrics(clf.scores(good), np.repeat(np.arange(3), 3))
+    expected = reference_metrics(clf.predict_proba(good), np.repeat(np.arange(3), 3))
     assert record["metrics"]["acc1"] == pytest.approx(expected["acc1"])
     assert record["metrics"]["mean_per_class_recall"] == pytest.approx(expected["mean_per_class_recall"])
 
@@ -193,11 +193,11 @@ def test_classifier_options_need_the_zeroshot_protocol(tmp_path, capsys):
 def test_given_weights_replace_text_encoding_and_must_fit(tiny_clip):
     model = load_model(f"hf:{tiny_clip}")
     built = ZeroShotClassifier(model, labels=["cat", "dog"], templates=TEMPLATES, cache=False)
-    reused = ZeroShotClassifier(model, labels=["cat", "dog"], templates=TEMPLATES, weights=built.weights)
+    reused = ZeroShotClassifier(model, labels=["cat", "dog"], templates=TEMPLATES, class_embeddings=built.class_embeddings)
     image = Image.new("RGB", (40, 40), (200, 30, 30))
-    assert np.array_equal(reused.scores([image]), built.scores([image]))
-    with pytest.raises(ValueError, match=r"weights have shape \(3, 32\), but 2 labels"):
-        ZeroShotClassifier(model, labels=["cat", "dog"], weights=torch.zeros(3, model.embed_dim))
+    assert np.array_equal(reused.predict_proba([image]), built.predict_proba([image]))
+    with pytest.raises(ValueError, match=r"class embeddings have shape \(3, 32\), but 2 labels"):
+        ZeroShotClassifier(model, labels=["cat", "dog"], class_embeddings=torch.zeros(3, model.embed_dim))
 
 
 def test_zeroshot_metrics_refuse_an_adapter(tiny_clip):

@@ -26,7 +26,7 @@ def test_probabilities_match_transformers_pipeline(tiny_clip, images):
     template = "This is a photo of {}."
     pipe = pipeline("zero-shot-image-classification", model=tiny_clip)
     clf = clipzsl.ZeroShotClassifier(f"hf:{tiny_clip}", labels=LABELS, templates=[template])
-    ours = clf.scores(images)
+    ours = clf.predict_proba(images)
     for row, image in zip(ours, images):
         result = pipe(image, candidate_labels=LABELS, hypothesis_template=template)
         reference = np.array([next(r["score"] for r in result if r["label"] == label) for label in LABELS])

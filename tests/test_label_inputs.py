@@ -107,10 +107,10 @@ def test_classifier_keeps_a_column_per_repeated_name(tiny, image, tmp_path):
         cached = clipzsl.ZeroShotClassifier(tiny, labels=names, templates="photo_1", cache=tmp_path / "c")
     with pytest.warns(UserWarning):
         uncached = clipzsl.ZeroShotClassifier(tiny, labels=names, templates="photo_1", cache=False)
-    assert cached.labels == names and cached.weights.shape[0] == 4
-    torch.testing.assert_close(cached.weights, uncached.weights)
-    torch.testing.assert_close(cached.weights[0], cached.weights[2])
-    scores = cached.scores(image)
+    assert cached.labels == names and cached.class_embeddings.shape[0] == 4
+    torch.testing.assert_close(cached.class_embeddings, uncached.class_embeddings)
+    torch.testing.assert_close(cached.class_embeddings[0], cached.class_embeddings[2])
+    scores = cached.predict_proba(image)
     assert scores.shape == (1, 4) and np.isclose(scores.sum(), 1.0)
     assert np.isclose(scores[0, 0], scores[0, 2])
     [top] = cached.predict(image, top_k=4)

@@ -93,4 +93,4 @@ def test_hub_weights_fail_fast_when_the_hub_is_unreachable(spec, monkeypatch):
     with pytest.raises(RuntimeError, match="cannot be reached. Use local weights"):
         load_model(spec)
     assert time.monotonic() - start < 15
-    assert huggingface_hub.constants.HF_HUB_OFFLINE  # switched to offline: no retries
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE  # offline for that one load only, not the process

@@ -8,13 +8,19 @@ image for a cut-out (transparent or plain background) and its largest centred sq
 """
 from __future__ import annotations
 
+import os
+
 from .base import Backend
 
 DEFAULT_MODEL = "packaged"
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> Backend:
-    """Build the backend a spec names; raises ValueError for an unknown prefix."""
+def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", cache: bool | str | os.PathLike = True) -> Backend:
+    """Build the model a spec names; raises ValueError for an unknown prefix.
+
+    `cache`: where a model keeps what it derives from its weights (the packaged model's concept
+    embeddings): True for the default cache directory, a directory, or False to keep nothing on
+    disk. Hub downloads stay in the hub's own cache."""
     kind, _, rest = spec.partition(":")
     if spec == "packaged" or spec.startswith(("packaged:", "packaged+")):
         from .packaged import PackagedBackend
@@ -24,7 +30,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> Backend:
         if view not in views:
             raise ValueError(f"Unknown packaged option {view!r} in {spec!r}: use '+crop' (centre crop for every "
                              "image) or '+whole' (whole image for every image), or neither (chosen per image)")
-        return PackagedBackend(variant=variant or "lite0", device=device, crop=views[view])
+        return PackagedBackend(variant=variant or "lite0", device=device, crop=views[view], cache=cache)
     if kind == "openclip" and rest:
         from .openclip import OpenClipBackend
 

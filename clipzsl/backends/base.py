@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+#: file-name prefix of the packaged model's cached concept embeddings in the cache directory; here,
+#: not in packaged.py, so that `clipzsl cache` finds them without importing timm and transformers
+CONCEPTS_PREFIX = "conse-imagenet-minilm-"
+
 
 class Backend(abc.ABC):
     """A frozen dual encoder: images and texts into one L2-normalised space."""

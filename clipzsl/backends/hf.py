@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from .base import Backend, normalize, state_dict_digest
-from .hub import hub_error, require_hub
+from .hub import hub_error, hub_offline
 
 
 class HFBackend(Backend):
@@ -40,14 +40,13 @@ class HFBackend(Backend):
 
         name = spec.split(":", 1)[1]
         local = os.path.isdir(name)
-        if not local:
-            if os.path.sep in name and name.startswith((".", os.path.sep)):
-                raise FileNotFoundError(f"model directory {name!r} (from {spec!r}) does not exist.")
-            require_hub(spec)
+        if not local and os.path.sep in name and name.startswith((".", os.path.sep)):
+            raise FileNotFoundError(f"model directory {name!r} (from {spec!r}) does not exist.")
+        cache_only = local or hub_offline()
         try:
             with quiet_loading():
-                model = AutoModel.from_pretrained(name, local_files_only=local)
-            processor = AutoProcessor.from_pretrained(name, local_files_only=local)
+                model = AutoModel.from_pretrained(name, local_files_only=cache_only)
+            processor = AutoProcessor.from_pretrained(name, local_files_only=cache_only)
         except OSError as err:
             if local:
                 raise

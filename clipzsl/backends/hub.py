@@ -1,14 +1,17 @@
 """Fail fast, with a way out, when named hub weights cannot be fetched.
 
 Hugging Face downloads retry for tens of seconds when the hub is unreachable. One
-short socket probe decides up front: unreachable means offline mode (weights
-already in the local cache still load), and a miss becomes an error that says how
-to use local weights instead.
+short socket probe decides up front: unreachable means the one load that needs the
+hub reads only the local cache (weights already there still load), and a miss becomes
+an error that says how to use local weights instead. Nothing outside that load is
+switched offline.
 """
 from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
+from typing import Iterator
 
 HUB_HOST = "huggingface.co"
 
@@ -21,15 +24,28 @@ def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
         return False
 
 
-def require_hub(spec: str) -> None:
-    """Switch the hub client to offline mode unless the hub answers right now."""
+def hub_offline() -> bool:
+    """Whether hub weights must come from the local cache: offline mode is asked for, or the
+    hub does not answer right now."""
     import huggingface_hub.constants
 
     if huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE"):
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-        return
-    if not hub_reachable():
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        return True
+    return not hub_reachable()
+
+
+@contextmanager
+def offline_for_this_load(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline switch on for one load only (open_clip has no `local_files_only`),
+    then back to what it was."""
+    import huggingface_hub.constants
+
+    saved = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def hub_error(spec: str) -> RuntimeError:

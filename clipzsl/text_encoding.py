@@ -1,0 +1,80 @@
+"""Label set -> class embeddings, through nothing but the Backend interface.
+
+A class embedding is the mean of the L2-normalised embeddings of all its prompts
+(every template x every name and synonym, plus free-text prompts), renormalised,
+as CLIP does. Identical prompts are encoded once, and prompts are batched by
+length so a batch is padded only as far as its longest member.
+
+This module sits below the backends (the packaged model builds its concept
+embeddings with it), so it names `Backend` only for type checking.
+"""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .prompts import ClassEntry
+from .store import EmbeddingStore, digest
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+
+def encode_prompts(model: Backend, prompts: Sequence[str], progress: bool | None = None) -> torch.Tensor:
+    """L2-normalised embeddings [len(prompts), D] of possibly repeated prompts, each encoded once."""
+    unique = list(dict.fromkeys(prompts))
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+    by_length = [unique[i] for i in order]
+    size = model.text_batch_size
+    disable = (len(unique) <= 4 * size) if progress is None else not progress
+    chunks = [
+        model.encode_texts(by_length[start : start + size])
+        for start in tqdm(range(0, len(by_length), size), desc="prompts", unit="batch", disable=disable)
+    ]
+    encoded = torch.empty(len(unique), chunks[0].shape[1], dtype=chunks[0].dtype)
+    encoded[torch.tensor(order)] = torch.cat(chunks)
+    row = {prompt: i for i, prompt in enumerate(unique)}
+    return encoded[torch.tensor([row[p] for p in prompts])]
+
+
+def class_embeddings(
+    model: Backend,
+    entries: Sequence[ClassEntry],
+    templates: Sequence[str],
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Prompt-ensembled, renormalised class embeddings [C, D] (rows in `entries` order)."""
+    texts = [entry.texts(templates) for entry in entries]
+    flat = encode_prompts(model, [t for group in texts for t in group], progress)
+    counts = torch.tensor([len(group) for group in texts])
+    owner = torch.repeat_interleave(torch.arange(len(entries)), counts)
+    sums = torch.zeros(len(entries), flat.shape[1], dtype=flat.dtype).index_add_(0, owner, flat)
+    means = sums / counts[:, None].to(flat.dtype)
+    return means / means.norm(dim=-1, keepdim=True)
+
+
+def class_key(entry: ClassEntry, templates_digest: str) -> str:
+    """Cache key of one class embedding: the template set's content hash and the class entry."""
+    return digest(json.dumps([templates_digest, entry.name, entry.synonyms, entry.prompts]))
+
+
+def cached_class_embeddings(
+    model: Backend,
+    entries: Sequence[ClassEntry],
+    templates: Sequence[str],
+    store: EmbeddingStore,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """`class_embeddings`, encoding only the classes the store does not hold yet."""
+    templates_digest = digest(json.dumps(list(templates)))
+    keys = [class_key(entry, templates_digest) for entry in entries]
+    by_key = dict(zip(keys, entries))
+
+    def compute(todo: list[str]) -> np.ndarray:
+        return class_embeddings(model, [by_key[k] for k in todo], templates, progress).numpy()
+
+    return torch.from_numpy(store.get_or_compute(keys, compute, best_effort=True))

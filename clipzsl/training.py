@@ -1,0 +1,297 @@
+"""Training over embedded images: the one training loop, the adapter's fit and its model selection.
+
+The adapter's objective is cross-entropy over the seen classes + lambda * KL(zero-shot ||
+adapted) on the same logits (a KgCoOp / PromptSRC-style consistency term that keeps the
+adapted classifier close to the zero-shot one, which is what protects unseen classes).
+Hyper-parameters and the early-stopping epoch are chosen on a validation split of the
+*seen* classes only: held-out images of the training classes (base) and held-out seen
+classes that the adapter never trains on (pseudo-novel); the criterion is their harmonic
+mean. The baselines (`clipzsl.baselines`) train through the same `train_loop`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .adapter import CrossAttentionAdapter
+from .images import EmbeddedImages, expand_sources
+from .metrics import accuracy, harmonic_mean_or_available
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The adapter's training hyper-parameters (frozen: a shared default cannot be changed by one caller)."""
+
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 64
+    consistency: float = 1.0  # lambda of KL(zero-shot || adapted)
+    heads: int = 4
+    dropout: float = 0.0
+    patience: int = 5  # epochs without validation improvement before stopping
+    seed: int = 0
+    max_classes: int = 128  # classes per training batch: the batch's own + random others (0 = all)
+    gate_lr_mult: float = 30.0  # alpha and the attention temperature are scalars: Adam moves them by ~lr a
+    # step, so at lr 1e-3 a hundred steps could not take alpha past 0.1; they get lr * this
+
+
+@dataclass
+class LoopResult:
+    """What `train_loop` leaves besides the module (restored to its best epoch when validated)."""
+
+    history: list[dict]
+    best_epoch: int
+    best_score: float  # NaN without validation
+    epoch_seconds: float  # mean wall time of one training epoch
+
+
+@dataclass
+class TrainResult:
+    adapter: CrossAttentionAdapter
+    history: list[dict]
+    best_epoch: int
+    best_score: float
+    epoch_seconds: float  # mean wall time of one training epoch (adapter only)
+
+
+def train_loop(
+    module: nn.Module,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    count: int,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    validate: Callable[[], float] | None = None,
+    patience: int = 5,
+    describe: Callable[[], dict] | None = None,
+    progress: bool = False,
+) -> LoopResult:
+    """Mini-batch training of `module` on `count` examples, with early stopping.
+
+    `batch_loss(indices)` is the loss of one shuffled batch. `validate()` (higher is better),
+    called before training and after each epoch, picks the epoch: training stops after
+    `patience` epochs without improvement and the best epoch's weights are restored; without
+    it every epoch runs and the last is kept. `describe()` adds entries to each epoch's row.
+    """
+    best = (validate() if validate else -math.inf, 0, copy.deepcopy(module.state_dict()))
+    history, times, bad = [{"epoch": 0, "val": best[0]}], [], 0
+    for epoch in range(1, epochs + 1):
+        module.train()
+        start = time.perf_counter()
+        order = torch.randperm(count, generator=generator)
+        total = 0.0
+        for i in range(0, count, batch_size):
+            idx = order[i:i + batch_size]
+            loss = batch_loss(idx)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += float(loss.detach()) * len(idx)
+        times.append(time.perf_counter() - start)
+        module.eval()
+        row = {"epoch": epoch, "loss": total / count, **(describe() if describe else {})}
+        if validate:
+            row["val"] = validate()
+            if row["val"] > best[0]:
+                best, bad = (row["val"], epoch, copy.deepcopy(module.state_dict())), 0
+            else:
+                bad += 1
+        history.append(row)
+        if progress:
+            print(row)
+        if validate and bad >= patience:
+            break
+    if validate:
+        module.load_state_dict(best[2])
+        best_epoch, best_score = best[1], best[0]
+    else:
+        best_epoch, best_score = epochs, math.nan
+    return LoopResult(history, best_epoch, best_score, float(np.mean(times)) if times else 0.0)
+
+
+def kl_to_zero_shot(logits: torch.Tensor, zs_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_zs || p_adapted), mean over the batch."""
+    return F.kl_div(logits.log_softmax(-1), zs_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+
+
+def train_adapter(
+    train: EmbeddedImages,
+    train_targets: Sequence[int] | torch.Tensor,
+    class_embeddings: torch.Tensor,
+    logit_scale: float,
+    config: TrainConfig | None = None,
+    validate: Callable[[CrossAttentionAdapter], float] | None = None,
+    logit_bias: float = 0.0,
+    progress: bool = False,
+) -> TrainResult:
+    """Fit an adapter on embedded images (with tokens); `class_embeddings` are the training classes' [C, D].
+
+    `validate(adapter) -> float` (higher is better), called after each epoch, picks the
+    epoch (early stopping); without it, the last epoch is kept.
+    """
+    config = config or TrainConfig()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    targets = torch.as_tensor(train_targets, dtype=torch.long)
+    adapter = CrossAttentionAdapter(class_embeddings.shape[1], heads=config.heads, dropout=config.dropout)
+    gates = [adapter.alpha, adapter.log_tau]
+    rest = [p for p in adapter.parameters() if all(p is not g for g in gates)]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": gates, "weight_decay": 0.0}],
+                            lr=config.lr, weight_decay=config.weight_decay)
+    steps = config.epochs * max(1, math.ceil(len(targets) / config.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[config.lr, config.lr * config.gate_lr_mult],
+                                                total_steps=steps, pct_start=0.1)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        emb, y = class_embeddings, targets[idx]
+        if config.max_classes and class_embeddings.shape[0] > config.max_classes:
+            own = torch.unique(y)
+            others = torch.ones(class_embeddings.shape[0], dtype=torch.bool)
+            others[own] = False
+            others = torch.nonzero(others).squeeze(1)
+            others = others[torch.randperm(len(others), generator=gen)[:max(0, config.max_classes - len(own))]]
+            emb = class_embeddings[torch.cat([own, others])]
+            y = torch.searchsorted(own, y)  # own classes come first, in sorted order
+        logits, zs = adapter(emb, train.tokens[idx], train.embeddings[idx], logit_scale, logit_bias,
+                             return_parts=True)
+        loss = F.cross_entropy(logits, y)
+        if config.consistency:
+            loss = loss + config.consistency * kl_to_zero_shot(logits, zs.detach())
+        return loss
+
+    loop = train_loop(adapter, batch_loss, len(targets), config.epochs, config.batch_size, gen, opt, sched,
+                      (lambda: validate(adapter)) if validate else None, config.patience,
+                      describe=lambda: {"alpha": float(adapter.alpha.detach())}, progress=progress)
+    return TrainResult(adapter.eval(), loop.history, loop.best_epoch, loop.best_score, loop.epoch_seconds)
+
+
+def seen_split(targets: Sequence[int], classes: Sequence[int], seed: int, val_class_frac: float = 0.2,
+               val_image_frac: float = 0.2):
+    """Split seen data for model selection: (train idx, val-base idx, val-novel idx, train classes,
+    val classes). Val classes are whole seen classes held out of training (pseudo-novel); val-base
+    are held-out images of the training classes (only from classes with >= 2 images)."""
+    rng = np.random.default_rng(seed)
+    classes = np.array(sorted(classes))
+    perm = rng.permutation(len(classes))
+    n_val = max(1, int(round(val_class_frac * len(classes)))) if len(classes) >= 4 else 0
+    val_classes = set(classes[perm[:n_val]].tolist())
+    train_classes = [c for c in classes.tolist() if c not in val_classes]
+    targets = np.asarray(targets)
+    train_idx, val_base, val_novel = [], [], []
+    for c in classes.tolist():
+        idx = np.flatnonzero(targets == c)
+        idx = idx[rng.permutation(len(idx))]
+        if c in val_classes:
+            val_novel += idx.tolist()
+            continue
+        k = int(math.floor(val_image_frac * len(idx))) if len(idx) >= 2 else 0
+        if len(idx) >= 2 and k == 0 and rng.random() < val_image_frac * len(idx):
+            k = 1
+        val_base += idx[:k].tolist()
+        train_idx += idx[k:].tolist()
+    return sorted(train_idx), sorted(val_base), sorted(val_novel), train_classes, sorted(val_classes)
+
+
+def fit_with_selection(
+    images: EmbeddedImages,
+    targets: Sequence[int],
+    class_embeddings_all: torch.Tensor,
+    seen_classes: Sequence[int],
+    logit_scale: float,
+    seed: int = 0,
+    grid: Sequence[dict] | None = None,
+    base: TrainConfig | None = None,
+    logit_bias: float = 0.0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[TrainResult, dict]:
+    """Choose hyper-parameters and the epoch on a seen-class validation split, and train.
+
+    The score of a candidate is the harmonic mean of its validation accuracy on held-out images
+    of the training classes (scored among the training classes) and on the held-out seen classes
+    (scored among themselves); unseen classes and test data are never looked at. With fewer than
+    4 seen classes there are no held-out classes and the score is the first accuracy alone;
+    `info["val_metric"]` says which ("H", "base accuracy", "pseudo-novel accuracy", or None when
+    there are no validation images: then the last epoch of the first grid setting is kept).
+    """
+    base = base or TrainConfig()
+    if len(set(seen_classes)) < 2:
+        raise ValueError(f"an adapter needs at least 2 seen classes to train on, got {len(set(seen_classes))}: "
+                         "cross-entropy over a single class is always 0")
+    targets_t = torch.as_tensor(targets, dtype=torch.long)
+    tr, vb, vn, tr_classes, val_classes = seen_split(targets_t.numpy(), seen_classes, seed)
+    remap = torch.full((class_embeddings_all.shape[0],), -1, dtype=torch.long)
+    remap[torch.tensor(tr_classes)] = torch.arange(len(tr_classes))
+    emb_tr = class_embeddings_all[tr_classes]
+    vremap = torch.full((class_embeddings_all.shape[0],), -1, dtype=torch.long)
+    if val_classes:
+        vremap[torch.tensor(val_classes)] = torch.arange(len(val_classes))
+    emb_val = class_embeddings_all[val_classes] if val_classes else None
+    f_tr, f_vb, f_vn = images.subset(tr), images.subset(vb), images.subset(vn)
+    y_tr, y_vb, y_vn = remap[targets_t[tr]], remap[targets_t[vb]], vremap[targets_t[vn]]
+
+    def validate(adapter: CrossAttentionAdapter) -> float:
+        a = accuracy(adapter.head(f_vb, emb_tr, logit_scale, logit_bias), y_vb)
+        b = accuracy(adapter.head(f_vn, emb_val, logit_scale, logit_bias), y_vn) if emb_val is not None else math.nan
+        return harmonic_mean_or_available(a, b)  # one at least: it is not called without validation data
+
+    # without validation images every epoch would score 0 and the untrained epoch 0 would be kept
+    metric = {(True, True): "H", (True, False): "base accuracy", (False, True): "pseudo-novel accuracy",
+              (False, False): None}[bool(vb), bool(vn)]
+    grid = list(grid or [{}])
+    best = None
+    for params in grid:
+        cfg = TrainConfig(**{**asdict(base), **params, "seed": seed})
+        result = train_adapter(f_tr, y_tr, emb_tr, logit_scale, cfg, validate if metric else None, logit_bias)
+        if log:
+            score = f"val {metric} {result.best_score:.4f}" if metric else "no validation images, last"
+            log(f"  seed {seed} {params}: {score} at epoch {result.best_epoch}, {result.epoch_seconds:.2f} s/epoch")
+        if best is None or result.best_score > best[0].best_score:
+            best = (result, params)
+    info = {"params": best[1], "val_score": best[0].best_score, "val_metric": metric, "best_epoch": best[0].best_epoch,
+            "n_train": len(tr), "n_val_base": len(vb), "n_val_novel": len(vn),
+            "train_classes": len(tr_classes), "val_classes": len(val_classes),
+            "epoch_seconds": best[0].epoch_seconds,
+            "val_split": {"train_idx": tr, "val_base_idx": vb, "val_novel_idx": vn,
+                          "train_classes": tr_classes, "val_classes": val_classes}}
+    return best[0], info
+
+
+def folder_dataset(root: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
+    """(class names, image paths, targets) of a folder with one sub-folder per class (names: '_' -> ' ').
+
+    A sub-folder without images is left out with a warning naming it: as a class it would be a
+    label trained, validated and scored on nothing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder; expected a folder with one sub-folder of images per class")
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise ValueError(f"{root}: expected one sub-folder per class, found none")
+    names, paths, targets = [], [], []
+    for d in dirs:
+        files = expand_sources(str(d))
+        if not files:
+            warnings.warn(f"{d}: no images; class {d.name.replace('_', ' ')!r} left out")
+            continue
+        paths += [str(f) for f in files]
+        targets += [len(names)] * len(files)
+        names.append(d.name.replace("_", " "))
+    if not names:
+        raise ValueError(f"{root}: none of its {len(dirs)} class sub-folders holds images")
+    return names, paths, targets
