@@ -151,7 +151,7 @@ def run(quick: bool = False) -> dict:
         # the demo's label file, synonyms included, as `make demo` reads it
         clf = clipzsl.ZeroShotClassifier(backend, labels="demo" if name == "demo_samples" else ds.classnames,
                                          progress=False)
-        probs = {v: clf.scores_from_embeddings(emb[v]) for v in VIEWS}
+        probs = {v: clf.predict_proba(clipzsl.EmbeddedImages(emb[v])) for v in VIEWS}
         results_by_set[name] = {v: view_metrics(probs[v], ds.labels) for v in VIEWS}
         if name == "demo_samples":
             results_by_set[name]["per_image"] = [
