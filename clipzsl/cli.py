@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import __version__
 from . import evaluation as ev
@@ -38,6 +39,9 @@ from .text_encoding import class_embeddings
 from .training import TrainConfig, fit_with_selection, folder_dataset
 
 FORMATS = ("table", "csv", "json")
+#: `classify` also writes JSON lines; these two formats can be resumed
+CLASSIFY_FORMATS = FORMATS + ("jsonl",)
+RESUMABLE = ("csv", "jsonl")
 LABELS_HELP = "label file (FILE.json:KEY picks a data set), shipped set name, or a,b,c (one label: a,)"
 
 
@@ -118,45 +122,135 @@ def format_predictions(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str
             [{"image": image, "predictions": [{"label": l, "probability": p} for l, p in preds]} for image, preds in rows],
             indent=2,
         ) + "\n"
+    width = max([len("image")] + [len(image) for image, _ in rows])
+    return prediction_header(fmt, width) + prediction_rows(rows, fmt, width)
+
+
+def prediction_header(fmt: str, width: int) -> str:
+    """The first line of a table or CSV output (none for JSON lines); `width`: the table's image column."""
+    if fmt == "csv":
+        return "image,rank,label,probability\n"
+    return f"{'image':<{width}}  predictions\n" if fmt == "table" else ""
+
+
+def prediction_rows(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str, width: int) -> str:
+    """Rows of a table, CSV or JSON-lines output, one image (CSV: one label) per line, so they can be
+    written as they are computed."""
+    if fmt == "jsonl":
+        return "".join(json.dumps({"image": image, "predictions": [{"label": l, "probability": p} for l, p in preds]})
+                       + "\n" for image, preds in rows)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["image", "rank", "label", "probability"])
         for image, preds in rows:
             writer.writerows([image, rank, label, f"{p:.6f}"] for rank, (label, p) in enumerate(preds, 1))
         return out.getvalue()
-    width = max([len("image")] + [len(image) for image, _ in rows])
-    lines = [f"{'image':<{width}}  predictions"]
-    for image, preds in rows:
-        lines.append(f"{image:<{width}}  " + "  ".join(f"{label} ({p:.1%})" for label, p in preds))
-    return "\n".join(lines) + "\n"
+    return "".join(f"{image:<{width}}  " + "  ".join(f"{label} ({p:.1%})" for label, p in preds) + "\n"
+                   for image, preds in rows)
+
+
+def drop_incomplete_line(path: Path) -> None:
+    """Cut a last line without its newline (what a run killed mid-write may leave), with a warning."""
+    with open(path, "rb+") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            step = min(end, 1 << 16)
+            f.seek(end - step)
+            newline = f.read(step).rfind(b"\n")
+            if newline >= 0:
+                end = end - step + newline + 1
+                break
+            end -= step
+        if end < size:
+            f.truncate(end)
+            print(f"clipzsl: warning: {path}: dropped an incomplete last line (left by an interrupted run)",
+                  file=sys.stderr)
+
+
+def classified_images(path: Path, fmt: str) -> set[str]:
+    """The images an earlier `classify --output PATH --format csv|jsonl` run already wrote."""
+    if not path.exists():
+        return set()
+    drop_incomplete_line(path)
+    done: set[str] = set()
+    with open(path, encoding="utf-8", newline="") as f:
+        if fmt == "csv":
+            for number, row in enumerate(csv.reader(f), 1):
+                if number == 1 and row != ["image", "rank", "label", "probability"]:
+                    raise ValueError(f"{path}: line 1 is not the header of a classify CSV output; "
+                                     "give the --format it was written in, or another --output")
+                if number > 1 and row:
+                    done.add(row[0])
+            return done
+        for number, line in enumerate(f, 1):
+            try:
+                image = json.loads(line)["image"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: not a classify JSON-lines row ({err}); give the --format it was "
+                                 "written in, or another --output") from err
+            done.add(image)
+    return done
+
+
+#: images embedded and scored at once by `classify`, in batches: rows are written (and
+#: flushed to disk) per chunk, so a killed run loses at most one chunk and memory is bounded
+CLASSIFY_CHUNK_BATCHES = 8
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    if args.resume and (not args.output or args.format not in RESUMABLE):
+        raise ValueError("--resume needs --output FILE and --format csv or jsonl (it reads the images already in FILE)")
     with empty_folders() as empty:  # before the model loads: a wrong path costs nothing
         sources = expand_sources(args.paths)
     if not sources:
         print(f"clipzsl: error: no images to classify in {', '.join(args.paths)}", file=sys.stderr)
         return 1
+    done = classified_images(Path(args.output), args.format) if args.resume else set()
+    todo = [s for s in sources if s not in done]
+    if not todo:
+        print(f"clipzsl: all {len(sources)} images are already in {args.output}; nothing to do", file=sys.stderr)
+        return 1 if empty else 0
     # --no-cache: False all the way down, so neither the labels nor the model write anything
     cache = False if args.no_cache else (args.cache_dir or True)
     clf = ZeroShotClassifier(
         args.model, labels=labels_argument(args.labels), templates=args.templates, cache=cache, adapter=args.adapter,
     )
-    embedded = clf.embed(sources, batch_size=args.batch_size, skip_errors=True, progress=None)
-    for failure in embedded.failures:
-        print(f"clipzsl: skipped {failure}", file=sys.stderr)
-    if embedded.sources:  # all unreadable: the message below, not an empty table
-        predictions = clf.predict(embedded, args.top_k)
-        text = format_predictions(list(zip(embedded.sources, predictions)), args.format)
+    width = max([len("image")] + [len(s) for s in todo])
+    fresh = not (args.resume and Path(args.output).stat().st_size) if args.output else True
+    out = open(args.output, "a" if args.resume else "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    failures, written, document = [], 0, []
+    chunk = args.batch_size * CLASSIFY_CHUNK_BATCHES
+    try:
+        with tqdm(total=len(todo), unit="img", desc="images", disable=None if len(todo) > 64 else True) as bar:
+            for start in range(0, len(todo), chunk):
+                embedded = clf.embed(todo[start : start + chunk], batch_size=args.batch_size, skip_errors=True,
+                                     progress=False)
+                for failure in embedded.failures:
+                    print(f"clipzsl: skipped {failure}", file=sys.stderr)
+                failures += embedded.failures
+                bar.update(len(embedded) + len(embedded.failures))
+                if not embedded.sources:
+                    continue
+                rows = list(zip(embedded.sources, clf.predict(embedded, args.top_k)))
+                written += len(rows)
+                if args.format == "json":  # one document: written whole at the end
+                    document += rows
+                    continue
+                if fresh:  # the header just before the first row: all unreadable writes nothing
+                    out.write(prediction_header(args.format, width))
+                    fresh = False
+                out.write(prediction_rows(rows, args.format, width))
+                out.flush()
+                if args.output:
+                    os.fsync(out.fileno())  # durable: a killed run keeps every completed row
+        if document:
+            out.write(format_predictions(document, "json"))
+    finally:
         if args.output:
-            Path(args.output).write_text(text, encoding="utf-8")
-        else:
-            sys.stdout.write(text)
-    if embedded.failures:
-        print(f"clipzsl: {len(embedded.failures)} of {len(embedded.failures) + len(embedded.sources)} "
-              "images could not be read", file=sys.stderr)
-    return 1 if embedded.failures or empty else 0
+            out.close()
+    if failures:
+        print(f"clipzsl: {len(failures)} of {len(failures) + written} images could not be read", file=sys.stderr)
+    return 1 if failures or empty else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -474,8 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="template set name, .txt or .json file (FILE.json:KEY picks a data set)")
     classify.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     classify.add_argument("--top-k", type=positive_int, default=5, help="labels shown per image")
-    classify.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    classify.add_argument("--format", choices=CLASSIFY_FORMATS, default="table",
+                          help="output format; table, csv and jsonl (one JSON object per line) are written as images "
+                               "are classified, json is one document written at the end (so it cannot stream or resume)")
     classify.add_argument("--output", type=output_file, help="write results to this file instead of stdout")
+    classify.add_argument("--resume", action="store_true",
+                          help="skip the images already in --output (csv or jsonl) and append the rest, e.g. after "
+                               "an interrupted run")
     classify.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     classify.add_argument("--cache-dir", help="cache directory: label embeddings, the packaged model's concepts "
                                               "(default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
