@@ -167,28 +167,40 @@ def drop_incomplete_line(path: Path) -> None:
                   file=sys.stderr)
 
 
-def classified_images(path: Path, fmt: str) -> set[str]:
-    """The images an earlier `classify --output PATH --format csv|jsonl` run already wrote."""
+def classified_images(path: Path, fmt: str, top_k: int) -> set[str]:
+    """The images an earlier `classify --output PATH --format csv|jsonl` run wrote completely. A torn
+    last line is cut off, and so are the CSV rows of a last image with fewer ranks than the images
+    before it (or than `top_k` when it is the only one): that image is classified again."""
     if not path.exists():
         return set()
     drop_incomplete_line(path)
     done: set[str] = set()
-    with open(path, encoding="utf-8", newline="") as f:
-        if fmt == "csv":
-            for number, row in enumerate(csv.reader(f), 1):
-                if number == 1 and row != ["image", "rank", "label", "probability"]:
-                    raise ValueError(f"{path}: line 1 is not the header of a classify CSV output; "
-                                     "give the --format it was written in, or another --output")
-                if number > 1 and row:
-                    done.add(row[0])
+    with open(path, "rb") as f:
+        if fmt == "jsonl":
+            for number, line in enumerate(f, 1):
+                try:
+                    done.add(json.loads(line)["image"])
+                except (ValueError, KeyError, TypeError) as err:
+                    raise ValueError(f"{path}:{number}: not a classify JSON-lines row ({err}); give the --format it "
+                                     "was written in, or another --output") from err
             return done
+        offset, last_start, counts = 0, 0, []
         for number, line in enumerate(f, 1):
-            try:
-                image = json.loads(line)["image"]
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: not a classify JSON-lines row ({err}); give the --format it was "
-                                 "written in, or another --output") from err
-            done.add(image)
+            row = next(csv.reader([line.decode("utf-8")]), [])
+            if row != ["image", "rank", "label", "probability"] if number == 1 else (
+                    len(row) != 4 or not row[1].isdigit() or not (counts or row[1] == "1")):
+                raise ValueError(f"{path}:{number}: not a classify CSV row (image,rank,label,probability); give the "
+                                 "--format it was written in, or another --output")
+            if number > 1 and row[1] == "1":
+                last_start = offset
+                counts.append(0)
+                done.add(row[0])
+            if number > 1:
+                counts[-1] += 1
+            offset += len(line)
+    if counts and counts[-1] < (max(counts[:-1]) if len(counts) > 1 else top_k):
+        os.truncate(path, last_start)
+        done.discard(row[0])
     return done
 
 
@@ -205,7 +217,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not sources:
         print(f"clipzsl: error: no images to classify in {', '.join(args.paths)}", file=sys.stderr)
         return 1
-    done = classified_images(Path(args.output), args.format) if args.resume else set()
+    done = classified_images(Path(args.output), args.format, args.top_k) if args.resume else set()
     todo = [s for s in sources if s not in done]
     if not todo:
         print(f"clipzsl: all {len(sources)} images are already in {args.output}; nothing to do", file=sys.stderr)
@@ -216,8 +228,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         args.model, labels=labels_argument(args.labels), templates=args.templates, cache=cache, adapter=args.adapter,
     )
     width = max([len("image")] + [len(s) for s in todo])
-    fresh = not (args.resume and Path(args.output).stat().st_size) if args.output else True
-    out = open(args.output, "a" if args.resume else "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    fresh = not (args.resume and Path(args.output).is_file() and os.path.getsize(args.output))  # else: has its header
+    out = None if args.output else sys.stdout  # a file is opened with the first row: all unreadable, untouched
     failures, written, document = [], 0, []
     chunk = args.batch_size * CLASSIFY_CHUNK_BATCHES
     try:
@@ -236,6 +248,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 if args.format == "json":  # one document: written whole at the end
                     document += rows
                     continue
+                if out is None:
+                    out = open(args.output, "a" if args.resume else "w", encoding="utf-8", newline="")
                 if fresh:  # the header just before the first row: all unreadable writes nothing
                     out.write(prediction_header(args.format, width))
                     fresh = False
@@ -244,9 +258,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 if args.output:
                     os.fsync(out.fileno())  # durable: a killed run keeps every completed row
         if document:
+            out = out or open(args.output, "w", encoding="utf-8")
             out.write(format_predictions(document, "json"))
     finally:
-        if args.output:
+        if args.output and out is not None:
             out.close()
     if failures:
         print(f"clipzsl: {len(failures)} of {len(failures) + written} images could not be read", file=sys.stderr)
