@@ -31,7 +31,7 @@ from .classifier import ZeroShotClassifier
 from .explain import explain
 from .image_index import ImageIndex
 from .images import FEATURES_DIR, NoImagesWarning, embed_images_cached, expand_sources
-from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_templates
+from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_labels, load_templates
 from .shards import index_from_shards, write_shards
 from .store import EmbeddingStore, StoreError, cache_root
 from .text_encoding import class_embeddings
@@ -460,6 +460,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serve import Limits, create_app
+    except ImportError as err:
+        print(f"clipzsl: error: the service needs the serve extra ({err}); pip install 'clipzsl[serve]'", file=sys.stderr)
+        return 2
+    names = [Path(d).resolve().name for d in args.index]
+    if len(set(names)) != len(names):
+        print(f"clipzsl: error: two --index folders share a name ({', '.join(names)}); the service tells them "
+              "apart by folder name, so rename one", file=sys.stderr)
+        return 2
+    spec = args.model or (EmbeddingStore.read_meta(args.index[0]).get("spec") if args.index else None) or "packaged"
+    cache = args.cache_dir or True
+    model = load_model(spec, cache=cache)
+    label_sets = {Path(spec_).stem: load_labels(labels_argument(spec_)) for spec_ in args.labels}
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_labels=args.max_labels,
+                    batch_window_s=args.batch_window_ms / 1000, max_batch=args.max_batch)
+    app = create_app(model, dict(zip(names, args.index)), label_sets, templates=args.templates,
+                     adapter=args.adapter, cache=cache, limits=limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"clipzsl: warning: listening on {args.host}: anyone who can reach this machine can use the service",
+              file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipzsl", description="Zero-shot image classification.",
                                      formatter_class=HelpFormatter)
@@ -566,6 +594,24 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     explain.add_argument("--templates", help="template set (default: the adapter's, else the default)")
     explain.set_defaults(run=cmd_explain)
+
+    serve = commands.add_parser("serve", help="HTTP service and web page: search an index, classify uploads")
+    serve.add_argument("--index", action="append", default=[], metavar="DIR",
+                       help="index directory to search (repeatable; named by its folder name)")
+    serve.add_argument("--labels", action="append", default=[], metavar="NAME_OR_FILE",
+                       help="label set clients may name (repeatable; by its file stem): " + LABELS_HELP)
+    serve.add_argument("--model", help="model spec (default: the index's own, else packaged)")
+    serve.add_argument("--templates", default=DEFAULT_TEMPLATES, help="default template set name or .txt file")
+    serve.add_argument("--adapter", type=adapter_directory, help="saved adapter directory (enables /explain)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (another exposes the service)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (413 above it)")
+    serve.add_argument("--max-labels", type=positive_int, default=1000, help="most labels in one request (422 above)")
+    serve.add_argument("--batch-window-ms", type=float, default=5,
+                       help="how long concurrent requests are gathered into one forward pass")
+    serve.add_argument("--max-batch", type=positive_int, default=64, help="most requests in one forward pass (1: none)")
+    serve.add_argument("--cache-dir", help="label cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 
