@@ -35,7 +35,7 @@ print(json.dumps({
     "prompts": str(PROMPTS_DIR),
     "templates": {name: load_templates(name) for name in ("simple_7", "openai_imagenet_80")},
     "labels": [[e.name, *e.synonyms] for e in load_labels("cifar10")],
-    "scores": clf.scores(sys.argv[2]).tolist(),
+    "scores": clf.predict_proba(sys.argv[2]).tolist(),
 }))
 """
 
@@ -105,7 +105,7 @@ def test_installed_package_loads_shipped_sets_by_name_and_classifies(installed, 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         checkout = ZeroShotClassifier(load_model(SPEC), labels="cifar10", cache=False)
-    np.testing.assert_allclose(probe["scores"], checkout.scores(elsewhere / "img.png"), atol=1e-5)
+    np.testing.assert_allclose(probe["scores"], checkout.predict_proba(elsewhere / "img.png"), atol=1e-5)
 
 
 def test_installed_cli_classifies_with_a_shipped_label_set(installed, elsewhere):
