@@ -2,7 +2,9 @@
 
 Optional (`pip install clipzsl[ray]`): ray is imported only when a function here runs. The
 pipeline has two stages: decoding + preprocessing in CPU tasks, then the model in a pool of
-actors (`concurrency` of them, `num_gpus` each) that load it once. For classification the
+actors (`concurrency` of them, `num_gpus` each) that load it once. (With CPU-only actors, whose
+resources equal the decode tasks', Ray Data fuses the two stages into the actors; with GPU
+actors they stay apart.) For classification the
 class embeddings are built once on the driver (through the label cache) and shared with the
 actors through the object store; an actor returns only each image's top k. An unreadable
 image is a row whose `error` says why, never a failed job. Ray restarts a killed actor and
