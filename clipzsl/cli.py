@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import __version__
+from . import distributed
 from . import evaluation as ev
 from .adapter import CONFIG_NAME
 from .backends import available_models, load_model
@@ -30,9 +31,9 @@ from .baselines import DEFAULT_GRID
 from .classifier import ZeroShotClassifier
 from .explain import explain
 from .image_index import ImageIndex
-from .images import FEATURES_DIR, NoImagesWarning, embed_images_cached, expand_sources
+from .images import FEATURES_DIR, ImageLoadError, NoImagesWarning, embed_images_cached, expand_sources
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_labels, load_templates
-from .shards import index_from_shards, write_shards
+from .shards import ShardReport, index_from_shards, write_shards
 from .store import EmbeddingStore, StoreError, cache_root
 from .text_encoding import class_embeddings
 from .training import TrainConfig, fit_with_selection, folder_dataset
@@ -45,6 +46,13 @@ def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return number
 
 
@@ -133,6 +141,8 @@ def format_predictions(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return cmd_classify_ray(args)
     with empty_folders() as empty:  # before the model loads: a wrong path costs nothing
         sources = expand_sources(args.paths)
     if not sources:
@@ -157,6 +167,30 @@ def cmd_classify(args: argparse.Namespace) -> int:
         print(f"clipzsl: {len(embedded.failures)} of {len(embedded.failures) + len(embedded.sources)} "
               "images could not be read", file=sys.stderr)
     return 1 if embedded.failures or empty else 0
+
+
+def cmd_classify_ray(args: argparse.Namespace) -> int:
+    """`classify --engine ray`: predictions (and unreadable images, as rows) into a parquet file."""
+    distributed.require_ray()
+    if not args.output or Path(args.output).suffix != ".parquet":
+        raise ValueError("--engine ray writes parquet predictions: give --output FILE.parquet")
+    if args.adapter:
+        raise ValueError("--adapter is not supported with --engine ray; classify with the default engine")
+    if Path(args.output).exists():
+        raise ValueError(f"{args.output}: exists; --engine ray does not overwrite predictions: delete it or choose "
+                         "another --output")
+    cache = False if args.no_cache else (args.cache_dir or True)
+    paths = distributed.image_paths(args.paths)
+    with distributed.ray_runtime(args.address):
+        ds = distributed.classify_dataset(
+            distributed.paths_dataset(paths), labels=labels_argument(args.labels), templates=args.templates,
+            top_k=args.top_k, model=args.model, batch_size=args.batch_size, concurrency=args.actors,
+            num_gpus=args.gpus_per_actor, cache=cache)
+        failures = distributed.write_predictions(ds, args.output)
+    for failure in failures:
+        print(f"clipzsl: skipped {failure}", file=sys.stderr)
+    print(f"{args.output}: predictions for {len(paths) - len(failures)} of {len(paths)} images")
+    return 1 if failures else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -245,11 +279,37 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return cmd_embed_ray(args)
     report = write_shards(load_model(args.model), args.paths, args.out, shard_size=args.shard_size,
                           batch_size=args.batch_size)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(f"{args.out}: {report.rows} embeddings in {len(report.shards)} shard(s) (img_emb/, metadata/)")
+    return 1 if report.failures else 0
+
+
+def cmd_embed_ray(args: argparse.Namespace) -> int:
+    """`embed --engine ray`: shards written as the cluster delivers them; a rerun resumes the same run."""
+    distributed.require_ray()  # before the model loads
+    paths = distributed.image_paths(args.paths)
+    model = load_model(args.model)
+    state = distributed.resume_state(args.out, distributed.run_identity(model, paths, args.shard_size))
+    seen = state.done | {path for path, _ in state.failures}
+    remaining = [path for path in paths if path not in seen]
+    if state.complete or not remaining:
+        print(f"{args.out}: already complete ({state.rows} embeddings in {len(state.shards)} shard(s))")
+        report = ShardReport(state.rows, state.shards, [ImageLoadError(p, r) for p, r in state.failures])
+    else:
+        if seen:
+            print(f"{args.out}: resuming: {len(seen)} of {len(paths)} images already done", file=sys.stderr)
+        with distributed.ray_runtime(args.address):
+            ds = distributed.embed_dataset(distributed.paths_dataset(remaining), model, batch_size=args.batch_size,
+                                           concurrency=args.actors, num_gpus=args.gpus_per_actor)
+            report = distributed.write_embedding_shards(ds, args.out, state, shard_size=args.shard_size)
+        print(f"{args.out}: {report.rows} embeddings in {len(report.shards)} shard(s) (img_emb/, metadata/)")
+    for failure in report.failures:
+        print(f"clipzsl: skipped {failure}", file=sys.stderr)
     return 1 if report.failures else 0
 
 
@@ -468,24 +528,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"clipzsl: error: the service needs the serve extra ({err}); pip install 'clipzsl[serve]'", file=sys.stderr)
         return 2
-    names = [Path(d).resolve().name for d in args.index]
+    indexes, label_specs = args.index or [], args.labels or []
+    names = [Path(d).resolve().name for d in indexes]
     if len(set(names)) != len(names):
         print(f"clipzsl: error: two --index folders share a name ({', '.join(names)}); the service tells them "
               "apart by folder name, so rename one", file=sys.stderr)
         return 2
-    spec = args.model or (EmbeddingStore.read_meta(args.index[0]).get("spec") if args.index else None) or "packaged"
+    spec = args.model or (EmbeddingStore.read_meta(indexes[0]).get("spec") if indexes else None) or "packaged"
     cache = args.cache_dir or True
     model = load_model(spec, cache=cache)
-    label_sets = {Path(spec_).stem: load_labels(labels_argument(spec_)) for spec_ in args.labels}
+    label_sets = {Path(spec_).stem: load_labels(labels_argument(spec_)) for spec_ in label_specs}
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_labels=args.max_labels,
                     batch_window_s=args.batch_window_ms / 1000, max_batch=args.max_batch)
-    app = create_app(model, dict(zip(names, args.index)), label_sets, templates=args.templates,
+    app = create_app(model, dict(zip(names, indexes)), label_sets, templates=args.templates,
                      adapter=args.adapter, cache=cache, limits=limits)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"clipzsl: warning: listening on {args.host}: anyone who can reach this machine can use the service",
               file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine and the options of `--engine ray` (clipzsl.distributed)."""
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: this process; ray: Ray Data (pip install 'clipzsl[ray]')")
+    parser.add_argument("--address", help="Ray cluster to run on (auto, ray://HOST:PORT); default: a local Ray "
+                                          "runtime started for the run")
+    parser.add_argument("--actors", type=positive_int, default=1, help="model actors (--engine ray)")
+    parser.add_argument("--gpus-per-actor", type=non_negative_float, default=0, help="GPUs per model actor (--engine ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--adapter", type=adapter_directory,
                           help="saved adapter directory (from train-adapter) to score through; it must have been "
                                "trained on --model (default: none, plain zero-shot)")
+    add_engine_arguments(classify)
     classify.set_defaults(run=cmd_classify)
 
     cache = commands.add_parser("cache", help="show or clear the caches (labels, packaged concepts, image features)")
@@ -539,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     embed.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     embed.add_argument("--shard-size", type=positive_int, default=100_000, help="rows per shard")
+    add_engine_arguments(embed)
     embed.set_defaults(run=cmd_embed)
 
     search = commands.add_parser("search", help="the best images of an index for a text or image query")
@@ -596,12 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(run=cmd_explain)
 
     serve = commands.add_parser("serve", help="HTTP service and web page: search an index, classify uploads")
-    serve.add_argument("--index", action="append", default=[], metavar="DIR",
+    serve.add_argument("--index", action="append", metavar="DIR",
                        help="index directory to search (repeatable; named by its folder name)")
-    serve.add_argument("--labels", action="append", default=[], metavar="NAME_OR_FILE",
+    serve.add_argument("--labels", action="append", metavar="NAME_OR_FILE",
                        help="label set clients may name (repeatable; by its file stem): " + LABELS_HELP)
     serve.add_argument("--model", help="model spec (default: the index's own, else packaged)")
-    serve.add_argument("--templates", default=DEFAULT_TEMPLATES, help="default template set name or .txt file")
+    serve.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file, for requests that send none")
     serve.add_argument("--adapter", type=adapter_directory, help="saved adapter directory (enables /explain)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (another exposes the service)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -621,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = show_warning
         try:
             return args.run(args)
-        except (PromptFileError, StoreError, OSError, ValueError, RuntimeError) as err:
+        except (PromptFileError, StoreError, OSError, ValueError, RuntimeError, ImportError) as err:
             print(f"clipzsl: error: {err}", file=sys.stderr)
             return 2
 
