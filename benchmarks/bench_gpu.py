@@ -119,7 +119,7 @@ def clip_retrieval_row(files: list[str], device: str) -> str:
 
 
 MEMORY_CHILD = r"""
-import resource, sys, torch, clipzsl
+import sys, torch, clipzsl
 from clipzsl.images import embed_images, load_image
 mode, spec, files = sys.argv[1], sys.argv[2], sys.argv[3:]
 model = clipzsl.load_model(spec, device="cpu")
@@ -129,7 +129,7 @@ else:  # decode everything first, then encode
     pixels = [model.preprocess(load_image(f)) for f in files]
     for i in range(0, len(pixels), model.batch_size):
         model.encode_images(torch.stack(pixels[i:i + model.batch_size]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")))  # kB; reset at exec
 """
 
 

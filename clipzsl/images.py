@@ -205,8 +205,9 @@ def device_geometry(backend: Backend) -> list:
 
     split = split_preprocess(backend.preprocess) if backend.pixel_stats is not None else None
     steps = list(getattr(split[0], "transforms", [])) if split else None
-    # open_clip's `_convert_to_rgb` is a no-op here: the device decoder is asked for RGB
-    kept = [t for t in steps or [] if getattr(t, "__name__", "") != "_convert_to_rgb"]
+    # open_clip's RGB conversion (`_convert_to_rgb`, `MaybeConvertMode`) is a no-op here: the decoder is asked for RGB
+    kept = [t for t in steps or []
+            if getattr(t, "__name__", "") != "_convert_to_rgb" and type(t).__name__ != "MaybeConvertMode"]
     if steps is None or not all(isinstance(t, (T.Resize, T.CenterCrop)) for t in kept):
         raise ValueError(f"decode='device' needs a fixed resize/crop preprocessing ending in ToTensor + Normalize; "
                          f"{backend.spec} has {backend.preprocess!r}: use decode='cpu'")
