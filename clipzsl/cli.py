@@ -77,6 +77,26 @@ def adapter_directory(value: str) -> str:
     return value
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --precision, --batch-size, --workers: how a command runs its model. One helper, so
+    every command that runs a model offers the same four, with the same defaults."""
+    parser.add_argument("--device", default="auto", help="where the model runs: auto (cuda, then mps, then cpu), "
+                                                         "cpu, cuda, cuda:N or mps")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="autocast precision of the forward passes (auto: bf16 on CUDA, fp32 elsewhere); "
+                             "embeddings are stored as float32 whatever it is")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="images per forward pass (default: 32 on the CPU, 64 on mps, 256 on CUDA)")
+    parser.add_argument("--workers", type=positive_int,
+                        help="image-decoding threads (default: up to 4 on the CPU, every core with a GPU)")
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The `add_run_options` choices as `load_model` keyword arguments."""
+    return {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+            "workers": args.workers}
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Ends an option's help with its default, unless it has none or the help already names it."""
 
@@ -152,8 +172,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     cache = False if args.no_cache else (args.cache_dir or True)
     clf = ZeroShotClassifier(
         args.model, labels=labels_argument(args.labels), templates=args.templates, cache=cache, adapter=args.adapter,
+        device=args.device, precision=args.precision,
     )
-    embedded = clf.embed(sources, batch_size=args.batch_size, skip_errors=True, progress=None)
+    embedded = clf.embed(sources, batch_size=args.batch_size, workers=args.workers, skip_errors=True, progress=None)
     for failure in embedded.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     if embedded.sources:  # all unreadable: the message below, not an empty table
@@ -238,7 +259,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.kind in ("info", "repair"):
         if len(args.folders) != 1:
             raise ValueError(f"`clipzsl index {args.kind}` takes one index directory, got {len(args.folders)}")
-        index = ImageIndex(args.folders[0], args.model)
+        index = ImageIndex(args.folders[0], args.model, device=args.device, precision=args.precision)
         if args.kind == "info":
             info = index.info()
             recall = "n/a (empty)" if info["recall_at_10"] is None else \
@@ -249,7 +270,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                   + (f" (search parameter {info['search_parameter']})" if info["search_parameter"] else "")
                   + f"\nrecall@10: {recall}")
             return 0
-        report = index.repair(batch_size=args.batch_size)
+        report = index.repair(batch_size=args.batch_size, workers=args.workers)
         for line in report.damaged:
             print(f"set aside damaged segment {line}")
         for path in report.unrecoverable:
@@ -268,9 +289,11 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(f"{args.out}: {len(index)} images from {args.folders[0]} "
               f"(faiss factory {index.store.index_state().get('factory', 'Flat')})")
         return 0
-    index = ImageIndex(args.out, args.model or "packaged", dtype=args.dtype)
+    index = ImageIndex(args.out, args.model or "packaged", dtype=args.dtype, device=args.device,
+                       precision=args.precision)
     with empty_folders() as empty:
-        report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory)
+        report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory,
+                              workers=args.workers)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(f"{args.out}: {len(index)} images ({report.added} added, {report.updated} updated, "
@@ -281,7 +304,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         return cmd_embed_ray(args)
-    report = write_shards(load_model(args.model), args.paths, args.out, shard_size=args.shard_size,
+    report = write_shards(load_model(args.model, **run_options(args)), args.paths, args.out, shard_size=args.shard_size,
                           batch_size=args.batch_size)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
@@ -293,7 +316,7 @@ def cmd_embed_ray(args: argparse.Namespace) -> int:
     """`embed --engine ray`: shards written as the cluster delivers them; a rerun resumes the same run."""
     distributed.require_ray()  # before the model loads
     paths = distributed.image_paths(args.paths)
-    model = load_model(args.model)
+    model = load_model(args.model, **run_options(args))
     state = distributed.resume_state(args.out, distributed.run_identity(model, paths, args.shard_size))
     seen = state.done | {path for path, _ in state.failures}
     remaining = [path for path in paths if path not in seen]
@@ -333,7 +356,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"{args.image}: no such image file (--image)")
     query = args.query if args.image is None else Path(args.image)
-    sys.stdout.write(format_hits(ImageIndex(args.index).search(query, top_k=args.top_k), args.format))
+    index = ImageIndex(args.index, device=args.device, precision=args.precision)
+    sys.stdout.write(format_hits(index.search(query, top_k=args.top_k), args.format))
     return 0
 
 
@@ -352,7 +376,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         raise ValueError(f"{where} {len(seen)} class(es) with images ({[names[c] for c in seen]}); an adapter "
                          f"needs at least 2 classes to train on: add class sub-folders of images to {args.data}")
     keep = [i for i, y in enumerate(targets) if y in set(seen)]
-    model = load_model(args.model, cache=args.cache_dir or True)
+    model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
     templates = load_templates(args.templates)
     class_embs = class_embeddings(model, [ClassEntry(n) for n in names], templates)
     images = embed_images_cached(model, [paths[i] for i in keep], cache_root(args.cache_dir), progress=True)
@@ -388,7 +412,7 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
         raise ValueError("--test does not apply to --protocol zeroshot: it evaluates every image of DATA")
     names, paths, targets = folder_dataset(args.data)  # refuses a DATA without images
     cache = args.cache_dir or True
-    model = load_model(args.model, cache=cache)
+    model = load_model(args.model, cache=cache, **run_options(args))
     templates = load_templates(args.templates)
     if args.load_classifier:
         clf = ZeroShotClassifier.load(args.load_classifier, model)
@@ -465,7 +489,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if untrained:
         raise ValueError(f"{args.data}: base classes {untrained[:5]} have no training image; without --test each "
                          "class is split in half, so it needs at least 2 images")
-    model = load_model(args.model, cache=args.cache_dir or True)
+    model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
     class_embs = class_embeddings(model, [ClassEntry(n) for n in names], load_templates(args.templates))
     cache_dir = cache_root(args.cache_dir)
     train_images = embed_images_cached(model, [p for p, _ in tr], cache_dir, progress=True)
@@ -512,7 +536,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
+    model = load_model(args.model, **run_options(args))
     written = explain(model, args.images, labels_argument(args.labels), args.out, adapter=args.adapter,
                       templates=args.templates)
     for path in written:
@@ -536,7 +560,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     spec = args.model or (EmbeddingStore.read_meta(indexes[0]).get("spec") if indexes else None) or "packaged"
     cache = args.cache_dir or True
-    model = load_model(spec, cache=cache)
+    model = load_model(spec, cache=cache, **run_options(args))
     label_sets = {Path(spec_).stem: load_labels(labels_argument(spec_)) for spec_ in label_specs}
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_labels=args.max_labels,
                     batch_window_s=args.batch_window_ms / 1000, max_batch=args.max_batch)
@@ -575,7 +599,6 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=positive_int, default=5, help="labels shown per image")
     classify.add_argument("--format", choices=FORMATS, default="table", help="output format")
     classify.add_argument("--output", type=output_file, help="write results to this file instead of stdout")
-    classify.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     classify.add_argument("--cache-dir", help="cache directory: label embeddings, the packaged model's concepts "
                                               "(default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     classify.add_argument("--no-cache", action="store_true",
@@ -584,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="saved adapter directory (from train-adapter) to score through; it must have been "
                                "trained on --model (default: none, plain zero-shot)")
     add_engine_arguments(classify)
+    add_run_options(classify)
     classify.set_defaults(run=cmd_classify)
 
     cache = commands.add_parser("cache", help="show or clear the caches (labels, packaged concepts, image features)")
@@ -598,20 +622,20 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("folders", nargs="+", metavar="PATH", help="image folders or files (images); the index (info, repair)")
     index.add_argument("--out", help="index directory (images)")
     index.add_argument("--model", help="model spec (default: the index's own, else packaged)")
-    index.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     index.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                        help="how a new index stores vectors (float16: half the disk)")
     index.add_argument("--faiss-factory", default="auto",
                        help="FAISS factory string for the saved index (auto: exact up to 200k images, else IVF)")
+    add_run_options(index)
     index.set_defaults(run=cmd_index)
 
     embed = commands.add_parser("embed", help="embed images into clip-retrieval shards (img_emb/, metadata/)")
     embed.add_argument("paths", nargs="+", help="image files, folders, .txt lists of paths, webdataset .tar shards")
     embed.add_argument("--out", required=True, help="output directory")
     embed.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
-    embed.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     embed.add_argument("--shard-size", type=positive_int, default=100_000, help="rows per shard")
     add_engine_arguments(embed)
+    add_run_options(embed)
     embed.set_defaults(run=cmd_embed)
 
     search = commands.add_parser("search", help="the best images of an index for a text or image query")
@@ -620,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--image", help="an image file as the query")
     search.add_argument("--top-k", type=positive_int, default=10, help="images shown")
     search.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    add_run_options(search)
     search.set_defaults(run=cmd_search)
 
     models = commands.add_parser("models", help="list model specs and what runs offline")
@@ -636,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--consistency", type=float, help="KL-to-zero-shot weight (default: chosen on validation)")
     train.add_argument("--seed", type=int, default=0, help="random seed (splits, initialisation)")
     train.add_argument("--cache-dir", help="feature cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
+    add_run_options(train)
     train.set_defaults(run=cmd_train_adapter)
 
     evaluate = commands.add_parser("eval", help="base-to-novel and GZSL protocols, adapters vs baselines")
@@ -651,12 +677,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file")
     evaluate.add_argument("--output", type=output_file, help="also write the results as JSON here")
     evaluate.add_argument("--cache-dir", help="feature cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (zeroshot)")
     evaluate.add_argument("--save-classifier", metavar="FILE",
                           help="zeroshot: write the class embeddings (safetensors) for --load-classifier")
     evaluate.add_argument("--load-classifier", metavar="FILE",
                           help="zeroshot: class embeddings from --save-classifier (same model, classes, templates); "
                                "no text is encoded")
+    add_run_options(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
     explain = commands.add_parser("explain", help="heatmap PNGs: adapter attention or patch-text similarity")
@@ -666,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", default="explain", help="output directory")
     explain.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     explain.add_argument("--templates", help="template set (default: the adapter's, else the default)")
+    add_run_options(explain)
     explain.set_defaults(run=cmd_explain)
 
     serve = commands.add_parser("serve", help="HTTP service and web page: search an index, classify uploads")
@@ -684,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long concurrent requests are gathered into one forward pass")
     serve.add_argument("--max-batch", type=positive_int, default=64, help="most requests in one forward pass (1: none)")
     serve.add_argument("--cache-dir", help="label cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
+    add_run_options(serve)
     serve.set_defaults(run=cmd_serve)
     return parser
 
