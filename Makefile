@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 # torch and torchvision first, pinned to the releases served from local disk here
 install:
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[test,larger]"
+	$(PIP) install -q -e ".[test,larger,ray,serve]"
 
 demo: install
 	$(PYTHON) -m benchmarks.samples build/samples

@@ -18,7 +18,6 @@ Usage: python -m benchmarks.bench_default [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import time
 from pathlib import Path
@@ -434,13 +433,7 @@ def markdown(r: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images per set, lite0 only")
-    args = parser.parse_args()
-    if args.quick:
-        report.RESULTS_DIR = report.RESULTS_DIR / "quick"
-    run(args.quick)
-    print((report.RESULTS_DIR / f"{NAME}.md").read_text())
+    report.main(__doc__, NAME, run, f"{QUICK_IMAGES} images per set, lite0 only")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ through any head (the adapter's too). Same random embeddings for both, in one ru
 """
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import torch
@@ -69,12 +68,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20k labels instead of 100k")
-    args = parser.parse_args()
-    if args.quick:
-        report.RESULTS_DIR = report.RESULTS_DIR / "quick"
-    run(args.quick)
+    report.main(__doc__, "head", run, "20k labels instead of 100k")
 
 
 if __name__ == "__main__":

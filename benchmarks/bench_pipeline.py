@@ -13,7 +13,6 @@ Usage: python -m benchmarks.bench_pipeline [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 
@@ -185,13 +184,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    if args.quick:  # as `python -m benchmarks --quick` does: keep the full results
-        report.RESULTS_DIR = report.RESULTS_DIR / "quick"
-    run(args.quick)
-    print((report.RESULTS_DIR / f"{NAME}.md").read_text())
+    report.main(__doc__, NAME, run, "fewer labels and images")
 
 
 if __name__ == "__main__":

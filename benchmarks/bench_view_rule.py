@@ -23,7 +23,6 @@ Usage: python -m benchmarks.bench_view_rule [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -304,13 +303,7 @@ def markdown(r: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="100-200 images per set")
-    args = parser.parse_args()
-    if args.quick:
-        report.RESULTS_DIR = report.RESULTS_DIR / "quick"
-    run(args.quick)
-    print((report.RESULTS_DIR / f"{NAME}.md").read_text())
+    report.main(__doc__, NAME, run, "100-200 images per set")
 
 
 if __name__ == "__main__":

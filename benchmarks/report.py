@@ -89,3 +89,19 @@ def write(name: str, results: dict, summary_lines: list[str]) -> Path:
     ]
     (RESULTS_DIR / f"{name}.md").write_text("\n".join(header + summary_lines) + "\n")
     return path
+
+
+def main(doc: str, name: str, run: Callable[[bool], object], quick_help: str) -> None:
+    """The command line of a benchmark whose only option is --quick: run it, then print its page.
+
+    --quick writes under results/quick/, as `python -m benchmarks --quick` does, so the full results stay."""
+    import argparse
+
+    global RESULTS_DIR
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    quick = parser.parse_args().quick
+    if quick:
+        RESULTS_DIR = RESULTS_DIR / "quick"
+    run(quick)
+    print((RESULTS_DIR / f"{name}.md").read_text())

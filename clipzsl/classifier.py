@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -54,18 +53,25 @@ class ZeroShotClassifier:
         progress: bool | None = None,
         adapter: CrossAttentionAdapter | str | os.PathLike | None = None,
         class_embeddings: torch.Tensor | None = None,
+        device: str = "auto",
+        precision: str = "auto",
     ):
         """`cache`: True for the default cache directory, a directory, or False for none (then
         nothing is written anywhere: a model given as a spec builds its own caches in memory).
         `adapter`: a `CrossAttentionAdapter` or the directory it was saved to; it becomes the head
         (it must have been trained on this model).
         `class_embeddings`: [len(labels), D] already built from these labels and templates
-        with this model (what `load` passes); no text is encoded then."""
+        with this model (what `load` passes); no text is encoded then.
+        `device`, `precision`: for a model given as a spec (`load_model`'s). Class embeddings and image
+        embeddings come back float32 on the CPU, and the head (zero-shot or adapter) scores them there:
+        an [N, D] x [D, C] product, or a small adapter over the cached tokens, costs less than
+        moving them back to the device."""
         # labels and templates before the model: a bad file fails at once, not after a model load
         self.entries = load_labels(labels)
         self.templates = load_templates(templates)
         cache_dir = None if cache is False else cache_root(None if cache is True else cache)
-        self.model = model if isinstance(model, Backend) else load_model(model or DEFAULT_MODEL, cache=cache)
+        self.model = model if isinstance(model, Backend) else load_model(model or DEFAULT_MODEL, device, precision,
+                                                                          cache=cache)
         if len(self.entries) == 1 and self.model.probability == "softmax":
             raise ValueError(
                 f"one label ({self.entries[0].name!r}) with {self.model.spec}, whose softmax over the labels "
@@ -107,21 +113,21 @@ class ZeroShotClassifier:
         kwargs.setdefault("return_tokens", self.adapter is not None)
         return embed_images(self.model, images, **kwargs)
 
-    def _embedded(self, images: Images, batch_size: int) -> EmbeddedImages:
+    def _embedded(self, images: Images, batch_size: int | None) -> EmbeddedImages:
         return images if isinstance(images, EmbeddedImages) else self.embed(images, batch_size=batch_size)
 
-    def logits(self, images: Images, batch_size: int = 32) -> torch.Tensor:
+    def logits(self, images: Images, batch_size: int | None = None) -> torch.Tensor:
         """Logits [N, C] through the head: rank by these, since far-down probabilities underflow
         to equal zeros."""
         return self.head(self._embedded(images, batch_size), self.class_embeddings, self.model.logit_scale,
                          self.model.logit_bias)
 
-    def predict_proba(self, images: Images, batch_size: int = 32) -> np.ndarray:
+    def predict_proba(self, images: Images, batch_size: int | None = None) -> np.ndarray:
         """Probabilities [N, C]; images are paths, PIL images, folders (walked recursively) or
         already-embedded `EmbeddedImages`."""
         return probabilities(self.logits(images, batch_size), self.model.probability).numpy()
 
-    def predict(self, images: Images, top_k: int = 5, batch_size: int = 32) -> list[list[tuple[str, float]]]:
+    def predict(self, images: Images, top_k: int = 5, batch_size: int | None = None) -> list[list[tuple[str, float]]]:
         """Per image: the `top_k` (label, probability) pairs, best first, without an [N, C] matrix."""
         check_top_k(top_k)  # before the images are embedded, not after
         embedded = self._embedded(images, batch_size)
@@ -131,7 +137,7 @@ class ZeroShotClassifier:
         return [[(labels[j], float(p)) for j, p in zip(row_ids, row_p)]
                 for row_ids, row_p in zip(ids.tolist(), probs.tolist())]
 
-    def attention(self, images: Images, batch_size: int = 32) -> torch.Tensor:
+    def attention(self, images: Images, batch_size: int | None = None) -> torch.Tensor:
         """The adapter's attention [N, C, heads, 1 + T] (global token first) over each image's tokens."""
         if self.adapter is None:
             raise ValueError("attention needs an adapter: ZeroShotClassifier(..., adapter=PATH_OR_OBJECT)")

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
+from . import distributed
 from . import evaluation as ev
 from .adapter import CONFIG_NAME
 from .backends import available_models, load_model
@@ -31,9 +32,9 @@ from .baselines import DEFAULT_GRID
 from .classifier import ZeroShotClassifier
 from .explain import explain
 from .image_index import ImageIndex
-from .images import FEATURES_DIR, NoImagesWarning, embed_images_cached, expand_sources
-from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_templates
-from .shards import index_from_shards, write_shards
+from .images import FEATURES_DIR, ImageLoadError, NoImagesWarning, embed_images_cached, expand_sources
+from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_labels, load_templates
+from .shards import ShardReport, index_from_shards, write_shards
 from .store import EmbeddingStore, StoreError, cache_root
 from .text_encoding import class_embeddings
 from .training import TrainConfig, fit_with_selection, folder_dataset
@@ -49,6 +50,13 @@ def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return number
 
 
@@ -71,6 +79,26 @@ def adapter_directory(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{value}: {reason}, so not a saved clipzsl adapter (`clipzsl train-adapter --out DIR` makes one)")
     return value
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --precision, --batch-size, --workers: how a command runs its model. One helper, so
+    every command that runs a model offers the same four, with the same defaults."""
+    parser.add_argument("--device", default="auto", help="where the model runs: auto (cuda, then mps, then cpu), "
+                                                         "cpu, cuda, cuda:N or mps")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="autocast precision of the forward passes (auto: bf16 on CUDA, fp32 elsewhere); "
+                             "embeddings are stored as float32 whatever it is")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="images per forward pass (default: 32 on the CPU, 64 on mps, 256 on CUDA)")
+    parser.add_argument("--workers", type=positive_int,
+                        help="image-decoding threads (default: up to 4 on the CPU, every core with a GPU)")
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The `add_run_options` choices as `load_model` keyword arguments."""
+    return {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+            "workers": args.workers}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -210,8 +238,11 @@ CLASSIFY_CHUNK_BATCHES = 8
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    if args.resume and (not args.output or args.format not in RESUMABLE):
-        raise ValueError("--resume needs --output FILE and --format csv or jsonl (it reads the images already in FILE)")
+    if args.resume and (not args.output or args.format not in RESUMABLE or args.engine == "ray"):
+        raise ValueError("--resume needs --output FILE and --format csv or jsonl (it reads the images already in FILE), "
+                         "and the default --engine")
+    if args.engine == "ray":
+        return cmd_classify_ray(args)
     with empty_folders() as empty:  # before the model loads: a wrong path costs nothing
         sources = expand_sources(args.paths)
     if not sources:
@@ -226,17 +257,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
     cache = False if args.no_cache else (args.cache_dir or True)
     clf = ZeroShotClassifier(
         args.model, labels=labels_argument(args.labels), templates=args.templates, cache=cache, adapter=args.adapter,
+        device=args.device, precision=args.precision,
     )
     width = max([len("image")] + [len(s) for s in todo])
     fresh = not (args.resume and Path(args.output).is_file() and os.path.getsize(args.output))  # else: has its header
     out = None if args.output else sys.stdout  # a file is opened with the first row: all unreadable, untouched
     failures, written, document = [], 0, []
-    chunk = args.batch_size * CLASSIFY_CHUNK_BATCHES
+    chunk = (args.batch_size or clf.model.batch_size) * CLASSIFY_CHUNK_BATCHES
     try:
         with tqdm(total=len(todo), unit="img", desc="images", disable=None if len(todo) > 64 else True) as bar:
             for start in range(0, len(todo), chunk):
-                embedded = clf.embed(todo[start : start + chunk], batch_size=args.batch_size, skip_errors=True,
-                                     progress=False)
+                embedded = clf.embed(todo[start : start + chunk], batch_size=args.batch_size, workers=args.workers,
+                                     skip_errors=True, progress=False)
                 for failure in embedded.failures:
                     print(f"clipzsl: skipped {failure}", file=sys.stderr)
                 failures += embedded.failures
@@ -266,6 +298,30 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if failures:
         print(f"clipzsl: {len(failures)} of {len(failures) + written} images could not be read", file=sys.stderr)
     return 1 if failures or empty else 0
+
+
+def cmd_classify_ray(args: argparse.Namespace) -> int:
+    """`classify --engine ray`: predictions (and unreadable images, as rows) into a parquet file."""
+    distributed.require_ray()
+    if not args.output or Path(args.output).suffix != ".parquet":
+        raise ValueError("--engine ray writes parquet predictions: give --output FILE.parquet")
+    if args.adapter:
+        raise ValueError("--adapter is not supported with --engine ray; classify with the default engine")
+    if Path(args.output).exists():
+        raise ValueError(f"{args.output}: exists; --engine ray does not overwrite predictions: delete it or choose "
+                         "another --output")
+    cache = False if args.no_cache else (args.cache_dir or True)
+    paths = distributed.image_paths(args.paths)
+    with distributed.ray_runtime(args.address):
+        ds = distributed.classify_dataset(
+            distributed.paths_dataset(paths), labels=labels_argument(args.labels), templates=args.templates,
+            top_k=args.top_k, model=args.model, batch_size=args.batch_size, concurrency=args.actors,
+            num_gpus=args.gpus_per_actor, cache=cache)
+        failures = distributed.write_predictions(ds, args.output)
+    for failure in failures:
+        print(f"clipzsl: skipped {failure}", file=sys.stderr)
+    print(f"{args.output}: predictions for {len(paths) - len(failures)} of {len(paths)} images")
+    return 1 if failures else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -313,7 +369,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.kind in ("info", "repair"):
         if len(args.folders) != 1:
             raise ValueError(f"`clipzsl index {args.kind}` takes one index directory, got {len(args.folders)}")
-        index = ImageIndex(args.folders[0], args.model)
+        index = ImageIndex(args.folders[0], args.model, device=args.device, precision=args.precision)
         if args.kind == "info":
             info = index.info()
             recall = "n/a (empty)" if info["recall_at_10"] is None else \
@@ -324,7 +380,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                   + (f" (search parameter {info['search_parameter']})" if info["search_parameter"] else "")
                   + f"\nrecall@10: {recall}")
             return 0
-        report = index.repair(batch_size=args.batch_size)
+        report = index.repair(batch_size=args.batch_size, workers=args.workers)
         for line in report.damaged:
             print(f"set aside damaged segment {line}")
         for path in report.unrecoverable:
@@ -343,9 +399,11 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(f"{args.out}: {len(index)} images from {args.folders[0]} "
               f"(faiss factory {index.store.index_state().get('factory', 'Flat')})")
         return 0
-    index = ImageIndex(args.out, args.model or "packaged", dtype=args.dtype)
+    index = ImageIndex(args.out, args.model or "packaged", dtype=args.dtype, device=args.device,
+                       precision=args.precision)
     with empty_folders() as empty:
-        report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory)
+        report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory,
+                              workers=args.workers)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(f"{args.out}: {len(index)} images ({report.added} added, {report.updated} updated, "
@@ -354,11 +412,37 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    report = write_shards(load_model(args.model), args.paths, args.out, shard_size=args.shard_size,
+    if args.engine == "ray":
+        return cmd_embed_ray(args)
+    report = write_shards(load_model(args.model, **run_options(args)), args.paths, args.out, shard_size=args.shard_size,
                           batch_size=args.batch_size)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(f"{args.out}: {report.rows} embeddings in {len(report.shards)} shard(s) (img_emb/, metadata/)")
+    return 1 if report.failures else 0
+
+
+def cmd_embed_ray(args: argparse.Namespace) -> int:
+    """`embed --engine ray`: shards written as the cluster delivers them; a rerun resumes the same run."""
+    distributed.require_ray()  # before the model loads
+    paths = distributed.image_paths(args.paths)
+    model = load_model(args.model, **run_options(args))
+    state = distributed.resume_state(args.out, distributed.run_identity(model, paths, args.shard_size))
+    seen = state.done | {path for path, _ in state.failures}
+    remaining = [path for path in paths if path not in seen]
+    if state.complete or not remaining:
+        print(f"{args.out}: already complete ({state.rows} embeddings in {len(state.shards)} shard(s))")
+        report = ShardReport(state.rows, state.shards, [ImageLoadError(p, r) for p, r in state.failures])
+    else:
+        if seen:
+            print(f"{args.out}: resuming: {len(seen)} of {len(paths)} images already done", file=sys.stderr)
+        with distributed.ray_runtime(args.address):
+            ds = distributed.embed_dataset(distributed.paths_dataset(remaining), model, batch_size=args.batch_size,
+                                           concurrency=args.actors, num_gpus=args.gpus_per_actor)
+            report = distributed.write_embedding_shards(ds, args.out, state, shard_size=args.shard_size)
+        print(f"{args.out}: {report.rows} embeddings in {len(report.shards)} shard(s) (img_emb/, metadata/)")
+    for failure in report.failures:
+        print(f"clipzsl: skipped {failure}", file=sys.stderr)
     return 1 if report.failures else 0
 
 
@@ -382,7 +466,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"{args.image}: no such image file (--image)")
     query = args.query if args.image is None else Path(args.image)
-    sys.stdout.write(format_hits(ImageIndex(args.index).search(query, top_k=args.top_k), args.format))
+    index = ImageIndex(args.index, device=args.device, precision=args.precision)
+    sys.stdout.write(format_hits(index.search(query, top_k=args.top_k), args.format))
     return 0
 
 
@@ -401,7 +486,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         raise ValueError(f"{where} {len(seen)} class(es) with images ({[names[c] for c in seen]}); an adapter "
                          f"needs at least 2 classes to train on: add class sub-folders of images to {args.data}")
     keep = [i for i, y in enumerate(targets) if y in set(seen)]
-    model = load_model(args.model, cache=args.cache_dir or True)
+    model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
     templates = load_templates(args.templates)
     class_embs = class_embeddings(model, [ClassEntry(n) for n in names], templates)
     images = embed_images_cached(model, [paths[i] for i in keep], cache_root(args.cache_dir), progress=True)
@@ -437,7 +522,7 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
         raise ValueError("--test does not apply to --protocol zeroshot: it evaluates every image of DATA")
     names, paths, targets = folder_dataset(args.data)  # refuses a DATA without images
     cache = args.cache_dir or True
-    model = load_model(args.model, cache=cache)
+    model = load_model(args.model, cache=cache, **run_options(args))
     templates = load_templates(args.templates)
     if args.load_classifier:
         clf = ZeroShotClassifier.load(args.load_classifier, model)
@@ -514,7 +599,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if untrained:
         raise ValueError(f"{args.data}: base classes {untrained[:5]} have no training image; without --test each "
                          "class is split in half, so it needs at least 2 images")
-    model = load_model(args.model, cache=args.cache_dir or True)
+    model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
     class_embs = class_embeddings(model, [ClassEntry(n) for n in names], load_templates(args.templates))
     cache_dir = cache_root(args.cache_dir)
     train_images = embed_images_cached(model, [p for p, _ in tr], cache_dir, progress=True)
@@ -561,12 +646,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
+    model = load_model(args.model, **run_options(args))
     written = explain(model, args.images, labels_argument(args.labels), args.out, adapter=args.adapter,
                       templates=args.templates)
     for path in written:
         print(path)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serve import Limits, create_app
+    except ImportError as err:
+        print(f"clipzsl: error: the service needs the serve extra ({err}); pip install 'clipzsl[serve]'", file=sys.stderr)
+        return 2
+    indexes, label_specs = args.index or [], args.labels or []
+    names = [Path(d).resolve().name for d in indexes]
+    if len(set(names)) != len(names):
+        print(f"clipzsl: error: two --index folders share a name ({', '.join(names)}); the service tells them "
+              "apart by folder name, so rename one", file=sys.stderr)
+        return 2
+    spec = args.model or (EmbeddingStore.read_meta(indexes[0]).get("spec") if indexes else None) or "packaged"
+    cache = args.cache_dir or True
+    model = load_model(spec, cache=cache, **run_options(args))
+    label_sets = {Path(spec_).stem: load_labels(labels_argument(spec_)) for spec_ in label_specs}
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_labels=args.max_labels,
+                    batch_window_s=args.batch_window_ms / 1000, max_batch=args.max_batch)
+    app = create_app(model, dict(zip(names, indexes)), label_sets, templates=args.templates,
+                     adapter=args.adapter, cache=cache, limits=limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"clipzsl: warning: listening on {args.host}: anyone who can reach this machine can use the service",
+              file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine and the options of `--engine ray` (clipzsl.distributed)."""
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: this process; ray: Ray Data (pip install 'clipzsl[ray]')")
+    parser.add_argument("--address", help="Ray cluster to run on (auto, ray://HOST:PORT); default: a local Ray "
+                                          "runtime started for the run")
+    parser.add_argument("--actors", type=positive_int, default=1, help="model actors (--engine ray)")
+    parser.add_argument("--gpus-per-actor", type=non_negative_float, default=0, help="GPUs per model actor (--engine ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -590,7 +714,6 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--resume", action="store_true",
                           help="skip the images already in --output (csv or jsonl) and append the rest, e.g. after "
                                "an interrupted run")
-    classify.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     classify.add_argument("--cache-dir", help="cache directory: label embeddings, the packaged model's concepts "
                                               "(default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     classify.add_argument("--no-cache", action="store_true",
@@ -598,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--adapter", type=adapter_directory,
                           help="saved adapter directory (from train-adapter) to score through; it must have been "
                                "trained on --model (default: none, plain zero-shot)")
+    add_engine_arguments(classify)
+    add_run_options(classify)
     classify.set_defaults(run=cmd_classify)
 
     cache = commands.add_parser("cache", help="show or clear the caches (labels, packaged concepts, image features)")
@@ -612,19 +737,20 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("folders", nargs="+", metavar="PATH", help="image folders or files (images); the index (info, repair)")
     index.add_argument("--out", help="index directory (images)")
     index.add_argument("--model", help="model spec (default: the index's own, else packaged)")
-    index.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     index.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                        help="how a new index stores vectors (float16: half the disk)")
     index.add_argument("--faiss-factory", default="auto",
                        help="FAISS factory string for the saved index (auto: exact up to 200k images, else IVF)")
+    add_run_options(index)
     index.set_defaults(run=cmd_index)
 
     embed = commands.add_parser("embed", help="embed images into clip-retrieval shards (img_emb/, metadata/)")
     embed.add_argument("paths", nargs="+", help="image files, folders, .txt lists of paths, webdataset .tar shards")
     embed.add_argument("--out", required=True, help="output directory")
     embed.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
-    embed.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     embed.add_argument("--shard-size", type=positive_int, default=100_000, help="rows per shard")
+    add_engine_arguments(embed)
+    add_run_options(embed)
     embed.set_defaults(run=cmd_embed)
 
     search = commands.add_parser("search", help="the best images of an index for a text or image query")
@@ -633,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--image", help="an image file as the query")
     search.add_argument("--top-k", type=positive_int, default=10, help="images shown")
     search.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    add_run_options(search)
     search.set_defaults(run=cmd_search)
 
     models = commands.add_parser("models", help="list model specs and what runs offline")
@@ -649,6 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--consistency", type=float, help="KL-to-zero-shot weight (default: chosen on validation)")
     train.add_argument("--seed", type=int, default=0, help="random seed (splits, initialisation)")
     train.add_argument("--cache-dir", help="feature cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
+    add_run_options(train)
     train.set_defaults(run=cmd_train_adapter)
 
     evaluate = commands.add_parser("eval", help="base-to-novel and GZSL protocols, adapters vs baselines")
@@ -664,12 +792,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file")
     evaluate.add_argument("--output", type=output_file, help="also write the results as JSON here")
     evaluate.add_argument("--cache-dir", help="feature cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (zeroshot)")
     evaluate.add_argument("--save-classifier", metavar="FILE",
                           help="zeroshot: write the class embeddings (safetensors) for --load-classifier")
     evaluate.add_argument("--load-classifier", metavar="FILE",
                           help="zeroshot: class embeddings from --save-classifier (same model, classes, templates); "
                                "no text is encoded")
+    add_run_options(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
     explain = commands.add_parser("explain", help="heatmap PNGs: adapter attention or patch-text similarity")
@@ -679,7 +807,27 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", default="explain", help="output directory")
     explain.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     explain.add_argument("--templates", help="template set (default: the adapter's, else the default)")
+    add_run_options(explain)
     explain.set_defaults(run=cmd_explain)
+
+    serve = commands.add_parser("serve", help="HTTP service and web page: search an index, classify uploads")
+    serve.add_argument("--index", action="append", metavar="DIR",
+                       help="index directory to search (repeatable; named by its folder name)")
+    serve.add_argument("--labels", action="append", metavar="NAME_OR_FILE",
+                       help="label set clients may name (repeatable; by its file stem): " + LABELS_HELP)
+    serve.add_argument("--model", help="model spec (default: the index's own, else packaged)")
+    serve.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file, for requests that send none")
+    serve.add_argument("--adapter", type=adapter_directory, help="saved adapter directory (enables /explain)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (another exposes the service)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (413 above it)")
+    serve.add_argument("--max-labels", type=positive_int, default=1000, help="most labels in one request (422 above)")
+    serve.add_argument("--batch-window-ms", type=float, default=5,
+                       help="how long concurrent requests are gathered into one forward pass")
+    serve.add_argument("--max-batch", type=positive_int, default=64, help="most requests in one forward pass (1: none)")
+    serve.add_argument("--cache-dir", help="label cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
+    add_run_options(serve)
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 
@@ -689,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = show_warning
         try:
             return args.run(args)
-        except (PromptFileError, StoreError, OSError, ValueError, RuntimeError) as err:
+        except (PromptFileError, StoreError, OSError, ValueError, RuntimeError, ImportError) as err:
             print(f"clipzsl: error: {err}", file=sys.stderr)
             return 2
 

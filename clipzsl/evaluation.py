@@ -121,7 +121,7 @@ def gzsl(fitted: Fitted, p: Problem, test: EmbeddedImages, test_targets: Sequenc
 
 
 def zeroshot_classification(clf: ZeroShotClassifier, paths: Sequence[str], targets: Sequence[int],
-                            batch_size: int = 32) -> tuple[dict, list[ImageLoadError]]:
+                            batch_size: int | None = None) -> tuple[dict, list[ImageLoadError]]:
     """CLIP_benchmark's zero-shot metrics of `clf` on labelled images (`targets` index `clf.labels`).
 
     acc1, acc5 (None under 5 classes, where it would be 1 by construction, as CLIP_benchmark

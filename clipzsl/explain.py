@@ -148,6 +148,11 @@ def annotate(picture: Image.Image, caption: str) -> Image.Image:
     return canvas
 
 
+def picture(model: Backend, image: Image.Image, heat: torch.Tensor, caption: str) -> Image.Image:
+    """One label's map `heat` ([T] tokens) over `image` where `model` looked, captioned, with its colour scale."""
+    return annotate(overlay(image, grid_of(heat), image_view(model, image)), caption)
+
+
 def heatmaps(images: EmbeddedImages, class_embeddings: torch.Tensor,
              adapter: CrossAttentionAdapter | None = None) -> torch.Tensor:
     """[N, C, T] maps from images embedded with their tokens: adapter attention (mean over heads,
@@ -207,6 +212,6 @@ def explain(
         image = load_image(src)
         for c, name in enumerate(clf.labels):
             path = out_dir / f"{stem}__{label_names[c]}.png"
-            annotate(overlay(image, grid_of(maps[i, c]), image_view(model, image)), f"{name}: {probs[i, c]:.1%}").save(path)
+            picture(model, image, maps[i, c], f"{name}: {probs[i, c]:.1%}").save(path)
             written.append(path)
     return written

@@ -47,16 +47,21 @@ def file_stamp(path: str) -> str:
 class ImageIndex:
     """Image embeddings of one model, stored in `directory`, searchable by text, image or vector."""
 
-    def __init__(self, directory: str | os.PathLike, model: Backend | str | None = None, dtype: str = "float32"):
+    def __init__(self, directory: str | os.PathLike, model: Backend | str | None = None, dtype: str = "float32",
+                 device: str = "auto", precision: str = "auto"):
         """Open or create an index. Without `model`, an existing index loads the model it was built with.
-        `dtype`: float32, or float16 (half the disk, as clip-retrieval stores embeddings) for a new index."""
+        `dtype`: float32, or float16 (half the disk, as clip-retrieval stores embeddings) for a new index.
+        `device`, `precision`: for a model given as a spec (`load_model`'s). The vectors are float32 on
+        the CPU whatever they are, and FAISS searches them there: the installed build is faiss-cpu, and a
+        query is one vector, so the device would only add a copy."""
         if model is None:
             model = EmbeddingStore.read_meta(directory).get("spec") or "packaged"
-        self.model = load_model(model) if isinstance(model, str) else model
+        self.model = load_model(model, device=device, precision=precision) if isinstance(model, str) else model
         self.directory = Path(directory)
         self.store = EmbeddingStore(
             directory, self.model.fingerprint, self.model.embed_dim, self.model.spec, dtype=dtype,
             repair_hint=f"Run `clipzsl index repair {directory}` to re-embed what was lost.",
+            precision=self.model.precision,
         )
 
     def __len__(self) -> int:
@@ -65,13 +70,15 @@ class ImageIndex:
     def update(
         self,
         folders: str | os.PathLike | Sequence[str | os.PathLike],
-        batch_size: int = 32,
+        batch_size: int | None = None,
         checkpoint_every: int = 1024,
         progress: bool | None = None,
         factory: str = "auto",
+        workers: int | None = None,
     ) -> UpdateReport:
         """Embed new and changed images under `folders`; forget indexed files that are gone.
-        `factory`: FAISS factory string of the saved index ("auto": the saved one, else by size)."""
+        `factory`: FAISS factory string of the saved index ("auto": the saved one, else by size).
+        `batch_size`, `workers`: as in `embed_images` (None: the model's)."""
         roots = [str(Path(p).resolve()) for p in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
         files = expand_sources(roots)
         present = set(files)
@@ -84,7 +91,8 @@ class ImageIndex:
         report.unchanged = len(files) - len(todo)
         for start in range(0, len(todo), checkpoint_every):
             chunk = todo[start : start + checkpoint_every]
-            result = embed_images(self.model, chunk, batch_size=batch_size, skip_errors=True, progress=progress)
+            result = embed_images(self.model, chunk, batch_size=batch_size, skip_errors=True, progress=progress,
+                                  workers=workers)
             report.failures += result.failures
             report.updated += sum(1 for f in result.sources if f in stored)
             report.added += sum(1 for f in result.sources if f not in stored)
@@ -96,10 +104,10 @@ class ImageIndex:
     def query_vector(self, query: str | torch.Tensor | np.ndarray | os.PathLike) -> np.ndarray:
         """A query as one embedding [1, D]: text, an image file (`pathlib.Path`), or a vector."""
         if isinstance(query, str):
-            return self.model.encode_texts([query]).float().numpy()
+            return self.model.encode_texts([query]).float().cpu().numpy()
         if isinstance(query, os.PathLike):
             return embed_images(self.model, [str(query)], progress=False).embeddings.numpy()
-        vector = query.float().numpy() if isinstance(query, torch.Tensor) else np.asarray(query, np.float32)
+        vector = query.float().cpu().numpy() if isinstance(query, torch.Tensor) else np.asarray(query, np.float32)
         return vector.reshape(1, -1)
 
     def search(self, query: str | torch.Tensor | np.ndarray | os.PathLike, top_k: int = 10) -> list[tuple[str, float]]:
@@ -132,7 +140,8 @@ class ImageIndex:
             result["recall_sample"] = len(queries)
         return result
 
-    def repair(self, batch_size: int = 32, progress: bool | None = None) -> RepairReport:
+    def repair(self, batch_size: int | None = None, progress: bool | None = None,
+               workers: int | None = None) -> RepairReport:
         """Set damaged segments aside, embed their images again from their files, rebuild a damaged index."""
         report = RepairReport()
         damaged = self.store.verify()
@@ -142,7 +151,8 @@ class ImageIndex:
         report.unrecoverable = [k for k in lost if not os.path.isfile(k)]
         for start in range(0, len(readable), 1024):
             chunk = readable[start : start + 1024]
-            result = embed_images(self.model, chunk, batch_size=batch_size, skip_errors=True, progress=progress)
+            result = embed_images(self.model, chunk, batch_size=batch_size, skip_errors=True, progress=progress,
+                                  workers=workers)
             report.unrecoverable += [failure.source for failure in result.failures]
             if result.sources:
                 self.store.add(result.sources, result.embeddings.numpy(), [file_stamp(f) for f in result.sources])

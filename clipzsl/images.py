@@ -2,9 +2,12 @@
 
 `EmbeddedImages` is the one type of embedded images (pooled embeddings, optional
 spatial tokens, where they came from, what failed); every head, the adapter's
-training and the evaluation take it. Decoding and preprocessing run in a small
-thread pool (Pillow releases the GIL while it decodes and resizes) so the encoder
-is not kept waiting. `embed_images_cached` keeps (pooled, tokens) of a fixed image
+training and the evaluation take it. Decoding and resizing run in a thread pool
+(Pillow releases the GIL while it decodes and resizes), at most two batches ahead of
+the encoder, and hand over uint8 pixels: a quarter of float32's bytes in memory and
+on the way to the device (pinned for an asynchronous copy to CUDA), where the model
+converts and normalises them. JPEG files can instead be decoded on the device
+(`decode="device"`, nvJPEG on CUDA). `embed_images_cached` keeps (pooled, tokens) of a fixed image
 list on disk under `<cache_dir>/image-features/`, for training and evaluation,
 which embed the same images again and again.
 """
@@ -166,26 +169,87 @@ def load_image(source: ImageSource) -> Image.Image:
         raise ImageLoadError(path, f"corrupt or truncated image ({err})") from err
 
 
-def _prepared(backend: Backend, source: ImageSource) -> torch.Tensor | ImageLoadError:
+#: `embed_images(decode=...)`: Pillow on the CPU workers, or JPEG files on the model's device
+DECODE_CHOICES = ("cpu", "device")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass
+class _Jpeg:
+    """A JPEG file's bytes, read by a worker, to be decoded on the device."""
+
+    source: str
+    data: torch.Tensor  # uint8 [bytes]
+
+
+def _prepared(backend: Backend, source: ImageSource, decode: str = "cpu") -> torch.Tensor | _Jpeg | ImageLoadError:
     try:
-        return backend.preprocess(load_image(source))
+        if decode == "device" and isinstance(source, (str, Path)) and os.path.isfile(source):
+            with open(source, "rb") as f:
+                data = f.read()
+            if data.startswith(_JPEG_MAGIC):
+                return _Jpeg(str(source), torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return backend.pixels_uint8(load_image(source))
     except ImageLoadError as err:
         return err
+    except OSError as err:
+        return ImageLoadError(str(source), f"unreadable ({err})")
+
+
+def device_geometry(backend: Backend) -> list:
+    """The resize/crop steps of a backend's fixed torchvision preprocessing, to run on decoded
+    tensors (`decode="device"`); ValueError naming what is in the way for any other preprocessing."""
+    from torchvision import transforms as T
+
+    from .backends.base import split_preprocess
+
+    split = split_preprocess(backend.preprocess) if backend.pixel_stats is not None else None
+    steps = list(getattr(split[0], "transforms", [])) if split else None
+    # open_clip's RGB conversion (`_convert_to_rgb`, `MaybeConvertMode`) is a no-op here: the decoder is asked for RGB
+    kept = [t for t in steps or []
+            if getattr(t, "__name__", "") != "_convert_to_rgb" and type(t).__name__ != "MaybeConvertMode"]
+    if steps is None or not all(isinstance(t, (T.Resize, T.CenterCrop)) for t in kept):
+        raise ValueError(f"decode='device' needs a fixed resize/crop preprocessing ending in ToTensor + Normalize; "
+                         f"{backend.spec} has {backend.preprocess!r}: use decode='cpu'")
+    return kept
+
+
+def _decode_on_device(backend: Backend, jpegs: list[_Jpeg], steps: list) -> list[torch.Tensor | ImageLoadError]:
+    """Decode JPEG bytes on the model's device (one batched call; one by one if that fails, to
+    name the bad file), honour EXIF orientation, then resize and crop there: uint8 [3, H, W] each."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def geometry(image: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            image = step(image)
+        return image
+
+    options = dict(mode=ImageReadMode.RGB, device=backend.device, apply_exif_orientation=True)
+    try:
+        return [geometry(image) for image in decode_jpeg([j.data for j in jpegs], **options)]
+    except RuntimeError:
+        out: list[torch.Tensor | ImageLoadError] = []
+        for jpeg in jpegs:
+            try:
+                out.append(geometry(decode_jpeg(jpeg.data, **options)))
+            except RuntimeError as err:
+                out.append(ImageLoadError(jpeg.source, f"corrupt JPEG ({err})"))
+        return out
 
 
 def _batches(
-    backend: Backend, sources: list[ImageSource], batch_size: int, workers: int
-) -> Iterator[list[tuple[int, torch.Tensor | ImageLoadError]]]:
+    backend: Backend, sources: list[ImageSource], batch_size: int, workers: int, decode: str = "cpu"
+) -> Iterator[list[tuple[int, torch.Tensor | _Jpeg | ImageLoadError]]]:
     """Batches of decoded images, in order; at most 2 batches + `workers` images are decoded
     ahead of the consumer, so memory does not grow with N when the model is the slower side."""
     ahead = 2 * batch_size + workers
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
         upcoming = iter(sources)
-        batch: list[tuple[int, torch.Tensor | ImageLoadError]] = []
+        batch: list[tuple[int, torch.Tensor | _Jpeg | ImageLoadError]] = []
         for index in range(len(sources)):
             while len(pending) < ahead and (source := next(upcoming, _END)) is not _END:
-                pending.append(pool.submit(_prepared, backend, source))
+                pending.append(pool.submit(_prepared, backend, source, decode))
             batch.append((index, pending.popleft().result()))
             if len(batch) == batch_size:
                 yield batch
@@ -200,42 +264,59 @@ _END = object()
 def embed_images(
     model: Backend,
     images: ImageSource | Sequence[ImageSource],
-    batch_size: int = 32,
+    batch_size: int | None = None,
     skip_errors: bool = False,
     progress: bool | None = None,
     workers: int | None = None,
     return_tokens: bool = False,
+    decode: str = "cpu",
 ) -> EmbeddedImages:
     """Embed images in batches. Unreadable ones raise, or with `skip_errors` are reported back.
 
     With `return_tokens`, the model's spatial tokens come back too (what an adapter attends over).
+    `batch_size` and `workers` (decoding threads) default to the model's (`load_model`'s, per device).
+    `decode="device"` decodes JPEG files on the model's device (nvJPEG on CUDA) and resizes them
+    there (tensor resize: close to, not bit-equal with, Pillow's); other formats still go through Pillow.
+    Embeddings (and tokens) come back as float32 on the CPU, whatever the model's device and precision.
     """
+    batch_size = model.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}")
+    steps = device_geometry(model) if decode == "device" else []
     sources = expand_sources(images)
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = workers or model.workers
+    pin = torch.device(model.device).type == "cuda"
     chunks: list[torch.Tensor] = []
     token_chunks: list[torch.Tensor] = []
     kept: list[str] = []
     failures: list[ImageLoadError] = []
     with tqdm(total=len(sources), unit="img", desc="images", disable=_quiet(progress, len(sources))) as bar:
-        for batch in _batches(model, sources, batch_size, workers):
+        for batch in _batches(model, sources, batch_size, workers, decode):
+            jpegs = [(i, t) for i, t in batch if isinstance(t, _Jpeg)]
+            if jpegs:
+                decoded = dict(zip([i for i, _ in jpegs], _decode_on_device(model, [j for _, j in jpegs], steps)))
+                batch = [(i, decoded.get(i, t)) for i, t in batch]
             good = [(i, t) for i, t in batch if isinstance(t, torch.Tensor)]
             for _, err in ((i, t) for i, t in batch if isinstance(t, ImageLoadError)):
                 if not skip_errors:
                     raise err
                 failures.append(err)
             if good:
-                encoded = model.encode_images(torch.stack([t for _, t in good]), return_tokens=return_tokens)
+                pixels = torch.stack([t.to(model.device) if jpegs else t for _, t in good])
+                if pin and pixels.device.type == "cpu":
+                    pixels = pixels.pin_memory()
+                encoded = model.encode_images(model.normalize_pixels(pixels), return_tokens=return_tokens)
                 if return_tokens:
                     encoded, tokens = encoded
                     token_chunks.append(tokens.float().cpu())
-                chunks.append(encoded)
+                chunks.append(encoded.float().cpu())
                 kept.extend(source_name(sources[i], i) for i, _ in good)
             bar.update(len(batch))
     embeddings = torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)
     tokens = torch.cat(token_chunks) if token_chunks else None
-    return EmbeddedImages(embeddings.float().cpu(), tokens, kept, failures)
+    return EmbeddedImages(embeddings, tokens, kept, failures)
 
 
 def _image_identity(source: ImageSource) -> str:
@@ -264,7 +345,7 @@ def embed_images_cached(
     model: Backend,
     images: ImageSource | Sequence[ImageSource],
     cache_dir: str | os.PathLike | None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool | None = None,
 ) -> EmbeddedImages:
     """Pooled embeddings and tokens of every image, kept in `<cache_dir>/image-features/`

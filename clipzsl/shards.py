@@ -82,7 +82,7 @@ def write_shards(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     shard_size: int = 100_000,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool | None = None,
 ) -> ShardReport:
     """Embed every image the inputs name into clip-retrieval shards of `shard_size` rows under `out`;

@@ -1,7 +1,8 @@
 """A durable on-disk store of embeddings, keyed by strings, for one model, sized for 10^8 rows.
 
 On-disk format 2 (one directory):
-  meta.json          {"format": 2, "fingerprint", "spec", "embed_dim", "dtype": "float32"|"float16"}
+  meta.json          {"format": 2, "fingerprint", "spec", "embed_dim", "dtype": "float32"|"float16",
+                      "precisions": the model precisions (fp32, bf16, fp16) that wrote its vectors}
   table.sqlite       entries(key PK, row UNIQUE, info) = live keys; segments(id, name, start, rows, bytes, crc32)
                      = every segment's global row range and checksum; state(name, value) = next row, index state
   seg-NNNNNN.npy     append-only [rows, D] arrays, memory-mapped; NNNNNN from a counter never reused
@@ -154,8 +155,13 @@ class EmbeddingStore:
         spec: str = "",
         dtype: str = "float32",
         repair_hint: str | None = None,
+        precision: str | None = None,
     ):
         """`dtype` (float32 or float16) applies to a new store; an existing one keeps its own.
+        `precision`: the model precision of the vectors this object writes, noted in meta.json. The
+        fingerprint is of the weights, so one key keeps one vector whatever precision wrote it: a bf16
+        vector is within cosine 0.999 of the fp32 one (benchmarks/results/gpu.md), and the note says
+        which precisions a store's vectors came from.
         `repair_hint`: None for a cache (damaged segments are dropped with a warning and their
         entries recomputed); else damage is an error, and this text says how to repair it."""
         if dtype not in DTYPES:
@@ -166,6 +172,7 @@ class EmbeddingStore:
         self.spec = spec  # the model spec that built it, so a reader can load the same model
         self.dtype = np.dtype(dtype)
         self.repair_hint = repair_hint
+        self.precision = precision
         self._db: sqlite3.Connection | None = None
         self._segments: list[Segment] = []
         self._maps: dict[str, np.ndarray] = {}
@@ -182,7 +189,8 @@ class EmbeddingStore:
     def for_labels(cls, backend, cache_dir: str | os.PathLike | None = None) -> "EmbeddingStore":
         """The label-embedding cache of a backend: one directory per fingerprint."""
         directory = cache_root(cache_dir) / "labels" / digest(backend.fingerprint)
-        return cls(directory, backend.fingerprint, backend.embed_dim, backend.spec)
+        return cls(directory, backend.fingerprint, backend.embed_dim, backend.spec,
+                   precision=getattr(backend, "precision", None))
 
     @staticmethod
     def read_meta(directory: str | os.PathLike) -> dict:
@@ -488,11 +496,19 @@ class EmbeddingStore:
             raise
 
     def _write_meta(self) -> None:
+        """Create meta.json; once it exists, only add this writer's precision to it (under the lock)."""
         path = self.directory / "meta.json"
         if not path.exists():
-            meta = json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "embed_dim": self.embed_dim,
-                               "spec": self.spec, "dtype": self.dtype.name}, indent=2)
-            atomic_write(path, lambda f: f.write(meta.encode()))
+            meta = {"format": FORMAT, "fingerprint": self.fingerprint, "embed_dim": self.embed_dim,
+                    "spec": self.spec, "dtype": self.dtype.name}
+        else:
+            meta = self.read_meta(self.directory)
+            if self.precision is None or self.precision in meta.get("precisions", []):
+                return
+        if self.precision is not None:
+            meta["precisions"] = sorted({*meta.get("precisions", []), self.precision})
+        text = json.dumps(meta, indent=2)
+        atomic_write(path, lambda f: f.write(text.encode()))
 
     def _remove_orphans(self) -> None:
         """Segments no committed transaction names, and temp files: a killed writer's leftovers."""

@@ -25,14 +25,15 @@ if TYPE_CHECKING:
 
 
 def encode_prompts(model: Backend, prompts: Sequence[str], progress: bool | None = None) -> torch.Tensor:
-    """L2-normalised embeddings [len(prompts), D] of possibly repeated prompts, each encoded once."""
+    """L2-normalised embeddings [len(prompts), D] of possibly repeated prompts, each encoded once:
+    float32 on the CPU, whatever the model's device and precision (label stores and heads take them there)."""
     unique = list(dict.fromkeys(prompts))
     order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
     by_length = [unique[i] for i in order]
     size = model.text_batch_size
     disable = (len(unique) <= 4 * size) if progress is None else not progress
     chunks = [
-        model.encode_texts(by_length[start : start + size])
+        model.encode_texts(by_length[start : start + size]).float().cpu()
         for start in tqdm(range(0, len(by_length), size), desc="prompts", unit="batch", disable=disable)
     ]
     encoded = torch.empty(len(unique), chunks[0].shape[1], dtype=chunks[0].dtype)

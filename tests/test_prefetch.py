@@ -15,7 +15,7 @@ class CountingBackend:
         self.decoded = 0
         self.lock = threading.Lock()
 
-    def preprocess(self, image):
+    def pixels_uint8(self, image):
         with self.lock:
             self.decoded += 1
         return torch.zeros(3, 4, 4)

@@ -82,14 +82,16 @@ def run_installed(installed: Path, cwd: Path, *args: str) -> subprocess.Complete
 
 
 def test_wheel_ships_every_module_and_prompt_file(wheel):
-    """pyproject.toml lists the packages by hand (prompts/ is mapped in): a new subpackage must be added there."""
+    """pyproject.toml lists the packages by hand (prompts/ is mapped in): a new subpackage must be added there,
+    and package data (the page of `clipzsl serve`) to its package-data."""
     modules = {f"clipzsl/{p.relative_to(REPO / 'clipzsl').as_posix()}": p for p in (REPO / "clipzsl").rglob("*.py")}
     prompts = {f"clipzsl/_prompts/{p.relative_to(REPO / 'prompts').as_posix()}": p
                for p in (REPO / "prompts").rglob("*") if p.is_file()}
-    assert modules and prompts
+    static = {f"clipzsl/static/{p.name}": p for p in (REPO / "clipzsl" / "static").iterdir()}  # the serve page
+    assert modules and prompts and static
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        for member, path in {**modules, **prompts}.items():
+        for member, path in {**modules, **prompts, **static}.items():
             assert member in names, f"{member} missing from {wheel.name}"
             assert archive.read(member) == path.read_bytes()
 

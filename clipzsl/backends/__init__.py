@@ -10,17 +10,36 @@ from __future__ import annotations
 
 import os
 
-from .base import Backend
+from .base import Backend, default_batch_size, default_workers, resolve_device, resolve_precision
 
 DEFAULT_MODEL = "packaged"
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", cache: bool | str | os.PathLike = True) -> Backend:
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto",
+               cache: bool | str | os.PathLike = True, batch_size: int | None = None,
+               workers: int | None = None) -> Backend:
     """Build the model a spec names; raises ValueError for an unknown prefix.
 
+    `device`: "auto" (cuda, then mps, then cpu), or one of them by name. `precision`: fp32, bf16 or
+    fp16 autocast ("auto": bf16 on CUDA where supported, fp32 on the CPU); the weights stay fp32,
+    so the model's fingerprint, and every cache keyed on it, is the same at any device and precision.
     `cache`: where a model keeps what it derives from its weights (the packaged model's concept
-    embeddings): True for the default cache directory, a directory, or False to keep nothing on
-    disk. Hub downloads stay in the hub's own cache."""
+    embeddings, always built in fp32): True for the default cache directory, a directory, or False to
+    keep nothing on disk. Hub downloads stay in the hub's own cache.
+    `batch_size`, `workers`: images per forward pass and decoding threads (None: per device)."""
+    for name, value in (("batch_size", batch_size), ("workers", workers)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)  # before the load: a bad choice costs nothing
+    backend = _build(spec, device, cache)
+    backend.precision = precision  # set after the build: derived caches (packaged concepts) stay fp32
+    backend.batch_size = batch_size or default_batch_size(device)
+    backend.workers = workers or default_workers(device)
+    return backend
+
+
+def _build(spec: str, device: str, cache: bool | str | os.PathLike) -> Backend:
     kind, _, rest = spec.partition(":")
     if spec == "packaged" or spec.startswith(("packaged:", "packaged+")):
         from .packaged import PackagedBackend

@@ -8,16 +8,92 @@ changes nothing else.
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
-from typing import Callable, Sequence
+import os
+from typing import Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms.functional import pil_to_tensor
 
 #: file-name prefix of the packaged model's cached concept embeddings in the cache directory; here,
 #: not in packaged.py, so that `clipzsl cache` finds them without importing timm and transformers
 CONCEPTS_PREFIX = "conse-imagenet-minilm-"
+
+#: precision name -> the dtype autocast computes in ("fp32": no autocast)
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: images per forward pass when the user names none: an accelerator needs large batches to be kept
+#: busy, two CPU cores gain nothing past a few dozen (and hold less in memory)
+DEFAULT_BATCH_SIZE = {"cpu": 32, "mps": 64, "cuda": 256}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> cuda, then mps, then cpu; a named device is checked to exist (one clear error, not a
+    CUDA stack trace from deep inside the first forward pass)."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch sees no CUDA GPU; use --device cpu (or auto)")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here; use cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu (or auto)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"auto" -> bf16 on a CUDA GPU that supports it (fp16 on one that does not), fp32 elsewhere.
+
+    fp32 stays the CPU default: bf16 there agrees to cosine >= 0.999 but is not faster on CPUs
+    without bf16 instructions (benchmarks/results/gpu.md). fp16 is refused on the CPU, where
+    autocast runs it slowly and with no benefit."""
+    kind = torch.device(device).type
+    if precision == "auto":
+        if kind == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+    if precision == "fp16" and kind == "cpu":
+        raise ValueError("precision fp16 needs a GPU (cuda or mps); on the CPU use bf16 or fp32")
+    return precision
+
+
+def default_batch_size(device: str) -> int:
+    return DEFAULT_BATCH_SIZE.get(torch.device(device).type, 32)
+
+
+def default_workers(device: str) -> int:
+    """Decoding threads: on the CPU the model needs the cores too, so at most 4; an accelerator is
+    fed by every core."""
+    cores = os.cpu_count() or 1
+    return min(4, cores) if torch.device(device).type == "cpu" else cores
+
+
+def split_preprocess(transform: Callable) -> tuple[Callable, tuple, tuple] | None:
+    """A torchvision Compose ending in ToTensor + Normalize as (geometric part, mean, std).
+
+    The geometric part (resize, crop: PIL in, PIL out) runs on CPU workers and yields uint8; the
+    float conversion and normalisation, the same arithmetic as ToTensor + Normalize, run on the
+    device (`Backend.normalize_pixels`), so a batch travels as uint8, a quarter of float32's bytes.
+    None for any other preprocessing."""
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        return None
+    return T.Compose(steps[:-2]), tuple(steps[-1].mean), tuple(steps[-1].std)
 
 
 class Backend(abc.ABC):
@@ -39,6 +115,17 @@ class Backend(abc.ABC):
     preprocess: Callable[[Image.Image], torch.Tensor]
     #: how many prompts one forward pass of the text tower takes
     text_batch_size: int = 256
+    #: where the weights live ("cpu", "cuda", "cuda:1", "mps"); inputs are moved there
+    device: str = "cpu"
+    #: "fp32", or the autocast dtype ("bf16", "fp16") the forward passes run in. The weights stay
+    #: fp32 whatever it is, so the fingerprint (and every cache keyed on it) does not change with it
+    precision: str = "fp32"
+    #: images per forward pass and decoding threads (`clipzsl.images.embed_images`), by default per device
+    batch_size: int = 32
+    workers: int = 4
+    #: (mean, std) of the normalisation `normalize_pixels` applies to a uint8 batch; None when the
+    #: backend's preprocessing cannot be split, and its workers hand over float pixels
+    pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None
 
     @abc.abstractmethod
     def encode_images(
@@ -55,8 +142,35 @@ class Backend(abc.ABC):
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Embed one batch of texts into L2-normalised [len(texts), D]."""
 
+    def autocast(self) -> ContextManager:
+        """The forward passes' precision: autocast to bf16/fp16 (weights stay fp32), none for fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=PRECISIONS[self.precision])
+
+    def pixels_uint8(self, image: Image.Image) -> torch.Tensor:
+        """What a CPU worker makes of one RGB image: `preprocess` without its final ToTensor +
+        Normalize, as uint8 [3, H, W] (float `preprocess` output if it cannot be split)."""
+        transform = self.preprocess
+        if hasattr(transform, "transform_for"):  # a per-image view (the packaged default)
+            transform = transform.transform_for(image)
+        split = split_preprocess(transform) if self.pixel_stats is not None else None
+        return transform(image) if split is None else pil_to_tensor(split[0](image))
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A batch from `pixels_uint8` moved to the device, then converted and normalised there
+        exactly as ToTensor + Normalize do (float batches are only moved). Pinned memory makes
+        the copy asynchronous on CUDA."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        if pixels.dtype != torch.uint8:
+            return pixels
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=pixels.device)[:, None, None]
+                     for v in self.pixel_stats)
+        return pixels.float().div_(255).sub_(mean).div_(std)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(spec={self.spec!r}, embed_dim={self.embed_dim})"
+        return (f"{type(self).__name__}(spec={self.spec!r}, embed_dim={self.embed_dim}, device={self.device!r}, "
+                f"precision={self.precision!r})")
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ class HFBackend(Backend):
             else {"padding": True, "truncation": True}
         )
         self.fingerprint = f"hf:{config.model_type}:{state_dict_digest(self.model)}"
+        self.pixel_stats = _uint8_split(processor.image_processor)
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "cpu") -> "HFBackend":
@@ -58,22 +59,32 @@ class HFBackend(Backend):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
+    def pixels_uint8(self, image: Image.Image) -> torch.Tensor:
+        """The processor's resize and crop without its rescale and normalisation: uint8 [3, H, W]."""
+        if self.pixel_stats is None:
+            return self.preprocess(image)
+        return self.processor.image_processor(images=[image], return_tensors="pt", do_rescale=False,
+                                              do_normalize=False)["pixel_values"][0]
+
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         inputs = self.processor.tokenizer(list(texts), return_tensors="pt", **self._text_kwargs).to(self.device)
-        return normalize(_pooled(self.model.get_text_features(**inputs)))
+        with self.autocast():
+            return normalize(_pooled(self.model.get_text_features(**inputs)).float())
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, return_tokens: bool = False):
         pixels = pixels.to(self.device)
-        if not return_tokens:
-            return normalize(_pooled(self.model.get_image_features(pixel_values=pixels)))
-        if self.is_siglip:
+        if return_tokens and self.is_siglip:
             raise NotImplementedError(f"spatial tokens are not projected into the joint space for {self.spec}")
-        vision = self.model.vision_model(pixel_values=pixels)
-        pooled = self.model.visual_projection(vision.pooler_output)
-        patches = self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
-        return normalize(pooled), self.model.visual_projection(patches)
+        with self.autocast():
+            if not return_tokens:
+                return normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float())
+            vision = self.model.vision_model(pixel_values=pixels)
+            pooled = self.model.visual_projection(vision.pooler_output)
+            patches = self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
+            tokens = self.model.visual_projection(patches)
+        return normalize(pooled.float()), tokens.float()
 
 
 @contextmanager
@@ -104,6 +115,20 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
     else:
         yield
+
+
+def _uint8_split(image_processor) -> tuple[tuple, tuple] | None:
+    """(mean, std) when the processor rescales by 1/255 and normalises last, and without those two
+    steps hands back uint8 (checked on a small image): then its workers can send uint8 and the
+    device normalise. None otherwise (its float output is sent as is)."""
+    if not (getattr(image_processor, "do_rescale", False) and getattr(image_processor, "do_normalize", False)
+            and abs(image_processor.rescale_factor - 1 / 255) < 1e-12):
+        return None
+    probe = Image.new("RGB", (16, 12), (10, 200, 30))
+    out = image_processor(images=[probe], return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
+    if out.dtype != torch.uint8:
+        return None
+    return tuple(image_processor.image_mean), tuple(image_processor.image_std)
 
 
 def _pooled(output) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .base import Backend, normalize, state_dict_digest
+from .base import Backend, normalize, split_preprocess, state_dict_digest
 from .hub import hub_error, hub_offline, offline_for_this_load
 
 
@@ -22,6 +22,8 @@ class OpenClipBackend(Backend):
     def __init__(self, model: torch.nn.Module, preprocess, tokenizer, spec: str, device: str = "cpu"):
         self.model = model.to(device).eval().requires_grad_(False)
         self.preprocess = preprocess
+        split = split_preprocess(preprocess)
+        self.pixel_stats = split[1:] if split else None
         self.tokenizer = tokenizer
         self.spec = spec
         self.device = device
@@ -73,16 +75,22 @@ class OpenClipBackend(Backend):
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts)).to(self.device)
-        if not _trimmable(self._text_tower):
-            return normalize(self.model.encode_text(tokens))
-        length = int((tokens != 0).sum(dim=1).max())
-        return normalize(_encode_trimmed(self._text_tower, tokens[:, :length]))
+        with self.autocast():
+            if not _trimmable(self._text_tower):
+                return normalize(self.model.encode_text(tokens).float())
+            length = int((tokens != 0).sum(dim=1).max())
+            return normalize(_encode_trimmed(self._text_tower, tokens[:, :length]).float())
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, return_tokens: bool = False):
         pixels = pixels.to(self.device)
-        if not return_tokens:
-            return normalize(self.model.encode_image(pixels))
+        with self.autocast():
+            if not return_tokens:
+                return normalize(self.model.encode_image(pixels).float())
+            pooled, tokens = self._image_tokens(pixels)
+        return normalize(pooled.float()), tokens.float()
+
+    def _image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.model.visual
         if not hasattr(visual, "output_tokens") or getattr(visual, "attn_pool", None) is not None:
             raise NotImplementedError(f"spatial tokens need a plain ViT image tower; {self.spec} has none")
@@ -95,7 +103,7 @@ class OpenClipBackend(Backend):
             tokens = visual.ln_post(tokens)
         if visual.proj is not None:
             tokens = tokens @ visual.proj
-        return normalize(pooled), tokens
+        return pooled, tokens
 
 
 def _trimmable(tower: torch.nn.Module) -> bool:

@@ -328,6 +328,7 @@ class PackagedBackend(Backend):
         self.concepts = torch.from_numpy(concepts).to(device)
         self.top_k = top_k
         self.device = device
+        self.pixel_stats = (MEAN, STD)  # both views of AutoView share them
         size = RESOLUTION[variant]
         self.preprocess = AutoView(size) if crop is None else image_transform(size, crop)
         view = {None: "auto", True: "crop", False: "whole"}[crop]
@@ -348,9 +349,11 @@ class PackagedBackend(Backend):
         final feature map (before global pooling) and are left unnormalised.
         """
         pixels = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
-        features = self.image_model.forward_features(pixels)
-        probs = self.image_model.forward_head(features).softmax(-1)
-        pooled = normalize(conse(probs, self.concepts, self.top_k))
+        with self.autocast():  # the convolutions only: classifier, softmax and ConSE's weighted sum stay in fp32
+            features = self.image_model.forward_features(pixels)
+        features = features.float()
+        logits = self.image_model.forward_head(features)
+        pooled = normalize(conse(logits.softmax(-1), self.concepts, self.top_k))
         if not return_tokens:
             return pooled
         cells = features.flatten(2).transpose(1, 2)  # [N, H*W, C]
@@ -358,4 +361,5 @@ class PackagedBackend(Backend):
         return pooled, tokens
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.text.encode(texts)
+        with self.autocast():
+            return self.text.encode(texts).float()

@@ -1,0 +1,545 @@
+"""The HTTP service behind `clipzsl serve`: search an image index and classify uploads.
+
+One process keeps the model loaded, keeps recently used label sets' classifiers in an LRU
+(over the on-disk label cache, so a restart re-encodes nothing), and batches concurrent
+/classify and /search requests into one forward pass: requests wait in a queue, a batcher
+task takes whatever arrived within `Limits.batch_window_s` (at most `max_batch`), and one
+worker thread runs the model on all of them. Every model call goes through that one thread.
+
+Safety: a path from the client is never opened. Images are served by index id only, and only
+when the indexed file still resolves inside the collection; labels and templates name shipped
+or preloaded sets, or are given inline. Request bodies are capped (413), undecodable uploads
+and decompression bombs get 422 with the reason, unknown label sets and indexes 404.
+"""
+
+import asyncio
+import io
+import os
+import tempfile
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Annotated, Sequence
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile as Upload
+
+from .backends import Backend
+from .classifier import ZeroShotClassifier
+from .explain import heatmaps, picture
+from .image_index import ImageIndex
+from .images import ImageLoadError, embed_images, load_image
+from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
+                      available, load_labels, load_templates)
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how requests are batched."""
+
+    max_upload_bytes: int = 20 * MB  # a larger request body gets 413
+    max_labels: int = 1000  # more labels in one request get 422
+    max_top_k: int = 100
+    max_query_chars: int = 1000
+    thumbnail_px: int = 256  # largest side of a thumbnail (and the most a client may ask for)
+    batch_window_s: float = 0.005  # how long the batcher waits for more requests after the first
+    max_batch: int = 64  # requests in one forward pass (1: one at a time)
+    classifiers: int = 16  # label sets kept in memory
+
+
+class SearchQuery(BaseModel):
+    text: str = Field(min_length=1, description="what to look for")
+    top_k: int = Field(10, ge=1)
+    index: str | None = Field(None, description="index name (default: the first one loaded)")
+
+
+class Hit(BaseModel):
+    id: int
+    path: str
+    score: float
+
+
+class SearchResults(BaseModel):
+    results: list[Hit]
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float
+
+
+class Predictions(BaseModel):
+    predictions: list[Prediction]
+
+
+class ServiceError(Exception):
+    """A request the service refuses: HTTP `status` with a one-line reason."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class Collection:
+    """An index with stable integer ids (the store's key order) and the folders its files must stay in."""
+
+    def __init__(self, name: str, index: ImageIndex):
+        self.name = name
+        self.index = index
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the keys (another process may have updated the index)."""
+        self.keys = self.index.store.keys()
+        self.ids = {key: i for i, key in enumerate(self.keys)}
+        # the collection: the folder all indexed paths share, as they were indexed (links resolved)
+        common = os.path.commonpath(self.keys) if self.keys else None
+        if common is not None and len(self.keys) == 1:
+            common = os.path.dirname(common)
+        self.root = os.path.realpath(common) if common is not None else None
+
+    def id_of(self, path: str) -> int:
+        if path not in self.ids:
+            self.refresh()
+        return self.ids[path]
+
+    def file_of(self, image_id: int) -> str:
+        """The real path of indexed image `image_id`, refused when it now resolves out of the collection."""
+        if not 0 <= image_id < len(self.keys):
+            raise ServiceError(404, f"no image {image_id} in index {self.name!r} ({len(self.keys)} images: "
+                                    f"ids 0..{len(self.keys) - 1})")
+        real = os.path.realpath(self.keys[image_id])
+        if self.root is None or os.path.commonpath([self.root, real]) != self.root:
+            raise ServiceError(404, f"image {image_id} of index {self.name!r} links out of the collection "
+                                    f"({self.root}); it is not served")
+        return real
+
+
+@dataclass
+class _Job:
+    future: asyncio.Future
+    top_k: int
+    image: Image.Image | None = None
+    text: str | None = None
+    classifier: ZeroShotClassifier | None = None  # classify with it; else search `collection`
+    collection: Collection | None = None
+
+
+class Batcher:
+    """Runs queued classify/search jobs in one worker thread, a batch per forward pass."""
+
+    def __init__(self, model: Backend, limits: Limits, adapter_loaded: bool):
+        self.model = model
+        self.limits = limits
+        self.tokens = adapter_loaded  # an adapter scores the spatial tokens
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipzsl-model")
+        self.queue: asyncio.Queue[_Job] | None = None
+        self.task: asyncio.Task | None = None
+        self.batches: list[int] = []  # sizes of the batches run (the health endpoint reports them)
+
+    async def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.worker.shutdown(wait=False, cancel_futures=True)
+
+    async def call(self, function, *args):
+        """`function(*args)` in the model's thread (the only thread that runs the model)."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
+
+    async def submit(self, **job) -> object:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Job(future=future, **job))
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            deadline = loop.time() + self.limits.batch_window_s
+            while len(jobs) < self.limits.max_batch:
+                if not self.queue.empty():
+                    jobs.append(self.queue.get_nowait())
+                    continue
+                wait = deadline - loop.time()
+                if wait <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self.queue.get(), wait))
+                except asyncio.TimeoutError:
+                    break
+            jobs = [job for job in jobs if not job.future.done()]  # the client went away
+            if not jobs:
+                continue
+            self.batches.append(len(jobs))
+            del self.batches[:-1000]
+            try:
+                results = await self.call(self._run, jobs)
+            except Exception as err:  # a failure of the batch is every job's failure, never the loop's end
+                results = [err] * len(jobs)
+            for job, result in zip(jobs, results):
+                if job.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+    def _run(self, jobs: list[_Job]) -> list:
+        """One forward pass of the image tower over every job's image, one of the text tower over
+        every text query, then each job's head or index search."""
+        with_image = [i for i, job in enumerate(jobs) if job.image is not None]
+        with_text = [i for i, job in enumerate(jobs) if job.text is not None]
+        embedded = None
+        if with_image:
+            embedded = embed_images(self.model, [jobs[i].image for i in with_image], batch_size=len(with_image),
+                                    progress=False, return_tokens=self.tokens)
+        row = {job: r for r, job in enumerate(with_image)}
+        texts = self.model.encode_texts([jobs[i].text for i in with_text]).float().numpy() if with_text else None
+        text_row = {job: r for r, job in enumerate(with_text)}
+        results: list = [None] * len(jobs)
+        by_classifier: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            if job.classifier is not None:
+                by_classifier.setdefault(id(job.classifier), []).append(i)
+            else:
+                vector = embedded.embeddings[row[i]].numpy() if i in row else texts[text_row[i]]
+                results[i] = self._search(job, vector)
+        for members in by_classifier.values():
+            classifier = jobs[members[0]].classifier
+            k = max(jobs[i].top_k for i in members)
+            predicted = classifier.predict(embedded.subset([row[i] for i in members]), top_k=k)
+            for i, labels in zip(members, predicted):
+                results[i] = labels[: jobs[i].top_k]
+        return results
+
+    @staticmethod
+    def _search(job: _Job, vector: np.ndarray) -> list[tuple[int, str, float]]:
+        collection = job.collection
+        return [(collection.id_of(path), path, score) for path, score in collection.index.search(vector, job.top_k)]
+
+
+class Service:
+    """What the endpoints share: the model, the indexes, the label sets, the classifier LRU, the batcher."""
+
+    def __init__(self, model: Backend, indexes: dict[str, str | os.PathLike], label_sets: dict[str, list[ClassEntry]],
+                 templates: Sequence[str], adapter, cache, limits: Limits):
+        self.model = model
+        self.batcher = Batcher(model, limits, adapter is not None)
+        # an index's SQLite table may only be used by the thread that opened it: the model's thread
+        self.collections = self.batcher.worker.submit(
+            lambda: {name: Collection(name, ImageIndex(path, model)) for name, path in indexes.items()}).result()
+        self.label_sets = label_sets
+        self.shipped_labels = available(LABELS_DIR, LABEL_SUFFIXES)
+        self.shipped_templates = available(TEMPLATES_DIR, (".txt",))
+        self.templates = list(templates)
+        self.adapter = adapter
+        self.cache = cache
+        self.limits = limits
+        self.classifiers: OrderedDict[tuple, ZeroShotClassifier] = OrderedDict()
+
+    # -- what a request names ---------------------------------------------------------------
+
+    def collection(self, name: str | None) -> Collection:
+        if not self.collections:
+            raise ServiceError(404, "no index loaded; start the service with `clipzsl serve --index DIR`")
+        if name is None:
+            return next(iter(self.collections.values()))
+        if name not in self.collections:
+            raise ServiceError(404, f"unknown index {name!r}; loaded: {', '.join(self.collections)}")
+        return self.collections[name]
+
+    def labels(self, spec: str) -> list[ClassEntry]:
+        """A comma list of labels, or the name of a loaded or shipped label set (never a path)."""
+        if "," in spec:
+            names = [part.strip() for part in spec.split(",") if part.strip()]
+            if not names:
+                raise ServiceError(422, "labels: no label names between the commas; give e.g. 'cat,dog'")
+            entries = load_labels(names)
+        elif spec in self.label_sets:
+            entries = self.label_sets[spec]
+        elif spec in self.shipped_labels:
+            entries = load_labels(spec)
+        else:
+            known = sorted(set(self.label_sets) | set(self.shipped_labels))
+            raise ServiceError(404, f"unknown label set {spec!r}; known: {', '.join(known)} "
+                                    "(or give a comma list; one label is written 'cat,')")
+        if len(entries) > self.limits.max_labels:
+            raise ServiceError(422, f"labels: {len(entries)} labels, more than the {self.limits.max_labels} "
+                                    "a request may have; send fewer, or start the service with a higher --max-labels")
+        return entries
+
+    def template_list(self, spec: str | None) -> list[str]:
+        """The service's templates, a shipped template set's name, or templates one a line."""
+        if spec is None or not spec.strip():
+            return self.templates
+        if "{" not in spec and spec.strip() in self.shipped_templates:
+            return load_templates(spec.strip())
+        if "{" not in spec:
+            raise ServiceError(404, f"unknown template set {spec!r}; shipped: {', '.join(self.shipped_templates)} "
+                                    "(or give templates one a line, each with a {} for the label)")
+        return load_templates([line.strip() for line in spec.splitlines() if line.strip()])
+
+    async def classifier(self, labels: str, templates: str | None) -> ZeroShotClassifier:
+        """The classifier of a label set, from the LRU or built (in the model's thread, through the label cache)."""
+        try:
+            entries, template_list = self.labels(labels), self.template_list(templates)
+        except PromptFileError as err:
+            raise ServiceError(422, str(err)) from err
+        key = (tuple(entries), tuple(template_list))
+        if key not in self.classifiers:
+            try:
+                built = await self.batcher.call(self._build, key)
+            except ValueError as err:  # e.g. one label under a softmax model
+                raise ServiceError(422, str(err)) from err
+            self.classifiers[key] = built
+            while len(self.classifiers) > self.limits.classifiers:
+                self.classifiers.popitem(last=False)
+        self.classifiers.move_to_end(key)
+        return self.classifiers[key]
+
+    def _build(self, key: tuple) -> ZeroShotClassifier:
+        entries, templates = key
+        return self.classifiers.get(key) or ZeroShotClassifier(
+            self.model, labels=list(entries), templates=list(templates), cache=self.cache, progress=False,
+            adapter=self.adapter)
+
+    def check_top_k(self, top_k: int) -> int:
+        if not 1 <= top_k <= self.limits.max_top_k:
+            raise ServiceError(422, f"top_k must be 1..{self.limits.max_top_k}, got {top_k}")
+        return top_k
+
+    # -- uploads -------------------------------------------------------------------------------
+
+    async def image(self, upload: Upload | str | None, field_name: str = "image") -> Image.Image:
+        """An uploaded image, fully decoded (Pillow's decompression-bomb limit applies), or 422 with why."""
+        if not isinstance(upload, Upload):  # FastAPI's UploadFile is one too
+            raise ServiceError(422, f"{field_name}: expected an image file upload (multipart/form-data)")
+        data = await upload.read(self.limits.max_upload_bytes + 1)
+        if len(data) > self.limits.max_upload_bytes:
+            raise ServiceError(413, self.too_large())
+        name = upload.filename or field_name
+        try:
+            return await asyncio.to_thread(_decode, data)
+        except ImageLoadError as err:
+            raise ServiceError(422, f"upload {name!r}: {err.reason}") from err
+
+    def too_large(self) -> str:
+        return (f"request body is larger than the {self.limits.max_upload_bytes / MB:g} MB upload limit; "
+                "send a smaller image (or start the service with a higher --max-upload-mb)")
+
+
+def _decode(data: bytes) -> Image.Image:
+    """Bytes -> RGB image through `load_image`, so uploads get the same checks and reasons as files."""
+    with tempfile.NamedTemporaryFile(suffix=".upload") as f:
+        f.write(data)
+        f.flush()
+        return load_image(f.name)
+
+
+def _thumbnail(path: str, side: int) -> bytes:
+    image = load_image(path)
+    image.thumbnail((side, side))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def _explain_png(service: Service, classifier: ZeroShotClassifier, image: Image.Image, label: str | None) -> bytes:
+    embedded = classifier.embed([image], return_tokens=True, progress=False)
+    probs = classifier.predict_proba(embedded)[0]
+    if label is None:
+        column = int(np.argmax(probs))
+    elif label in classifier.labels:
+        column = classifier.labels.index(label)
+    else:
+        raise ServiceError(422, f"label {label!r} is not one of the labels sent; pick one of them")
+    heat = heatmaps(embedded, classifier.class_embeddings, classifier.adapter)[0, column]
+    out = io.BytesIO()
+    picture(service.model, image, heat, f"{classifier.labels[column]}: {probs[column]:.1%}").save(out, "PNG")
+    return out.getvalue()
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, by its Content-Length or as it streams in."""
+
+    def __init__(self, app, limit: int, message: str):
+        self.app = app
+        self.limit = limit
+        self.message = message
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            status, detail = (413, self.message) if length.isdigit() else (400, "bad Content-Length header")
+            return await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, self.message)  # FastAPI passes HTTPException through body parsing
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(
+    model: Backend,
+    indexes: dict[str, str | os.PathLike] | None = None,
+    label_sets: dict[str, list[ClassEntry]] | None = None,
+    templates: Sequence[str] | str = DEFAULT_TEMPLATES,
+    adapter=None,
+    cache: bool | str | os.PathLike = True,
+    limits: Limits = Limits(),
+) -> FastAPI:
+    """The service over explicit state: the model, named index directories (built with this model), named label
+    sets the page and clients may ask for by name, the default templates, an optional adapter
+    (a `CrossAttentionAdapter` or its directory: /explain needs one), the label cache (as
+    `ZeroShotClassifier` takes it) and the limits."""
+    service = Service(model, indexes or {}, label_sets or {}, load_templates(templates), adapter, cache, limits)
+    app = FastAPI(title="clipzsl", description="Search an image collection and classify images, zero-shot.",
+                  lifespan=_lifespan(service))
+    app.state.service = service
+    app.add_middleware(BodyLimit, limit=limits.max_upload_bytes, message=service.too_large())
+
+    @app.exception_handler(ServiceError)
+    async def refused(request: Request, err: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": err.detail}, status_code=err.status)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((resources.files(__package__) / "static" / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        """The model, what is loaded, and the sizes of recent batches."""
+        recent = service.batcher.batches[-100:]
+        return {"status": "ok", "model": model.spec, "adapter": adapter is not None,
+                "indexes": {name: len(c.keys) for name, c in service.collections.items()},
+                "label_sets": sorted(service.label_sets), "shipped_label_sets": service.shipped_labels,
+                "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_labels": limits.max_labels,
+                           "max_top_k": limits.max_top_k},
+                "mean_batch": float(np.mean(recent)) if recent else None}
+
+    search_body = {
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": SearchQuery.model_json_schema()},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+                "image": {"type": "string", "format": "binary"}, "top_k": {"type": "integer", "minimum": 1},
+                "index": {"type": "string"}}}},
+        }},
+    }
+
+    @app.post("/search", response_model=SearchResults, openapi_extra=search_body,
+              responses={404: {"description": "unknown index"}, 413: {"description": "body too large"},
+                         422: {"description": "bad query or image"}})
+    async def search(request: Request) -> SearchResults:
+        """The `top_k` indexed images closest to a text (JSON) or an image (multipart `image`)."""
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("multipart/form-data"):
+            async with request.form(max_files=1, max_fields=4) as form:
+                top_k = _form_int(form.get("top_k"), 10, "top_k")
+                name = form.get("index") if isinstance(form.get("index"), str) else None
+                image = await service.image(form.get("image"))
+            query = {"image": image}
+        elif kind.startswith("application/json"):
+            try:
+                body = SearchQuery.model_validate_json(await request.body())
+            except ValidationError as err:
+                raise ServiceError(422, "search: " + "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())) from err
+            if len(body.text) > limits.max_query_chars:
+                raise ServiceError(422, f"text: {len(body.text)} characters, more than {limits.max_query_chars}")
+            top_k, name, query = body.top_k, body.index, {"text": body.text}
+        else:
+            raise ServiceError(415, "send JSON {\"text\": ..., \"top_k\": 10} or a multipart form with an image")
+        collection = service.collection(name)
+        hits = await service.batcher.submit(top_k=service.check_top_k(top_k), collection=collection, **query)
+        return SearchResults(results=[Hit(id=i, path=path, score=score) for i, path, score in hits])
+
+    @app.post("/classify", response_model=Predictions,
+              responses={404: {"description": "unknown label or template set"}, 413: {"description": "too large"},
+                         422: {"description": "not an image, or bad labels"}})
+    async def classify(
+        image: Annotated[UploadFile, File(description="the image to classify")],
+        labels: Annotated[str, Form(description="a comma list (cat,dog) or a label set's name")],
+        templates: Annotated[str | None, Form(description="a template set's name, or templates one a line")] = None,
+        top_k: Annotated[int, Form(ge=1)] = 5,
+    ) -> Predictions:
+        """The image's `top_k` labels among `labels`, with their probabilities."""
+        service.check_top_k(top_k)
+        classifier = await service.classifier(labels, templates)
+        decoded = await service.image(image)
+        found = await service.batcher.submit(image=decoded, classifier=classifier, top_k=top_k)
+        return Predictions(predictions=[Prediction(label=label, probability=p) for label, p in found])
+
+    @app.post("/explain", response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "heat map"},
+                         404: {"description": "no adapter loaded, or unknown label set"}})
+    async def explain(
+        image: Annotated[UploadFile, File(description="the image")],
+        labels: Annotated[str, Form(description="a comma list (cat,dog) or a label set's name")],
+        label: Annotated[str | None, Form(description="the label to show (default: the top one)")] = None,
+        templates: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        """A PNG of where the adapter looks for `label` in the image (needs `--adapter`)."""
+        if adapter is None:
+            raise ServiceError(404, "no adapter loaded, so no heat map; start the service with --adapter DIR")
+        classifier = await service.classifier(labels, templates)
+        decoded = await service.image(image)
+        png = await service.batcher.call(_explain_png, service, classifier, decoded, label or None)
+        return Response(png, media_type="image/png")
+
+    @app.get("/images/{image_id}", response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}, "description": "thumbnail"},
+                        404: {"description": "no such image"}})
+    async def image(image_id: int, index: str | None = None,
+                    size: Annotated[int, Query(ge=16, le=limits.thumbnail_px)] = limits.thumbnail_px) -> Response:
+        """A JPEG thumbnail of indexed image `image_id` (ids come from /search)."""
+        collection = service.collection(index)
+        path = collection.file_of(image_id)
+        try:
+            data = await asyncio.to_thread(_thumbnail, path, size)
+        except ImageLoadError as err:
+            raise ServiceError(404, f"image {image_id} of index {collection.name!r} cannot be read now "
+                                    f"({err.reason})") from err
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    return app
+
+
+def _form_int(value, default: int, name: str) -> int:
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str) or not value.strip().lstrip("-").isdigit() or len(value) > 9:
+        raise ServiceError(422, f"{name}: expected a whole number, got {str(value)[:40]!r}")
+    return int(value)
+
+
+def _lifespan(service: Service):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.batcher.start()
+        try:
+            yield
+        finally:
+            await service.batcher.stop()
+
+    return lifespan

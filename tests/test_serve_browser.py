@@ -1,0 +1,30 @@
+"""`clipzsl serve` started from the command line on 127.0.0.1, and its page driven in Debian's chromium:
+type a query and see thumbnails; upload an image and see its labels."""
+import shutil
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the service needs the serve extra: pip install 'clipzsl[serve]'")
+pytest.importorskip("playwright", reason="the browser test drives chromium with playwright (the test extra)")
+if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+    pytest.skip("no chromium installed (apt-get install -y chromium; .ci/run does)", allow_module_level=True)
+
+import clipzsl  # noqa: E402
+from benchmarks.bench_serve import drive_page, running_server  # noqa: E402
+
+
+def test_page_searches_and_classifies_in_chromium(tiny_clip, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}.items():
+        Image.new("RGB", (120, 90), colour).save(photos / f"{name}.png")
+    clipzsl.ImageIndex(tmp_path / "index", f"hf:{tiny_clip}").update(photos, progress=False)
+    upload = photos / "red.png"
+    with running_server(["--index", str(tmp_path / "index"), "--labels", "cifar10",
+                         "--cache-dir", str(tmp_path / "cache")], timeout=120) as (url, _):
+        seen = drive_page(url, "something red", upload, "cat,dog,bird", tmp_path / "page.png")
+    assert seen["error"] == ""
+    assert len(seen["thumbnails"]) == 3 and all(0 < w <= 256 for w in seen["thumbnails"])
+    assert len(seen["predictions"]) == 3 and {p.split(" — ")[0] for p in seen["predictions"]} == {"cat", "dog", "bird"}
+    assert (tmp_path / "page.png").stat().st_size > 1000
