@@ -403,7 +403,7 @@ class EmbeddingStore:
 
     def _set_aside(self, segments: Sequence[Segment], lost: list[str]) -> None:
         db = self._connect()
-        try:
+        with _all_or_nothing(db, []):
             db.execute("BEGIN IMMEDIATE")
             for segment in segments:
                 lost += [k for (k,) in db.execute("SELECT key FROM entries WHERE row >= ? AND row < ?",
@@ -411,9 +411,6 @@ class EmbeddingStore:
                 db.execute("DELETE FROM entries WHERE row >= ? AND row < ?", (segment.start, segment.end))
                 db.execute("DELETE FROM segments WHERE name = ?", (segment.name,))
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         for segment in segments:
             with contextlib.suppress(OSError):
                 os.replace(self.directory / segment.name, self.directory / f"{segment.name}.corrupt")
@@ -533,13 +530,10 @@ class EmbeddingStore:
         if not keys:
             return
         with self._writing() as db:
-            try:
+            with _all_or_nothing(db, []):
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
                 db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             self._maintain()
 
     def get_or_compute(
@@ -575,30 +569,22 @@ class EmbeddingStore:
 
     def _append(self, keys: list[str], vectors: np.ndarray, info: list[str]) -> None:
         """Write one segment and commit its rows; caller holds the lock (`_writing`)."""
-        buffer = io.BytesIO()
-        np.save(buffer, np.ascontiguousarray(vectors, dtype=self.dtype), allow_pickle=False)
-        data = buffer.getbuffer()
+        data = _npy_bytes(np.ascontiguousarray(vectors, dtype=self.dtype))
         db = self._connect()
-        path = None
-        try:
+        new: list[Path] = []
+        with _all_or_nothing(db, new):
             db.execute("BEGIN IMMEDIATE")
             seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'segments'").fetchone()
             name = f"seg-{(seq[0] if seq else 0) + 1:06d}.npy"
             start = int((db.execute("SELECT value FROM state WHERE name = 'next_row'").fetchone() or [0])[0])
-            path = self.directory / name
-            atomic_write(path, lambda f: f.write(data))
+            new.append(self.directory / name)
+            atomic_write(new[0], lambda f: f.write(data))
             db.execute("INSERT INTO segments(name, start, rows, bytes, crc) VALUES (?, ?, ?, ?, ?)",
                        (name, start, len(keys), len(data), zlib.crc32(data)))
             db.executemany("INSERT OR REPLACE INTO entries(key, row, info) VALUES (?, ?, ?)",
                            zip(keys, range(start, start + len(keys)), info))
             db.execute("INSERT OR REPLACE INTO state VALUES ('next_row', ?)", (start + len(keys),))
             db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            if path is not None:
-                path.unlink(missing_ok=True)
-            raise
         self.reload()
 
     def _maintain(self) -> None:
@@ -617,26 +603,18 @@ class EmbeddingStore:
     def _concatenate(self, segments: list[Segment]) -> None:
         """Replace contiguous segments by one file holding the same rows (entries are unchanged)."""
         vectors = np.concatenate([np.asarray(self._map(s)) for s in segments])
-        buffer = io.BytesIO()
-        np.save(buffer, vectors, allow_pickle=False)
-        data = buffer.getbuffer()
+        data = _npy_bytes(vectors)
         db = self._connect()
-        path = None
-        try:
+        new: list[Path] = []
+        with _all_or_nothing(db, new):
             db.execute("BEGIN IMMEDIATE")
             seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'segments'").fetchone()
-            path = self.directory / f"seg-{seq[0] + 1:06d}.npy"
-            atomic_write(path, lambda f: f.write(data))
+            new.append(self.directory / f"seg-{seq[0] + 1:06d}.npy")
+            atomic_write(new[0], lambda f: f.write(data))
             db.executemany("DELETE FROM segments WHERE name = ?", [(s.name,) for s in segments])
             db.execute("INSERT INTO segments(name, start, rows, bytes, crc) VALUES (?, ?, ?, ?, ?)",
-                       (path.name, segments[0].start, len(vectors), len(data), zlib.crc32(data)))
+                       (new[0].name, segments[0].start, len(vectors), len(data), zlib.crc32(data)))
             db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            if path is not None:
-                path.unlink(missing_ok=True)
-            raise
         for segment in segments:
             (self.directory / segment.name).unlink(missing_ok=True)
         self.reload()
@@ -651,16 +629,16 @@ class EmbeddingStore:
         old = list(self._segments)
         first = int(self._state().get("next_row", 0))
         written: list[tuple[str, int, int, int, int]] = []
+        new: list[Path] = []
         db = self._connect()
-        try:
+        with _all_or_nothing(db, new):
             seq = (db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'segments'").fetchone() or [0])[0]
             for number, start in enumerate(range(0, len(live), COMPACT_SEGMENT_ROWS)):
                 rows = np.fromiter((r for _, r in live[start : start + COMPACT_SEGMENT_ROWS]), np.int64)
-                buffer = io.BytesIO()
-                np.save(buffer, self._read_rows(rows).astype(self.dtype), allow_pickle=False)
-                data = buffer.getbuffer()
+                data = _npy_bytes(self._read_rows(rows).astype(self.dtype))
                 name = f"seg-{seq + 1 + number:06d}.npy"
-                atomic_write(self.directory / name, lambda f: f.write(data))
+                new.append(self.directory / name)
+                atomic_write(new[-1], lambda f: f.write(data))
                 written.append((name, first + start, len(rows), len(data), zlib.crc32(data)))
             db.execute("BEGIN IMMEDIATE")
             db.executemany("UPDATE entries SET row = ? WHERE key = ?",
@@ -670,12 +648,6 @@ class EmbeddingStore:
             db.execute("INSERT OR REPLACE INTO state VALUES ('next_row', ?)", (first + len(live),))
             db.execute("DELETE FROM state WHERE name LIKE 'index_%'")  # its positions no longer match
             db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            for name, *_ in written:
-                (self.directory / name).unlink(missing_ok=True)
-            raise
         for segment in old:
             (self.directory / segment.name).unlink(missing_ok=True)
         (self.directory / "index.faiss").unlink(missing_ok=True)
@@ -842,6 +814,28 @@ class EmbeddingStore:
         best.finalize()
         return best.I
 
+
+
+@contextlib.contextmanager
+def _all_or_nothing(db: sqlite3.Connection, new_files: list[Path]) -> Iterator[None]:
+    """A write that commits whole or leaves nothing: on any failure (a full disk, a kill signal as
+    an exception) the transaction is rolled back and the segment files it created are deleted, so
+    the table never names a missing file and no orphan file is left behind."""
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        for path in new_files:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _npy_bytes(vectors: np.ndarray) -> memoryview:
+    """A segment's bytes (.npy, so it can be memory-mapped), built in memory for its CRC and one write."""
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    return buffer.getbuffer()
 
 def _new_table(f) -> None:
     """Write an empty table file (the schema) into `f`."""
