@@ -5,7 +5,6 @@ scikit-learn's two sample photos, matplotlib's grace_hopper.jpg), each whole and
 quadrant crops, so the tests run offline. CUDA tests are skipped without a GPU.
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
