@@ -7,8 +7,9 @@ latency, errors, and the server's RSS before and after. Then one /classify again
 transformers zero-shot pipeline called per image with the same labels (a random tiny CLIP, the
 same `hf:` model for both). Last, a screenshot of the page (Debian's chromium via Playwright).
 
-Usage: python -m benchmarks.bench_serve [--duration 60] [--clients 50] [--rows 200000]
-Writes benchmarks/results/serve.json, serve.md and serve_page.png.
+Usage: python -m benchmarks.bench_serve [--duration 60] [--clients 50] [--rows 200000] [--only PART]
+Writes benchmarks/results/serve.json (a part not run keeps its earlier figures) and
+serve_page.png; serve.md is written from serve.json by hand.
 """
 from __future__ import annotations
 
@@ -17,19 +18,20 @@ import asyncio
 import contextlib
 import io
 import json
-import os
-import platform
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
+
+from benchmarks.report import commit, invocation, machine
 
 RESULTS = Path(__file__).parent / "results"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -153,12 +155,35 @@ async def load(url: str, endpoint: str, clients: int, duration: float, payload) 
             "error_kinds": errors}
 
 
-def run_load(server_args: list[str], endpoint: str, clients: int, duration: float, payload, warmup) -> dict:
+def loadavg() -> float:
+    """The machine's 1-minute load average: how busy it was besides the server and its clients."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def run_load(server_args: list[str], endpoint: str, clients: int, duration: float, payload, warmup,
+             every: float = 5) -> dict:
+    """One load run; the server's RSS before, after and every `every` seconds (to tell growth that
+    levels off from a leak), and the load average before and after."""
     with running_server(server_args, timeout=900) as (url, proc):
         warmup(url)
-        before = rss_mb(proc.pid)
-        result = asyncio.run(load(url, endpoint, clients, duration, payload))
+        before, load_before = rss_mb(proc.pid), loadavg()
+        samples: list[float] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(every):
+                samples.append(round(rss_mb(proc.pid), 1))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            result = asyncio.run(load(url, endpoint, clients, duration, payload))
+        finally:
+            done.set()
+            sampler.join()
         result["rss_before_mb"], result["rss_after_mb"] = round(before, 1), round(rss_mb(proc.pid), 1)
+        result[f"rss_every_{every:g}s_mb"] = samples
+        result["loadavg_before_after"] = [load_before, loadavg()]
         import httpx
 
         result["mean_batch"] = httpx.get(f"{url}/health").json()["mean_batch"]
@@ -244,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.only or ["screenshot", "load", "pipeline"]
     out_json = RESULTS / "serve.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "shared": True}
+    results["machine"] = {**machine(), "shared": True}
     from clipzsl.prompts import load_labels
 
     labels = [e.name for e in load_labels("imagenet1k")]
@@ -272,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
 
             httpx.post(f"{url}/search", timeout=900, **search_payload(0)).raise_for_status()
 
-        cache = ["--cache-dir", str(work / "cache")]
+        # forward passes of at most 8 images: the fastest per image on 2 CPU cores (8: 9.6 ms, 32: 17.2 ms
+        # with the packaged model, benchmarks/results/serve.md); no effect one at a time
+        cache = ["--cache-dir", str(work / "cache"), "--batch-size", "8"]
         for mode, batching in (("batched", []), ("one_at_a_time", ["--max-batch", "1"])):
             results.setdefault("load", {})[mode] = {
                 "classify": run_load([*batching, *cache], "/classify", args.clients,
@@ -282,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(mode, json.dumps(results["load"][mode], indent=1), flush=True)
         results["load"]["clients"], results["load"]["duration_s"] = args.clients, args.duration
+        results["load"]["command"], results["load"]["commit"] = invocation(), commit()
     if "pipeline" in parts:
         results["pipeline"] = pipeline_comparison(work, labels)
     out_json.write_text(json.dumps(results, indent=2) + "\n")

@@ -287,9 +287,7 @@ def embed_images(
     steps = device_geometry(model) if decode == "device" else []
     sources = expand_sources(images)
     workers = workers or model.workers
-    pin = torch.device(model.device).type == "cuda"
-    chunks: list[torch.Tensor] = []
-    token_chunks: list[torch.Tensor] = []
+    chunks: list[EmbeddedImages] = []
     kept: list[str] = []
     failures: list[ImageLoadError] = []
     with tqdm(total=len(sources), unit="img", desc="images", disable=_quiet(progress, len(sources))) as bar:
@@ -304,19 +302,29 @@ def embed_images(
                     raise err
                 failures.append(err)
             if good:
-                pixels = torch.stack([t.to(model.device) if jpegs else t for _, t in good])
-                if pin and pixels.device.type == "cpu":
-                    pixels = pixels.pin_memory()
-                encoded = model.encode_images(model.normalize_pixels(pixels), return_tokens=return_tokens)
-                if return_tokens:
-                    encoded, tokens = encoded
-                    token_chunks.append(tokens.float().cpu())
-                chunks.append(encoded.float().cpu())
+                chunks.append(encode_pixels(model, [t for _, t in good], return_tokens))
                 kept.extend(source_name(sources[i], i) for i, _ in good)
             bar.update(len(batch))
-    embeddings = torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)
-    tokens = torch.cat(token_chunks) if token_chunks else None
-    return EmbeddedImages(embeddings, tokens, kept, failures)
+    if not chunks:
+        return EmbeddedImages(torch.empty(0, model.embed_dim), None, kept, failures)
+    embedded = EmbeddedImages.cat(chunks)
+    return EmbeddedImages(embedded.embeddings, embedded.tokens, kept, failures)
+
+
+def encode_pixels(model: Backend, pixels: Sequence[torch.Tensor], return_tokens: bool = False) -> EmbeddedImages:
+    """One forward pass over prepared images (`Backend.pixels_uint8`'s, or decoded on the device), as
+    float32 on the CPU. Apart from `embed_images`, so a caller that prepared its images as they
+    arrived (the service) runs only this in the model's thread."""
+    if any(t.device.type != "cpu" for t in pixels):
+        pixels = [t.to(model.device) for t in pixels]
+    batch = torch.stack(list(pixels))
+    if batch.device.type == "cpu" and torch.device(model.device).type == "cuda":
+        batch = batch.pin_memory()  # an asynchronous copy to the device
+    encoded = model.encode_images(model.normalize_pixels(batch), return_tokens=return_tokens)
+    if return_tokens:
+        encoded, tokens = encoded
+        return EmbeddedImages(encoded.float().cpu(), tokens.float().cpu())
+    return EmbeddedImages(encoded.float().cpu())
 
 
 def _image_identity(source: ImageSource) -> str:

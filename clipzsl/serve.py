@@ -2,9 +2,11 @@
 
 One process keeps the model loaded, keeps recently used label sets' classifiers in an LRU
 (over the on-disk label cache, so a restart re-encodes nothing), and batches concurrent
-/classify and /search requests into one forward pass: requests wait in a queue, a batcher
-task takes whatever arrived within `Limits.batch_window_s` (at most `max_batch`), and one
-worker thread runs the model on all of them. Every model call goes through that one thread.
+/classify and /search requests: uploads are decoded and resized as they arrive (off the event
+loop), requests wait in a queue, a batcher task takes whatever arrived within
+`Limits.batch_window_s` (at most `max_batch`), and one worker thread runs the model on all of
+them (image forward passes of at most the model's batch size), one head per label set and one
+index search per collection. Every model call goes through that one thread.
 
 Safety: a path from the client is never opened. Images are served by index id only, and only
 when the indexed file still resolves inside the collection; labels and templates name shipped
@@ -24,6 +26,7 @@ from importlib import resources
 from typing import Annotated, Sequence
 
 import numpy as np
+import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
@@ -34,9 +37,10 @@ from .backends import Backend
 from .classifier import ZeroShotClassifier
 from .explain import heatmaps, picture
 from .image_index import ImageIndex
-from .images import ImageLoadError, embed_images, load_image
+from .images import EmbeddedImages, ImageLoadError, encode_pixels, load_image
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
                       available, load_labels, load_templates)
+from .search import matrix_product_search
 
 MB = 1 << 20
 
@@ -51,7 +55,7 @@ class Limits:
     max_query_chars: int = 1000
     thumbnail_px: int = 256  # largest side of a thumbnail (and the most a client may ask for)
     batch_window_s: float = 0.005  # how long the batcher waits for more requests after the first
-    max_batch: int = 64  # requests in one forward pass (1: one at a time)
+    max_batch: int = 64  # requests in one batch (1: one at a time)
     classifiers: int = 16  # label sets kept in memory
 
 
@@ -128,14 +132,14 @@ class Collection:
 class _Job:
     future: asyncio.Future
     top_k: int
-    image: Image.Image | None = None
+    pixels: torch.Tensor | None = None  # an image as the model takes it (`Backend.pixels_uint8`)
     text: str | None = None
     classifier: ZeroShotClassifier | None = None  # classify with it; else search `collection`
     collection: Collection | None = None
 
 
 class Batcher:
-    """Runs queued classify/search jobs in one worker thread, a batch per forward pass."""
+    """Runs queued classify/search jobs in one worker thread, a batch at a time."""
 
     def __init__(self, model: Backend, limits: Limits, adapter_loaded: bool):
         self.model = model
@@ -165,70 +169,80 @@ class Batcher:
         return await future
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self.queue.get()]
-            deadline = loop.time() + self.limits.batch_window_s
-            while len(jobs) < self.limits.max_batch:
-                if not self.queue.empty():
-                    jobs.append(self.queue.get_nowait())
-                    continue
-                wait = deadline - loop.time()
-                if wait <= 0:
-                    break
-                try:
-                    jobs.append(await asyncio.wait_for(self.queue.get(), wait))
-                except asyncio.TimeoutError:
-                    break
-            jobs = [job for job in jobs if not job.future.done()]  # the client went away
-            if not jobs:
+            await self._answer(await self._collect())  # a batch's jobs live only in these two calls
+
+    async def _collect(self) -> list[_Job]:
+        """The first waiting job and whatever joins it within the window, at most `max_batch`."""
+        loop = asyncio.get_running_loop()
+        jobs = [await self.queue.get()]
+        deadline = loop.time() + self.limits.batch_window_s
+        while len(jobs) < self.limits.max_batch:
+            if not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
                 continue
-            self.batches.append(len(jobs))
-            del self.batches[:-1000]
+            wait = deadline - loop.time()
+            if wait <= 0:
+                break
             try:
-                results = await self.call(self._run, jobs)
-            except Exception as err:  # a failure of the batch is every job's failure, never the loop's end
-                results = [err] * len(jobs)
-            for job, result in zip(jobs, results):
-                if job.future.done():
-                    continue
-                if isinstance(result, Exception):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+                jobs.append(await asyncio.wait_for(self.queue.get(), wait))
+            except asyncio.TimeoutError:
+                break
+        return [job for job in jobs if not job.future.done()]  # the client went away
+
+    async def _answer(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        self.batches.append(len(jobs))
+        del self.batches[:-1000]
+        try:
+            results = await self.call(self._run, jobs)
+        except Exception as err:  # a failure of the batch is every job's failure, never the loop's end
+            results = [err] * len(jobs)
+        for job, result in zip(jobs, results):
+            if job.future.done():
+                continue
+            if isinstance(result, Exception):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
 
     def _run(self, jobs: list[_Job]) -> list:
-        """One forward pass of the image tower over every job's image, one of the text tower over
-        every text query, then each job's head or index search."""
-        with_image = [i for i, job in enumerate(jobs) if job.image is not None]
+        """The image tower over every job's image (forward passes of at most the model's batch size),
+        the text tower once over every text query, then one head per label set and one index
+        search per collection, each over all of its jobs."""
+        with_image = [i for i, job in enumerate(jobs) if job.pixels is not None]
         with_text = [i for i, job in enumerate(jobs) if job.text is not None]
-        embedded = None
-        if with_image:
-            embedded = embed_images(self.model, [jobs[i].image for i in with_image], batch_size=len(with_image),
-                                    progress=False, return_tokens=self.tokens)
+        size = self.model.batch_size
+        embedded = EmbeddedImages.cat([
+            encode_pixels(self.model, [jobs[i].pixels for i in with_image[first:first + size]], self.tokens)
+            for first in range(0, len(with_image), size)]) if with_image else None
         row = {job: r for r, job in enumerate(with_image)}
         texts = self.model.encode_texts([jobs[i].text for i in with_text]).float().numpy() if with_text else None
         text_row = {job: r for r, job in enumerate(with_text)}
-        results: list = [None] * len(jobs)
-        by_classifier: dict[int, list[int]] = {}
+        groups: dict[int, list[int]] = {}  # jobs by label set, or by collection
         for i, job in enumerate(jobs):
-            if job.classifier is not None:
-                by_classifier.setdefault(id(job.classifier), []).append(i)
+            groups.setdefault(id(job.classifier if job.classifier is not None else job.collection), []).append(i)
+        results: list = [None] * len(jobs)
+        for members in groups.values():
+            first, k = jobs[members[0]], max(jobs[i].top_k for i in members)
+            if first.classifier is not None:
+                found = first.classifier.predict(embedded.subset([row[i] for i in members]), top_k=k)
             else:
-                vector = embedded.embeddings[row[i]].numpy() if i in row else texts[text_row[i]]
-                results[i] = self._search(job, vector)
-        for members in by_classifier.values():
-            classifier = jobs[members[0]].classifier
-            k = max(jobs[i].top_k for i in members)
-            predicted = classifier.predict(embedded.subset([row[i] for i in members]), top_k=k)
-            for i, labels in zip(members, predicted):
-                results[i] = labels[: jobs[i].top_k]
+                queries = np.stack([embedded.embeddings[row[i]].numpy() if i in row else texts[text_row[i]]
+                                    for i in members])
+                found = self._search(first.collection, queries, k)
+            for i, best in zip(members, found):
+                results[i] = best[: jobs[i].top_k]
         return results
 
     @staticmethod
-    def _search(job: _Job, vector: np.ndarray) -> list[tuple[int, str, float]]:
-        collection = job.collection
-        return [(collection.id_of(path), path, score) for path, score in collection.index.search(vector, job.top_k)]
+    def _search(collection: Collection, queries: np.ndarray, top_k: int) -> list[list[tuple[int, str, float]]]:
+        """Per query, its `top_k` hits as (id, path, score): one store search for the whole batch (a
+        shorter top_k is the head of a longer one's hits, exactly so for exact and IVF indexes)."""
+        with matrix_product_search():
+            found = collection.index.store.search(queries, top_k)
+        return [[(collection.id_of(path), path, score) for path, score in hits] for hits in found]
 
 
 class Service:
@@ -325,6 +339,14 @@ class Service:
 
     async def image(self, upload: Upload | str | None, field_name: str = "image") -> Image.Image:
         """An uploaded image, fully decoded (Pillow's decompression-bomb limit applies), or 422 with why."""
+        return await self._decoded(upload, field_name, _decode)
+
+    async def pixels(self, upload: Upload | str | None, field_name: str = "image") -> torch.Tensor:
+        """An uploaded image as the model takes it, decoded and resized as `image` arrives, in a
+        thread off the event loop: the model's thread then only runs forward passes."""
+        return await self._decoded(upload, field_name, lambda data: self.model.pixels_uint8(_decode(data)))
+
+    async def _decoded(self, upload: Upload | str | None, field_name: str, decode):
         if not isinstance(upload, Upload):  # FastAPI's UploadFile is one too
             raise ServiceError(422, f"{field_name}: expected an image file upload (multipart/form-data)")
         data = await upload.read(self.limits.max_upload_bytes + 1)
@@ -332,7 +354,7 @@ class Service:
             raise ServiceError(413, self.too_large())
         name = upload.filename or field_name
         try:
-            return await asyncio.to_thread(_decode, data)
+            return await asyncio.to_thread(decode, data)
         except ImageLoadError as err:
             raise ServiceError(422, f"upload {name!r}: {err.reason}") from err
 
@@ -457,8 +479,8 @@ def create_app(
             async with request.form(max_files=1, max_fields=4) as form:
                 top_k = _form_int(form.get("top_k"), 10, "top_k")
                 name = form.get("index") if isinstance(form.get("index"), str) else None
-                image = await service.image(form.get("image"))
-            query = {"image": image}
+                pixels = await service.pixels(form.get("image"))
+            query = {"pixels": pixels}
         elif kind.startswith("application/json"):
             try:
                 body = SearchQuery.model_validate_json(await request.body())
@@ -486,8 +508,8 @@ def create_app(
         """The image's `top_k` labels among `labels`, with their probabilities."""
         service.check_top_k(top_k)
         classifier = await service.classifier(labels, templates)
-        decoded = await service.image(image)
-        found = await service.batcher.submit(image=decoded, classifier=classifier, top_k=top_k)
+        pixels = await service.pixels(image)
+        found = await service.batcher.submit(pixels=pixels, classifier=classifier, top_k=top_k)
         return Predictions(predictions=[Prediction(label=label, probability=p) for label, p in found])
 
     @app.post("/explain", response_class=Response,
