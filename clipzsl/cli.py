@@ -823,8 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (413 above it)")
     serve.add_argument("--max-labels", type=positive_int, default=1000, help="most labels in one request (422 above)")
     serve.add_argument("--batch-window-ms", type=float, default=5,
-                       help="how long concurrent requests are gathered into one forward pass")
-    serve.add_argument("--max-batch", type=positive_int, default=64, help="most requests in one forward pass (1: none)")
+                       help="how long concurrent requests are gathered into one batch")
+    serve.add_argument("--max-batch", type=positive_int, default=64, help="most requests in one batch (1: one at a time)")
     serve.add_argument("--cache-dir", help="label cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     add_run_options(serve)
     serve.set_defaults(run=cmd_serve)
