@@ -168,7 +168,8 @@ def _pipeline(ds: "ray.data.Dataset", model: Backend, batch_size: int, concurren
     return decoded.map_batches(
         _Encoder, fn_constructor_kwargs={"spec": model.spec, "cache": cache, "num_gpus": num_gpus,
                                          "classes": classes, "top_k": top_k},
-        batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_gpus=num_gpus,
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=num_gpus,
     )  # Ray Data's defaults for an actor pool: a dead actor is recreated and its batches retried
 
 

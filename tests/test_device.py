@@ -102,28 +102,27 @@ def test_bf16_outputs_come_back_float32_on_the_cpu(tiny_clip):
 
 
 def agreement(spec: str, labels: str) -> tuple[float, float, float]:
-    """(share of equal top-1 labels, min and mean cosine) of bf16 against fp32 on the real images."""
+    """(share of equal top-1 labels, min image cosine, min class-embedding cosine) of bf16 against fp32
+    on the real images. Both runs score against one set of class embeddings, as they would through
+    the label cache (one vector per key, whichever precision wrote it)."""
     images = real_images()
     fp32, bf16 = seeded(spec, device="cpu", precision="fp32"), seeded(spec, device="cpu", precision="bf16")
     a, b = embed_images(fp32, images).embeddings, embed_images(bf16, images).embeddings
-    classes = clipzsl.ZeroShotClassifier(fp32, labels=labels, cache=False).class_embeddings
-    same = ((a @ classes.T).argmax(1) == (b @ classes.T).argmax(1)).float().mean().item()
-    cosine = (a * b).sum(1)
-    return same, cosine.min().item(), cosine.mean().item()
+    classes = [clipzsl.ZeroShotClassifier(m, labels=labels, cache=False).class_embeddings for m in (fp32, bf16)]
+    same = ((a @ classes[0].T).argmax(1) == (b @ classes[0].T).argmax(1)).float().mean().item()
+    return same, (a * b).sum(1).min().item(), (classes[0] * classes[1]).sum(1).min().item()
 
 
 def test_bf16_on_cpu_agrees_with_fp32_openclip(openclip_spec):
     """ViT-B/32 (random weights: open_clip's architecture and numerics; no trained weights offline)."""
-    same, worst, _ = agreement(openclip_spec, "cifar100")
-    assert same >= 0.99 and worst >= 0.999, (same, worst)
+    same, worst, worst_class = agreement(openclip_spec, "cifar100")
+    assert same >= 0.99 and worst >= 0.999 and worst_class >= 0.999, (same, worst, worst_class)
 
 
-@pytest.mark.xfail(strict=True, reason="measured: the packaged EfficientNet-Lite under bf16 autocast gives top-1 "
-                                       "agreement 0.95 (CIFAR-100 labels) and min cosine 0.972 (mean 0.998) on "
-                                       "145 real images: below the 0.99 / 0.999 target; use fp32 for it on the CPU")
 def test_bf16_on_cpu_agrees_with_fp32_packaged():
-    same, worst, _ = agreement("packaged", "cifar100")
-    assert same >= 0.99 and worst >= 0.999, (same, worst)
+    """bf16 runs the text tower; the EfficientNet stays fp32 (in bf16 it reached only 0.95 / 0.972)."""
+    same, worst, worst_class = agreement("packaged", "cifar100")
+    assert same >= 0.99 and worst >= 0.999 and worst_class >= 0.999, (same, worst, worst_class)
 
 
 def test_label_store_notes_the_precisions_that_wrote_it(tiny_clip, tmp_path):

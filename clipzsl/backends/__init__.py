@@ -23,6 +23,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str =
     `device`: "auto" (cuda, then mps, then cpu), or one of them by name. `precision`: fp32, bf16 or
     fp16 autocast ("auto": bf16 on CUDA where supported, fp32 on the CPU); the weights stay fp32,
     so the model's fingerprint, and every cache keyed on it, is the same at any device and precision.
+    (The packaged model's image tower always runs in fp32: under bf16 its ImageNet top-1 changes.)
     `cache`: where a model keeps what it derives from its weights (the packaged model's concept
     embeddings, always built in fp32): True for the default cache directory, a directory, or False to
     keep nothing on disk. Hub downloads stay in the hub's own cache.

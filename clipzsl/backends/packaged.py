@@ -348,10 +348,11 @@ class PackagedBackend(Backend):
         Tokens [N, H*W, 384] apply the ImageNet classifier to every location of the
         final feature map (before global pooling) and are left unnormalised.
         """
+        # fp32 whatever the precision: under bf16 this EfficientNet's pooled features drift (cosine down
+        # to 0.986) and its ImageNet top-1 changes on 5% of real photos, which ConSE's top-k carries
+        # into the embedding (benchmarks/results/gpu.md). `precision` applies to the text tower.
         pixels = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
-        with self.autocast():  # the convolutions only: classifier, softmax and ConSE's weighted sum stay in fp32
-            features = self.image_model.forward_features(pixels)
-        features = features.float()
+        features = self.image_model.forward_features(pixels)
         logits = self.image_model.forward_head(features)
         pooled = normalize(conse(logits.softmax(-1), self.concepts, self.top_k))
         if not return_tokens:
