@@ -14,6 +14,7 @@ which embed the same images again and again.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 from collections import deque
@@ -153,20 +154,32 @@ def load_image(source: ImageSource) -> Image.Image:
         raise ImageLoadError(path, "no such file")
     if os.path.getsize(path) == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
+    return _decode(path, path)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """`load_image` for bytes in memory (an upload), with the same checks and reasons; `name` says
+    where they came from in the error."""
+    if not data:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(file: str | io.BytesIO, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(file) as image:
                 image.load()
                 return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(path, f"refused as a possible decompression bomb ({err})") from err
+        raise ImageLoadError(name, f"refused as a possible decompression bomb ({err})") from err
     except Image.UnidentifiedImageError as err:
-        raise ImageLoadError(path, "not an image Pillow can read") from err
+        raise ImageLoadError(name, "not an image Pillow can read") from err
     except PermissionError as err:
-        raise ImageLoadError(path, "permission denied (this user may not read it; check its permissions)") from err
+        raise ImageLoadError(name, "permission denied (this user may not read it; check its permissions)") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(path, f"corrupt or truncated image ({err})") from err
+        raise ImageLoadError(name, f"corrupt or truncated image ({err})") from err
 
 
 #: `embed_images(decode=...)`: Pillow on the CPU workers, or JPEG files on the model's device

@@ -17,7 +17,6 @@ and decompression bombs get 422 with the reason, unknown label sets and indexes 
 import asyncio
 import io
 import os
-import tempfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -37,7 +36,7 @@ from .backends import Backend
 from .classifier import ZeroShotClassifier
 from .explain import heatmaps, picture
 from .image_index import ImageIndex
-from .images import EmbeddedImages, ImageLoadError, encode_pixels, load_image
+from .images import EmbeddedImages, ImageLoadError, decode_image, encode_pixels, load_image
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
                       available, load_labels, load_templates)
 from .search import matrix_product_search
@@ -339,14 +338,15 @@ class Service:
 
     async def image(self, upload: Upload | str | None, field_name: str = "image") -> Image.Image:
         """An uploaded image, fully decoded (Pillow's decompression-bomb limit applies), or 422 with why."""
-        return await self._decoded(upload, field_name, _decode)
+        return await self._decoded(upload, field_name, lambda image: image)
 
     async def pixels(self, upload: Upload | str | None, field_name: str = "image") -> torch.Tensor:
         """An uploaded image as the model takes it, decoded and resized as `image` arrives, in a
         thread off the event loop: the model's thread then only runs forward passes."""
-        return await self._decoded(upload, field_name, lambda data: self.model.pixels_uint8(_decode(data)))
+        return await self._decoded(upload, field_name, self.model.pixels_uint8)
 
-    async def _decoded(self, upload: Upload | str | None, field_name: str, decode):
+    async def _decoded(self, upload: Upload | str | None, field_name: str, prepare):
+        """The upload decoded in memory (never written to disk), then `prepare`d, off the event loop."""
         if not isinstance(upload, Upload):  # FastAPI's UploadFile is one too
             raise ServiceError(422, f"{field_name}: expected an image file upload (multipart/form-data)")
         data = await upload.read(self.limits.max_upload_bytes + 1)
@@ -354,21 +354,13 @@ class Service:
             raise ServiceError(413, self.too_large())
         name = upload.filename or field_name
         try:
-            return await asyncio.to_thread(decode, data)
+            return await asyncio.to_thread(lambda: prepare(decode_image(data, name)))
         except ImageLoadError as err:
             raise ServiceError(422, f"upload {name!r}: {err.reason}") from err
 
     def too_large(self) -> str:
         return (f"request body is larger than the {self.limits.max_upload_bytes / MB:g} MB upload limit; "
                 "send a smaller image (or start the service with a higher --max-upload-mb)")
-
-
-def _decode(data: bytes) -> Image.Image:
-    """Bytes -> RGB image through `load_image`, so uploads get the same checks and reasons as files."""
-    with tempfile.NamedTemporaryFile(suffix=".upload") as f:
-        f.write(data)
-        f.flush()
-        return load_image(f.name)
 
 
 def _thumbnail(path: str, side: int) -> bytes:

@@ -104,6 +104,19 @@ def test_classify_matches_the_library(client, model, tmp_path):
     assert [p for _, p in got] == pytest.approx([p for _, p in expected], abs=1e-5)
 
 
+def test_uploads_are_decoded_in_memory_not_through_a_temporary_file(client, monkeypatch, tmp_path):
+    """With the temporary directory unusable (as on a full disk), uploads are still classified and
+    searched with: nothing of an upload is written to disk."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    files = {"image": ("g.png", png_bytes(COLOURS["green"]), "image/png")}
+    assert client.post("/classify", files=files, data={"labels": "red,green,blue"}).status_code == 200
+    assert client.post("/search", files=files, data={"top_k": "2"}).status_code == 200
+    response = client.post("/classify", files={"image": ("e.png", b"", "image/png")}, data={"labels": "a,b"})
+    assert response.status_code == 422 and "empty file" in response.json()["detail"]
+
+
 def test_classify_by_label_set_name_and_template_set(client):
     files = {"image": ("r.png", png_bytes(), "image/png")}
     loaded = client.post("/classify", files=files, data={"labels": "colours", "top_k": "4"}).json()

@@ -79,7 +79,7 @@ def test_nothing_of_an_answered_request_stays_in_the_service(model, tmp_path, mo
             return out
         return wrapper
 
-    monkeypatch.setattr(serve, "_decode", tracked(serve._decode))
+    monkeypatch.setattr(serve, "decode_image", tracked(serve.decode_image))
     monkeypatch.setattr(model, "pixels_uint8", tracked(model.pixels_uint8))
     with TestClient(create_app(model, cache=tmp_path)) as c:
         for colour in COLOURS.values():
