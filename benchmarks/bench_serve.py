@@ -7,7 +7,8 @@ latency, errors, and the server's RSS before and after. Then one /classify again
 transformers zero-shot pipeline called per image with the same labels (a random tiny CLIP, the
 same `hf:` model for both). Last, a screenshot of the page (Debian's chromium via Playwright).
 
-Usage: python -m benchmarks.bench_serve [--duration 60] [--clients 50] [--rows 200000] [--only PART]
+Usage: python -m benchmarks.bench_serve [--duration 60] [--clients 50] [--rows 200000] [--device cpu] [--only PART]
+On a GPU: python -m benchmarks.bench_serve --only load --device cuda --out benchmarks/results/serve_gpu.json
 Writes benchmarks/results/serve.json (a part not run keeps its earlier figures) and
 serve_page.png; serve.md is written from serve.json by hand.
 """
@@ -263,11 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=200_000, help="vectors in the /search index")
     parser.add_argument("--work", default="build/bench_serve", help="where the generated images and indexes go")
     parser.add_argument("--only", choices=("screenshot", "load", "pipeline"), action="append")
+    parser.add_argument("--device", default="cpu", help="the server's --device for the load test (cuda on a GPU)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="the server's --batch-size (default: 8 on the CPU, the device's default elsewhere)")
+    parser.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     parts = args.only or ["screenshot", "load", "pipeline"]
-    out_json = RESULTS / "serve.json"
+    out_json = Path(args.out)
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     results["machine"] = {**machine(), "shared": True}
     from clipzsl.prompts import load_labels
@@ -297,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
 
             httpx.post(f"{url}/search", timeout=900, **search_payload(0)).raise_for_status()
 
-        # forward passes of at most 8 images: the fastest per image on 2 CPU cores (8: 9.6 ms, 32: 17.2 ms
-        # with the packaged model, benchmarks/results/serve.md); no effect one at a time
-        cache = ["--cache-dir", str(work / "cache"), "--batch-size", "8"]
+        # on the CPU, forward passes of at most 8 images: the fastest per image on 2 cores (8: 9.6 ms,
+        # 32: 17.2 ms with the packaged model, benchmarks/results/serve.md); no effect one at a time
+        batch_size = args.batch_size or (8 if args.device == "cpu" else None)
+        cache = ["--cache-dir", str(work / "cache"), "--device", args.device,
+                 *(["--batch-size", str(batch_size)] if batch_size else [])]
         for mode, batching in (("batched", []), ("one_at_a_time", ["--max-batch", "1"])):
             results.setdefault("load", {})[mode] = {
                 "classify": run_load([*batching, *cache], "/classify", args.clients,
@@ -309,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(mode, json.dumps(results["load"][mode], indent=1), flush=True)
         results["load"]["clients"], results["load"]["duration_s"] = args.clients, args.duration
+        results["load"]["device"], results["load"]["batch_size"] = args.device, batch_size
         results["load"]["command"], results["load"]["commit"] = invocation(), commit()
     if "pipeline" in parts:
         results["pipeline"] = pipeline_comparison(work, labels)
