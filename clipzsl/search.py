@@ -8,10 +8,9 @@ L2-normalised vectors is cosine similarity. `auto` picks exact search up to
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from typing import Iterator
+import threading
 
 import numpy as np
 
@@ -68,29 +67,30 @@ def load_index(path: os.PathLike, mmap: bool = False):
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, ids), each [N, k], best first; k is capped at the index size."""
+    """(similarities, ids), each [N, k], best first; k is capped at the index size.
+
+    A batch of queries is scored as one matrix product: below `distance_compute_blas_threshold`
+    queries (128,000 in FAISS 1.15) FAISS reads a flat index once per query, so 64 queries on
+    200,000 vectors took 1,344 ms one scan each and 62 ms as a product on 2 cores, with the same
+    hits and their scores to float32 rounding. The setting is FAISS's, process-wide: it is set and
+    restored under a lock."""
     check_top_k(k)
     k = min(k, index.ntotal)
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-
-@contextlib.contextmanager
-def matrix_product_search() -> Iterator[None]:
-    """Within it, FAISS scores a batch of queries against a flat index as one matrix product.
-
-    Below `distance_compute_blas_threshold` queries (128,000 in FAISS 1.15) FAISS reads the whole
-    index once per query; the product reads it once per batch: 64 queries on 200,000 vectors took
-    1,344 ms one scan each and 62 ms as a product on 2 cores, with the hits of single-query
-    searches and their scores to float32 rounding. The setting is FAISS's, process-wide, so this is
-    for a caller whose searches all run in one thread (the service's model thread)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if len(queries) < 2:
+        return index.search(queries, k)
     import faiss
 
-    saved = faiss.cvar.distance_compute_blas_threshold
-    faiss.cvar.distance_compute_blas_threshold = 2
-    try:
-        yield
-    finally:
-        faiss.cvar.distance_compute_blas_threshold = saved
+    with _FAISS_SETTING:
+        saved = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = 2
+        try:
+            return index.search(queries, k)
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = saved
+
+
+_FAISS_SETTING = threading.Lock()
 
 
 def recall_at_k(approximate_ids, exact_ids) -> float:

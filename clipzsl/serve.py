@@ -39,7 +39,6 @@ from .image_index import ImageIndex
 from .images import EmbeddedImages, ImageLoadError, decode_image, encode_pixels, load_image
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
                       available, load_labels, load_templates)
-from .search import matrix_product_search
 
 MB = 1 << 20
 
@@ -239,8 +238,7 @@ class Batcher:
     def _search(collection: Collection, queries: np.ndarray, top_k: int) -> list[list[tuple[int, str, float]]]:
         """Per query, its `top_k` hits as (id, path, score): one store search for the whole batch (a
         shorter top_k is the head of a longer one's hits, exactly so for exact and IVF indexes)."""
-        with matrix_product_search():
-            found = collection.index.store.search(queries, top_k)
+        found = collection.index.store.search(queries, top_k)
         return [[(collection.id_of(path), path, score) for path, score in hits] for hits in found]
 
 

@@ -92,7 +92,7 @@ def test_nothing_of_an_answered_request_stays_in_the_service(model, tmp_path, mo
 
 def test_a_batch_searched_as_one_matrix_product_gets_each_querys_own_hits():
     faiss = pytest.importorskip("faiss")
-    from clipzsl.search import matrix_product_search, search
+    from clipzsl.search import search
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((3000, 32)).astype(np.float32)
@@ -102,9 +102,17 @@ def test_a_batch_searched_as_one_matrix_product_gets_each_querys_own_hits():
     index = faiss.IndexFlatIP(32)
     index.add(vectors)
     setting = faiss.cvar.distance_compute_blas_threshold
-    with matrix_product_search():
-        scores, ids = search(index, queries, 10)
-    assert faiss.cvar.distance_compute_blas_threshold == setting
+    seen: list[int] = []
+
+    class Watched:  # the index, noting FAISS's setting while it searches
+        ntotal = index.ntotal
+
+        def search(self, q, k):
+            seen.append(faiss.cvar.distance_compute_blas_threshold)
+            return index.search(q, k)
+
+    scores, ids = search(Watched(), queries, 10)
+    assert seen == [2] and faiss.cvar.distance_compute_blas_threshold == setting  # a product, then restored
     for query, row_scores, row_ids in zip(queries, scores, ids):
         one_scores, one_ids = search(index, query[None], 10)
         assert row_ids.tolist() == one_ids[0].tolist()
