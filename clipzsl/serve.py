@@ -17,6 +17,7 @@ and decompression bombs get 422 with the reason, unknown label sets and indexes 
 import asyncio
 import io
 import os
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -144,6 +145,7 @@ class Batcher:
         self.limits = limits
         self.tokens = adapter_loaded  # an adapter scores the spatial tokens
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipzsl-model")
+        weakref.finalize(self, self.worker.shutdown, wait=False, cancel_futures=True)
         self.queue: asyncio.Queue[_Job] | None = None
         self.task: asyncio.Task | None = None
         self.batches: list[int] = []  # sizes of the batches run (the health endpoint reports them)
@@ -153,9 +155,10 @@ class Batcher:
         self.task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
+        """Stops taking jobs. The model thread stays for the next start (the index tables it opened
+        work only in that thread) and ends with the batcher."""
         if self.task is not None:
             self.task.cancel()
-        self.worker.shutdown(wait=False, cancel_futures=True)
 
     async def call(self, function, *args):
         """`function(*args)` in the model's thread (the only thread that runs the model)."""

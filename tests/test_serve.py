@@ -303,3 +303,15 @@ def test_bad_classify_inputs_are_4xx(client):
     assert client.post("/search", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
     # the service still answers after all of that
     assert client.post("/classify", files=files, data={"labels": "a,b"}).status_code == 200
+
+
+def test_an_app_stopped_and_started_again_still_answers(model, collection, tmp_path):
+    """Each start of the app (a lifespan) gets a model thread of its own: the second start once answered
+    every search with a 500 (the first stop had shut the only one down)."""
+    _, index = collection
+    app = create_app(model, {"photos": index.directory}, cache=tmp_path / "cache")
+    for _ in range(2):
+        with TestClient(app) as c:
+            response = c.post("/search", json={"text": "a red square", "top_k": 2})
+            assert response.status_code == 200, response.text
+            assert len(response.json()["results"]) == 2
