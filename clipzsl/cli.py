@@ -855,14 +855,14 @@ OUTPUTS = {
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Every command's outputs checked against its inputs (`images.check_output`) before any work."""
-    inputs_of, outputs_of, images = OUTPUTS.get(args.command, ((), (), False))
+    inputs_of, outputs_of, writes_images = OUTPUTS.get(args.command, ((), (), False))
     inputs: list[str] = []
     for name in inputs_of:
         value = getattr(args, name)
         inputs += [value] if isinstance(value, str) else value or []
     for name in outputs_of:
         if getattr(args, name):
-            check_output(getattr(args, name), inputs, images)
+            check_output(getattr(args, name), inputs, writes_images)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -195,7 +195,7 @@ def explain(
     """Write one PNG per (image, label) into `out_dir`, `<image stem>__<label>.png` (see
     `output_stems`): the image at its own size with the label's map over what the model saw,
     the label and its probability (among `labels`) below, the colour scale beside it."""
-    check_output(out_dir, images, images=True)
+    check_output(out_dir, images, writes_images=True)
     if isinstance(adapter, (str, Path)):
         adapter = CrossAttentionAdapter.load(adapter, model)
     saved = adapter.meta.get("templates") if adapter is not None else None

@@ -2,7 +2,8 @@
 
 The index is an `EmbeddingStore` keyed by absolute file path, with each file's size
 and modification time stored beside its vector: re-running `update` embeds only new
-or changed files and forgets deleted ones. Every `checkpoint_every` images become a
+or changed files and forgets deleted ones (never a whole folder that is merely unmounted or
+unreadable: that needs `prune`). Every `checkpoint_every` images become a
 segment as they are embedded, so an interrupted run loses at most one checkpoint's
 work; the FAISS index is brought up to date (new rows added, never retrained) at the end.
 """

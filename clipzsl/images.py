@@ -116,10 +116,11 @@ def _same_path(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(output: str | os.PathLike, inputs: ImageSource | Sequence[ImageSource], images: bool = False) -> None:
+def check_output(output: str | os.PathLike, inputs: ImageSource | Sequence[ImageSource],
+                 writes_images: bool = False) -> None:
     """Refuse, before anything is written, an output that would replace or join the inputs: one of
     the inputs however it is spelled (relative, absolute, ./, through a symlink, a hard link), an
-    image file inside an input folder, or (`images`: a folder the output images are written
+    image file inside an input folder, or (`writes_images`: a folder the output images are written
     into) a folder that is, holds or lies inside an input. A ValueError names both."""
     target = Path(os.path.realpath(output))
     for given in [inputs] if isinstance(inputs, (str, os.PathLike, Image.Image)) else inputs:
@@ -129,9 +130,9 @@ def check_output(output: str | os.PathLike, inputs: ImageSource | Sequence[Image
         inside = source.is_dir() and target.is_relative_to(source)
         if _same_path(target, source):
             problem = f"is the input {given}"
-        elif inside and (images or target.suffix.lower() in IMAGE_SUFFIXES):
+        elif inside and (writes_images or target.suffix.lower() in IMAGE_SUFFIXES):
             problem = f"would put images into the input folder {given}"
-        elif images and source.is_relative_to(target):
+        elif writes_images and source.is_relative_to(target):
             problem = f"holds the input {given}"
         else:
             continue

@@ -200,8 +200,8 @@ def check_owned(directory: str | os.PathLike, kinds: Sequence[str], recognise: C
     contents clipzsl's (a folder made by an older clipzsl)."""
     directory = Path(directory)
     if marker_kind(directory) not in kinds and not recognise(directory):
-        raise ForeignFolderError(f"{directory}: not a {' or '.join(kinds)} folder clipzsl made (no {MARKER} marker, "
-                                 "and not recognisably clipzsl's); nothing in it was deleted")
+        raise ForeignFolderError(f"{directory}: not a folder clipzsl made as an {' or '.join(kinds)} (no {MARKER} "
+                                 "marker, and not recognisably clipzsl's); nothing was deleted")
 
 
 #: the files a store writes (`is_store_folder`)
@@ -210,11 +210,31 @@ _STORE_FILES = ("meta.json", "table.sqlite*", "seg-*.npy", "seg-*.npy.corrupt", 
 
 
 def is_store_folder(directory: Path) -> bool:
-    """Whether a folder is recognisably a store an older clipzsl made: it holds a meta.json or
-    table.sqlite, and nothing but a store's files (a user's own seg-*.npy alone is not enough)."""
+    """Whether a folder is recognisably a store an older clipzsl made: nothing but a store's files,
+    with a meta.json holding clipzsl's fields (or damaged, as a cache's may be) or else a
+    table.sqlite with clipzsl's tables. A user's own seg-*.npy files are not enough."""
     names = _contents(directory)
-    return ("meta.json" in names or "table.sqlite" in names) and all(
-        any(fnmatch.fnmatchcase(n, pattern) for pattern in _STORE_FILES) for n in names)
+    if not all(any(fnmatch.fnmatchcase(n, pattern) for pattern in _STORE_FILES) for n in names):
+        return False
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "table.sqlite" in names and _has_store_tables(directory / "table.sqlite")
+    except (OSError, ValueError):
+        return True  # a damaged meta.json beside nothing but store files
+    return isinstance(meta, dict) and {"fingerprint", "embed_dim"} <= meta.keys()
+
+
+def _has_store_tables(path: Path) -> bool:
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return {"entries", "segments", "state"} <= tables
 
 
 #: what the cache root holds (`is_cache_root`): label caches, image features, WordNet, concepts
