@@ -40,6 +40,7 @@ from .store import atomic_write
 if TYPE_CHECKING:
     import ray.data
 
+
 def require_ray():
     """The ray module, or an ImportError that says how to install it."""
     try:

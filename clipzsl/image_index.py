@@ -56,7 +56,7 @@ def _gone(path: str) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:
-        return False
+        pass  # permission denied on the way: still there, as far as anyone can tell
     return False
 
 

@@ -38,15 +38,15 @@ def new_index(factory: str, dim: int, count: int):
         reason = str(err).rsplit(": ", 1)[-1]
         raise ValueError(f"invalid FAISS index factory string {factory!r} for {dim}-dimensional vectors: {reason}; "
                          "see https://github.com/facebookresearch/faiss/wiki/The-index-factory") from err
-    if not index.is_trained and count < 39 * getattr(index, "nlist", 1):
-        raise ValueError(f"index {factory!r} needs more training vectors than the {count} given")
+    needed = 39 * getattr(index, "nlist", 1)  # FAISS's minimum: 39 vectors per inverted-file cell
+    if not index.is_trained and count < needed:
+        raise ValueError(f"index {factory!r} needs at least {needed} training vectors, not the {count} there are; "
+                         "choose a smaller factory (or auto)")
     return index
 
 
 def build_index(vectors: np.ndarray, spec: str = "auto", add: bool = True):
     """A FAISS inner-product index trained on `vectors` and (with `add`) holding them (row i has id i)."""
-    import faiss
-
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index = new_index(factory_for(len(vectors), spec), vectors.shape[1], len(vectors))
     if not index.is_trained:

@@ -183,7 +183,8 @@ def claim(directory: str | os.PathLike, kind: str, recognise: Callable[[Path], b
     if found == kind:
         return directory
     if found is not None:
-        raise ForeignFolderError(f"{directory}: a clipzsl {found} folder, not a {kind} one; choose another folder")
+        raise ForeignFolderError(f"{directory}: clipzsl made it as a {found} folder, not as a {kind} one; choose "
+                                 "another folder")
     if directory.exists() and not directory.is_dir():
         raise ForeignFolderError(f"{directory}: not a folder; choose a new or empty folder")
     if _contents(directory) and not (recognise is not None and recognise(directory)):
@@ -204,6 +205,11 @@ def check_owned(directory: str | os.PathLike, kinds: Sequence[str], recognise: C
                                  "marker, and not recognisably clipzsl's); nothing was deleted")
 
 
+def _only(names: Sequence[str], patterns: Sequence[str]) -> bool:
+    """Whether every name matches one of the glob patterns."""
+    return all(any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns) for name in names)
+
+
 #: the files a store writes (`is_store_folder`)
 _STORE_FILES = ("meta.json", "table.sqlite*", "seg-*.npy", "seg-*.npy.corrupt", "index.faiss", ".lock", ".*.tmp",
                 MARKER)
@@ -214,7 +220,7 @@ def is_store_folder(directory: Path) -> bool:
     with a meta.json holding clipzsl's fields (or damaged, as a cache's may be) or else a
     table.sqlite with clipzsl's tables. A user's own seg-*.npy files are not enough."""
     names = _contents(directory)
-    if not all(any(fnmatch.fnmatchcase(n, pattern) for pattern in _STORE_FILES) for n in names):
+    if not _only(names, _STORE_FILES):
         return False
     try:
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
@@ -244,7 +250,7 @@ _CACHE_ENTRIES = ("labels", "image-features", "vocab", "conse-*.npy", MARKER)
 def is_cache_root(directory: Path) -> bool:
     """Whether a folder is recognisably a cache root an older clipzsl made: nothing but cache entries."""
     names = _contents(directory)
-    return bool(names) and all(any(fnmatch.fnmatchcase(n, p) for p in _CACHE_ENTRIES) for n in names)
+    return bool(names) and _only(names, _CACHE_ENTRIES)
 
 
 def own_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

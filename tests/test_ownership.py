@@ -185,7 +185,7 @@ def test_a_store_folder_is_claimed_only_when_empty_or_recognisably_clipzsls(tmp_
 def test_a_folder_of_another_kind_is_refused(tiny, tmp_path):
     EmbeddingStore(tmp_path / "cache", "fp", 8).add(["a"], np.eye(8, dtype=np.float32)[:1])
     assert json.loads((tmp_path / "cache" / MARKER).read_text())["kind"] == "label-cache"
-    with pytest.raises(ForeignFolderError, match="a clipzsl label-cache folder, not a shards one"):
+    with pytest.raises(ForeignFolderError, match="clipzsl made it as a label-cache folder, not as a shards one"):
         clipzsl.shards.write_shards(tiny, [], tmp_path / "cache")
 
 
