@@ -32,10 +32,10 @@ from .baselines import DEFAULT_GRID
 from .classifier import ZeroShotClassifier
 from .explain import explain
 from .image_index import ImageIndex
-from .images import FEATURES_DIR, ImageLoadError, NoImagesWarning, embed_images_cached, expand_sources
+from .images import FEATURES_DIR, ImageLoadError, NoImagesWarning, check_output, embed_images_cached, expand_sources
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_labels, load_templates
 from .shards import ShardReport, index_from_shards, write_shards
-from .store import EmbeddingStore, StoreError, cache_root
+from .store import STORE_KINDS, EmbeddingStore, StoreError, cache_root, check_owned, is_store_folder, own_cache_root
 from .text_encoding import class_embeddings
 from .training import TrainConfig, fit_with_selection, folder_dataset
 
@@ -342,6 +342,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     concepts = sorted(root.glob(f"{CONCEPTS_PREFIX}*.npy")) if root.is_dir() else []
     features = sorted((root / FEATURES_DIR).glob("*.safetensors"))
     if args.action == "clear":
+        if root.exists():  # a folder that was never a cache is refused, and so is one foreign label folder,
+            own_cache_root(root)  # before anything is deleted
+            for directory in stores:
+                check_owned(directory, STORE_KINDS, is_store_folder)
         for directory in stores:  # whatever state it is in: an unreadable meta.json must not block this
             EmbeddingStore.destroy(directory)
         for path in concepts + features:
@@ -403,7 +407,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                        precision=args.precision)
     with empty_folders() as empty:
         report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory,
-                              workers=args.workers)
+                              workers=args.workers, prune=args.prune)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(f"{args.out}: {len(index)} images ({report.added} added, {report.updated} updated, "
@@ -726,7 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     classify.set_defaults(run=cmd_classify)
 
     cache = commands.add_parser("cache", help="show or clear the caches (labels, packaged concepts, image features)")
-    cache.add_argument("action", choices=("info", "clear"), help="info: list what is cached; clear: delete it all")
+    cache.add_argument("action", choices=("info", "clear"),
+                       help="info: list what is cached; clear: delete it all (only from a folder clipzsl made)")
     cache.add_argument("--cache-dir", help="cache directory (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     cache.set_defaults(run=cmd_cache)
 
@@ -735,18 +740,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images: embed PATHs into --out; from-shards: clip-retrieval shards DIR into --out; "
                             "info / repair: the index directory given")
     index.add_argument("folders", nargs="+", metavar="PATH", help="image folders or files (images); the index (info, repair)")
-    index.add_argument("--out", help="index directory (images)")
+    index.add_argument("--out", help="index directory (images, from-shards): new, empty, or one clipzsl made")
     index.add_argument("--model", help="model spec (default: the index's own, else packaged)")
     index.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                        help="how a new index stores vectors (float16: half the disk)")
     index.add_argument("--faiss-factory", default="auto",
-                       help="FAISS factory string for the saved index (auto: exact up to 200k images, else IVF)")
+                       help="FAISS factory string for the saved index (auto: exact up to 200k images, else IVF); "
+                            "checked before anything is embedded")
+    index.add_argument("--prune", action="store_true",
+                       help="images: forget every indexed image under PATH that is not found now. Without it a PATH "
+                            "that held indexed images but is now missing, unreadable or empty (an unmounted drive) "
+                            "stops the update with nothing changed, and only files confirmed deleted are forgotten")
     add_run_options(index)
     index.set_defaults(run=cmd_index)
 
     embed = commands.add_parser("embed", help="embed images into clip-retrieval shards (img_emb/, metadata/)")
     embed.add_argument("paths", nargs="+", help="image files, folders, .txt lists of paths, webdataset .tar shards")
-    embed.add_argument("--out", required=True, help="output directory")
+    embed.add_argument("--out", required=True, help="output directory: new or empty (--engine ray: or the same "
+                                                    "run's, to resume)")
     embed.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     embed.add_argument("--shard-size", type=positive_int, default=100_000, help="rows per shard")
     add_engine_arguments(embed)
@@ -831,11 +842,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: per command: (the arguments naming its inputs, the options naming what it writes, whether those
+#: are folders it writes images into); `check_outputs` refuses an output that would replace an input
+OUTPUTS = {
+    "classify": (("paths",), ("output",), False),
+    "eval": (("data", "test"), ("output", "save_classifier"), False),
+    "explain": (("images",), ("out",), True),
+    "embed": (("paths",), ("out",), False),
+    "index": (("folders",), ("out",), False),
+}
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every command's outputs checked against its inputs (`images.check_output`) before any work."""
+    inputs_of, outputs_of, writes_images = OUTPUTS.get(args.command, ((), (), False))
+    inputs: list[str] = []
+    for name in inputs_of:
+        value = getattr(args, name)
+        inputs += [value] if isinstance(value, str) else value or []
+    for name in outputs_of:
+        if getattr(args, name):
+            check_output(getattr(args, name), inputs, writes_images)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         try:
+            check_outputs(args)
             return args.run(args)
         except (PromptFileError, StoreError, OSError, ValueError, RuntimeError, ImportError) as err:
             print(f"clipzsl: error: {err}", file=sys.stderr)

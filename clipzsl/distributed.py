@@ -34,14 +34,11 @@ from .head import top_k as top_k_labels
 from .head import zero_shot_head
 from .images import EmbeddedImages, ImageLoadError, load_image
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
-from .shards import ShardReport, _write_shard, image_sources
+from .shards import MANIFEST, ShardReport, _write_shard, claim_shard_folder, has_shards, image_sources
 from .store import atomic_write
 
 if TYPE_CHECKING:
     import ray.data
-
-#: the file in an output directory that says which run wrote its shards and how far it got
-MANIFEST = "clipzsl-run.json"
 
 
 def require_ray():
@@ -217,13 +214,14 @@ def run_identity(model: Backend, paths: Sequence[str], shard_size: int) -> dict:
 
 def resume_state(out: str | os.PathLike, identity: dict) -> RunState:
     """The state to continue from: empty for a new directory, the manifest's for the same run;
-    refuses a directory with shards of another run, or of no known run, so two never mix."""
+    refuses a directory with shards of another run, or of no known run, so two never mix, and a
+    folder clipzsl did not make (`claim_shard_folder`), as the local writer does."""
     import pyarrow.parquet as pq
 
-    out = Path(out)
+    out = claim_shard_folder(out)
     manifest = out / MANIFEST
     if not manifest.is_file():
-        if any((out / "img_emb").glob("*.npy")) or any((out / "metadata").glob("*.parquet")):
+        if has_shards(out):
             raise ValueError(f"{out}: holds shards without a {MANIFEST}, so they are of another run; "
                              "choose a new --out or delete that directory")
         return RunState(identity)
@@ -252,8 +250,9 @@ def write_embedding_shards(ds: "ray.data.Dataset", out: str | os.PathLike, state
                            shard_size: int = 100_000, on_shard: Callable[[ShardReport], None] | None = None) -> ShardReport:
     """Stream the rows of `embed_dataset` into clip-retrieval shards under `out`, continuing `state`
     (from `resume_state`); after each shard the manifest records it and the failures so far, so
-    an interrupted run resumes from its last shard. `on_shard` sees the report after each shard."""
-    out = Path(out)
+    an interrupted run resumes from its last shard. `on_shard` sees the report after each shard.
+    A folder clipzsl did not make is refused (`claim_shard_folder`), as by the local writer."""
+    out = claim_shard_folder(out)
     report = ShardReport(rows=state.rows, shards=list(state.shards),
                          failures=[ImageLoadError(p, r) for p, r in state.failures])
     vectors: list[np.ndarray] = []

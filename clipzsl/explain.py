@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .adapter import CrossAttentionAdapter
 from .backends import Backend
 from .classifier import ZeroShotClassifier
-from .images import EmbeddedImages, ImageSource, expand_sources, load_image
+from .images import EmbeddedImages, ImageSource, check_output, expand_sources, load_image
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
 
 
@@ -195,6 +195,7 @@ def explain(
     """Write one PNG per (image, label) into `out_dir`, `<image stem>__<label>.png` (see
     `output_stems`): the image at its own size with the label's map over what the model saw,
     the label and its probability (among `labels`) below, the colour scale beside it."""
+    check_output(out_dir, images, writes_images=True)
     if isinstance(adapter, (str, Path)):
         adapter = CrossAttentionAdapter.load(adapter, model)
     saved = adapter.meta.get("templates") if adapter is not None else None

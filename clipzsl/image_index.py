@@ -2,7 +2,8 @@
 
 The index is an `EmbeddingStore` keyed by absolute file path, with each file's size
 and modification time stored beside its vector: re-running `update` embeds only new
-or changed files and forgets deleted ones. Every `checkpoint_every` images become a
+or changed files and forgets deleted ones (never a whole folder that is merely unmounted or
+unreadable: that needs `prune`). Every `checkpoint_every` images become a
 segment as they are embedded, so an interrupted run loses at most one checkpoint's
 work; the FAISS index is brought up to date (new rows added, never retrained) at the end.
 """
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from .backends import Backend, load_model
-from .images import ImageLoadError, embed_images, expand_sources
+from .images import ImageLoadError, check_output, embed_images, expand_sources
 from .search import recall_at_k
 from .store import EmbeddingStore, StoreError
 
@@ -42,6 +43,37 @@ class RepairReport:
 def file_stamp(path: str) -> str:
     stat = os.stat(path)
     return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+def _gone(path: str) -> bool:
+    """Whether an indexed file is confirmed missing (not merely unreadable where it is)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        pass  # permission denied on the way: still there, as far as anyone can tell
+    return False
+
+
+def check_roots(roots: Sequence[str], files: Sequence[str], stored: dict[str, str], prune: bool) -> None:
+    """Refuse an update (StoreError) when a given folder holds indexed images but yields none now:
+    missing, unreadable or empty, which is far more often an unmounted drive or a permission
+    change than a collection deleted on purpose (`prune` says it was). A missing path that
+    holds no indexed image is a typo: FileNotFoundError."""
+    for root in roots:
+        held = sum(_under(k, root) for k in stored)
+        if not held and not os.path.exists(root):
+            raise FileNotFoundError(f"{root}: no such file or folder; check the path")
+        if held and not prune and not any(_under(f, root) for f in files):
+            raise StoreError(
+                f"{root}: now missing, unreadable or without images, but the index holds {held} images from it; "
+                "nothing was changed. Mount it or fix its permissions and run again, or run again with --prune "
+                "(Python: prune=True) to remove its images from the index.")
 
 
 class ImageIndex:
@@ -75,19 +107,31 @@ class ImageIndex:
         progress: bool | None = None,
         factory: str = "auto",
         workers: int | None = None,
+        prune: bool = False,
     ) -> UpdateReport:
         """Embed new and changed images under `folders`; forget indexed files that are gone.
-        `factory`: FAISS factory string of the saved index ("auto": the saved one, else by size).
-        `batch_size`, `workers`: as in `embed_images` (None: the model's)."""
-        roots = [str(Path(p).resolve()) for p in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
-        files = expand_sources(roots)
+        `factory`: FAISS factory string of the saved index ("auto": the saved one, else by size),
+        checked before anything is embedded or written.
+        `batch_size`, `workers`: as in `embed_images` (None: the model's).
+        `prune`: a re-index never empties a collection silently. Without it, a given folder that
+        holds indexed images but now yields none (missing, unreadable, empty: an unmounted drive, a
+        permission change) refuses the update with nothing changed, and an indexed file is forgotten
+        only once it is confirmed gone (a file in a folder that cannot be read is kept). With it,
+        every indexed file under `folders` that was not found now is forgotten."""
+        given = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
+        check_output(self.directory, given)
+        roots = [str(Path(p).resolve()) for p in given]
+        files = [f for f in expand_sources(roots) if f not in roots or os.path.exists(f)]
         present = set(files)
         stored = self.store.infos()
-        gone = [k for k in stored if k not in present and any(k == r or k.startswith(r + os.sep) for r in roots)]
-        self.store.remove(gone)
-        report = UpdateReport(removed=len(gone))
+        check_roots(roots, files, stored, prune)
+        gone = [k for k in stored if k not in present and any(_under(k, r) for r in roots) and (prune or _gone(k))]
         stamps = {f: file_stamp(f) for f in files}
         todo = [f for f in files if stored.get(f) != stamps[f]]
+        self.store.check_factory(factory, len(stored) - len(gone) + sum(f not in stored for f in todo))
+        self.store.claim()  # a folder clipzsl did not make is refused before the first write
+        self.store.remove(gone)
+        report = UpdateReport(removed=len(gone))
         report.unchanged = len(files) - len(todo)
         for start in range(0, len(todo), checkpoint_every):
             chunk = todo[start : start + checkpoint_every]

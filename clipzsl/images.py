@@ -30,7 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from .backends.base import Backend
-from .store import atomic_write
+from .store import atomic_write, own_cache_root
 
 ImageSource = Union[str, Path, Image.Image]
 IMAGE_SUFFIXES = {suffix for suffix, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
@@ -104,6 +104,40 @@ def expand_sources(sources: ImageSource | Sequence[ImageSource]) -> list[ImageSo
         else:
             expanded.append(str(source))
     return expanded
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Two resolved paths naming one file or folder (hard links and case-insensitive disks included)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(output: str | os.PathLike, inputs: ImageSource | Sequence[ImageSource],
+                 writes_images: bool = False) -> None:
+    """Refuse, before anything is written, an output that would replace or join the inputs: one of
+    the inputs however it is spelled (relative, absolute, ./, through a symlink, a hard link), an
+    image file inside an input folder, or (`writes_images`: a folder the output images are written
+    into) a folder that is, holds or lies inside an input. A ValueError names both."""
+    target = Path(os.path.realpath(output))
+    for given in [inputs] if isinstance(inputs, (str, os.PathLike, Image.Image)) else inputs:
+        if isinstance(given, Image.Image):
+            continue
+        source = Path(os.path.realpath(given))
+        inside = source.is_dir() and target.is_relative_to(source)
+        if _same_path(target, source):
+            problem = f"is the input {given}"
+        elif inside and (writes_images or target.suffix.lower() in IMAGE_SUFFIXES):
+            problem = f"would put images into the input folder {given}"
+        elif writes_images and source.is_relative_to(target):
+            problem = f"holds the input {given}"
+        else:
+            continue
+        raise ValueError(f"{output}: {problem}; writing there would replace or mix with the inputs: choose an "
+                         "output outside the inputs")
 
 
 def folder_images(folder: str) -> list[str]:
@@ -381,7 +415,7 @@ def embed_images_cached(
     sources = expand_sources(images)
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / FEATURES_DIR / f"{features_key(model, sources)}.safetensors"
+        path = own_cache_root(cache_dir) / FEATURES_DIR / f"{features_key(model, sources)}.safetensors"
         if path.exists():
             try:
                 data = load_file(str(path))

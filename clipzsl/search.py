@@ -26,19 +26,30 @@ def factory_for(count: int, spec: str = "auto") -> str:
     return f"IVF{2 ** round(math.log2(math.sqrt(count)))},Flat"
 
 
-def build_index(vectors: np.ndarray, spec: str = "auto", add: bool = True):
-    """A FAISS inner-product index trained on `vectors` and (with `add`) holding them (row i has id i)."""
+def new_index(factory: str, dim: int, count: int):
+    """An empty FAISS inner-product index of `factory` for `dim`-dimensional vectors, to be trained on
+    `count` of them; a string FAISS rejects (or one needing more training vectors) is a ValueError.
+    Calling it before any work is how a bad factory is refused with nothing written."""
     import faiss
 
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    factory = factory_for(len(vectors), spec)
     try:
-        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
-        raise ValueError(f"invalid FAISS index factory string {factory!r}: {err}") from err
+        reason = str(err).rsplit(": ", 1)[-1]
+        raise ValueError(f"invalid FAISS index factory string {factory!r} for {dim}-dimensional vectors: {reason}; "
+                         "see https://github.com/facebookresearch/faiss/wiki/The-index-factory") from err
+    needed = 39 * getattr(index, "nlist", 1)  # FAISS's minimum: 39 vectors per inverted-file cell
+    if not index.is_trained and count < needed:
+        raise ValueError(f"index {factory!r} needs at least {needed} training vectors, not the {count} there are; "
+                         "choose a smaller factory (or auto)")
+    return index
+
+
+def build_index(vectors: np.ndarray, spec: str = "auto", add: bool = True):
+    """A FAISS inner-product index trained on `vectors` and (with `add`) holding them (row i has id i)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = new_index(factory_for(len(vectors), spec), vectors.shape[1], len(vectors))
     if not index.is_trained:
-        if len(vectors) < 39 * getattr(index, "nlist", 1):
-            raise ValueError(f"index {factory!r} needs more training vectors than the {len(vectors)} given")
         index.train(vectors)
     if add:
         index.add(vectors)

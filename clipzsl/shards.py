@@ -1,7 +1,9 @@
 """clip-retrieval's embedding shards, both ways (what clip-retrieval writes and autofaiss reads).
 
     DIR/img_emb/img_emb_{i}.npy          float16 [n_i, D], L2-normalised rows
-    DIR/metadata/metadata_{i}.parquet    column `image_path`, row j describing row j of img_emb_{i}
+    DIR/metadata/metadata_{i}.parquet    columns `image_path` (as given) and `resolved_path` (absolute,
+                                         symlinks resolved), row j describing row j of img_emb_{i}
+    DIR/.clipzsl.json                    the ownership marker (`clipzsl.store.claim`), kind "shards"
 
 `write_shards` embeds images into that layout; `index_from_shards` turns such shards,
 whoever wrote them, into a searchable `ImageIndex`. Inputs beyond folders and files: a
@@ -23,8 +25,11 @@ from PIL import Image
 
 from .backends import Backend
 from .image_index import ImageIndex
-from .images import IMAGE_SUFFIXES, ImageLoadError, embed_images, expand_sources, load_image
-from .store import atomic_write
+from .images import IMAGE_SUFFIXES, ImageLoadError, check_output, embed_images, expand_sources, load_image
+from .store import MARKER, atomic_write, claim
+
+#: the file in a shard folder that says which `--engine ray` run wrote its shards and how far it got
+MANIFEST = "clipzsl-run.json"
 
 
 @dataclass
@@ -72,9 +77,30 @@ def _write_shard(out: Path, number: int, vectors: np.ndarray, names: list[str]) 
 
     emb = out / "img_emb" / f"img_emb_{number}.npy"
     atomic_write(emb, lambda f: np.save(f, vectors.astype(np.float16), allow_pickle=False))
-    table = pa.table({"image_path": pa.array(names, pa.string())})
+    table = pa.table({"image_path": pa.array(names, pa.string()),
+                      "resolved_path": pa.array([os.path.realpath(n) for n in names], pa.string())})
     atomic_write(out / "metadata" / f"metadata_{number}.parquet", lambda f: pq.write_table(table, f))
     return str(emb)
+
+
+def is_shard_folder(directory: Path) -> bool:
+    """Whether a folder is recognisably one an older clipzsl wrote shards into (no marker yet):
+    nothing but img_emb/img_emb_*.npy, metadata/metadata_*.parquet and a run manifest."""
+    layout = {"img_emb": "img_emb_*.npy", "metadata": "metadata_*.parquet"}
+    names = {p.name for p in directory.iterdir()}
+    return bool(names & set(layout)) and names <= {*layout, MANIFEST, MARKER} and all(
+        p.match(pattern) or p.name.endswith(".tmp")
+        for sub, pattern in layout.items() if (directory / sub).is_dir() for p in (directory / sub).iterdir())
+
+
+def has_shards(directory: Path) -> bool:
+    """Whether a folder already holds shard files (of some run)."""
+    return any((directory / "img_emb").glob("*.npy")) or any((directory / "metadata").glob("*.parquet"))
+
+
+def claim_shard_folder(out: str | os.PathLike) -> Path:
+    """`out` made clipzsl's shard folder (`claim`) before any shard is written into it."""
+    return claim(out, "shards", is_shard_folder)
 
 
 def write_shards(
@@ -86,8 +112,14 @@ def write_shards(
     progress: bool | None = None,
 ) -> ShardReport:
     """Embed every image the inputs name into clip-retrieval shards of `shard_size` rows under `out`;
-    unreadable images are skipped and reported. Memory holds one shard's vectors, never all."""
-    out = Path(out)
+    unreadable images are skipped and reported. Memory holds one shard's vectors, never all.
+    `out` must be new or empty (or an empty folder clipzsl made): shards of another run are never
+    overwritten or mixed with these (`--engine ray` resumes a run through its manifest instead)."""
+    check_output(out, paths)
+    out = claim_shard_folder(out)
+    if has_shards(out) or (out / MANIFEST).exists():
+        raise ValueError(f"{out}: holds the shards of an earlier run; writing here would overwrite them and mix two "
+                         "runs: choose a new --out or delete that folder")
     report = ShardReport()
     chunk: list[tuple[str, str | Image.Image]] = []
     vectors: list[np.ndarray] = []
@@ -148,10 +180,12 @@ def index_from_shards(directory: str | os.PathLike, out: str | os.PathLike, mode
     import pyarrow.parquet as pq
 
     index = ImageIndex(out, model, dtype=dtype)
+    index.store.check_factory(factory)  # a bad one is refused before any row is written
     for emb, meta in shard_files(directory):
         vectors = np.load(emb, mmap_mode="r", allow_pickle=False)
         try:
-            paths = pq.read_table(meta, columns=["image_path"]).column(0).to_pylist()
+            column = "resolved_path" if "resolved_path" in pq.read_schema(meta).names else "image_path"
+            paths = pq.read_table(meta, columns=[column]).column(0).to_pylist()
         except (OSError, KeyError, ValueError) as err:
             raise ValueError(f"{meta}: unreadable metadata shard, need an `image_path` column ({err})") from err
         if vectors.ndim != 2 or vectors.shape[1] != index.model.embed_dim:

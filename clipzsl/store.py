@@ -7,6 +7,7 @@ On-disk format 2 (one directory):
                      = every segment's global row range and checksum; state(name, value) = next row, index state
   seg-NNNNNN.npy     append-only [rows, D] arrays, memory-mapped; NNNNNN from a counter never reused
   index.faiss        FAISS index over global rows [base, rows) (factory, nprobe, crc32, recall in `state`)
+  .clipzsl.json      the ownership marker (`claim`): {"kind": "image-index" | "label-cache", "format": 1}
 
 Why: an append writes one new segment (temp, fsync, rename) and then commits its rows in
 one SQLite transaction, so it costs O(batch), a process killed at any moment leaves the
@@ -18,12 +19,19 @@ small segments are concatenated (same rows, fewer files), never rewritten per wr
 Each segment's CRC-32 is checked when a process first reads it (at open for a small
 cache): a damaged segment is never served; a cache drops it with a warning (its entries
 are recomputed), an index (`repair_hint`) refuses with an error naming it and the repair.
+
+Ownership: clipzsl writes into and deletes from only folders it created. Each one it creates
+(an index, a label cache, the cache root, a shard folder) carries a marker, `.clipzsl.json`,
+saying its kind; `claim` checks it before any write and `destroy` before any delete, and
+refuses any other non-empty folder, naming it. A folder made by an older clipzsl (no marker)
+is adopted, marker written, only when its contents are recognisably clipzsl's.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import io
 import json
@@ -38,10 +46,15 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .search import build_index, factory_for, load_index, recall_at_k, write_index
+from .search import build_index, factory_for, load_index, new_index, recall_at_k, write_index
 from .search import search as faiss_search
 
 FORMAT = 2
+#: the ownership marker every folder clipzsl creates carries (`claim`), and its format
+MARKER = ".clipzsl.json"
+MARKER_FORMAT = 1
+#: the kinds of folder an `EmbeddingStore` is
+STORE_KINDS = ("image-index", "label-cache")
 #: more small segments than this (at the end of the store) are concatenated into one
 MAX_SEGMENTS = 16
 #: segments with fewer rows than this count as small
@@ -65,6 +78,10 @@ CREATE TABLE IF NOT EXISTS state(name TEXT PRIMARY KEY, value);
 
 class StoreError(RuntimeError):
     """A store that cannot be used as asked (another model's, unreadable or damaged files, a full disk)."""
+
+
+class ForeignFolderError(StoreError):
+    """A folder clipzsl did not create (or of another kind): it is never written into or emptied."""
 
 
 class _Healed(Exception):
@@ -93,11 +110,23 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipzsl"
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux); elsewhere set and restored at once."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[object], None]) -> None:
-    """Call `write(file)` on a temporary sibling, fsync it, then rename it over `path`."""
+    """Call `write(file)` on a temporary sibling, fsync it, then rename it over `path`. The file
+    gets the mode a plain open() would give it (0666 less the umask), not mkstemp's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -123,6 +152,110 @@ def locked(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def marker_kind(directory: Path) -> str | None:
+    """The kind a folder's ownership marker names, or None (no marker, or an unreadable one)."""
+    try:
+        marker = json.loads((Path(directory) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker.get("kind") if isinstance(marker, dict) else None
+
+
+def _contents(directory: Path) -> list[str]:
+    """A folder's entries, less what `claim` and `locked` themselves create first (so two
+    processes claiming a new folder at once do not refuse each other)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [n for n in names if n != ".lock" and not n.startswith(f".{MARKER}.")]
+
+
+def claim(directory: str | os.PathLike, kind: str, recognise: Callable[[Path], bool] | None = None) -> Path:
+    """Make `directory` clipzsl's folder of `kind` before anything is written into it: it is used when
+    it does not exist yet, is empty, or carries the marker of `kind`; one made by an older clipzsl
+    (no marker) is adopted, marker written, when `recognise(directory)` finds its contents
+    clipzsl's. Anything else is refused with `ForeignFolderError`, naming it."""
+    directory = Path(directory)
+    found = marker_kind(directory)
+    if found == kind:
+        return directory
+    if found is not None:
+        raise ForeignFolderError(f"{directory}: clipzsl made it as a {found} folder, not as a {kind} one; choose "
+                                 "another folder")
+    if directory.exists() and not directory.is_dir():
+        raise ForeignFolderError(f"{directory}: not a folder; choose a new or empty folder")
+    if _contents(directory) and not (recognise is not None and recognise(directory)):
+        raise ForeignFolderError(
+            f"{directory}: not empty, and not a folder clipzsl made (no {MARKER} marker); clipzsl writes into and "
+            "deletes from only its own folders: choose a new or empty folder")
+    text = json.dumps({"kind": kind, "format": MARKER_FORMAT})
+    atomic_write(directory / MARKER, lambda f: f.write(text.encode()))
+    return directory
+
+
+def check_owned(directory: str | os.PathLike, kinds: Sequence[str], recognise: Callable[[Path], bool]) -> None:
+    """Refuse to delete from `directory` unless its marker is one of `kinds` or `recognise` finds its
+    contents clipzsl's (a folder made by an older clipzsl)."""
+    directory = Path(directory)
+    if marker_kind(directory) not in kinds and not recognise(directory):
+        raise ForeignFolderError(f"{directory}: not a folder clipzsl made as an {' or '.join(kinds)} (no {MARKER} "
+                                 "marker, and not recognisably clipzsl's); nothing was deleted")
+
+
+def _only(names: Sequence[str], patterns: Sequence[str]) -> bool:
+    """Whether every name matches one of the glob patterns."""
+    return all(any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns) for name in names)
+
+
+#: the files a store writes (`is_store_folder`)
+_STORE_FILES = ("meta.json", "table.sqlite*", "seg-*.npy", "seg-*.npy.corrupt", "index.faiss", ".lock", ".*.tmp",
+                MARKER)
+
+
+def is_store_folder(directory: Path) -> bool:
+    """Whether a folder is recognisably a store an older clipzsl made: nothing but a store's files,
+    with a meta.json holding clipzsl's fields (or damaged, as a cache's may be) or else a
+    table.sqlite with clipzsl's tables. A user's own seg-*.npy files are not enough."""
+    names = _contents(directory)
+    if not _only(names, _STORE_FILES):
+        return False
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "table.sqlite" in names and _has_store_tables(directory / "table.sqlite")
+    except (OSError, ValueError):
+        return True  # a damaged meta.json beside nothing but store files
+    return isinstance(meta, dict) and {"fingerprint", "embed_dim"} <= meta.keys()
+
+
+def _has_store_tables(path: Path) -> bool:
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return {"entries", "segments", "state"} <= tables
+
+
+#: what the cache root holds (`is_cache_root`): label caches, image features, WordNet, concepts
+_CACHE_ENTRIES = ("labels", "image-features", "vocab", "conse-*.npy", MARKER)
+
+
+def is_cache_root(directory: Path) -> bool:
+    """Whether a folder is recognisably a cache root an older clipzsl made: nothing but cache entries."""
+    names = _contents(directory)
+    return bool(names) and _only(names, _CACHE_ENTRIES)
+
+
+def own_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_root`, claimed as clipzsl's cache root: what every writer into the cache calls first."""
+    return claim(cache_root(cache_dir), "cache-root", is_cache_root)
 
 
 def digest(text: str, length: int = 32) -> str:
@@ -178,6 +311,8 @@ class EmbeddingStore:
         self._maps: dict[str, np.ndarray] = {}
         self._index = None  # (faiss index, global row of position 0, rows it covers, memory-mapped?)
         self._holding = False  # this object holds the directory lock (flock is not reentrant)
+        self._claimed = False  # the directory's ownership marker was checked (`claim`)
+        self._cache_root: Path | None = None  # a label cache's cache root, claimed with it
         self._check_meta()
         self.reload()
         if repair_hint is None and sum(s.bytes for s in self._segments) <= VERIFY_ON_OPEN_BYTES:
@@ -187,10 +322,13 @@ class EmbeddingStore:
 
     @classmethod
     def for_labels(cls, backend, cache_dir: str | os.PathLike | None = None) -> "EmbeddingStore":
-        """The label-embedding cache of a backend: one directory per fingerprint."""
-        directory = cache_root(cache_dir) / "labels" / digest(backend.fingerprint)
-        return cls(directory, backend.fingerprint, backend.embed_dim, backend.spec,
-                   precision=getattr(backend, "precision", None))
+        """The label-embedding cache of a backend: one directory per fingerprint (the cache root is
+        claimed with it, on the first write: `claim`)."""
+        root = cache_root(cache_dir)
+        store = cls(root / "labels" / digest(backend.fingerprint), backend.fingerprint, backend.embed_dim,
+                    backend.spec, precision=getattr(backend, "precision", None))
+        store._cache_root = root
+        return store
 
     @staticmethod
     def read_meta(directory: str | os.PathLike) -> dict:
@@ -206,14 +344,30 @@ class EmbeddingStore:
             raise StoreError(f"{path}: unreadable store metadata (no fingerprint/embed_dim); delete {directory} to rebuild.")
         return meta
 
+    @property
+    def kind(self) -> str:
+        """What its ownership marker says it is: an index (damage is an error) or a cache."""
+        return "label-cache" if self.repair_hint is None else "image-index"
+
+    def claim(self) -> None:
+        """Make the directory this store's (`claim`) before the first write: a folder clipzsl did
+        not create, or another kind's, is refused before anything is computed or written."""
+        if not self._claimed:
+            if self._cache_root is not None:
+                own_cache_root(self._cache_root)
+            claim(self.directory, self.kind, is_store_folder)
+            self._claimed = True
+
     @staticmethod
     def destroy(directory: str | os.PathLike) -> None:
-        """Delete a store's files, whatever state they are in (metadata unreadable included)."""
+        """Delete a store's files, whatever state they are in (metadata unreadable included); a
+        folder that is not a store clipzsl made is refused and left as it is."""
         directory = Path(directory)
         if not directory.exists():
             return
+        check_owned(directory, STORE_KINDS, is_store_folder)
         with locked(directory):
-            for pattern in ("seg-*", "table.sqlite*", "index.faiss", "meta.json", ".*.tmp"):
+            for pattern in ("seg-*", "table.sqlite*", "index.faiss", "meta.json", ".*.tmp", MARKER):
                 for path in directory.glob(pattern):
                     path.unlink(missing_ok=True)
             (directory / ".lock").unlink(missing_ok=True)
@@ -386,6 +540,7 @@ class EmbeddingStore:
         if self._holding:
             yield
             return
+        self.claim()
         with locked(self.directory):
             self._holding = True
             try:
@@ -657,7 +812,7 @@ class EmbeddingStore:
     def clear(self) -> None:
         self._db = None
         self.destroy(self.directory)
-        self._maps, self._segments, self._index = {}, [], None
+        self._maps, self._segments, self._index, self._claimed = {}, [], None, False
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.glob("*") if p.is_file()) if self.directory.exists() else 0
@@ -743,10 +898,11 @@ class EmbeddingStore:
         chooses by size (`clipzsl.search.factory_for`); another factory string builds afresh.
         The search parameter (nprobe/efSearch) is the smallest reaching TARGET_RECALL@10 on
         `sample` stored vectors as queries. Returns `index_state()`."""
+        self.check_factory(factory, len(self))  # a bad one is refused before the lock, with nothing written
         with self._writing():
             first, next_row = self.row_span
             state = self._state()
-            wanted = factory_for(len(self), state.get("index_factory", "auto") if factory == "auto" else factory)
+            wanted = self.check_factory(factory, len(self))
             saved = self.directory / "index.faiss"
             if wanted == "Flat":  # exact search reads the segments themselves: no second copy
                 return self._set_index_state(None)
@@ -768,6 +924,17 @@ class EmbeddingStore:
                                    "crc": file_crc(saved), "param": param, "recall": recall})
             self._index = None
             return self.index_state()
+
+    def check_factory(self, factory: str = "auto", count: int | None = None) -> str:
+        """The factory string `save_index(factory)` builds for `count` live rows; one FAISS rejects for
+        this store's dimension, or (a new one) with fewer than `count` rows to train on, is a
+        ValueError. Called before any work (None: the count is not known yet), so a refused
+        factory leaves the store and its saved index as they were."""
+        saved = self._state().get("index_factory")
+        wanted = factory_for(len(self) if count is None else count, saved or "auto" if factory == "auto" else factory)
+        if wanted not in ("Flat", saved):
+            new_index(wanted, self.embed_dim, 1 << 62 if count is None else min(count, _train_size(wanted)))
+        return wanted
 
     def _set_index_state(self, values: dict | None) -> dict:
         db = self._connect()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .prompts import ClassEntry
-from .store import cache_root
+from .store import StoreError, cache_root, own_cache_root
 
 WORDNET_PACKAGE = "wordnet-base"
 SYSTEM_DATA_NOUN = Path("/usr/share/wordnet/data.noun")
@@ -63,8 +63,9 @@ def fetch_wordnet(cache_dir: str | os.PathLike | None = None) -> Path:
         return SYSTEM_DATA_NOUN
     root = cache_root(cache_dir) / "vocab" / WORDNET_PACKAGE
     try:
+        own_cache_root(cache_dir)  # a folder clipzsl did not make is never written into
         return _fetch_into(root)
-    except OSError as err:  # an unwritable cache, a full disk
+    except (OSError, StoreError) as err:  # an unwritable cache, a full disk, another's folder
         raise RuntimeError(f"cannot fetch {WORDNET_PACKAGE} into {root}: {err}. {_INSTALL_HINT}") from err
 
 

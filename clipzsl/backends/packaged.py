@@ -38,7 +38,7 @@ from torchvision import transforms as T
 from transformers import AutoModel, AutoTokenizer
 
 from ..prompts import ClassEntry
-from ..store import atomic_write, cache_root
+from ..store import StoreError, atomic_write, own_cache_root
 from ..text_encoding import class_embeddings
 from .base import CONCEPTS_PREFIX, Backend, normalize
 from .hf import quiet_loading
@@ -333,7 +333,10 @@ class PackagedBackend(Backend):
         key = concept_key(self.text)
         cached = None
         if cache is not False:
-            cached = cache_root(None if cache is True else cache) / f"{CONCEPTS_PREFIX}{key[:16]}.npy"
+            try:  # a cache folder clipzsl did not make is never written into: the concepts stay in memory
+                cached = own_cache_root(None if cache is True else cache) / f"{CONCEPTS_PREFIX}{key[:16]}.npy"
+            except (StoreError, OSError) as err:
+                warnings.warn(f"concept cache not used ({err})")
 
         def build() -> np.ndarray:
             # one line rather than an unexplained progress bar: says what the pause is, and that it is once
