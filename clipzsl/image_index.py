@@ -67,6 +67,11 @@ class ImageIndex:
     def __len__(self) -> int:
         return len(self.store)
 
+    @property
+    def roots(self) -> list[str]:
+        """The folders `update` was given (resolved): each indexed file lies under one of them."""
+        return self.store.noted("roots")
+
     def update(
         self,
         folders: str | os.PathLike | Sequence[str | os.PathLike],
@@ -80,6 +85,7 @@ class ImageIndex:
         `factory`: FAISS factory string of the saved index ("auto": the saved one, else by size).
         `batch_size`, `workers`: as in `embed_images` (None: the model's)."""
         roots = [str(Path(p).resolve()) for p in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
+        self.store.note("roots", roots)  # what each image is served from (`roots`)
         files = expand_sources(roots)
         present = set(files)
         stored = self.store.infos()
