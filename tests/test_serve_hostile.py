@@ -135,11 +135,9 @@ def test_templates_over_the_cap_are_422(model, tmp_path):
         assert c.get("/health").json()["limits"]["max_templates"] == 5
 
 
-def test_search_answers_while_a_big_label_set_is_encoded(tiny_clip, tmp_path):
+def test_search_answers_while_a_big_label_set_is_encoded(model, tmp_path):
     """A /classify with 200 templates x 40 labels (8000 prompts) is encoded a text-tower pass at a time:
     /search requests sent meanwhile are answered between the passes, not after all of them."""
-    model = clipzsl.load_model(f"hf:{tiny_clip}")
-    model.text_batch_size = 32  # many short passes
     index = make_index([photos(tmp_path / "photos", {"red": (220, 30, 30), "blue": (30, 40, 220)})],
                        tmp_path / "index", model)
     app = create_app(model, {"p": index.directory}, cache=False,
