@@ -26,17 +26,16 @@ a page of this package that reads /openapi.json: nothing is loaded from another 
 """
 
 import asyncio
-import contextlib
 import io
 import logging
 import os
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Annotated, Sequence
+from typing import Annotated, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -183,7 +182,7 @@ class Batcher:
         self.queue = asyncio.Queue()
         self.task = asyncio.create_task(self._loop())
 
-    async def stop(self, last=None) -> None:
+    async def stop(self, last: Callable[[], object] | None = None) -> None:
         """Stop taking batches; run `last()` in the model's thread (after the batch it may be running), then end it."""
         if self.task is not None:
             self.task.cancel()
@@ -363,8 +362,8 @@ class Service:
         else:
             found = load_templates([line.strip() for line in spec.splitlines() if line.strip()])
         if len(found) > self.limits.max_templates:
-            raise ServiceError(422, f"templates: {len(found)} templates, more than the {self.limits.max_templates} "
-                                    "a request may have; send fewer, or start the service with a higher --max-templates")
+            raise ServiceError(422, f"templates: {len(found)} templates, more than the {self.limits.max_templates} a "
+                                    "request may have; send fewer, or start the service with a higher --max-templates")
         return found
 
     def on_disk(self, labels: str, templates: str | None) -> bool:
@@ -372,7 +371,7 @@ class Service:
         names, with its templates or a shipped set of them (see the module's docstring)."""
         named_labels = labels in self.label_sets or labels in self.shipped_labels
         named_templates = templates is None or not templates.strip() or templates.strip() in self.shipped_templates
-        return self.cache is not False and named_labels and named_templates
+        return named_labels and named_templates
 
     async def classifier(self, labels: str, templates: str | None) -> ZeroShotClassifier:
         """The classifier of a label set, from the LRU or built once by a builder thread (`_TextTower`)."""
@@ -404,7 +403,8 @@ class Service:
 
     def _classifier_of(self, key: tuple, cache) -> ZeroShotClassifier:
         entries, templates = (list(part) for part in key)
-        embeddings = label_embeddings(_TextTower(self.model, self.batcher.worker), entries, templates, cache, False)
+        embeddings = label_embeddings(_TextTower(self.model, self.batcher.worker), entries, templates, cache,
+                                      progress=False)
         return ZeroShotClassifier(self.model, labels=entries, templates=templates, cache=False,
                                   class_embeddings=embeddings, adapter=self.adapter)
 
@@ -643,8 +643,8 @@ def _static(name: str) -> str:
     return (resources.files(__package__) / "static" / name).read_text(encoding="utf-8")
 
 
-@contextlib.contextmanager
-def warnings_once():
+@contextmanager
+def warnings_once() -> Iterator[None]:
     """Show each warning once, by its place in the code and by its text: what a client can provoke on
     every request (a repeated label, an odd image) is then one line of the service's log, not one a request."""
     show, shown = warnings.showwarning, set()

@@ -35,7 +35,8 @@ def test_docs_render_in_chromium_with_nothing_from_another_host(tiny_clip, tmp_p
 
     from benchmarks.bench_serve import CHROMIUM
 
-    with running_server(["--model", f"hf:{tiny_clip}", "--cache-dir", str(tmp_path / "cache")], timeout=120) as (url, _):
+    args = ["--model", f"hf:{tiny_clip}", "--cache-dir", str(tmp_path / "cache")]
+    with running_server(args, timeout=120) as (url, _):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             try:

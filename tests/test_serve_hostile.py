@@ -25,6 +25,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the service needs the serve extra: pip install 'clipzsl[serve]'")
 httpx = pytest.importorskip("httpx", reason="FastAPI's test client needs httpx (the test extra)")
 from fastapi.testclient import TestClient  # noqa: E402
+from test_serve import png_bytes  # noqa: E402
 
 import clipzsl  # noqa: E402
 from benchmarks.bench_serve import running_server  # noqa: E402
@@ -38,10 +39,6 @@ def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
     out = io.BytesIO()
     image.save(out, fmt)
     return out.getvalue()
-
-
-def png_bytes(colour=(200, 30, 30), size=(40, 30)) -> bytes:
-    return encoded(Image.new("RGB", size, colour))
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +165,7 @@ def test_search_answers_while_a_big_label_set_is_encoded(model, tmp_path):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
-@given(labels=st.lists(st.text(st.characters(whitelist_categories=("L", "N")), min_size=1, max_size=12),
+@given(labels=st.lists(st.text(st.characters(categories=("L", "N")), min_size=1, max_size=12),
                        min_size=2, max_size=6, unique_by=str.casefold))
 def test_inline_label_sets_never_reach_the_disk_cache(labels, model, tmp_path_factory):
     """A comma list or inline templates are encoded in memory (the LRU keeps them); only the label sets the
@@ -257,8 +254,8 @@ def server(tiny_clip, tmp_path_factory):
     """`clipzsl serve` as a subprocess, with its log in a file."""
     root = tmp_path_factory.mktemp("server")
     log_path = root / "serve.log"
-    with open(log_path, "w+b") as log, running_server(["--model", f"hf:{tiny_clip}", "--cache-dir", str(root / "cache")],
-                                                      timeout=300, log=log) as (url, proc):
+    args = ["--model", f"hf:{tiny_clip}", "--cache-dir", str(root / "cache")]
+    with open(log_path, "w+b") as log, running_server(args, timeout=300, log=log) as (url, proc):
         yield url, proc, log_path
 
 
