@@ -6,6 +6,7 @@ one head (`clipzsl.head`): the zero-shot cosine, or a trained cross-attention ad
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -22,7 +23,7 @@ from .backends import DEFAULT_MODEL, Backend, load_model
 from .head import Head, check_top_k, probabilities, zero_shot_head
 from .head import top_k as top_k_labels
 from .images import EmbeddedImages, ImageSource, embed_images
-from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_labels, load_templates
+from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_labels, load_templates
 from .store import EmbeddingStore, StoreError, atomic_write, cache_root
 from .text_encoding import cached_class_embeddings
 from .text_encoding import class_embeddings as class_embeddings_of
@@ -35,6 +36,21 @@ Images = ImageSource | Sequence[ImageSource] | EmbeddedImages
 
 class ClassifierMismatch(ValueError):
     """A saved classifier whose class embeddings were built with another model."""
+
+
+def label_embeddings(model: Backend, entries: Sequence[ClassEntry], templates: Sequence[str],
+                     cache: bool | str | os.PathLike = True, progress: bool | None = None) -> torch.Tensor:
+    """Class embeddings [C, D] through the label cache (`cache` as `ZeroShotClassifier` takes it; False: in
+    memory only). Best effort: an unusable cache costs time, never the classification. The cache's
+    table is closed before returning, so no connection (nor SQLite's -wal file) outlives the call."""
+    if cache is not False:
+        try:
+            with contextlib.closing(EmbeddingStore.for_labels(model, cache_root(None if cache is True else cache))) \
+                    as store:
+                return cached_class_embeddings(model, entries, templates, store, progress)
+        except (StoreError, OSError) as err:
+            warnings.warn(f"label cache not used ({err}); `clipzsl cache clear` resets it")
+    return class_embeddings_of(model, entries, templates, progress)
 
 
 class ZeroShotClassifier:
@@ -69,7 +85,6 @@ class ZeroShotClassifier:
         # labels and templates before the model: a bad file fails at once, not after a model load
         self.entries = load_labels(labels)
         self.templates = load_templates(templates)
-        cache_dir = None if cache is False else cache_root(None if cache is True else cache)
         self.model = model if isinstance(model, Backend) else load_model(model or DEFAULT_MODEL, device, precision,
                                                                           cache=cache)
         if len(self.entries) == 1 and self.model.probability == "softmax":
@@ -85,16 +100,7 @@ class ZeroShotClassifier:
                                  f"{len(self.entries)} labels and model {self.model.spec!r} need {expected}")
             self.class_embeddings = class_embeddings.float()
         else:
-            self.class_embeddings = None
-            if cache_dir is not None:  # best effort: an unusable cache costs time, never the classification
-                try:
-                    store = EmbeddingStore.for_labels(self.model, cache_dir)
-                    self.class_embeddings = cached_class_embeddings(self.model, self.entries, self.templates, store,
-                                                                    progress)
-                except (StoreError, OSError) as err:
-                    warnings.warn(f"label cache not used ({err}); `clipzsl cache clear` resets it")
-            if self.class_embeddings is None:
-                self.class_embeddings = class_embeddings_of(self.model, self.entries, self.templates, progress)
+            self.class_embeddings = label_embeddings(self.model, self.entries, self.templates, cache, progress)
         self.adapter = resolve_adapter(adapter, self.model) if adapter is not None else None
 
     @property

@@ -32,7 +32,8 @@ from .baselines import DEFAULT_GRID
 from .classifier import ZeroShotClassifier
 from .explain import explain
 from .image_index import ImageIndex
-from .images import FEATURES_DIR, ImageLoadError, NoImagesWarning, check_output, embed_images_cached, expand_sources
+from .images import (FEATURES_DIR, MAX_PIXELS, ImageLoadError, NoImagesWarning, check_output, embed_images_cached,
+                     expand_sources)
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_labels, load_templates
 from .shards import ShardReport, index_from_shards, write_shards
 from .store import STORE_KINDS, EmbeddingStore, StoreError, cache_root, check_owned, is_store_folder, own_cache_root
@@ -662,7 +663,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .serve import Limits, create_app
+        from .serve import Limits, create_app, warnings_once
     except ImportError as err:
         print(f"clipzsl: error: the service needs the serve extra ({err}); pip install 'clipzsl[serve]'", file=sys.stderr)
         return 2
@@ -677,13 +678,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = load_model(spec, cache=cache, **run_options(args))
     label_sets = {Path(spec_).stem: load_labels(labels_argument(spec_)) for spec_ in label_specs}
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_labels=args.max_labels,
+                    max_templates=args.max_templates, max_pixels=int(args.max_megapixels * 1e6),
                     batch_window_s=args.batch_window_ms / 1000, max_batch=args.max_batch)
     app = create_app(model, dict(zip(names, indexes)), label_sets, templates=args.templates,
                      adapter=args.adapter, cache=cache, limits=limits)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"clipzsl: warning: listening on {args.host}: anyone who can reach this machine can use the service",
               file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    with warnings_once():
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -833,6 +836,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (413 above it)")
     serve.add_argument("--max-labels", type=positive_int, default=1000, help="most labels in one request (422 above)")
+    serve.add_argument("--max-templates", type=positive_int, default=100,
+                       help="most templates in one request (422 above)")
+    serve.add_argument("--max-megapixels", type=non_negative_float, default=MAX_PIXELS / 1e6,
+                       help="most pixels an upload may decode to, a JPEG after its reduction to the model's size "
+                            "(422 above; refused from the header, before decoding)")
     serve.add_argument("--batch-window-ms", type=float, default=5,
                        help="how long concurrent requests are gathered into one batch")
     serve.add_argument("--max-batch", type=positive_int, default=64, help="most requests in one batch (1: one at a time)")

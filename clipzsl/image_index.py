@@ -45,7 +45,8 @@ def file_stamp(path: str) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _under(path: str, root: str) -> bool:
+def is_under(path: str, root: str) -> bool:
+    """Whether `path` is `root` or lies below it (both resolved)."""
     return path == root or path.startswith(root + os.sep)
 
 
@@ -66,10 +67,10 @@ def check_roots(roots: Sequence[str], files: Sequence[str], stored: dict[str, st
     change than a collection deleted on purpose (`prune` says it was). A missing path that
     holds no indexed image is a typo: FileNotFoundError."""
     for root in roots:
-        held = sum(_under(k, root) for k in stored)
+        held = sum(is_under(k, root) for k in stored)
         if not held and not os.path.exists(root):
             raise FileNotFoundError(f"{root}: no such file or folder; check the path")
-        if held and not prune and not any(_under(f, root) for f in files):
+        if held and not prune and not any(is_under(f, root) for f in files):
             raise StoreError(
                 f"{root}: now missing, unreadable or without images, but the index holds {held} images from it; "
                 "nothing was changed. Mount it or fix its permissions and run again, or run again with --prune "
@@ -99,6 +100,11 @@ class ImageIndex:
     def __len__(self) -> int:
         return len(self.store)
 
+    @property
+    def roots(self) -> list[str]:
+        """The folders `update` was given (resolved): each indexed file lies under one of them."""
+        return self.store.noted("roots")
+
     def update(
         self,
         folders: str | os.PathLike | Sequence[str | os.PathLike],
@@ -125,11 +131,12 @@ class ImageIndex:
         present = set(files)
         stored = self.store.infos()
         check_roots(roots, files, stored, prune)
-        gone = [k for k in stored if k not in present and any(_under(k, r) for r in roots) and (prune or _gone(k))]
+        gone = [k for k in stored if k not in present and any(is_under(k, r) for r in roots) and (prune or _gone(k))]
         stamps = {f: file_stamp(f) for f in files}
         todo = [f for f in files if stored.get(f) != stamps[f]]
         self.store.check_factory(factory, len(stored) - len(gone) + sum(f not in stored for f in todo))
         self.store.claim()  # a folder clipzsl did not make is refused before the first write
+        self.store.note("roots", sorted(set(self.roots) | set(roots)))  # what each image is served from
         self.store.remove(gone)
         report = UpdateReport(removed=len(gone))
         report.unchanged = len(files) - len(todo)

@@ -440,6 +440,24 @@ class EmbeddingStore:
     def _state(self) -> dict:
         return dict(self._sql("SELECT name, value FROM state"))
 
+    def close(self) -> None:
+        """Close the table's connection, in the thread that used it (a later call opens it again):
+        the last connection to close removes SQLite's -wal and -shm files beside the table."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def noted(self, name: str) -> list[str]:
+        """The strings `note` kept under `name` (e.g. the folders an image index was built from)."""
+        value = self._state().get(f"note_{name}")
+        return json.loads(value) if value else []
+
+    def note(self, name: str, values: Sequence[str]) -> None:
+        """Add `values` to the set of strings kept under `name` beside the entries (under the writers' lock)."""
+        with self._writing() as db:
+            merged = sorted({*self.noted(name), *values})
+            db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (f"note_{name}", json.dumps(merged)))
+
     def reload(self) -> None:
         """Re-read the segment list (other processes may have written); cheap, O(segments)."""
         rows = self._sql("SELECT name, start, rows, bytes, crc FROM segments ORDER BY start")

@@ -217,7 +217,7 @@ def test_images_refuses_a_symlink_out_of_the_collection(model, tmp_path):
     with TestClient(create_app(model, {"p": index.directory}, cache=False)) as c:
         link, inside = keys.index(str(photos / "link.png")), keys.index(str(photos / "inside.png"))
         refused = c.get(f"/images/{link}")
-        assert refused.status_code == 404 and "links out of the collection" in refused.json()["detail"]
+        assert refused.status_code == 404 and "links out of the folder" in refused.json()["detail"]
         assert c.get(f"/images/{inside}").status_code == 200
         os.remove(photos / "inside.png")  # an indexed file swapped for a link to the secret after indexing
         os.symlink(secret, photos / "inside.png")

@@ -79,9 +79,10 @@ def test_nothing_of_an_answered_request_stays_in_the_service(model, tmp_path, mo
             return out
         return wrapper
 
+    app = create_app(model, cache=tmp_path)
     monkeypatch.setattr(serve, "decode_image", tracked(serve.decode_image))
     monkeypatch.setattr(model, "pixels_uint8", tracked(model.pixels_uint8))
-    with TestClient(create_app(model, cache=tmp_path)) as c:
+    with TestClient(app) as c:
         for colour in COLOURS.values():
             response = c.post("/classify", files={"image": ("x.png", png_bytes(colour), "image/png")},
                               data={"labels": "red,green"})

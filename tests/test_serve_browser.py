@@ -28,3 +28,25 @@ def test_page_searches_and_classifies_in_chromium(tiny_clip, tmp_path):
     assert len(seen["thumbnails"]) == 3 and all(0 < w <= 256 for w in seen["thumbnails"])
     assert len(seen["predictions"]) == 3 and {p.split(" — ")[0] for p in seen["predictions"]} == {"cat", "dog", "bird"}
     assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+def test_docs_render_in_chromium_with_nothing_from_another_host(tiny_clip, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from benchmarks.bench_serve import CHROMIUM
+
+    args = ["--model", f"hf:{tiny_clip}", "--cache-dir", str(tmp_path / "cache")]
+    with running_server(args, timeout=120) as (url, _):
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                requested: list[str] = []
+                page.on("request", lambda request: requested.append(request.url))
+                page.goto(f"{url}/docs")
+                page.wait_for_selector("section h2")
+                headings = page.eval_on_selector_all("section h2", "hs => hs.map(h => h.textContent)")
+            finally:
+                browser.close()
+    assert {"POST/search", "POST/classify", "GET/health", "GET/images/{image_id}"} <= set(headings)
+    assert requested and all(u.startswith(url) for u in requested), requested
