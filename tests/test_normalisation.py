@@ -218,3 +218,27 @@ def test_service_takes_a_long_comma_list_and_odd_template_lines(service):
     assert two.status_code == 200, two.text
     split = service.post("/classify", files=files, data={"labels": "cat,dog", "templates": "a {}.\u2028the {}."})
     assert split.status_code == 422 and "U+2028" in split.json()["detail"]  # today: two templates
+
+
+def test_a_16bit_upload_scores_as_its_8bit_rendering(service):
+    """Over HTTP (images.decode_image, then to_rgb): today a 16-bit PNG scores as an all-white image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    gray = np.tile(np.linspace(0, 255, 48).astype(np.uint8), (48, 1))
+    gray[:24] = gray[:24, ::-1]
+
+    def upload(image: Image.Image) -> dict:
+        out = io.BytesIO()
+        image.save(out, "PNG")
+        response = service.post("/classify", files={"image": ("x.png", out.getvalue(), "image/png")},
+                                data={"labels": "cat,dog,car,tree", "top_k": "4"})
+        assert response.status_code == 200, response.text
+        return {p["label"]: p["probability"] for p in response.json()["predictions"]}
+
+    sixteen = upload(Image.frombytes("I;16", (48, 48), (gray.astype("<u2") * 257).tobytes()))
+    eight, white = upload(Image.fromarray(gray)), upload(Image.new("L", (48, 48), 255))
+    assert sixteen == pytest.approx(eight, abs=1e-4)
+    assert sixteen != pytest.approx(white, abs=1e-4)
