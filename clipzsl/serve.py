@@ -294,10 +294,11 @@ class Service:
     def template_list(self, spec: str | None) -> list[str]:
         """The service's templates, a shipped template set's name, or templates one a line (read as a
         template file's lines are: `content_lines`)."""
-        if spec is None or not normalise_text(spec):
+        name = normalise_text(spec or "")
+        if not name:
             return self.templates
-        if "{" not in spec and normalise_text(spec) in self.shipped_templates:
-            return load_templates(normalise_text(spec))
+        if "{" not in spec and name in self.shipped_templates:
+            return load_templates(name)
         if "{" not in spec:
             raise ServiceError(404, f"unknown template set {spec!r}; shipped: {', '.join(self.shipped_templates)} "
                                     "(or give templates one a line, each with a {} for the label)")
@@ -374,8 +375,8 @@ def _explain_png(service: Service, classifier: ZeroShotClassifier, image: Image.
     probs = classifier.predict_proba(embedded)[0]
     if label is None:
         column = int(np.argmax(probs))
-    elif normalise_text(label) in classifier.labels:  # the labels were normalised so
-        column = classifier.labels.index(normalise_text(label))
+    elif (label := normalise_text(label)) in classifier.labels:  # as the labels were
+        column = classifier.labels.index(label)
     else:
         raise ServiceError(422, f"label {label!r} is not one of the labels sent; pick one of them")
     heat = heatmaps(embedded, classifier.class_embeddings, classifier.adapter)[0, column]

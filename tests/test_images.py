@@ -84,7 +84,6 @@ def test_folders_are_walked_recursively_and_failures_skipped(tmp_path, tiny_clip
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
-from PIL import ImageOps  # noqa: E402
 
 from clipzsl.images import decode_image, to_rgb  # noqa: E402
 

@@ -63,6 +63,20 @@ def test_a_name_and_its_disguise_are_one_class(data, name, tmp_path_factory):
         load_labels(path)
 
 
+@FAST
+@given(text=st.text(st.characters(codec="utf-8"), max_size=30))
+def test_any_text_is_refused_or_named_by_its_normal_form(text):
+    """Any Unicode, control characters included: a PromptFileError, or the name is the normal form, which
+    is NFC, has no invisible characters and no space but single ones inside, and normalises to itself."""
+    try:
+        [entry] = load_labels([text.replace(",", "").replace("|", "")])
+    except PromptFileError:
+        return
+    name = entry.name
+    assert name == normalise_text(name) == unicodedata.normalize("NFC", name)
+    assert name == name.strip() and "  " not in name and not set(name) & set(INVISIBLE)
+
+
 def test_nfc_and_nfd_cafe_and_a_zero_width_space_are_repeats(tmp_path):
     """The issue's two examples: today each pair is two distinct classes."""
     for pair in (["café", unicodedata.normalize("NFD", "café")], ["cat", "cat\u200b"]):
