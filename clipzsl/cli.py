@@ -34,7 +34,7 @@ from .explain import explain
 from .image_index import ImageIndex
 from .images import (FEATURES_DIR, MAX_PIXELS, ImageLoadError, NoImagesWarning, check_output, embed_images_cached,
                      expand_sources)
-from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_labels, load_templates
+from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_labels, load_templates, parse_label_list
 from .shards import ShardReport, index_from_shards, write_shards
 from .store import STORE_KINDS, EmbeddingStore, StoreError, cache_root, check_owned, is_store_folder, own_cache_root
 from .text_encoding import class_embeddings
@@ -135,14 +135,15 @@ def empty_folders() -> Iterator[list[str]]:
 
 
 def labels_argument(value: str) -> str | list[str]:
-    """A comma-separated list of class names; anything without a comma names a label file or set.
+    """A comma-separated list of class names (`parse_label_list`); anything without a comma, or an
+    existing file, names a label file or set.
 
     So a typo such as `cifar11` or a missing `my.txt` is an error (load_labels says what it
     tried) instead of a one-class list; a single class name is written `cat,`.
     """
-    if "," in value and not Path(value).is_file():
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+    if os.path.isfile(value):  # never an OSError: a list longer than a file name may be is no file
+        return value
+    return parse_label_list(value) or value
 
 
 def format_predictions(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
@@ -167,16 +168,52 @@ def source_name(source: ImageSource, index: int) -> str:
     return source if isinstance(source, str) else f"<image {index}>"
 
 
+#: premultiplied-alpha modes, and the straight-alpha ones Pillow converts them to before anything else
+_STRAIGHT_ALPHA = {"RGBa": "RGBA", "La": "LA"}
+#: ranges a 32-bit integer ("I") or float ("F") image's values are taken to span, the first that holds them
+#: all: 0..1 (floats), 0..255 (what Pillow's own conversions write), 0..65535 (16-bit data widened)
+_NOMINAL_RANGES = {"I": ((0, 255), (0, 65535)), "F": ((0, 1), (0, 255), (0, 65535))}
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Honour EXIF orientation and put transparent pixels on white, as people see them."""
+    """The image as a person sees it, in 8-bit RGB: EXIF orientation honoured, 16-bit, 32-bit and float
+    values scaled from their range (`_eight_bit`), transparent pixels put on white; CMYK, YCbCr, palettes and
+    the other modes converted by Pillow. Every decode goes through here: files, uploads, PIL images, Ray rows."""
     image = ImageOps.exif_transpose(image)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA") or image.mode.endswith("a"):
+    if image.mode in _STRAIGHT_ALPHA:
+        image = image.convert(_STRAIGHT_ALPHA[image.mode])  # Pillow converts "La" to nothing else
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _eight_bit(image)
+    transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if transparent or (image.mode == "P" and image.palette.mode == "RGBA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """An "L" image ("LA" when a value is marked transparent) from a 16-bit, 32-bit or float one.
+
+    Pillow's own conversion clips at 255, so a 16-bit picture came out all white. 16-bit values ("I;16",
+    "I;16B", "I;16L") span 0..65535, as their file formats say. 32-bit integers and floats have no range
+    of their own: the first of `_NOMINAL_RANGES` that holds every finite value, else the image's own
+    finite min..max (a flat image outside them all is black). NaN is black; +inf and -inf are the ends.
+    """
+    values = np.asarray(image).astype(np.float32)
+    if image.mode.startswith("I;16"):
+        low, high = 0.0, 65535.0
+    else:
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        low, high = next(((a, b) for a, b in _NOMINAL_RANGES[image.mode] if a <= low and high <= b), (low, high))
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = np.nan_to_num((values - low) / max(high - low, 1e-30), nan=0.0, posinf=1.0, neginf=0.0)
+    gray = Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8), "L")
+    if "transparency" not in image.info:
+        return gray
+    alpha = Image.fromarray(np.where(values == image.info["transparency"], 0, 255).astype(np.uint8), "L")
+    return Image.merge("LA", (gray, alpha))
 
 
 #: the most pixels an image may have as it is decoded (a JPEG after its reduction on load, `shrink_to`).

@@ -10,9 +10,12 @@ never a one-class label set.
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import json
+import os
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -46,7 +49,17 @@ MAX_TEXT_CHARS = 1000
 STRUCTURED_SUFFIXES = (".json", ".yaml", ".yml")
 
 _KEYED = re.compile(r"(.+\.(?:json|ya?ml)):([^:/\\]+)", re.IGNORECASE)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: control characters, and the line and paragraph separators U+2028/U+2029: in a name they can only come from a
+#: wrong file (UTF-16, tab-separated, other line ends than \n and \r\n), so they are refused, never split on
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: characters that show nothing and mean nothing in a name: zero-width space, soft hyphen, word joiner and
+#: invisible operators, direction marks, Mongolian vowel separator, byte-order mark
+_INVISIBLE = re.compile(r"[\u00ad\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+#: zero-width (non-)joiners shape the letters of the scripts that need them (Persian, Indic, emoji sequences);
+#: at an end of the text or beside an ASCII character they are invisible noise
+_STRAY_JOINER = re.compile(r"(?<![^\x00-\x7f])[\u200c\u200d]+|[\u200c\u200d]+(?![^\x00-\x7f])")
+#: runs of whitespace that is not a control character (space, no-break and other Unicode spaces)
+_SPACES = re.compile(r"[^\S\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _BRACES = re.compile(r"\{[^{}]*\}|[{}]")
 _LABELS_INSTEAD = "or a list of class names ('cat,dog' on the command line, a single class 'cat,'; a list in Python)"
 _TEMPLATES_INSTEAD = "or a list of templates in Python, such as ['a photo of a {}.']"
@@ -77,16 +90,16 @@ def available(directory: Path, suffixes: Iterable[str]) -> list[str]:
 def _resolve(spec: str | Path, directory: Path, suffixes: Sequence[str], what: str, instead: str) -> Path:
     """The file a spec names; a string that names no file and no shipped set is an error, never a label."""
     path = Path(spec)
-    if path.is_file():
+    if os.path.isfile(path):  # not Path.is_file: a name longer than the file system allows is no file, not an OSError
         return path
     bare = len(path.parts) == 1 and path.suffix not in suffixes
     if bare:
         for suffix in suffixes:
             shipped = directory / f"{spec}{suffix}"
-            if shipped.is_file():
+            if os.path.isfile(shipped):
                 return shipped
     names = available(directory, suffixes)
-    tried = f"no file {path.absolute()}" + (" (a folder)" if path.is_dir() else "")
+    tried = f"no file {path.absolute()}" + (" (a folder)" if os.path.isdir(path) else "")
     if bare:
         tried += f" and no shipped {what} {directory / str(spec)}{{{','.join(suffixes)}}}"
     close = difflib.get_close_matches(str(spec), names, n=3) + _close_files(path)
@@ -100,7 +113,7 @@ def _resolve(spec: str | Path, directory: Path, suffixes: Sequence[str], what: s
 def _close_files(path: Path) -> list[str]:
     """Files beside a mistyped path whose names are close to it."""
     folder = path.parent
-    if not path.name or not folder.is_dir():
+    if not path.name or not os.path.isdir(folder):
         return []
     try:
         siblings = [p.name for p in itertools.islice(folder.iterdir(), 10_000) if p.is_file()]
@@ -114,7 +127,7 @@ def _located(
 ) -> tuple[Path, str | None]:
     """(file, data-set key): ``file.json:key`` picks one entry of a mapping file, unless a file has that very name."""
     match = _KEYED.fullmatch(str(spec))
-    if match and not Path(spec).is_file():
+    if match and not os.path.isfile(spec):
         return _resolve(match[1], directory, suffixes, what, instead), match[2]
     return _resolve(spec, directory, suffixes, what, instead), None
 
@@ -125,25 +138,41 @@ def _shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _check_text(text: str, what: str, where: str) -> None:
-    """Refuse texts that can only come from a wrong file: far too long, or with control characters."""
+def normalise_text(text: str) -> str:
+    """`text` as every comparison sees it: invisible characters dropped, each run of spaces one space, no
+    space at either end, Unicode NFC. So names that look the same are the same (NFC and NFD 'café',
+    'cat' and 'cat' with a zero-width space), in files, lists, the command line and the service."""
+    text = _SPACES.sub(" ", _STRAY_JOINER.sub("", _INVISIBLE.sub("", text)))
+    return unicodedata.normalize("NFC", text.strip())
+
+
+def _clean(text: str, what: str, where: str) -> str:
+    """`text` normalised; refused when it can only come from a wrong file: control characters, far too long."""
+    control = _CONTROL.search(text)
+    if control:
+        raise PromptFileError(
+            f"{where}: {what} {_shown(text)} contains the control character U+{ord(control[0]):04X}; remove it "
+            "(a UTF-16 or tab-separated file, or one with other line ends than \\n or \\r\\n, reads this way: "
+            "save it as UTF-8 text, one entry a line)."
+        )
+    text = normalise_text(text)
     if len(text) > MAX_TEXT_CHARS:
         raise PromptFileError(
             f"{where}: {what} {_shown(text)} has {len(text):,} characters; at most {MAX_TEXT_CHARS:,} are "
             "allowed. Is this the right file?"
         )
-    control = _CONTROL.search(text)
-    if control:
-        raise PromptFileError(
-            f"{where}: {what} {_shown(text)} contains the control character U+{ord(control[0]):04X}; remove it "
-            "(a UTF-16 or tab-separated file reads this way: save it as UTF-8 text)."
-        )
+    return text
+
+
+def _folded(text: str) -> str:
+    """What two names must share to be the same name: case folded (then NFC again, as folding may decompose)."""
+    return unicodedata.normalize("NFC", text.casefold())
 
 
 def _check_template(template: Any, where: str) -> str:
     """A template with its one placeholder written ``{}`` (``{c}`` is CLIP_benchmark's spelling)."""
     if isinstance(template, str):
-        _check_text(template, "template", where)
+        template = _clean(template, "template", where)
     if not isinstance(template, str) or template.count("{}") + template.count("{c}") != 1:
         raise PromptFileError(
             f"{where}: template {_shown(template)} must contain the placeholder '{{}}' (or '{{c}}') exactly once, "
@@ -211,9 +240,10 @@ def load_labels(spec: LabelsArg) -> list[ClassEntry]:
 
 
 def _read_text(path: Path) -> str:
-    """A file's UTF-8 text, without the byte-order mark some editors write."""
+    """A file's UTF-8 text, without the byte-order mark some editors write, and with its line ends as they
+    are (text mode would end lines at a lone \\r too)."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         utf16 = "; it looks like UTF-16" if err.object[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise PromptFileError(
@@ -225,8 +255,29 @@ def _read_text(path: Path) -> str:
 
 def _content_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of the non-blank, non-comment lines of a text file."""
-    lines = _read_text(path).splitlines()
-    return [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    return content_lines(_read_text(path))
+
+
+def content_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank, non-comment lines of a label or template text.
+
+    Lines end at \\n or \\r\\n only. str.splitlines also ends them at \\v, \\f, \\x1c-\\x1e, \\x85 and
+    U+2028/U+2029, which split one class in two; here those stay in the line, where `_clean` refuses them.
+    """
+    lines = (line.removesuffix("\r").strip() for line in text.split("\n"))
+    return [(n, line) for n, line in enumerate(lines, 1) if line and not line.startswith("#")]
+
+
+def parse_label_list(text: str) -> list[str] | None:
+    """The class names of a comma list ('cat, dog'; one class is written 'cat,'), or None for text without
+    a comma (a label set's name or a file). The one reading of a comma list, in the CLI and the service;
+    never looked up as a path, so a list longer than a file name may be is still a list."""
+    if "," not in text:
+        return None
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise PromptFileError(f"labels {_shown(text)}: no label names between the commas; give e.g. 'cat,dog'.")
+    return names
 
 
 def _entry_from_line(text: str) -> ClassEntry:
@@ -243,11 +294,17 @@ def _structured_items(path: Path, key: str | None, field: str) -> tuple[list[tup
     text = _read_text(path)
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         else:
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())
+    except _DuplicateKey as err:
+        line = f":{err.line}" if err.line else ""
+        raise PromptFileError(
+            f"{path}{line}: key {err.key!r} appears twice in one mapping, and a parser would silently keep only "
+            "the last; remove or rename one."
+        ) from err
     except json.JSONDecodeError as err:
         raise PromptFileError(f"{path}:{err.lineno}: invalid JSON ({err.msg}).") from err
     except Exception as err:  # yaml.YAMLError carries its own line in the message
@@ -278,6 +335,46 @@ def _structured_items(path: Path, key: str | None, field: str) -> tuple[list[tup
                else "each template a string such as 'a photo of a {}.'")
         )
     return [(item, f"{source}, entry {i + 1}") for i, item in enumerate(data)], source
+
+
+class _DuplicateKey(ValueError):
+    """A key given twice in one JSON object or YAML mapping (`line`: where the second is, YAML only)."""
+
+    def __init__(self, key: Any, line: int | None = None):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json.loads' object_pairs_hook: a dict, or _DuplicateKey instead of keeping the last of two values."""
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(next(key for key in keys if keys.count(key) > 1))
+    return dict(pairs)
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """yaml.SafeLoader raising _DuplicateKey (with the line) instead of keeping the last of two values."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys merged in with '<<' may be overridden, as YAML allows
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                    continue
+                if repeated:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def _keys_line(mapping: dict) -> str:
@@ -314,23 +411,30 @@ def _entry_from_item(item: Any, where: str) -> ClassEntry:
     return ClassEntry((name or "").strip(), lists["synonyms"], lists["prompts"])
 
 
+def _cleaned_entry(entry: ClassEntry, where: str) -> ClassEntry:
+    """`entry` with every text normalised (`normalise_text`); empty or unusable texts are refused."""
+    name = _clean(entry.name, "class name", where)
+    if not name:
+        raise PromptFileError(f"{where}: empty class name; write the name before any '|'.")
+    synonyms = tuple(_clean(text, "synonym or prompt", where) for text in entry.synonyms)
+    prompts = tuple(_clean(text, "synonym or prompt", where) for text in entry.prompts)
+    if not all((*synonyms, *prompts)):
+        raise PromptFileError(f"{where}: empty synonym or prompt in class {name!r}; remove it.")
+    return ClassEntry(name, synonyms, prompts)
+
+
 def _validated(located: list[tuple[ClassEntry, str]], source: str, repeats_allowed: bool) -> list[ClassEntry]:
-    """The entries, checked; repeated names are an error, or with `repeats_allowed` one warning."""
+    """The entries, normalised and checked; repeated names (after normalisation, case-insensitively) are an
+    error, or with `repeats_allowed` one warning."""
     if not located:
         raise PromptFileError(f"{source}: no classes; add one class name a line (or a list item).")
+    located = [(_cleaned_entry(entry, where), where) for entry, where in located]
     first_seen: dict[str, tuple[str, str]] = {}
     repeated: dict[str, list[tuple[str, str]]] = {}
     for entry, where in located:
-        if not entry.name:
-            raise PromptFileError(f"{where}: empty class name; write the name before any '|'.")
-        _check_text(entry.name, "class name", where)
-        for text in (*entry.synonyms, *entry.prompts):
-            if not text:
-                raise PromptFileError(f"{where}: empty synonym or prompt in class {entry.name!r}; remove it.")
-            _check_text(text, "synonym or prompt", where)
         aliases: dict[str, str] = {}
         for text in (entry.name, *entry.synonyms):
-            aliases.setdefault(text.casefold(), text)
+            aliases.setdefault(_folded(text), text)
         for folded, text in aliases.items():
             if folded not in first_seen:
                 first_seen[folded] = (text, where)

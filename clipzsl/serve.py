@@ -54,7 +54,7 @@ from .image_index import ImageIndex, is_under
 from .images import (MAX_PIXELS, EmbeddedImages, ImageLoadError, TooManyPixels, decode_image, encode_pixels,
                      load_image)
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
-                      available, load_labels, load_templates)
+                      available, content_lines, load_labels, load_templates, normalise_text, parse_label_list)
 
 MB = 1 << 20
 log = logging.getLogger(__name__)
@@ -331,11 +331,10 @@ class Service:
         return self.collections[name]
 
     def labels(self, spec: str) -> list[ClassEntry]:
-        """A comma list of labels, or the name of a loaded or shipped label set (never a path)."""
-        if "," in spec:
-            names = [part.strip() for part in spec.split(",") if part.strip()]
-            if not names:
-                raise ServiceError(422, "labels: no label names between the commas; give e.g. 'cat,dog'")
+        """A comma list of labels (`parse_label_list`, as the CLI reads it), or the name of a loaded or
+        shipped label set (never a path)."""
+        names, spec = parse_label_list(spec), normalise_text(spec)
+        if names:
             entries = load_labels(names)
         elif spec in self.label_sets:
             entries = self.label_sets[spec]
@@ -351,16 +350,18 @@ class Service:
         return entries
 
     def template_list(self, spec: str | None) -> list[str]:
-        """The service's templates, a shipped template set's name, or templates one a line."""
-        if spec is None or not spec.strip():
+        """The service's templates, a shipped template set's name, or templates one a line (read as a
+        template file's lines are: `content_lines`)."""
+        name = normalise_text(spec or "")
+        if not name:
             return self.templates
-        if "{" not in spec and spec.strip() in self.shipped_templates:
-            found = load_templates(spec.strip())
+        if "{" not in spec and name in self.shipped_templates:
+            found = load_templates(name)
         elif "{" not in spec:
             raise ServiceError(404, f"unknown template set {spec!r}; shipped: {', '.join(self.shipped_templates)} "
                                     "(or give templates one a line, each with a {} for the label)")
         else:
-            found = load_templates([line.strip() for line in spec.splitlines() if line.strip()])
+            found = load_templates([line for _, line in content_lines(spec)])
         if len(found) > self.limits.max_templates:
             raise ServiceError(422, f"templates: {len(found)} templates, more than the {self.limits.max_templates} a "
                                     "request may have; send fewer, or start the service with a higher --max-templates")
@@ -462,7 +463,7 @@ def _explain_png(service: Service, classifier: ZeroShotClassifier, image: Image.
     probs = classifier.predict_proba(embedded)[0]
     if label is None:
         column = int(np.argmax(probs))
-    elif label in classifier.labels:
+    elif (label := normalise_text(label)) in classifier.labels:  # as the labels were
         column = classifier.labels.index(label)
     else:
         raise ServiceError(422, f"label {label!r} is not one of the labels sent; pick one of them")

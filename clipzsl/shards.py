@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .backends import Backend
+from .backends import Backend, load_model
 from .image_index import ImageIndex
 from .images import IMAGE_SUFFIXES, ImageLoadError, check_output, embed_images, expand_sources, load_image
 from .store import MARKER, atomic_write, claim
@@ -157,45 +157,131 @@ def write_shards(
     return report
 
 
+#: the shard files of clip-retrieval's layout, by sub-folder; the number pairs an img_emb file with its metadata
+SHARD_NAMES = {"img_emb": re.compile(r"img_emb_(\d+)\.npy"), "metadata": re.compile(r"metadata_(\d+)\.parquet")}
+#: rows normalised and added at a time
+_BLOCK = 65_536
+
+
 def shard_files(directory: str | os.PathLike) -> list[tuple[Path, Path]]:
-    """(img_emb_i.npy, metadata_i.parquet) pairs of a clip-retrieval directory, by shard number."""
+    """(img_emb_i.npy, metadata_i.parquet) pairs of a clip-retrieval directory, by shard number.
+
+    Every visible file in img_emb/ and metadata/ must be one half of a pair: an extra, unpaired or
+    twice-numbered file is refused by name (importing around it would quietly drop its rows)."""
     directory = Path(directory)
-    number = lambda p: int(re.search(r"(\d+)$", p.stem).group(1))
-    embeddings = sorted((directory / "img_emb").glob("img_emb_*.npy"), key=number)
+    embeddings, metadata = (_numbered(directory / folder, pattern) for folder, pattern in SHARD_NAMES.items())
     if not embeddings:
         raise FileNotFoundError(f"{directory}: no img_emb/img_emb_*.npy shards (clip-retrieval's layout)")
+    for number, meta in metadata.items():
+        if number not in embeddings:
+            raise FileNotFoundError(f"{meta}: no img_emb/img_emb_{number}.npy beside it; every metadata_i.parquet "
+                                    "needs its img_emb_i.npy (copy it, or move this file out)")
     pairs = []
-    for emb in embeddings:
-        meta = directory / "metadata" / f"metadata_{number(emb)}.parquet"
-        if not meta.exists():
+    for number, emb in sorted(embeddings.items()):
+        if number not in metadata:
+            meta = directory / "metadata" / f"metadata_{number}.parquet"
             raise FileNotFoundError(f"{meta}: missing; every img_emb_i.npy needs its metadata_i.parquet")
-        pairs.append((emb, meta))
+        pairs.append((emb, metadata[number]))
     return pairs
+
+
+def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
+    """The shard files of one sub-folder by number (hidden files, such as an interrupted copy's, are passed over)."""
+    found: dict[int, Path] = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        match = pattern.fullmatch(path.name)
+        if not match or not path.is_file():
+            raise ValueError(f"{path}: not a shard file ({pattern.pattern}) of clip-retrieval's layout; move it out "
+                             f"of {folder}, or rename it if it is one")
+        if int(match[1]) in found:
+            raise ValueError(f"{found[int(match[1])]} and {path}: two shards numbered {int(match[1])}; keep one")
+        found[int(match[1])] = path
+    return found
+
+
+def _shard_vectors(emb: Path, embed_dim: int, spec: str) -> np.ndarray:
+    """A shard's vectors, memory-mapped (read-only); refused, named, unless a float [n, embed_dim] array."""
+    try:
+        vectors = np.load(emb, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{emb}: not a readable .npy array of embeddings ({err}); a truncated copy, or an "
+                         "array of Python objects? Copy or export the shard again") from err
+    if vectors.dtype.kind != "f":
+        raise ValueError(f"{emb}: {vectors.dtype} values; embedding shards hold float16, float32 or float64 vectors")
+    if vectors.ndim != 2 or vectors.shape[1] != embed_dim:
+        raise ValueError(f"{emb}: vectors of shape {vectors.shape}, but model {spec} embeds "
+                         f"{embed_dim} dimensions; pass the model that wrote the shards (--model)")
+    return vectors
+
+
+def _shard_paths(meta: Path) -> list[str]:
+    """A metadata shard's image paths: its `resolved_path` column where clipzsl wrote one (absolute, so
+    usable from any directory), else clip-retrieval's `image_path`; refused, naming the row, where a
+    value is missing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        name = "resolved_path" if "resolved_path" in pq.read_schema(meta).names else "image_path"
+        column = pq.read_table(meta, columns=[name]).column(0)
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"{meta}: unreadable metadata shard, need an `image_path` column ({err})") from err
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise ValueError(f"{meta}: `{name}` holds {column.type}, not text; it must name each row's image")
+    paths = column.to_pylist()
+    if column.null_count:
+        raise ValueError(f"{meta}: row {paths.index(None)} has no {name} (null); every row must name its "
+                         "image (drop that row, and the same row of its img_emb .npy)")
+    return paths
+
+
+def _unit_rows(vectors: np.ndarray, emb: Path) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, block of rows as float32 unit vectors): copies, as np.load's memory map is read-only. A row
+    that is not finite or all zeros is refused by file and row: it would match nothing, or everything."""
+    for start in range(0, len(vectors), _BLOCK):
+        block = np.array(vectors[start : start + _BLOCK], dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.linalg.norm(block, axis=1, keepdims=True)
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1) | ~(norms[:, 0] > 0) | ~np.isfinite(norms[:, 0]))
+        if len(bad):
+            row = start + int(bad[0])
+            what = "all zeros" if not block[bad[0]].any() else "not finite (NaN or inf, or beyond float32)"
+            raise ValueError(f"{emb}: row {row} is {what}, so no embedding ({len(bad)} such rows from there in "
+                             f"this block); re-embed that image, or drop the row here and in its metadata")
+        yield start, block / norms
+
+
+def _read_shards(directory: str | os.PathLike, backend: Backend) -> list[tuple[Path, np.ndarray, list[str]]]:
+    """(npy file, vectors, image paths) of every shard, each checked in full before any row is added: the
+    pairs match, every row is a finite non-zero vector, every image_path is given and given once."""
+    shards, seen = [], {}
+    for emb, meta in shard_files(directory):
+        vectors, paths = _shard_vectors(emb, backend.embed_dim, backend.spec), _shard_paths(meta)
+        if len(paths) != len(vectors):
+            raise ValueError(f"{meta}: {len(paths)} rows, but {emb} has {len(vectors)}; the pair does not match")
+        for row, path in enumerate(paths):
+            if seen.setdefault(path, (meta, row)) != (meta, row):
+                raise ValueError(f"{meta}: row {row} names {path!r} again (first at {seen[path][0]} row "
+                                 f"{seen[path][1]}); one image, one row: drop one of them")
+        for _ in _unit_rows(vectors, emb):
+            pass
+        shards.append((emb, vectors, paths))
+    return shards
 
 
 def index_from_shards(directory: str | os.PathLike, out: str | os.PathLike, model: Backend | str,
                       factory: str = "auto", dtype: str = "float32"):
     """An `ImageIndex` at `out` holding every row of the shards (keys from `image_path`), its FAISS
-    index saved. `model` must be the one that embedded them: it encodes the text queries."""
-    import pyarrow.parquet as pq
-
-    index = ImageIndex(out, model, dtype=dtype)
+    index saved. `model` must be the one that embedded them: it encodes the text queries. All the
+    shards are checked before the index is opened: they are imported completely, or refused."""
+    backend = load_model(model) if isinstance(model, str) else model
+    shards = _read_shards(directory, backend)
+    index = ImageIndex(out, backend, dtype=dtype)
     index.store.check_factory(factory)  # a bad one is refused before any row is written
-    for emb, meta in shard_files(directory):
-        vectors = np.load(emb, mmap_mode="r", allow_pickle=False)
-        try:
-            column = "resolved_path" if "resolved_path" in pq.read_schema(meta).names else "image_path"
-            paths = pq.read_table(meta, columns=[column]).column(0).to_pylist()
-        except (OSError, KeyError, ValueError) as err:
-            raise ValueError(f"{meta}: unreadable metadata shard, need an `image_path` column ({err})") from err
-        if vectors.ndim != 2 or vectors.shape[1] != index.model.embed_dim:
-            raise ValueError(f"{emb}: vectors of shape {vectors.shape}, but model {index.model.spec} embeds "
-                             f"{index.model.embed_dim} dimensions; pass the model that wrote the shards (--model)")
-        if len(paths) != len(vectors):
-            raise ValueError(f"{meta}: {len(paths)} rows, but {emb} has {len(vectors)}; the pair does not match")
-        for start in range(0, len(paths), 65_536):
-            block = np.asarray(vectors[start : start + 65_536], np.float32)
-            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
-            index.store.add([str(p) for p in paths[start : start + 65_536]], block)
+    for emb, vectors, paths in shards:
+        for start, block in _unit_rows(vectors, emb):
+            index.store.add(paths[start : start + len(block)], block)
     index.store.save_index(factory)
     return index

@@ -66,3 +66,87 @@ def test_from_shards_refuses_mismatched_pairs(tiny, tmp_path):
     np.save(tmp_path / "s" / "img_emb" / "img_emb_0.npy", np.ones((2, 7), np.float16))
     with pytest.raises(ValueError, match=r"img_emb_0.npy: vectors of shape \(2, 7\).*embeds 32 dimensions"):
         index_from_shards(tmp_path / "s", tmp_path / "idx", tiny)
+
+
+# -- reading shards: import every row, or refuse naming the file and row (issue 19, section 3) ----------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from clipzsl.shards import index_from_shards  # noqa: E402
+
+def _write(folder, vectors, paths):
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    for i, (v, p) in enumerate(zip(vectors, paths)):
+        np.save(folder / "img_emb" / f"img_emb_{i}.npy", v, allow_pickle=True)
+        pq.write_table(pa.table({"image_path": pa.array(p, pa.string())}), folder / "metadata" / f"metadata_{i}.parquet")
+
+
+def _set(array, row, value):
+    array[row] = value
+    return array
+
+
+#: (what is wrong, before the files are written) -> change(vectors, paths, k, row) returning the error expected
+DATA_FAULTS = {
+    "NaN": lambda v, p, k, r: (_set(v[k], r, np.nan), rf"img_emb_{k}.npy: row {r} is not finite")[1],
+    "inf": lambda v, p, k, r: (_set(v[k], r, -np.inf), rf"img_emb_{k}.npy: row {r} is not finite")[1],
+    "zeros": lambda v, p, k, r: (_set(v[k], r, 0), rf"img_emb_{k}.npy: row {r} is all zeros")[1],
+    "null path": lambda v, p, k, r: (_set(p[k], r, None), rf"metadata_{k}.parquet: row {r} has no image_path")[1],
+    "duplicate path": lambda v, p, k, r: (_set(p[k], r, p[-1][-1]) if (k, r) != (len(p) - 1, len(p[-1]) - 1)
+                                          else _set(p[0], 0, p[k][r]), r"row \d+ names .* again \(first at")[1],
+    "object array": lambda v, p, k, r: (v.__setitem__(k, v[k].astype(object)), rf"img_emb_{k}.npy: not a readable")[1],
+    "int array": lambda v, p, k, r: (v.__setitem__(k, (v[k] * 100).astype(np.int8)), rf"img_emb_{k}.npy: int8 values")[1],
+    "row mismatch": lambda v, p, k, r: (p.__setitem__(k, p[k][:-1]), rf"metadata_{k}.parquet: \d+ rows, but")[1],
+}
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+#: (what is wrong in the folder) -> change(folder, k) returning the error expected
+FILE_FAULTS = {
+    "truncated npy": lambda f, k: (_truncate(f / "img_emb" / f"img_emb_{k}.npy"), rf"img_emb_{k}.npy: not a readable")[1],
+    "truncated parquet": lambda f, k: (_truncate(f / "metadata" / f"metadata_{k}.parquet"),
+                                       rf"metadata_{k}.parquet: unreadable metadata shard")[1],
+    "extra file": lambda f, k: ((f / "img_emb" / "notes.txt").write_text("x"), r"img_emb/notes.txt: not a shard file")[1],
+    "unpaired metadata": lambda f, k: ((f / "metadata" / "metadata_9.parquet").write_bytes(
+        (f / "metadata" / f"metadata_{k}.parquet").read_bytes()), r"metadata_9.parquet: no img_emb/img_emb_9.npy")[1],
+    "unpaired npy": lambda f, k: ((f / "metadata" / f"metadata_{k}.parquet").unlink(),
+                                  rf"metadata_{k}.parquet: missing")[1],
+    "numbered twice": lambda f, k: ((f / "img_emb" / f"img_emb_0{k}.npy").write_bytes(
+        (f / "img_emb" / f"img_emb_{k}.npy").read_bytes()), rf"two shards numbered {k}")[1],
+}
+HARMLESS = {"none": lambda f, k: None, "hidden leftover": lambda f, k: ((f / "img_emb" / ".img_emb_0.npy.tmp").write_bytes(b""), None)[1]}
+
+
+@pytest.mark.parametrize("fault", sorted(DATA_FAULTS) + sorted(FILE_FAULTS) + sorted(HARMLESS))
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.integers(1, 6), min_size=1, max_size=3).filter(lambda r: sum(r) > 1),
+       dtype=st.sampled_from(["<f2", "<f4", ">f4", "<f8"]), seed=st.integers(0, 2**16), where=st.integers(0, 99))
+def test_shards_import_completely_or_are_refused_by_file_and_row(tiny, tmp_path_factory, rows, dtype, fault, seed,
+                                                                 where):
+    folder = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(seed)
+    vectors = [rng.normal(size=(n, tiny.embed_dim)).astype(dtype) for n in rows]
+    paths = [[f"s{k}/img{r}.jpg" for r in range(n)] for k, n in enumerate(rows)]
+    k = where % len(rows)
+    expected = DATA_FAULTS[fault](vectors, paths, k, where % rows[k]) if fault in DATA_FAULTS else None
+    _write(folder / "in", vectors, paths)
+    expected = (FILE_FAULTS.get(fault) or HARMLESS[fault])(folder / "in", k) if expected is None else expected
+    if fault == "row mismatch" and rows[k] == 1:
+        expected = r"metadata_\d+.parquet: 0 rows, but"
+    out = folder / "idx"
+    if expected is None:
+        index = index_from_shards(folder / "in", out, tiny)  # today: float32 shards are refused as "read-only"
+        assert len(index) == sum(rows)
+        for v, p in zip(vectors, paths):
+            for vector, path in zip(v, p):
+                assert index.search(vector.astype(np.float32), top_k=1)[0][0] == path
+        return
+    with pytest.raises((ValueError, FileNotFoundError), match=expected):
+        index_from_shards(folder / "in", out, tiny)  # today: most are imported, in part or with NaN rows
+    assert not out.exists()  # nothing half-imported
