@@ -62,13 +62,15 @@ def test_adapter_without_checksum_still_loads_but_nan_weights_are_refused(tmp_pa
     adapter = saved_adapter(tmp_path / "ad")
     config = tmp_path / "ad" / "adapter.json"
     meta = json.loads(config.read_text())
-    meta.pop("weights_sha256", None)  # as adapters saved before the checksum was recorded
+    meta.pop("weights_sha256", None)  # as adapters saved before the checksum was recorded (format version 1)
+    meta["version"] = 1
     config.write_text(json.dumps(meta))
+    weights = tmp_path / "ad" / "adapter.safetensors"  # whose header held only the backbone fingerprint
+    save_file(load_file(str(weights)), str(weights), metadata={"fingerprint": "fp-test"})
     loaded = CrossAttentionAdapter.load(tmp_path / "ad")
     for (k, v), (k2, v2) in zip(adapter.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
 
-    weights = tmp_path / "ad" / "adapter.safetensors"
     state = load_file(str(weights))
     state["q.weight"][0, 0] = float("nan")
     save_file(state, str(weights))
