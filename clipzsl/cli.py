@@ -339,7 +339,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     root = cache_root(args.cache_dir)
     labels_root = root / "labels"
     stores = sorted(p for p in labels_root.glob("*") if p.is_dir())
-    concepts = sorted(root.glob(f"{CONCEPTS_PREFIX}*.npy")) if root.is_dir() else []
+    concepts = sorted(root.glob(f"{CONCEPTS_PREFIX}*")) if root.is_dir() else []  # .npy and its checksum
     features = sorted((root / FEATURES_DIR).glob("*.safetensors"))
     if args.action == "clear":
         for directory in stores:  # whatever state it is in: an unreadable meta.json must not block this
