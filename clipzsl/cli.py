@@ -2,7 +2,9 @@
 
 Exit status: 0 when everything was classified, 1 when some images could not be
 read (they are listed on stderr, the rest are still classified), 2 for bad
-arguments or label/template files.
+arguments or label/template files. `train-adapter` exits 1 when the adapter it saved is
+untrained (no epoch beat epoch 0 on validation: it scores exactly as zero-shot; adapter.json
+says so in training.untrained).
 """
 from __future__ import annotations
 
@@ -513,7 +515,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         chosen = f"chosen {info['params']}, validation {what} {info['val_score']:.3f} at epoch {info['best_epoch']}"
     print(f"{args.out}: adapter trained on {len(seen)} classes, {info['n_train']} images; {chosen}, "
           f"{info['epoch_seconds']:.2f} s/epoch")
-    return 0
+    return 1 if info["untrained"] else 0  # saved, but it is the zero-shot classifier (fit_with_selection warned)
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
@@ -765,7 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list model specs and what runs offline")
     models.set_defaults(run=cmd_models)
 
-    train = commands.add_parser("train-adapter", help="train a cross-attention adapter on a class-folder data set")
+    train = commands.add_parser("train-adapter", help="train a cross-attention adapter on a class-folder data set",
+                                description="Exit status 1: the adapter was saved but is untrained (no epoch beat "
+                                            "epoch 0 on the validation split, so it scores exactly as zero-shot).")
     train.add_argument("data", help="folder with one sub-folder of images per class")
     train.add_argument("--out", required=True, help="directory for adapter.safetensors + adapter.json")
     train.add_argument("--seen", help="file listing the classes to train on (one per line); default all")

@@ -251,8 +251,8 @@ class EmbeddingStore:
             )
         if meta["format"] != FORMAT:
             if self.repair_hint is not None:
-                raise StoreError(f"{self.directory} was written by an older clipzsl (store format "
-                                 f"{meta['format']}); delete it and build it again.")
+                raise StoreError(f"{self.directory / 'meta.json'}: store format {meta['format']}, written by an older "
+                                 f"clipzsl; delete {self.directory} and build it again.")
             warnings.warn(f"{self.directory}: cache in an older format, emptied (entries will be recomputed)")
             self.destroy(self.directory)
             return
