@@ -155,12 +155,13 @@ def test_cli_train_adapter_on_two_classes_says_what_its_validation_score_is(tiny
                                                                            monkeypatch):
     monkeypatch.setenv("CLIPZSL_CACHE_DIR", str(tmp_path / "cache"))
     data = class_folders(tmp_path / "data", {"cat": 5, "dog": 5})
-    assert main(["train-adapter", str(data), "--out", str(tmp_path / "ad"), "--model", f"hf:{tiny_clip}",
-                 "--epochs", "1", "--lr", "0.01"]) == 0
+    status = main(["train-adapter", str(data), "--out", str(tmp_path / "ad"), "--model", f"hf:{tiny_clip}",
+                   "--epochs", "1", "--lr", "0.01"])
     out = capsys.readouterr().out
     assert "validation H" not in out
     assert "validation accuracy on held-out images of the 2 training classes" in out and "pseudo-novel" in out
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
+    assert status == (1 if meta["training"]["untrained"] else 0)  # a random tiny model may not beat epoch 0
     assert meta["training"]["val_metric"] == "base accuracy" and meta["training"]["val_classes"] == 0
 
 
