@@ -244,8 +244,8 @@ class EmbeddingStore:
         meta = self.read_meta(self.directory)
         if meta["fingerprint"] != self.fingerprint or meta["embed_dim"] != self.embed_dim:
             raise StoreError(
-                f"{self.directory} holds embeddings of model "
-                f"{self._describe(meta['fingerprint'], meta['spec'], meta['embed_dim'])} (its meta.json), not of "
+                f"{self.directory / 'meta.json'}: this store holds embeddings of model "
+                f"{self._describe(meta['fingerprint'], meta['spec'], meta['embed_dim'])}, not of "
                 f"{self._describe(self.fingerprint, self.spec, self.embed_dim)}; "
                 "use the model it was built with, or another directory."
             )

@@ -78,6 +78,27 @@ def edited(draw, document):
     return document
 
 
+def refused_or_unchanged(path, document, read, errors=ValueError):
+    """Write `document` over the JSON file at `path` and `read()`: an error naming the file, or what was read
+    before the edit (the file is restored after)."""
+    original = path.read_text()
+    expected = read()
+    path.write_text(json.dumps(document))
+    try:
+        got = read()
+    except errors as err:
+        assert str(path) in str(err)
+    else:
+        if isinstance(got, torch.Tensor):
+            assert torch.equal(got, expected)
+        elif isinstance(got, np.ndarray):
+            np.testing.assert_array_equal(got, expected)
+        else:
+            assert got == expected
+    finally:
+        path.write_text(original)
+
+
 # ------------------------------------------------------------------ adapter.json
 
 DIM = 24  # divisible by 3 and 4: "heads": 3 used to load and silently change the scores
@@ -118,19 +139,10 @@ def test_edited_adapter_heads_is_refused_naming_the_field(adapter_dir, tmp_path,
 
 @SETTINGS
 @given(data=st.data())
-def test_any_edit_of_adapter_json_is_refused_or_changes_nothing(adapter_dir, tmp_path, data):
+def test_any_edit_of_adapter_json_is_refused_or_changes_nothing(adapter_dir, data):
     config = adapter_dir / "adapter.json"
-    original = config.read_text()
-    expected = scores(adapter_dir)
-    config.write_text(json.dumps(data.draw(edited(json.loads(original)))))
-    try:
-        got = scores(adapter_dir)
-    except AdapterError as err:
-        assert str(config) in str(err)
-    else:
-        assert torch.equal(got, expected)
-    finally:
-        config.write_text(original)
+    refused_or_unchanged(config, data.draw(edited(json.loads(config.read_text()))), lambda: scores(adapter_dir),
+                         AdapterError)
 
 
 # ------------------------------------------------------------------ store meta.json
@@ -147,17 +159,15 @@ def test_any_edit_of_store_meta_is_refused_or_changes_nothing(tmp_path_factory, 
     directory = tmp_path_factory.mktemp("store") / "s"
     hint = "rebuild it" if index else None  # an index refuses damage; a cache recomputes it
     vectors = store_with_vectors(directory, hint)
+
+    def read():
+        store = EmbeddingStore(directory, "model-a", 8, repair_hint=hint)
+        return store.get_or_compute(["a", "b", "c"], lambda keys: vectors[[ord(k) - ord("a") for k in keys]])
+
     meta = directory / "meta.json"
-    meta.write_text(json.dumps(data.draw(edited(json.loads(meta.read_text())))))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a cache may drop what it cannot trust (and recompute it)
-        try:
-            store = EmbeddingStore(directory, "model-a", 8, repair_hint=hint)
-            got = store.get_or_compute(["a", "b", "c"], lambda keys: vectors[[ord(k) - ord("a") for k in keys]])
-        except StoreError as err:
-            assert str(meta) in str(err) or "meta.json" in str(err)
-        else:
-            np.testing.assert_array_equal(got, vectors)
+        refused_or_unchanged(meta, data.draw(edited(json.loads(meta.read_text()))), read, StoreError)
 
 
 def test_store_meta_with_a_wrong_type_names_the_field(tmp_path):
@@ -203,17 +213,8 @@ def as_tuple(state):
 def test_any_edit_of_the_run_manifest_is_refused_or_changes_nothing(run_dir, data):
     out, identity = run_dir
     manifest = out / distributed.MANIFEST
-    original = manifest.read_text()
-    expected = as_tuple(distributed.resume_state(out, identity))
-    manifest.write_text(json.dumps(data.draw(edited(json.loads(original)))))
-    try:
-        got = as_tuple(distributed.resume_state(out, identity))
-    except ValueError as err:
-        assert str(manifest) in str(err)
-    else:
-        assert got == expected
-    finally:
-        manifest.write_text(original)
+    refused_or_unchanged(manifest, data.draw(edited(json.loads(manifest.read_text()))),
+                         lambda: as_tuple(distributed.resume_state(out, identity)))
 
 
 def test_manifest_with_a_changed_count_is_refused(run_dir):
