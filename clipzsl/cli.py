@@ -335,7 +335,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not sources:
         print(f"clipzsl: error: no images to classify in {', '.join(args.paths)}", file=sys.stderr)
         return 1
-    entries, templates = load_labels(labels_argument(args.labels)), load_templates(args.templates)
+    with warnings.catch_warnings():  # read again, with its warnings, by the classifier (if it has work)
+        warnings.simplefilter("ignore")
+        entries, templates = load_labels(labels_argument(args.labels)), load_templates(args.templates)
     wanted = classify_settings(args, entries, templates)
     saved = saved_settings(args) if args.resume else None
     done: set[str] = set()
@@ -356,7 +358,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if done:
         print(f"clipzsl: resuming: {len(sources) - len(todo)} of {len(sources)} images already in {args.output}, "
               f"classifying the remaining {len(todo)}", file=sys.stderr)
-    clf = ZeroShotClassifier(model, labels=entries, templates=templates, cache=cache, adapter=args.adapter)
+    clf = ZeroShotClassifier(model, labels=labels_argument(args.labels), templates=args.templates, cache=cache,
+                             adapter=args.adapter)
     width = max([len("image")] + [len(s) for s in todo])
     fresh = not (args.resume and Path(args.output).is_file() and os.path.getsize(args.output))  # else: has its header
     out = None if args.output else sys.stdout  # a file is opened with the first row: all unreadable, untouched
