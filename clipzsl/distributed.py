@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -210,22 +209,11 @@ class RunState:
 
 
 @dataclass(frozen=True)
-class RunIdentity:
-    """What makes two runs the same run (`run_identity`)."""
-
-    model: str
-    fingerprint: str
-    images: int = field(metadata=rule(lambda v: v >= 0, "0 or more"))
-    paths_sha256: str
-    shard_size: int = field(metadata=rule(lambda v: v >= 1, "at least 1"))
-
-
-@dataclass(frozen=True)
 class Manifest:
     """The schema of MANIFEST (read through `clipzsl.records`); sealed, so an edit that keeps every type
     right (a count, a path) is refused too, never resumed from."""
 
-    identity: RunIdentity
+    identity: dict  # `run_identity`'s
     shards: list[str]
     rows: int = field(metadata=rule(lambda v: v >= 0, "0 or more"))
     failures: list[tuple[str, str]]
@@ -236,7 +224,8 @@ class Manifest:
 def run_identity(model: Backend, paths: Sequence[str], shard_size: int) -> dict:
     """What makes two runs the same run: the model's weights, the image list and the shard size."""
     digest = hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
-    return asdict(RunIdentity(model.spec, model.fingerprint, len(paths), digest, shard_size))
+    return {"model": model.spec, "fingerprint": model.fingerprint, "images": len(paths), "paths_sha256": digest,
+            "shard_size": shard_size}
 
 
 def resume_state(out: str | os.PathLike, identity: dict) -> RunState:
@@ -257,7 +246,7 @@ def resume_state(out: str | os.PathLike, identity: dict) -> RunState:
     except RecordError as err:
         raise ValueError(f"{err}; the run cannot be resumed from it: choose a new --out, or delete {out} to start "
                          "over") from err
-    state = RunState(asdict(saved.identity), saved.shards, saved.rows, saved.failures, complete=saved.complete)
+    state = RunState(saved.identity, saved.shards, saved.rows, saved.failures, complete=saved.complete)
     if state.identity != identity:
         changed = sorted(k for k in set(identity) | set(state.identity) if identity.get(k) != state.identity.get(k))
         raise ValueError(f"{out}: written by another run (it differs in {', '.join(changed)}); resuming would mix two "
@@ -268,7 +257,7 @@ def resume_state(out: str | os.PathLike, identity: dict) -> RunState:
 
 
 def _save_state(out: Path, state: RunState) -> None:
-    record = Manifest(RunIdentity(**state.identity), state.shards, state.rows, state.failures, state.complete, "")
+    record = Manifest(state.identity, state.shards, state.rows, state.failures, state.complete, "")
     atomic_write(out / MANIFEST, lambda f: f.write(dumps(record)))
 
 
