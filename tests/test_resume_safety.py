@@ -80,12 +80,26 @@ def test_output_without_its_settings_is_not_resumed(half_done, tiny_clip, tmp_pa
     assert f"{out}: no out.jsonl.clipzsl.json next to it" in capsys.readouterr().err
 
 
-def test_relative_and_absolute_folder_is_classified_once(tmp_path, tiny_clip, monkeypatch):
+def test_relative_and_absolute_folder_is_classified_once(tmp_path, tiny_clip, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     make_images(tmp_path / "imgs", 4)
+    (tmp_path / "imgs" / "link.png").symlink_to(tmp_path / "imgs" / "0.png")
     out = tmp_path / "out.jsonl"
     assert main(args(["imgs", tmp_path / "imgs", "imgs/0.png"], tiny_clip, out)) == 0
     assert images_in(out) == [f"imgs/{i}.png" for i in range(4)]  # each once, as first named
+    assert "7 of the paths given name images already given" in capsys.readouterr().err
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.sampled_from(["a", "b", "..", ".", "to_b", "f.png", "to_f.png"]), min_size=1, max_size=5))
+def test_image_key_is_the_resolved_path(tmp_path_factory, parts):
+    root = tmp_path_factory.mktemp("tree")
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f.png").touch()
+    (root / "a" / "to_b").symlink_to(root / "a" / "b")
+    (root / "a" / "b" / "to_f.png").symlink_to(root / "a" / "b" / "f.png")
+    path = os.path.join("a", *parts)
+    assert cli.image_key(path, str(root)) == os.path.realpath(root / path)
 
 
 def test_resume_identifies_images_by_resolved_path_and_says_what_it_skipped(tmp_path, tiny_clip, monkeypatch, capsys):
