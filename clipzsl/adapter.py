@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -37,11 +37,15 @@ from safetensors.torch import save as safetensors_bytes
 from .backends.base import Backend
 from .head import cosine_logits
 from .images import EmbeddedImages
+from .records import RecordError, canonical, load, parse
 from .store import atomic_write
 
 CONFIG_NAME = "adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
-FORMAT_VERSION = 1
+FORMAT_NAME = "clipzsl-cross-attention-adapter"
+#: 2: the weights' header holds a copy of adapter.json (RECORD_KEY), which it must match on load
+FORMAT_VERSION = 2
+RECORD_KEY = "clipzsl_record"
 
 
 class AdapterError(ValueError):
@@ -70,9 +74,31 @@ class AdapterConfig:
     global_token: bool = True  # the pooled embedding joins the tokens as one more key/value
 
     def __post_init__(self):
+        """Refuses what would divide by zero or silently score differently (`heads` 0, a negative width)."""
+        for name in ("dim", "heads", "attn_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.attn_dim = self.attn_dim or self.dim
         if self.attn_dim % self.heads:
             raise ValueError(f"attn_dim {self.attn_dim} is not divisible by heads {self.heads}")
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """The schema of adapter.json (read through `clipzsl.records`)."""
+
+    format: Literal["clipzsl-cross-attention-adapter"]
+    version: Literal[1, 2]
+    config: AdapterConfig
+    backbone_fingerprint: str
+    backbone_spec: str | None = None
+    templates: list[str] | None = None
+    trained_labels: list[str] | None = None
+    weights_sha256: str | None = None  # adapters saved before checksums have none
+    training: dict | None = None  # what train-adapter chose (`clipzsl.training.fit_with_selection`'s info)
 
 
 class CrossAttentionAdapter(nn.Module):
@@ -176,14 +202,17 @@ class CrossAttentionAdapter(nn.Module):
     def save(self, directory: str | os.PathLike, model: Backend | None = None, fingerprint: str | None = None,
              templates: Sequence[str] | None = None, labels: Sequence[str] | None = None,
              extra: dict | None = None) -> Path:
-        """Weights as safetensors + a JSON config with the backbone fingerprint, templates and labels."""
+        """Weights as safetensors + a JSON config with the backbone fingerprint, templates and labels.
+
+        The weights' header holds a copy of the config (and their sha256 is in the config), so `load`
+        refuses a config edited by hand: `heads` changes the scores without changing any tensor's shape.
+        `extra`: more adapter.json fields of `AdapterRecord` (`training`)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         fp = fingerprint or (model.fingerprint if model is not None else None)
         if fp is None:
             raise ValueError("save() needs the backbone (or its fingerprint) the adapter was trained on")
         meta = {
-            "format": "clipzsl-cross-attention-adapter",
+            "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "config": asdict(self.config),
             "backbone_fingerprint": fp,
@@ -192,10 +221,11 @@ class CrossAttentionAdapter(nn.Module):
             "trained_labels": list(labels) if labels is not None else None,
             **(extra or {}),
         }
+        parse(AdapterRecord, meta, directory / CONFIG_NAME)  # never write what load() would refuse
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        weights = safetensors_bytes(state, metadata={"fingerprint": fp})
-        # load() checks it: a flipped byte in the weights would otherwise give NaN or silently wrong scores
+        weights = safetensors_bytes(state, metadata={"fingerprint": fp, RECORD_KEY: canonical(meta).decode()})
         meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+        directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(weights))
         atomic_write(directory / CONFIG_NAME, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         return directory
@@ -204,46 +234,96 @@ class CrossAttentionAdapter(nn.Module):
     def load(cls, directory: str | os.PathLike, model: Backend | None = None) -> "CrossAttentionAdapter":
         """Load a saved adapter; with `model`, refuse one trained on another backbone.
 
-        Damaged files raise `AdapterError` naming the file: a checksum mismatch (adapters saved
-        with one), unreadable safetensors, non-finite weights or tensors that do not fit the config.
+        Damaged or edited files raise `AdapterError` naming the file (and the field): adapter.json
+        against its schema and against the copy in the weights' header, the weights against their
+        recorded sha256, the config's tensor shapes, and finiteness.
         """
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         try:
-            meta = json.loads(config_path.read_text(encoding="utf-8"))
+            record = load(AdapterRecord, config_path)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; not a saved clipzsl adapter") from err
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise _damaged(config_path, f"not valid JSON ({err})") from err
-        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-            raise _damaged(config_path, "no adapter \"config\" object")
+        except RecordError as err:
+            raise _damaged(config_path, err.detail) from err
+        meta = asdict(record)
+        blob = _weights_blob(weights_path, record.weights_sha256)
+        _check_record(config_path, meta, _header_metadata(weights_path, blob))
         if model is not None:
-            fp = meta.get("backbone_fingerprint")
-            if fp != model.fingerprint:
+            if record.backbone_fingerprint != model.fingerprint:
                 raise AdapterMismatch(
-                    f"adapter {directory} was trained on backbone {fp!r} (spec {meta.get('backbone_spec')!r}), "
-                    f"but the model in use is {model.fingerprint!r} (spec {model.spec!r}); "
+                    f"adapter {directory} was trained on backbone {record.backbone_fingerprint!r} (spec "
+                    f"{record.backbone_spec!r}), but the model in use is {model.fingerprint!r} (spec {model.spec!r}); "
                     "train an adapter for this backbone or load the one it was trained on")
-            if meta["config"].get("dim") != model.embed_dim:
-                raise AdapterMismatch(f"adapter {directory} has dim {meta['config'].get('dim')}, "
+            if record.config.dim != model.embed_dim:
+                raise AdapterMismatch(f"adapter {directory} has dim {record.config.dim}, "
                                       f"model {model.spec!r} has {model.embed_dim}")
-        try:
-            adapter = cls(**{**meta["config"], "meta": meta})
-        except (TypeError, ValueError) as err:
-            raise _damaged(config_path, f"unusable adapter config ({err})") from err
-        adapter.load_state_dict(_read_weights(weights_path, meta.get("weights_sha256"), adapter.state_dict()))
+        adapter = cls(**asdict(record.config), meta=meta)
+        adapter.load_state_dict(_tensors(weights_path, blob, adapter.state_dict()))
         return adapter.eval()
 
 
-def _read_weights(path: Path, sha256: str | None, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of `path`, checked against the recorded checksum (None: older adapters without
-    one) and the adapter's own state dict (names, shapes), and all finite."""
+def _weights_blob(path: Path, sha256: str | None) -> bytes:
+    """The bytes of the weights file, checked against the recorded checksum (None: older adapters)."""
     try:
         blob = path.read_bytes()
     except FileNotFoundError as err:
         raise _damaged(path, "missing") from err
     if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
-        raise _damaged(path, f"its sha256 differs from the one recorded in {CONFIG_NAME} at save")
+        raise _damaged(path, f"its sha256 differs from the one recorded in {path.with_name(CONFIG_NAME)} at save")
+    return blob
+
+
+def _header_metadata(path: Path, blob: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's JSON header."""
+    try:
+        size = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + size]) if 0 < size <= len(blob) - 8 else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise _damaged(path, "not a readable safetensors file (no JSON header)")
+    return header.get("__metadata__") or {}
+
+
+def _check_record(config_path: Path, meta: dict, header: dict) -> None:
+    """adapter.json must say what the weights were saved with: the copy of it in their header (version
+    2), or at least the backbone fingerprint (version 1)."""
+    weights_path = config_path.with_name(WEIGHTS_NAME)
+    ours = {k: v for k, v in meta.items() if k != "weights_sha256"}
+    if RECORD_KEY in header:
+        try:
+            saved = asdict(parse(AdapterRecord, json.loads(header[RECORD_KEY]), weights_path))
+        except (json.JSONDecodeError, RecordError) as err:
+            raise _damaged(weights_path, f"unreadable copy of {CONFIG_NAME} in its header ({err})") from err
+        saved.pop("weights_sha256")
+    elif meta["version"] >= 2:
+        raise _damaged(weights_path, f"no copy of {CONFIG_NAME} in its header")
+    else:
+        saved = {"backbone_fingerprint": header.get("fingerprint", meta["backbone_fingerprint"])}
+        ours = {"backbone_fingerprint": meta["backbone_fingerprint"]}
+    where = _difference(saved, ours)
+    if where is not None:
+        raise _damaged(config_path, f"field {where!r} differs from the one the weights in {WEIGHTS_NAME} were saved "
+                                    f"with (edited by hand?); restore it")
+
+
+def _difference(saved, ours, prefix: str = "") -> str | None:
+    """The first dotted field where two decoded JSON values differ, or None."""
+    if isinstance(saved, dict) and isinstance(ours, dict):
+        for key in sorted(set(saved) | set(ours)):
+            if key not in saved or key not in ours:
+                return prefix + key
+            found = _difference(saved[key], ours[key], f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return None if canonical(saved) == canonical(ours) else prefix.rstrip(".")
+
+
+def _tensors(path: Path, blob: bytes, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file, checked against the adapter's own state dict (names, shapes),
+    and all finite."""
     try:
         state = load_safetensors(blob)
     except SafetensorError as err:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from .head import top_k as top_k_labels
 from .head import zero_shot_head
 from .images import EmbeddedImages, ImageLoadError, load_image
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
+from .records import RecordError, dumps, load, rule
 from .shards import MANIFEST, ShardReport, _write_shard, claim_shard_folder, has_shards, image_sources
 from .store import atomic_write
 
@@ -205,6 +205,19 @@ class RunState:
     complete: bool = False
 
 
+@dataclass(frozen=True)
+class Manifest:
+    """The schema of MANIFEST (read through `clipzsl.records`); sealed, so an edit that keeps every type
+    right (a count, a path) is refused too, never resumed from."""
+
+    identity: dict  # `run_identity`'s
+    shards: list[str]
+    rows: int = field(metadata=rule(lambda v: v >= 0, "0 or more"))
+    failures: list[tuple[str, str]]
+    complete: bool
+    record_sha256: str
+
+
 def run_identity(model: Backend, paths: Sequence[str], shard_size: int) -> dict:
     """What makes two runs the same run: the model's weights, the image list and the shard size."""
     digest = hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
@@ -215,7 +228,8 @@ def run_identity(model: Backend, paths: Sequence[str], shard_size: int) -> dict:
 def resume_state(out: str | os.PathLike, identity: dict) -> RunState:
     """The state to continue from: empty for a new directory, the manifest's for the same run;
     refuses a directory with shards of another run, or of no known run, so two never mix, and a
-    folder clipzsl did not make (`claim_shard_folder`), as the local writer does."""
+    folder clipzsl did not make (`claim_shard_folder`), as the local writer does,
+    and a manifest that is damaged or was edited."""
     import pyarrow.parquet as pq
 
     out = claim_shard_folder(out)
@@ -226,11 +240,11 @@ def resume_state(out: str | os.PathLike, identity: dict) -> RunState:
                              "choose a new --out or delete that directory")
         return RunState(identity)
     try:
-        saved = json.loads(manifest.read_text(encoding="utf-8"))
-        state = RunState(saved["identity"], saved["shards"], saved["rows"], [tuple(f) for f in saved["failures"]],
-                         complete=saved["complete"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{manifest}: unreadable run manifest ({err}); choose a new --out or delete that directory") from err
+        saved = load(Manifest, manifest)
+    except RecordError as err:
+        raise ValueError(f"{err}; the run cannot be resumed from it: choose a new --out, or delete {out} to start "
+                         "over") from err
+    state = RunState(saved.identity, saved.shards, saved.rows, saved.failures, complete=saved.complete)
     if state.identity != identity:
         changed = sorted(k for k in set(identity) | set(state.identity) if identity.get(k) != state.identity.get(k))
         raise ValueError(f"{out}: written by another run (it differs in {', '.join(changed)}); resuming would mix two "
@@ -241,9 +255,8 @@ def resume_state(out: str | os.PathLike, identity: dict) -> RunState:
 
 
 def _save_state(out: Path, state: RunState) -> None:
-    record = {"identity": state.identity, "shards": state.shards, "rows": state.rows,
-              "failures": [list(f) for f in state.failures], "complete": state.complete}
-    atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    record = Manifest(state.identity, state.shards, state.rows, state.failures, state.complete, "")
+    atomic_write(out / MANIFEST, lambda f: f.write(dumps(record)))
 
 
 def write_embedding_shards(ds: "ray.data.Dataset", out: str | os.PathLike, state: RunState,

@@ -40,12 +40,13 @@ import sqlite3
 import tempfile
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
+from .records import RecordError, load, rule
 from .search import build_index, factory_for, load_index, new_index, recall_at_k, write_index
 from .search import search as faiss_search
 
@@ -86,6 +87,18 @@ class ForeignFolderError(StoreError):
 
 class _Healed(Exception):
     """A damaged segment was set aside while reading; the caller retries without it."""
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """The schema of a store's meta.json (read through `clipzsl.records`)."""
+
+    fingerprint: str
+    embed_dim: int = field(metadata=rule(lambda v: v >= 1, "at least 1"))
+    format: Literal[1, 2] = 1  # format-1 stores wrote none
+    spec: str = ""
+    dtype: Literal["float32", "float16"] = "float32"
+    precisions: list[Literal["fp32", "bf16", "fp16"]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -244,7 +257,7 @@ def _has_store_tables(path: Path) -> bool:
 
 
 #: what the cache root holds (`is_cache_root`): label caches, image features, WordNet, concepts
-_CACHE_ENTRIES = ("labels", "image-features", "vocab", "conse-*.npy", MARKER)
+_CACHE_ENTRIES = ("labels", "image-features", "vocab", "conse-*.npy", "conse-*.npy.json", MARKER)
 
 
 def is_cache_root(directory: Path) -> bool:
@@ -332,17 +345,17 @@ class EmbeddingStore:
 
     @staticmethod
     def read_meta(directory: str | os.PathLike) -> dict:
-        """The metadata of an existing store: fingerprint, embed_dim, model spec and dtype."""
+        """The metadata of an existing store (`StoreMeta`: fingerprint, embed_dim, model spec, dtype), checked
+        against its schema: a hand-edited or damaged meta.json is an error naming the field."""
         path = Path(directory) / "meta.json"
         try:
-            meta = json.loads(path.read_text())
+            return asdict(load(StoreMeta, path))
         except FileNotFoundError as err:
             raise StoreError(f"{directory} is not a clipzsl store or index (no meta.json).") from err
-        except (OSError, ValueError) as err:
+        except OSError as err:
             raise StoreError(f"{path}: unreadable store metadata ({err}); delete {directory} to rebuild.") from err
-        if not isinstance(meta, dict) or "fingerprint" not in meta or "embed_dim" not in meta:
-            raise StoreError(f"{path}: unreadable store metadata (no fingerprint/embed_dim); delete {directory} to rebuild.")
-        return meta
+        except RecordError as err:
+            raise StoreError(f"{path}: unreadable store metadata ({err.detail}); delete {directory} to rebuild.") from err
 
     @property
     def kind(self) -> str:
@@ -383,22 +396,38 @@ class EmbeddingStore:
         if not (self.directory / "meta.json").exists():
             return
         meta = self.read_meta(self.directory)
-        if meta.get("fingerprint") != self.fingerprint or meta.get("embed_dim") != self.embed_dim:
+        if meta["fingerprint"] != self.fingerprint or meta["embed_dim"] != self.embed_dim:
             raise StoreError(
-                f"{self.directory} holds embeddings of model "
-                f"{self._describe(meta.get('fingerprint'), meta.get('spec'), meta.get('embed_dim'))}, not of "
+                f"{self.directory / 'meta.json'}: this store holds embeddings of model "
+                f"{self._describe(meta['fingerprint'], meta['spec'], meta['embed_dim'])}, not of "
                 f"{self._describe(self.fingerprint, self.spec, self.embed_dim)}; "
                 "use the model it was built with, or another directory."
             )
-        if meta.get("format") != FORMAT:
+        if meta["format"] != FORMAT:
             if self.repair_hint is not None:
-                raise StoreError(f"{self.directory} was written by an older clipzsl (store format "
-                                 f"{meta.get('format', 1)}); delete it and build it again.")
+                raise StoreError(f"{self.directory / 'meta.json'}: store format {meta['format']}, written by an older "
+                                 f"clipzsl; delete {self.directory} and build it again.")
             warnings.warn(f"{self.directory}: cache in an older format, emptied (entries will be recomputed)")
             self.destroy(self.directory)
             return
-        self.dtype = np.dtype(meta.get("dtype", "float32"))
-        self.spec = self.spec or meta.get("spec", "")
+        self.dtype = np.dtype(meta["dtype"])
+        self.spec = self.spec or meta["spec"]
+        self._check_dtype()
+
+    def _check_dtype(self) -> None:
+        """meta.json's dtype must be the segments' (read from one .npy header): else every segment would
+        look damaged, and be dropped from a cache or re-embedded by an index repair."""
+        segment = next(self.directory.glob("seg-*.npy"), None)
+        try:
+            with open(segment, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                stored = read[version](f)[2]
+        except (TypeError, OSError, ValueError, KeyError):
+            return  # no segment, or a damaged one: the checksum check reports it
+        if stored != self.dtype:
+            raise StoreError(f"{self.directory / 'meta.json'}: field 'dtype' says {self.dtype.name}, but the store's "
+                             f"segments hold {stored.name} (edited by hand?); set it back to {stored.name!r}")
 
     def _connect(self, create: bool = False) -> sqlite3.Connection | None:
         if self._db is None:

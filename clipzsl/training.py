@@ -228,6 +228,7 @@ def fit_with_selection(
     4 seen classes there are no held-out classes and the score is the first accuracy alone;
     `info["val_metric"]` says which ("H", "base accuracy", "pseudo-novel accuracy", or None when
     there are no validation images: then the last epoch of the first grid setting is kept).
+    `info["untrained"]` (with a warning) when the best epoch is epoch 0: no training improved on zero-shot.
     """
     base = base or TrainConfig()
     if len(set(seen_classes)) < 2:
@@ -263,8 +264,14 @@ def fit_with_selection(
             log(f"  seed {seed} {params}: {score} at epoch {result.best_epoch}, {result.epoch_seconds:.2f} s/epoch")
         if best is None or result.best_score > best[0].best_score:
             best = (result, params)
+    # validated, and no epoch beat epoch 0: alpha is still 0, so the adapter scores exactly as zero-shot
+    untrained = metric is not None and best[0].best_epoch == 0
+    if untrained:
+        warnings.warn(f"no training epoch beat the untrained adapter on the validation {metric} "
+                      f"({best[0].best_score:.3f} at epoch 0), so the adapter kept is untrained: it scores exactly "
+                      "as zero-shot; more images per class, more epochs or another learning rate may help")
     info = {"params": best[1], "val_score": best[0].best_score, "val_metric": metric, "best_epoch": best[0].best_epoch,
-            "n_train": len(tr), "n_val_base": len(vb), "n_val_novel": len(vn),
+            "untrained": untrained, "n_train": len(tr), "n_val_base": len(vb), "n_val_novel": len(vn),
             "train_classes": len(tr_classes), "val_classes": len(val_classes),
             "epoch_seconds": best[0].epoch_seconds,
             "val_split": {"train_idx": tr, "val_base_idx": vb, "val_novel_idx": vn,

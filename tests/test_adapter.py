@@ -281,9 +281,10 @@ def test_cli_train_adapter_and_explain(tiny_clip, tmp_path, monkeypatch):
             Image.fromarray(arr).save(data / name / f"{j}.png")
     (tmp_path / "seen.txt").write_text("cat\ndog\nred_car\ntree\n")
     out = tmp_path / "adapter"
-    assert main(["train-adapter", str(data), "--out", str(out), "--seen", str(tmp_path / "seen.txt"),
-                 "--model", f"hf:{tiny_clip}", "--epochs", "2", "--lr", "0.01"]) == 0
+    status = main(["train-adapter", str(data), "--out", str(out), "--seen", str(tmp_path / "seen.txt"),
+                   "--model", f"hf:{tiny_clip}", "--epochs", "2", "--lr", "0.01"])
     meta = json.loads((out / "adapter.json").read_text())
+    assert status == (1 if meta["training"]["untrained"] else 0)  # a random tiny model may not beat epoch 0
     assert meta["trained_labels"] == ["cat", "dog", "red car", "tree"]
     assert (out / "adapter.safetensors").exists()
     assert main(["explain", str(data / "boat" / "0.png"), "--labels", "boat,cat", "--adapter", str(out),

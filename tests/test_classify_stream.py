@@ -62,15 +62,14 @@ def test_resume_after_kill9_has_every_image_once(tmp_path, tiny_clip):
     assert out.read_text().startswith(before)  # the rows already there were kept, not recomputed
 
 
-def test_resume_of_a_complete_output_does_nothing(tmp_path, tiny_clip, capsys):
+def test_resume_of_a_complete_output_does_nothing(tmp_path, tiny_clip, capsys, monkeypatch):
     make_images(tmp_path / "imgs", 5)
     out = tmp_path / "out.csv"
     assert main(classify_args(tmp_path / "imgs", tiny_clip, out, "csv")) == 0
     before = out.read_bytes()
-    # a model that cannot load: resuming a complete output must not even load one
-    args = classify_args(tmp_path / "imgs", tiny_clip, out, "csv", "--resume")
-    args[args.index("--model") + 1] = f"hf:{tmp_path / 'no-such-model'}"
-    assert main(args) == 0
+    # resuming a complete output with the model it was written with must not even load the model
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded a model with nothing to do"))
+    assert main(classify_args(tmp_path / "imgs", tiny_clip, out, "csv", "--resume")) == 0
     assert out.read_bytes() == before
     assert "already in" in capsys.readouterr().err
 
@@ -104,6 +103,11 @@ def test_resume_of_another_format_names_the_file_and_line(tmp_path, tiny_clip, c
     make_images(tmp_path / "imgs", 3)
     out = tmp_path / "out.txt"
     assert main(classify_args(tmp_path / "imgs", tiny_clip, out, "csv")) == 0
+    assert main(classify_args(tmp_path / "imgs", tiny_clip, out, "jsonl", "--resume")) == 2
+    assert f"{out}: written with --format giving csv, but this run has jsonl" in capsys.readouterr().err
+    assert main(classify_args(tmp_path / "imgs", tiny_clip, out, "jsonl")) == 0
+    rows = out.read_text().splitlines()
+    out.write_text("\n".join(["image,rank,label,probability", *rows[1:]]) + "\n")  # a line that is not JSON
     assert main(classify_args(tmp_path / "imgs", tiny_clip, out, "jsonl", "--resume")) == 2
     assert f"{out}:1: not a classify JSON-lines row" in capsys.readouterr().err
 

@@ -195,7 +195,11 @@ def test_every_model_command_takes_device_precision_batch_size_and_workers(comma
 
     monkeypatch.setattr(HFBackend, "encode_images", spy)
     argv = COMMANDS[command](folders, f"hf:{tiny_clip}")
-    assert main([*argv, "--device", "cpu", "--precision", "bf16", "--batch-size", "2", "--workers", "3"]) == 0
+    status = main([*argv, "--device", "cpu", "--precision", "bf16", "--batch-size", "2", "--workers", "3"])
+    # train-adapter exits 1 when no epoch beat the untrained adapter, as a random tiny model may well not
+    untrained = command == "train-adapter" and json.loads((folders / "ad" / "adapter.json").read_text())["training"][
+        "untrained"]
+    assert status == (1 if untrained else 0)
     assert seen and all(s[:2] == ("cpu", "bf16") and s[2] <= 2 for s in seen)
     if command not in ("classify", "index"):  # these two pass --workers per call, not to the model
         assert all(s[3] == 3 for s in seen)

@@ -19,13 +19,14 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import io
 import json
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import timm
@@ -38,6 +39,7 @@ from torchvision import transforms as T
 from transformers import AutoModel, AutoTokenizer
 
 from ..prompts import ClassEntry
+from ..records import dumps, load
 from ..store import StoreError, atomic_write, own_cache_root
 from ..text_encoding import class_embeddings
 from .base import CONCEPTS_PREFIX, Backend, normalize
@@ -282,20 +284,54 @@ def build_concepts(backend: Backend) -> np.ndarray:
     return class_embeddings(backend, entries, templates, progress=False).numpy().astype(np.float32)
 
 
+@dataclass(frozen=True)
+class ArrayRecord:
+    """The schema of a cached array's checksum file, `NAME.json` next to it (read through `clipzsl.records`)."""
+
+    sha256: str
+    shape: list[int]
+    dtype: Literal["float32"]
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def read_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 array cached at `path`, verified against the checksum recorded next to it: zeroed or
+    flipped bytes keep a valid shape and finite values, and would silently change every score."""
+    blob = path.read_bytes()
+    try:
+        record = load(ArrayRecord, checksum_path(path))
+    except FileNotFoundError as err:
+        raise ValueError(f"no checksum recorded in {checksum_path(path).name} (written by an older clipzsl?)") from err
+    if hashlib.sha256(blob).hexdigest() != record.sha256:
+        raise ValueError(f"its sha256 differs from the one recorded in {checksum_path(path).name}")
+    arr = np.load(io.BytesIO(blob), allow_pickle=False)
+    if arr.shape != shape or arr.dtype != np.float32 or not np.isfinite(arr).all():
+        raise ValueError(f"{arr.dtype} array of shape {arr.shape}, expected float32 {shape} with finite values")
+    return arr
+
+
 def load_or_build(path: Path | None, shape: tuple[int, ...], build: Callable[[], np.ndarray]) -> np.ndarray:
-    """Read a cached float32 array; a missing, short or corrupt file is rebuilt and rewritten.
-    Without a path the array is built and kept only in memory."""
+    """Read a cached float32 array; a missing, damaged or unverifiable file is rebuilt (with a warning
+    when it was there) and rewritten with its checksum. Without a path the array is built and kept
+    only in memory."""
     if path is None:
         return build()
-    try:
-        arr = np.load(path, allow_pickle=False)
-        if arr.shape == shape and arr.dtype == np.float32 and np.isfinite(arr).all():
-            return arr
-    except (OSError, ValueError, EOFError):
-        pass
+    if path.exists():
+        try:
+            return read_cached(path, shape)
+        except (OSError, ValueError, EOFError) as err:
+            warnings.warn(f"{path}: cached array not used ({err}); rebuilding it")
     arr = build()
+    buffer = io.BytesIO()
+    np.save(buffer, arr, allow_pickle=False)
+    blob = buffer.getvalue()
+    record = ArrayRecord(hashlib.sha256(blob).hexdigest(), list(arr.shape), "float32")
     try:
-        atomic_write(path, lambda f: np.save(f, arr))
+        atomic_write(path, lambda f: f.write(blob))
+        atomic_write(checksum_path(path), lambda f: f.write(dumps(record)))
     except OSError as e:
         warnings.warn(f"could not cache {path.name}: {e}; it will be rebuilt next time")
     return arr
