@@ -979,9 +979,12 @@ def _set_search_parameter(index, factory: str, value: int) -> bool:
 
 def _assemble(keys: Sequence[str], unstored: dict[str, np.ndarray], store: EmbeddingStore) -> np.ndarray:
     """Vectors for `keys` from the store plus freshly computed ones that could not be stored."""
-    stored_keys = [k for k in dict.fromkeys(keys) if k not in unstored]
+    stored_keys = [k for k in dict.fromkeys(keys) if k not in unstored] if unstored else keys
     try:
-        stored = dict(zip(stored_keys, store.get(stored_keys)))
+        stored = store.get(stored_keys)
     except KeyError as err:
         raise _Healed() from err  # its segment was set aside as damaged since: compute it again
-    return np.stack([unstored[k] if k in unstored else stored[k] for k in keys]) if keys else store.get([])
+    if not unstored:
+        return stored
+    by_key = dict(zip(stored_keys, stored))
+    return np.stack([unstored[k] if k in unstored else by_key[k] for k in keys])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from clipzsl.store import MAX_SEGMENTS, EmbeddingStore
 
@@ -189,3 +191,26 @@ def test_reader_never_sees_another_process_merging_segments(tmp_path):
         reader.stdin.close()
         reader.wait(timeout=60)
     np.testing.assert_array_equal(EmbeddingStore(directory, "model-a", 8).get(["k5"]), vectors[5:6])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(st.sampled_from([f"k{i}" for i in range(40)]), max_size=30), min_size=1, max_size=4),
+       chunk=st.integers(1, 12))
+def test_chunked_get_or_compute_stores_each_key_once_and_returns_its_vector(tmp_path_factory, batches, chunk,
+                                                                              monkeypatch):
+    monkeypatch.setattr("clipzsl.store.WRITE_CHUNK", chunk)
+    directory = tmp_path_factory.mktemp("s")
+    store = EmbeddingStore(directory, "model-a", DIM)
+    computed: list[str] = []
+
+    def compute(keys):
+        assert len(keys) <= chunk and not set(keys) & set(computed)  # bounded chunks, nothing computed twice
+        computed.extend(keys)
+        return np.stack([np.full(DIM, int(k[1:]), np.float32) for k in keys])
+
+    for keys in batches:
+        vectors = store.get_or_compute(keys, compute)
+        assert vectors.shape == (len(keys), DIM)
+        np.testing.assert_array_equal(vectors[:, 0], [int(k[1:]) for k in keys])
+    assert sorted(computed) == sorted({k for keys in batches for k in keys})
+    assert rows_on_disk(directory) == len(store) == len(computed)
