@@ -219,8 +219,7 @@ def _consistent(read: Callable[..., T]) -> Callable[..., T]:
             if store._first_row() == first:
                 return result
             store.reload()
-        raise StoreError(f"{store.directory}: its segments kept changing or failing their checksums while being "
-                         "read; run again (if it is a cache, deleting the directory also helps)")
+        raise store._unsettled()
 
     return consistent_read
 
@@ -350,6 +349,11 @@ class EmbeddingStore:
         hint = (f"delete {self.directory} (it is a cache: its entries are recomputed)" if self.repair_hint is None
                 else f"its keys cannot be recovered from the segments: delete {self.directory} and build it again")
         return StoreError(f"{self.directory / 'table.sqlite'}: damaged store table ({err}); {hint}")
+
+    def _unsettled(self) -> StoreError:
+        """The error once reading or upkeep gave up starting again (see `_Healed`)."""
+        return StoreError(f"{self.directory}: its segments kept failing their checksums or being rewritten by another "
+                          "process; run again (a cache can also be deleted: its entries are recomputed)")
 
     def _full_message(self) -> str:
         return (f"{self.directory}: no space left on device; nothing was written and the store is as it was "
@@ -657,7 +661,7 @@ class EmbeddingStore:
                 return _assemble(keys, unstored, self)
             except _Healed:
                 continue  # a damaged segment was set aside meanwhile: its keys are missing now, compute them
-        raise StoreError(f"{self.directory}: segments keep failing their checksums; delete the directory")
+        raise self._unsettled()
 
     def _store_missing(self, keys: list[str], vectors: np.ndarray, best_effort: bool) -> bool:
         """Append, under the lock, the entries no process has stored since `keys` were found missing.
@@ -697,7 +701,12 @@ class EmbeddingStore:
         self.reload()
 
     def _maintain(self) -> None:
-        """Amortised upkeep after a write: concatenate a run of small segments, compact when mostly dead."""
+        """Amortised upkeep after a write: concatenate a run of small segments, compact when mostly dead.
+        A damaged segment it finds is set aside (with a warning); the upkeep then waits for the next write."""
+        with contextlib.suppress(_Healed):
+            self._upkeep()
+
+    def _upkeep(self) -> None:
         tail: list[Segment] = []
         for segment in reversed(self._segments):
             if segment.rows >= SMALL_SEGMENT_ROWS or (tail and segment.end != tail[-1].start):
@@ -731,7 +740,10 @@ class EmbeddingStore:
     def compact(self) -> None:
         """Rewrite the live rows into fresh segments, dropping replaced and removed ones."""
         with self._writing():
-            self._compact()
+            for _ in range(_READ_ATTEMPTS):
+                with contextlib.suppress(_Healed):  # a damaged segment was set aside: compact the others
+                    return self._compact()
+        raise self._unsettled()
 
     def _compact(self) -> None:
         live = self._sql("SELECT key, row FROM entries ORDER BY row")

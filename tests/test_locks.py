@@ -214,3 +214,29 @@ def test_chunked_get_or_compute_stores_each_key_once_and_returns_its_vector(tmp_
         np.testing.assert_array_equal(vectors[:, 0], [int(k[1:]) for k in keys])
     assert sorted(computed) == sorted({k for keys in batches for k in keys})
     assert rows_on_disk(directory) == len(store) == len(computed)
+
+
+def test_damaged_segment_found_by_a_writers_upkeep_is_set_aside_not_raised(tmp_path):
+    """Another writer's segments, unread by this one, are concatenated by this one's next write; one
+    of them is damaged: it is set aside with a warning (its keys are recomputed later), and both
+    this write and the next compaction go through."""
+    directory = tmp_path / "s"
+    writer = EmbeddingStore(directory, "model-a", DIM)
+    writer.add(["first"], np.ones((1, DIM)))
+    other = EmbeddingStore(directory, "model-a", DIM)
+    for i in range(MAX_SEGMENTS - 1):
+        other.add([f"k{i}"], np.full((1, DIM), i))
+    damaged = directory / other.segments[5].name
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    with pytest.warns(UserWarning, match=f"ignoring corrupt store segment {damaged}"):
+        writer.add(["last"], np.zeros((1, DIM)))  # its upkeep concatenates every small segment
+    assert "k4" not in writer and {"first", "last", "k3", "k5"} <= set(writer.keys())
+    np.testing.assert_array_equal(writer.get(["k3", "k5"]), np.stack([np.full(DIM, 3.0), np.full(DIM, 5.0)]))
+    for i in range(20, 23):
+        other.add([f"k{i}"], np.full((1, DIM), i))
+    damaged = directory / other.segments[-2].name  # k21's, unread by `writer`
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    with pytest.warns(UserWarning, match="ignoring corrupt store segment"):
+        writer.compact()
+    assert "k21" not in writer and writer.dead_rows() == 0
+    np.testing.assert_array_equal(writer.get(["k20", "k22"]), np.stack([np.full(DIM, 20.0), np.full(DIM, 22.0)]))
