@@ -84,7 +84,7 @@ def _private_runtime() -> Iterator[dict]:
     ~/.ray/auth_token written), and a watchdog (clipzsl/_ray_reaper.py) that kills every process
     of it and deletes the folder once this process ends, however it ends (Ctrl-C, SIGTERM, kill -9)."""
     folder = tempfile.mkdtemp(prefix="clipzsl-ray-", dir=os.environ.get("RAY_TMPDIR"))
-    watchdog = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_ray_reaper.py")), folder,
+    watchdog = subprocess.Popen([sys.executable, "-I", str(Path(__file__).with_name("_ray_reaper.py")), folder,
                                  str(os.getpid())], stdin=subprocess.PIPE, start_new_session=True)
     saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     if not any(os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):

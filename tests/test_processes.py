@@ -64,6 +64,40 @@ def test_killed_ray_run_leaves_no_process_and_nothing_in_home(tiny_clip, tmp_pat
             os.kill(pid, signal.SIGKILL)
 
 
+# a driver that sets up a private runtime's folder and watchdog, and starts a child that keeps a log open
+# there (as every Ray process does), then waits to be killed
+DRIVER = """
+import os, subprocess, sys, time
+from clipzsl.distributed import _private_runtime
+with _private_runtime() as options:
+    log = options["_temp_dir"] + "/worker.log"
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; log = open(sys.argv[1], 'w'); time.sleep(600)", log])
+    while not os.path.exists(log):
+        time.sleep(0.05)
+    folder = options["_temp_dir"]
+    print(folder, child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_watchdog_ends_the_runtime_of_a_terminated_driver_and_spares_others(tmp_path):
+    bystander = subprocess.Popen(["sleep", "600"], cwd=tmp_path)  # not the run's: must survive
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "RAY_TMPDIR": str(tmp_path)})
+    try:
+        folder, child = driver.stdout.readline().split()
+        driver.terminate()  # SIGTERM: no `finally` runs in the driver
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while (os.path.exists(folder) or os.path.exists(f"/proc/{child}/fd")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{child}/fd"), "the runtime's process outlived the driver"
+        assert not os.path.exists(folder) and bystander.poll() is None
+    finally:
+        bystander.kill()
+        driver.kill()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip is not installed")
 def test_unfetchable_openclip_weights_show_only_clipzsl_message(tmp_path):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "x.png")
