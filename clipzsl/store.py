@@ -803,7 +803,11 @@ class EmbeddingStore:
                 [(keys[base + i], float(s)) for i, s in zip(row_ids, row_sims) if i >= 0 and base + i in keys][:want]
                 for row_ids, row_sims in zip(ids.tolist(), similarities.tolist())
             ]
-            if all(len(r) == want for r in results) or k >= index.ntotal:
+            if all(len(r) == want for r in results):
+                return results
+            if k >= index.ntotal:
+                if self.row_span[1] > base + index.ntotal:
+                    raise _Healed()  # another process rewrote entries past the rows searched: search them too
                 return results
             k = min(index.ntotal, 4 * k)  # replaced rows crowded the live ones out: look further
 

@@ -240,3 +240,38 @@ def test_damaged_segment_found_by_a_writers_upkeep_is_set_aside_not_raised(tmp_p
         writer.compact()
     assert "k21" not in writer and writer.dead_rows() == 0
     np.testing.assert_array_equal(writer.get(["k20", "k22"]), np.stack([np.full(DIM, 20.0), np.full(DIM, 22.0)]))
+
+
+REWRITER = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from clipzsl.store import EmbeddingStore
+    store = EmbeddingStore(sys.argv[1], "model-a", 8)
+    keys = store.keys()
+    store.add(keys, np.random.default_rng(1).normal(size=(len(keys), 8)))  # every entry replaced
+    if sys.argv[2] == "compact":
+        store.compact()  # every row renumbered, the old segments deleted
+    """
+)
+
+
+@pytest.mark.parametrize("rewrite", ["replace", "compact"])
+def test_search_is_whole_when_another_process_rewrites_the_store_midway(tmp_path, monkeypatch, rewrite):
+    """Another process replaces every entry (and compacts) between a search's index scan and its
+    lookup of the keys found: the search starts again on the new rows, never returns fewer hits."""
+    directory = tmp_path / "s"
+    keys = [f"k{i}" for i in range(200)]
+    EmbeddingStore(directory, "model-a", DIM).add(keys, np.random.default_rng(0).normal(size=(200, DIM)))
+    reader = EmbeddingStore(directory, "model-a", DIM)
+    queries = reader.get(keys[:3])
+    row_keys, rewritten = reader.row_keys, []
+
+    def row_keys_after_a_rewrite(rows):
+        if not rewritten:
+            rewritten.append(subprocess.run([sys.executable, "-c", REWRITER, str(directory), rewrite], check=True))
+        return row_keys(rows)
+
+    monkeypatch.setattr(reader, "row_keys", row_keys_after_a_rewrite)
+    hits = reader.search(queries, 5)
+    assert rewritten and [len(h) for h in hits] == [5, 5, 5]
+    assert [h[0][0] for h in hits] == [h[0][0] for h in EmbeddingStore(directory, "model-a", DIM).search(queries, 5)]
