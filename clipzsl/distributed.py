@@ -18,7 +18,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from contextlib import contextmanager
+import secrets
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -54,17 +58,45 @@ def require_ray():
 @contextmanager
 def ray_runtime(address: str | None = None) -> Iterator[None]:
     """Connect to the cluster at `address` (auto, ray://HOST:PORT), or start a local runtime for
-    the run when there is none; one already connected (a notebook, a test) is used as it is."""
+    the run when there is none (`_private_runtime`); one already connected (a notebook, a test) is
+    used as it is."""
     ray = require_ray()
     if ray.is_initialized():
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=address, log_to_driver=False, include_dashboard=False if address is None else None)
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    with _private_runtime() if local else nullcontext({}) as options:
+        ray.init(address=address, log_to_driver=False, **options)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def _private_runtime() -> Iterator[dict]:
+    """ray.init options for a local runtime that lives and dies with this process: its files in a
+    temporary folder of its own (not /tmp/ray), token auth through the environment (no
+    ~/.ray/auth_token written), and a watchdog (clipzsl/_ray_reaper.py) that kills every process
+    of it and deletes the folder once this process ends, however it ends (Ctrl-C, SIGTERM, kill -9)."""
+    folder = tempfile.mkdtemp(prefix="clipzsl-ray-", dir=os.environ.get("RAY_TMPDIR"))
+    watchdog = subprocess.Popen([sys.executable, "-I", str(Path(__file__).with_name("_ray_reaper.py")), folder,
+                                 str(os.getpid())], stdin=subprocess.PIPE, start_new_session=True)
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    if not any(os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # ray.init turns token auth on (RAY_AUTH_MODE)
     try:
-        yield
+        yield {"include_dashboard": False, "_temp_dir": folder}
     finally:
-        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        watchdog.stdin.close()
+        with suppress(subprocess.TimeoutExpired):
+            watchdog.wait(timeout=60)
 
 
 def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:

@@ -32,17 +32,20 @@ import contextlib
 import errno
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import io
 import json
 import os
 import sqlite3
+import sys
 import tempfile
+import time
 import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 
@@ -67,7 +70,12 @@ VERIFY_ON_OPEN_BYTES = 256 << 20
 #: recall@10 the approximate index is tuned to reach against exact search
 TARGET_RECALL = 0.95
 DTYPES = ("float32", "float16")
+T = TypeVar("T")
 _SQL_CHUNK = 900  # keys per `IN (...)` query
+#: most keys `get_or_compute` computes and appends per locked write, so a long job lets other writers in between
+WRITE_CHUNK = SMALL_SEGMENT_ROWS
+#: times a read starts again when other processes keep merging or compacting the segments under it
+_READ_ATTEMPTS = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries(key TEXT PRIMARY KEY, row INTEGER NOT NULL UNIQUE, info TEXT NOT NULL);
@@ -86,7 +94,8 @@ class ForeignFolderError(StoreError):
 
 
 class _Healed(Exception):
-    """A damaged segment was set aside while reading; the caller retries without it."""
+    """The segments changed under a read (a damaged one was set aside, or another process merged or
+    compacted them); the read starts again on the new list (`_consistent`)."""
 
 
 @dataclass(frozen=True)
@@ -157,14 +166,63 @@ def atomic_write(path: Path, write: Callable[[object], None]) -> None:
 
 @contextlib.contextmanager
 def locked(directory: Path) -> Iterator[None]:
-    """Exclusive lock on a directory, across processes (released if the holder dies)."""
+    """Exclusive lock on a directory, across processes (released if the holder dies). The holder
+    notes its pid and command in the lock file, so a process that has to wait says for what and
+    for whom instead of hanging silently; $CLIPZSL_LOCK_TIMEOUT (seconds) bounds the wait."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as every file written
+    try:
+        _acquire(fd, directory)
         try:
+            note = _holder_note().encode()
+            os.pwrite(fd, note, 0)
+            os.ftruncate(fd, len(note))
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _acquire(fd: int, directory: Path) -> None:
+    """Lock `fd`; when another process holds it, say so on stderr once, then wait."""
+    with contextlib.suppress(BlockingIOError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    holder = os.pread(fd, 1024, 0).decode(errors="replace").strip() or "another process"
+    print(f"clipzsl: waiting for the lock on {directory} (held by {holder})", file=sys.stderr, flush=True)
+    timeout = _lock_timeout()
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        if time.monotonic() >= deadline:
+            raise StoreError(f"{directory}: still locked after {timeout:g} s (held by {holder}); let that run "
+                             "finish or stop it (a stopped process releases the lock), or raise CLIPZSL_LOCK_TIMEOUT")
+        time.sleep(0.05)
+
+
+def _lock_timeout() -> float | None:
+    """$CLIPZSL_LOCK_TIMEOUT in seconds, or None (wait as long as it takes) when unset."""
+    value = os.environ.get("CLIPZSL_LOCK_TIMEOUT", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError as err:
+        raise StoreError(f"CLIPZSL_LOCK_TIMEOUT={value!r} is not a number of seconds; set it to e.g. 60, "
+                         "or unset it to wait as long as it takes") from err
+
+
+def _holder_note() -> str:
+    """Who holds a lock, for the processes that wait on it: pid, when it took the lock, command line."""
+    command = " ".join(sys.orig_argv).replace("\n", " ")
+    command = command if len(command) <= 160 else command[:157] + "..."
+    return f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}: {command}"
 
 
 def marker_kind(directory: Path) -> str | None:
@@ -288,6 +346,28 @@ def disk_full(err: BaseException) -> bool:
     if isinstance(err, OSError):
         return err.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(err, sqlite3.OperationalError) and "full" in str(err)
+
+
+def _consistent(read: Callable[..., T]) -> Callable[..., T]:
+    """A store read, started again on a fresh segment list whenever the segments changed under it:
+    another process merged them (a listed file is gone) or compacted them (every row moved), or a
+    damaged one was set aside. So readers never see another writer's upkeep, nor `_Healed`."""
+
+    @functools.wraps(read)
+    def consistent_read(store: "EmbeddingStore", *args, **kwargs) -> T:
+        for _ in range(_READ_ATTEMPTS):
+            first = store._first_row()
+            try:
+                result = read(store, *args, **kwargs)
+            except _Healed:
+                store.reload()
+                continue
+            if store._first_row() == first:
+                return result
+            store.reload()
+        raise store._unsettled()
+
+    return consistent_read
 
 
 class EmbeddingStore:
@@ -453,6 +533,11 @@ class EmbeddingStore:
                 else f"its keys cannot be recovered from the segments: delete {self.directory} and build it again")
         return StoreError(f"{self.directory / 'table.sqlite'}: damaged store table ({err}); {hint}")
 
+    def _unsettled(self) -> StoreError:
+        """The error once reading or upkeep gave up starting again (see `_Healed`)."""
+        return StoreError(f"{self.directory}: its segments kept failing their checksums or being rewritten by another "
+                          "process; run again (a cache can also be deleted: its entries are recomputed)")
+
     def _full_message(self) -> str:
         return (f"{self.directory}: no space left on device; nothing was written and the store is as it was "
                 "(free some space and run again)")
@@ -525,6 +610,7 @@ class EmbeddingStore:
             found.update(self._sql(f"SELECT key, row FROM entries WHERE key IN ({marks})", chunk))
         return found
 
+    @_consistent
     def get(self, keys: Sequence[str]) -> np.ndarray:
         """Vectors [len(keys), D] (float32) of keys that are all present."""
         if not keys:
@@ -632,8 +718,11 @@ class EmbeddingStore:
         out = np.zeros((len(rows), self.embed_dim), np.float32)
         which, offset = self._locate(rows)
         if (which < 0).any() and not zeros_for_missing:
+            listed = self._segments
             self.reload()  # written by another process since we listed the segments
             which, offset = self._locate(rows)
+            if (which < 0).any() and self._segments != listed:
+                raise _Healed()  # compacted since the rows were looked up: look them up again
             if (which < 0).any():
                 raise StoreError(f"{self.directory / 'table.sqlite'}: rows without a segment; "
                                  f"{self.repair_hint or 'delete the directory to rebuild it'}")
@@ -642,9 +731,14 @@ class EmbeddingStore:
             out[chosen] = self._map(self._segments[number])[offset[chosen]]
         return out
 
+    @_consistent
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """Vectors of global rows [start, stop) as float32, zeros for rows of set-aside segments."""
         return self._read_rows(np.arange(start, stop, dtype=np.int64), zeros_for_missing=True)
+
+    def _first_row(self) -> int | None:
+        """The first stored row: only a compaction (which renumbers every row) or a set-aside moves it."""
+        return (self._sql("SELECT min(start) FROM segments") or [(None,)])[0][0]
 
     def row_keys(self, rows: Sequence[int]) -> dict[int, str]:
         """Live key of each of these global rows (rows of replaced or removed entries are absent)."""
@@ -671,11 +765,18 @@ class EmbeddingStore:
         """Rows still on disk whose entry was replaced or removed (what `compact` drops)."""
         return sum(s.rows for s in self._segments) - len(self)
 
+    @_consistent
     def verify(self) -> list[tuple[Segment, str]]:
         """Check every segment's checksum; returns the damaged ones, with what is wrong."""
         self.reload()
-        checked = [(segment, self._open(segment)) for segment in self._segments]
-        return [(segment, problem) for segment, problem in checked if isinstance(problem, str)]
+        listed = self._segments
+        checked = [(segment, self._open(segment)) for segment in listed]
+        damaged = [(segment, problem) for segment, problem in checked if isinstance(problem, str)]
+        if any(problem == "file missing" for _, problem in damaged):
+            self.reload()
+            if self._segments != listed:
+                raise _Healed()  # merged or compacted by another writer meanwhile, not damaged: check again
+        return damaged
 
     # -- writing -------------------------------------------------------------------------
 
@@ -743,31 +844,43 @@ class EmbeddingStore:
     ) -> np.ndarray:
         """Vectors for `keys`, computing and storing only those no process has stored yet.
 
+        The vectors are computed outside the lock, WRITE_CHUNK keys at a time, and each chunk is
+        appended under the lock with only its keys still missing then: a long job never keeps
+        another writer waiting for more than one append, and no key is stored twice.
         `best_effort` (for caches): when storing fails (full disk, read-only directory), warn
         and return the computed vectors anyway."""
-        for _ in range(3):
+        unstored: dict[str, np.ndarray] = {}
+        for _ in range(_READ_ATTEMPTS):
+            self.reload()
+            todo = [k for k in self.missing(keys) if k not in unstored]
             try:
-                self.reload()
-                todo = self.missing(keys)
-                if not todo:
-                    return self.get(keys)
-                vectors = None
-                try:
-                    with self._writing():
-                        todo = self.missing(keys)  # another process may have added some while we waited
-                        if todo:
-                            vectors = np.asarray(compute(todo), dtype=np.float32)
-                            self._append(todo, vectors, [""] * len(todo))
-                            self._maintain()
-                except (StoreError, OSError) as err:
-                    if not best_effort or not todo:
-                        raise
-                    warnings.warn(f"could not write the cache {self.directory} ({err}); continuing without it")
-                    return _assemble(keys, todo, compute(todo) if vectors is None else vectors, self)
-                return self.get(keys)
+                for start in range(0, len(todo), WRITE_CHUNK):
+                    chunk = self.missing(todo[start : start + WRITE_CHUNK])  # others may have stored some meanwhile
+                    if chunk:
+                        vectors = np.asarray(compute(chunk), dtype=np.float32)
+                        if unstored or not self._store_missing(chunk, vectors, best_effort):
+                            unstored.update(zip(chunk, vectors))
+                return _assemble(keys, unstored, self)
             except _Healed:
-                continue  # a damaged segment was set aside: its keys are missing now, compute them
-        raise StoreError(f"{self.directory}: segments keep failing their checksums; delete the directory")
+                continue  # a damaged segment was set aside meanwhile: its keys are missing now, compute them
+        raise self._unsettled()
+
+    def _store_missing(self, keys: list[str], vectors: np.ndarray, best_effort: bool) -> bool:
+        """Append, under the lock, the entries no process has stored since `keys` were found missing.
+        False (after a warning) when storing fails and `best_effort` lets the caller go on without it."""
+        try:
+            with self._writing():
+                still = set(self.missing(keys))
+                chosen = [i for i, key in enumerate(keys) if key in still]
+                if chosen:
+                    self._append([keys[i] for i in chosen], vectors[chosen], [""] * len(chosen))
+                    self._maintain()
+            return True
+        except (StoreError, OSError) as err:
+            if not best_effort:
+                raise
+            warnings.warn(f"could not write the cache {self.directory} ({err}); continuing without it")
+            return False
 
     def _append(self, keys: list[str], vectors: np.ndarray, info: list[str]) -> None:
         """Write one segment and commit its rows; caller holds the lock (`_writing`)."""
@@ -790,7 +903,12 @@ class EmbeddingStore:
         self.reload()
 
     def _maintain(self) -> None:
-        """Amortised upkeep after a write: concatenate a run of small segments, compact when mostly dead."""
+        """Amortised upkeep after a write: concatenate a run of small segments, compact when mostly dead.
+        A damaged segment it finds is set aside (with a warning); the upkeep then waits for the next write."""
+        with contextlib.suppress(_Healed):
+            self._upkeep()
+
+    def _upkeep(self) -> None:
         tail: list[Segment] = []
         for segment in reversed(self._segments):
             if segment.rows >= SMALL_SEGMENT_ROWS or (tail and segment.end != tail[-1].start):
@@ -824,7 +942,10 @@ class EmbeddingStore:
     def compact(self) -> None:
         """Rewrite the live rows into fresh segments, dropping replaced and removed ones."""
         with self._writing():
-            self._compact()
+            for _ in range(_READ_ATTEMPTS):
+                with contextlib.suppress(_Healed):  # a damaged segment was set aside: compact the others
+                    return self._compact()
+        raise self._unsettled()
 
     def _compact(self) -> None:
         live = self._sql("SELECT key, row FROM entries ORDER BY row")
@@ -866,6 +987,7 @@ class EmbeddingStore:
 
     # -- the persisted FAISS index ---------------------------------------------------------
 
+    @_consistent
     def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """Per query, the `top_k` (key, inner product) pairs, best first, through the saved index
         (exact search over the segments when none was saved); rows added since it was saved are
@@ -883,7 +1005,11 @@ class EmbeddingStore:
                 [(keys[base + i], float(s)) for i, s in zip(row_ids, row_sims) if i >= 0 and base + i in keys][:want]
                 for row_ids, row_sims in zip(ids.tolist(), similarities.tolist())
             ]
-            if all(len(r) == want for r in results) or k >= index.ntotal:
+            if all(len(r) == want for r in results):
+                return results
+            if k >= index.ntotal:
+                if self.row_span[1] > base + index.ntotal:
+                    raise _Healed()  # another process rewrote entries past the rows searched: search them too
                 return results
             k = min(index.ntotal, 4 * k)  # replaced rows crowded the live ones out: look further
 
@@ -915,8 +1041,9 @@ class EmbeddingStore:
                 self._index = (faiss.IndexFlatIP(self.embed_dim), first, first, False)
         index, base, covered, mapped = self._index
         for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
-            index.add(self.read_range(start, min(start + COMPACT_SEGMENT_ROWS, next_row)))
-        self._index = (index, base, max(covered, next_row), mapped)
+            stop = min(start + COMPACT_SEGMENT_ROWS, next_row)
+            index.add(self.read_range(start, stop))
+            self._index = (index, base, stop, mapped)  # what it covers, even if a later read fails
         return index, base
 
     @staticmethod
@@ -1006,12 +1133,14 @@ class EmbeddingStore:
                 return param, recall
         return param, recall
 
+    @_consistent
     def sample_vectors(self, count: int, seed: int = 0) -> np.ndarray:
         """`count` stored vectors chosen at random (queries for measuring recall)."""
         rows = np.array([r for (r,) in self._sql("SELECT row FROM entries")], np.int64)
         chosen = np.random.default_rng(seed).choice(rows, min(count, len(rows)), replace=False)
         return self._read_rows(np.sort(chosen))
 
+    @_consistent
     def exact_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Global rows [Q, k] of the exact top-k live rows, one segment in memory at a time."""
         import faiss
@@ -1078,9 +1207,14 @@ def _set_search_parameter(index, factory: str, value: int) -> bool:
     return True
 
 
-def _assemble(keys: Sequence[str], todo: list[str], computed: np.ndarray, store: EmbeddingStore) -> np.ndarray:
+def _assemble(keys: Sequence[str], unstored: dict[str, np.ndarray], store: EmbeddingStore) -> np.ndarray:
     """Vectors for `keys` from the store plus freshly computed ones that could not be stored."""
-    fresh = dict(zip(todo, np.asarray(computed, np.float32)))
-    stored_keys = [k for k in dict.fromkeys(keys) if k not in fresh]
-    stored = dict(zip(stored_keys, store.get(stored_keys)))
-    return np.stack([fresh[k] if k in fresh else stored[k] for k in keys])
+    stored_keys = [k for k in dict.fromkeys(keys) if k not in unstored] if unstored else keys
+    try:
+        stored = store.get(stored_keys)
+    except KeyError as err:
+        raise _Healed() from err  # its segment was set aside as damaged since: compute it again
+    if not unstored:
+        return stored
+    by_key = dict(zip(stored_keys, stored))
+    return np.stack([unstored[k] if k in unstored else by_key[k] for k in keys])

@@ -8,9 +8,11 @@ switched offline.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Iterator
 
 HUB_HOST = "huggingface.co"
@@ -46,6 +48,36 @@ def offline_for_this_load(offline: bool) -> Iterator[None]:
         yield
     finally:
         huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+@contextmanager
+def root_logs_held(package: ModuleType) -> Iterator[None]:
+    """Hold back what `package` logs through the root logger during one load: passed on if the load
+    succeeds, dropped if it fails, since the caller then raises its own error that says what to do.
+    (open_clip logs a failed download as a bare `ERROR:root:` line before raising, and that
+    `logging.error` call would also configure the root logger for the whole process.)"""
+    root = logging.getLogger()
+    folder = os.path.dirname(package.__file__)
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.pathname.startswith(folder):
+            held.append(record)
+            return False
+        return True
+
+    placeholder = None if root.handlers else logging.NullHandler()  # with a handler, nothing gets configured
+    root.addFilter(hold)
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        root.removeFilter(hold)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
+    for record in held:  # reached only when the load succeeded
+        root.handle(record)
 
 
 def hub_error(spec: str) -> RuntimeError:

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .base import Backend, normalize, split_preprocess, state_dict_digest
-from .hub import hub_error, hub_offline, offline_for_this_load
+from .hub import hub_error, hub_offline, offline_for_this_load, root_logs_held
 
 
 class OpenClipBackend(Backend):
@@ -63,7 +63,7 @@ class OpenClipBackend(Backend):
             pretrained = weights
         offline = pretrained is not None and not os.path.exists(pretrained) and hub_offline()
         try:
-            with offline_for_this_load(offline):
+            with offline_for_this_load(offline), root_logs_held(open_clip):
                 model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained,
                                                                              device=device)
         except Exception as err:  # a failed download surfaces as many exception types
