@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import clipzsl
+from clipzsl import distributed
 from clipzsl.cli import main
 
 N_IMAGES = 240
@@ -21,18 +22,15 @@ needs_ray = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    """A local Ray runtime on 2 CPUs for the module, its files under a temporary directory."""
+def ray_session():
+    """A local Ray runtime for the module, started as `clipzsl --engine ray` starts one: its files in a
+    temporary folder of its own, its token in the environment (nothing written in ~/.ray)."""
     import ray
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
-        try:
+        mp.delenv("RAY_ADDRESS", raising=False)
+        with distributed.ray_runtime():
             yield ray
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
