@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import clipzsl
 from clipzsl import PromptFileError, load_labels, load_templates
 from clipzsl.cli import labels_argument, main
-from clipzsl.prompts import normalise_text, parse_label_list
+from clipzsl.prompts import normalise_text
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
