@@ -37,7 +37,8 @@ from .explain import explain
 from .image_index import ImageIndex
 from .images import (FEATURES_DIR, MAX_PIXELS, ImageLoadError, NoImagesWarning, check_output, embed_images_cached,
                      expand_sources)
-from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_labels, load_templates, parse_label_list
+from .prompts import (DEFAULT_TEMPLATES, ClassEntry, PromptFileError, content_lines, load_labels, load_templates,
+                      normalise_text, parse_label_list)
 from .records import RecordError, canonical, dumps, load
 from .shards import ShardReport, index_from_shards, write_shards
 from .store import (STORE_KINDS, EmbeddingStore, StoreError, atomic_write, cache_root, check_owned, digest,
@@ -596,13 +597,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     names, paths, targets = folder_dataset(args.data)
     seen = list(range(len(names)))
-    if args.seen:
-        wanted = [l.strip() for l in Path(args.seen).read_text().splitlines() if l.strip() and not l.startswith("#")]
-        unknown = [w for w in wanted if w not in names and w.replace("_", " ") not in names]
+    if args.seen:  # names compared as labels are: normalised, lines ending at \n or \r\n only
+        column = {normalise_text(name): number for number, name in enumerate(names)}
+        text = Path(args.seen).read_text(encoding="utf-8-sig")
+        wanted = {n: normalise_text(line.replace("_", " ")) for n, line in content_lines(text)}
+        unknown = [f"line {n}: {w!r}" for n, w in wanted.items() if w not in column]
         if unknown:
             raise ValueError(f"{args.seen}: classes not in {args.data} (no such sub-folder, or one without images): "
-                             f"{unknown[:5]}")
-        seen = sorted(set(names.index(w.replace("_", " ")) for w in wanted))
+                             f"{', '.join(unknown[:5])}")
+        seen = sorted({column[w] for w in wanted.values()})
     if len(seen) < 2:
         where = f"{args.seen} selects" if args.seen else f"{args.data} has"
         raise ValueError(f"{where} {len(seen)} class(es) with images ({[names[c] for c in seen]}); an adapter "

@@ -26,6 +26,7 @@ from PIL import Image
 from .backends import Backend, load_model
 from .image_index import ImageIndex
 from .images import IMAGE_SUFFIXES, ImageLoadError, check_output, embed_images, expand_sources, load_image
+from .prompts import content_lines
 from .store import MARKER, atomic_write, claim
 
 #: the file in a shard folder that says which `--engine ray` run wrote its shards and how far it got
@@ -45,11 +46,9 @@ def image_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str
         if path.is_dir():
             yield from ((f, f) for f in expand_sources([str(path)]))
         elif path.suffix == ".txt":
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    target = str((path.parent / line) if not os.path.isabs(line) else Path(line))
-                    yield target, target
+            for _, line in content_lines(path.read_text(encoding="utf-8")):  # lines end at \n or \r\n only
+                target = str((path.parent / line) if not os.path.isabs(line) else Path(line))
+                yield target, target
         elif path.suffix == ".tar":
             yield from _tar_images(path)
         else:
