@@ -128,7 +128,7 @@ class ImageIndex:
         given = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
         check_output(self.directory, given)
         roots = [str(Path(p).resolve()) for p in given]
-        files = [f for f in expand_sources(roots) if f not in roots or os.path.exists(f)]
+        files = list(dict.fromkeys(f for f in expand_sources(roots) if f not in roots or os.path.exists(f)))  # each once
         present = set(files)
         stored = self.store.infos()
         check_roots(roots, files, stored, prune)
