@@ -179,6 +179,7 @@ def locked(directory: Path) -> Iterator[None]:
             os.ftruncate(fd, len(note))
             yield
         finally:
+            os.ftruncate(fd, 0)  # the note names the holder only while it holds the lock
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
