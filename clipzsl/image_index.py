@@ -19,6 +19,7 @@ import torch
 
 from .backends import Backend, load_model
 from .images import ImageLoadError, check_output, embed_images, expand_sources
+from .prompts import query_text
 from .search import recall_at_k
 from .store import EmbeddingStore, StoreError
 
@@ -127,7 +128,7 @@ class ImageIndex:
         given = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
         check_output(self.directory, given)
         roots = [str(Path(p).resolve()) for p in given]
-        files = [f for f in expand_sources(roots) if f not in roots or os.path.exists(f)]
+        files = list(dict.fromkeys(f for f in expand_sources(roots) if f not in roots or os.path.exists(f)))  # each once
         present = set(files)
         stored = self.store.infos()
         check_roots(roots, files, stored, prune)
@@ -155,7 +156,7 @@ class ImageIndex:
     def query_vector(self, query: str | torch.Tensor | np.ndarray | os.PathLike) -> np.ndarray:
         """A query as one embedding [1, D]: text, an image file (`pathlib.Path`), or a vector."""
         if isinstance(query, str):
-            return self.model.encode_texts([query]).float().cpu().numpy()
+            return self.model.encode_texts([query_text(query)]).float().cpu().numpy()
         if isinstance(query, os.PathLike):
             return embed_images(self.model, [str(query)], progress=False).embeddings.numpy()
         vector = query.float().cpu().numpy() if isinstance(query, torch.Tensor) else np.asarray(query, np.float32)

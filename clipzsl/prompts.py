@@ -146,6 +146,16 @@ def normalise_text(text: str) -> str:
     return unicodedata.normalize("NFC", text.strip())
 
 
+def query_text(text: str) -> str:
+    """A search query normalised as labels are (`normalise_text`), so a zero-width space or BOM pasted
+    with it changes nothing; refused (PromptFileError) when nothing is left to search for."""
+    query = _clean(text, "query", "search")
+    if not query:
+        raise PromptFileError(f"search: the query {_shown(text)} is empty once spaces and invisible characters "
+                              "are removed; give the words to search for")
+    return query
+
+
 def _clean(text: str, what: str, where: str) -> str:
     """`text` normalised; refused when it can only come from a wrong file: control characters, far too long."""
     control = _CONTROL.search(text)

@@ -54,7 +54,8 @@ from .image_index import ImageIndex, is_under
 from .images import (MAX_PIXELS, EmbeddedImages, ImageLoadError, TooManyPixels, decode_image, encode_pixels,
                      load_image)
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
-                      available, content_lines, load_labels, load_templates, normalise_text, parse_label_list)
+                      available, content_lines, load_labels, load_templates, normalise_text, parse_label_list,
+                      query_text)
 
 MB = 1 << 20
 log = logging.getLogger(__name__)
@@ -582,7 +583,11 @@ def create_app(
                     f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())) from err
             if len(body.text) > limits.max_query_chars:
                 raise ServiceError(422, f"text: {len(body.text)} characters, more than {limits.max_query_chars}")
-            top_k, name, query = body.top_k, body.index, {"text": body.text}
+            try:
+                text = query_text(body.text)
+            except PromptFileError as err:
+                raise ServiceError(422, str(err)) from err
+            top_k, name, query = body.top_k, body.index, {"text": text}
         else:
             raise ServiceError(415, "send JSON {\"text\": ..., \"top_k\": 10} or a multipart form with an image")
         collection = service.collection(name)

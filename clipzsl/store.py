@@ -179,6 +179,7 @@ def locked(directory: Path) -> Iterator[None]:
             os.ftruncate(fd, len(note))
             yield
         finally:
+            os.ftruncate(fd, 0)  # the note names the holder only while it holds the lock
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
@@ -476,6 +477,11 @@ class EmbeddingStore:
         if not (self.directory / "meta.json").exists():
             return
         meta = self.read_meta(self.directory)
+        if meta["fingerprint"] == self.fingerprint and meta["embed_dim"] != self.embed_dim:
+            raise StoreError(
+                f"{self.directory / 'meta.json'}: field 'embed_dim' says {meta['embed_dim']}, but its model "
+                f"{self.fingerprint!r} embeds {self.embed_dim} dimensions (edited by hand?); set it back to "
+                f"{self.embed_dim}")
         if meta["fingerprint"] != self.fingerprint or meta["embed_dim"] != self.embed_dim:
             raise StoreError(
                 f"{self.directory / 'meta.json'}: this store holds embeddings of model "

@@ -80,6 +80,17 @@ def rows_on_disk(directory: Path) -> int:
     return sum(len(np.load(path, mmap_mode="r")) for path in directory.glob("seg-*.npy"))
 
 
+def gave_up_waiting(directory: Path, gate: Path, timeout: str) -> str:
+    """stderr of a writer that gave up ($CLIPZSL_LOCK_TIMEOUT) on a lock held until `gate` exists (then made)."""
+    adder = run(ADDER, directory, env={**os.environ, "CLIPZSL_LOCK_TIMEOUT": timeout})
+    try:
+        _, err = adder.communicate(timeout=30)
+    finally:
+        gate.touch()
+    assert adder.returncode != 0
+    return err
+
+
 def test_waiting_writer_says_what_it_waits_for_and_who_holds_it(tmp_path):
     directory, gate = tmp_path / "s", tmp_path / "gate"
     holder = run(HOLDER, directory, gate)
@@ -100,12 +111,8 @@ def test_lock_timeout_is_an_error_naming_the_holder(tmp_path):
     directory, gate = tmp_path / "s", tmp_path / "gate"
     holder = run(HOLDER, directory, gate)
     assert holder.stdout.readline() == "holding\n"
-    adder = run(ADDER, directory, env={**os.environ, "CLIPZSL_LOCK_TIMEOUT": "0.5"})
-    try:
-        _, err = adder.communicate(timeout=30)
-    finally:
-        gate.touch()
-    assert adder.returncode != 0 and "Traceback" in err
+    err = gave_up_waiting(directory, gate, "0.5")
+    assert "Traceback" in err
     assert f"{directory}: still locked after 0.5 s (held by pid {holder.pid}" in err
     assert "CLIPZSL_LOCK_TIMEOUT" in err
     assert holder.wait(timeout=60) == 0
@@ -275,3 +282,31 @@ def test_search_is_whole_when_another_process_rewrites_the_store_midway(tmp_path
     hits = reader.search(queries, 5)
     assert rewritten and [len(h) for h in hits] == [5, 5, 5]
     assert [h[0][0] for h in hits] == [h[0][0] for h in EmbeddingStore(directory, "model-a", DIM).search(queries, 5)]
+
+
+RAW_HOLDER = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+    from pathlib import Path
+    fd = os.open(Path(sys.argv[1]) / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("holding", flush=True)
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.02)
+    """
+)
+
+
+def test_a_finished_holder_is_never_named_as_the_one_holding_the_lock(tmp_path):
+    """Today the holder's note outlives its lock: a run blocked by anything else (an older clipzsl, a
+    backup tool's flock) was told it waits for a process that has long exited."""
+    directory, gate = tmp_path / "s", tmp_path / "gate"
+    gate.touch()
+    first = run(HOLDER, directory, gate)
+    assert first.wait(timeout=60) == 0
+    gate.unlink()
+    holder = run(RAW_HOLDER, directory, gate)
+    assert holder.stdout.readline() == "holding\n"
+    err = gave_up_waiting(directory, gate, "0.3")
+    assert "still locked after 0.3 s (held by another process)" in err and f"pid {first.pid}" not in err
+    assert holder.wait(timeout=60) == 0

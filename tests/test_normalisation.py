@@ -256,3 +256,48 @@ def test_a_16bit_upload_scores_as_its_8bit_rendering(service):
     eight, white = upload(Image.fromarray(gray)), upload(Image.new("L", (48, 48), 255))
     assert sixteen == pytest.approx(eight, abs=1e-4)
     assert sixteen != pytest.approx(white, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def searchable(tiny_clip, tmp_path_factory):
+    """An index of three images, and the service searching it."""
+    pytest.importorskip("fastapi", reason="the service needs the serve extra")
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from clipzsl.serve import create_app
+
+    photos = tmp_path_factory.mktemp("photos")
+    for name, colour in {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}.items():
+        Image.new("RGB", (40, 40), colour).save(photos / f"{name}.png")
+    model = clipzsl.load_model(f"hf:{tiny_clip}")
+    index = clipzsl.ImageIndex(tmp_path_factory.mktemp("idx") / "index", model)
+    index.update(photos, progress=False)
+    with TestClient(create_app(model, {"photos": index.directory}, {}, cache=False)) as client:
+        yield index, client
+
+
+@FAST
+@given(data=st.data(), query=plain_name)
+def test_a_disguised_search_query_is_the_plain_query(data, query, searchable):
+    """A query is normalised as labels are: a pasted zero-width space or BOM changes no score."""
+    index, client = searchable
+    shown = data.draw(disguised(query))
+    expected = index.search(query, top_k=3)
+    assert index.search(shown, top_k=3) == expected
+    body = client.post("/search", json={"text": shown, "top_k": 3}).json()
+    assert [(r["path"], pytest.approx(r["score"], abs=1e-5)) for r in body["results"]] == \
+        [(p, pytest.approx(s, abs=1e-5)) for p, s in expected]
+
+
+@pytest.mark.parametrize("blank", [" ", "\u200b", "\ufeff \u00a0", "\u2060\u200b"])
+def test_a_blank_search_query_is_refused_not_answered(blank, searchable, capsys):
+    """Today an empty query (only spaces or invisible characters) returns hits with status 0 / HTTP 200."""
+    index, client = searchable
+    with pytest.raises(PromptFileError, match="empty once spaces and invisible characters are removed"):
+        index.search(blank)
+    response = client.post("/search", json={"text": blank})
+    assert response.status_code == 422 and "empty" in response.json()["detail"]
+    assert main(["search", str(index.directory), blank]) == 2
+    err = capsys.readouterr().err
+    assert "query" in err and "Traceback" not in err

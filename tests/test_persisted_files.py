@@ -190,6 +190,19 @@ def test_store_meta_dtype_that_disagrees_with_the_segments_is_refused(tmp_path):
         EmbeddingStore(tmp_path / "s", "model-a", 8, repair_hint="rebuild it")
 
 
+@pytest.mark.parametrize("dim", [4, 16])
+def test_store_meta_embed_dim_edited_names_the_field_not_another_model(tmp_path, dim):
+    """Today: "holds embeddings of model 'model-a' (dim 16), not of 'model-a' (dim 8); use the model it was
+    built with", which sends the user after a model that is already the right one."""
+    store_with_vectors(tmp_path / "s", "rebuild it")
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    meta["embed_dim"] = dim
+    (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=rf"meta\.json: field 'embed_dim' says {dim}, but its model 'model-a' embeds "
+                                         r"8 dimensions \(edited by hand\?\); set it back to 8"):
+        EmbeddingStore(tmp_path / "s", "model-a", 8, repair_hint="rebuild it")
+
+
 # ------------------------------------------------------------------ run manifest (clipzsl-run.json)
 
 @pytest.fixture

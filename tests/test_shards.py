@@ -150,3 +150,24 @@ def test_shards_import_completely_or_are_refused_by_file_and_row(tiny, tmp_path_
     with pytest.raises((ValueError, FileNotFoundError), match=expected):
         index_from_shards(folder / "in", out, tiny)  # today: most are imported, in part or with NaN rows
     assert not out.exists()  # nothing half-imported
+
+
+def test_an_image_named_twice_is_embedded_and_indexed_once(tiny, tiny_clip, tmp_path, monkeypatch, capsys):
+    """The same files given as relative, absolute, through a link, a .txt list and an overlapping folder:
+    today `embed` wrote their rows twice (a shard folder `index from-shards` then refused) and
+    `index images` embedded them twice and reported twice the images added."""
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    (photos / "red.png").write_bytes(png("red"))
+    (photos / "sub" / "blue.png").write_bytes(png("blue"))
+    (tmp_path / "link").symlink_to(photos)
+    (tmp_path / "list.txt").write_text("photos/red.png\nlink/sub/blue.png\n")
+    monkeypatch.chdir(tmp_path)
+    given = ["photos", str(photos), "link", "list.txt", "./photos/sub/blue.png"]
+    assert main(["embed", *given, "--out", "shards", "--model", f"hf:{tiny_clip}"]) == 0
+    assert "7 of the paths given name images already given" in capsys.readouterr().err
+    assert main(["index", "from-shards", "shards", "--out", "idx", "--model", f"hf:{tiny_clip}"]) == 0
+    assert len(ImageIndex(tmp_path / "idx", tiny)) == 2
+    index = ImageIndex(tmp_path / "idx2", tiny)
+    report = index.update(["photos", str(photos), "photos/sub"], progress=False)
+    assert (report.added, len(index), index.store.dead_rows()) == (2, 2, 0)
