@@ -38,7 +38,8 @@ from .head import zero_shot_head
 from .images import EmbeddedImages, ImageLoadError, load_image
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
 from .records import RecordError, dumps, load, rule
-from .shards import MANIFEST, ShardReport, _write_shard, claim_shard_folder, has_shards, image_sources
+from .shards import (MANIFEST, ShardReport, _write_shard, claim_shard_folder, has_shards, image_sources,
+                     mark_unfinished)
 from .store import atomic_write
 
 if TYPE_CHECKING:
@@ -319,6 +320,7 @@ def write_embedding_shards(ds: "ray.data.Dataset", out: str | os.PathLike, state
             on_shard(report)
 
     _save_state(out, state)  # before any shard: the directory now belongs to this run
+    mark_unfinished(out, True)
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         errors = batch["error"]
         good = np.array([not e for e in errors], dtype=bool)
@@ -334,6 +336,7 @@ def write_embedding_shards(ds: "ray.data.Dataset", out: str | os.PathLike, state
     state.failures += pending_failures
     state.complete = True
     _save_state(out, state)
+    mark_unfinished(out, False)
     return report
 
 

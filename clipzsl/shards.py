@@ -33,6 +33,9 @@ from .store import MARKER, atomic_write, claim
 
 #: the file in a shard folder that says which `--engine ray` run wrote its shards and how far it got
 MANIFEST = "clipzsl-run.json"
+#: in a shard folder while a run writes it (either engine), gone once the run wrote its last shard: an
+#: import refuses a folder that has it, so a killed run is never indexed as if it were whole
+UNFINISHED = ".clipzsl-unfinished"
 
 
 @dataclass
@@ -107,7 +110,7 @@ def is_shard_folder(directory: Path) -> bool:
     nothing but img_emb/img_emb_*.npy, metadata/metadata_*.parquet and a run manifest."""
     layout = {"img_emb": "img_emb_*.npy", "metadata": "metadata_*.parquet"}
     names = {p.name for p in directory.iterdir()}
-    return bool(names & set(layout)) and names <= {*layout, MANIFEST, MARKER} and all(
+    return bool(names & set(layout)) and names <= {*layout, MANIFEST, MARKER, UNFINISHED} and all(
         p.match(pattern) or p.name.endswith(".tmp")
         for sub, pattern in layout.items() if (directory / sub).is_dir() for p in (directory / sub).iterdir())
 
@@ -120,6 +123,14 @@ def has_shards(directory: Path) -> bool:
 def claim_shard_folder(out: str | os.PathLike) -> Path:
     """`out` made clipzsl's shard folder (`claim`) before any shard is written into it."""
     return claim(out, "shards", is_shard_folder)
+
+
+def mark_unfinished(out: Path, unfinished: bool) -> None:
+    """Mark a shard folder as being written (before its first shard) or as whole (after its last)."""
+    if unfinished:
+        atomic_write(out / UNFINISHED, lambda f: f.write(b"an embed run is writing these shards\n"))
+    else:
+        (out / UNFINISHED).unlink(missing_ok=True)
 
 
 def write_shards(
@@ -136,9 +147,10 @@ def write_shards(
     overwritten or mixed with these (`--engine ray` resumes a run through its manifest instead)."""
     check_output(out, paths)
     out = claim_shard_folder(out)
-    if has_shards(out) or (out / MANIFEST).exists():
-        raise ValueError(f"{out}: holds the shards of an earlier run; writing here would overwrite them and mix two "
-                         "runs: choose a new --out or delete that folder")
+    if has_shards(out) or (out / MANIFEST).exists() or (out / UNFINISHED).exists():
+        raise ValueError(f"{out}: holds the shards of an earlier run{_unfinished_note(out)}; writing here would "
+                         "overwrite them and mix two runs: choose a new --out or delete that folder")
+    mark_unfinished(out, True)
     report = ShardReport()
     chunk: list[tuple[str, str | Image.Image]] = []
     vectors: list[np.ndarray] = []
@@ -173,6 +185,7 @@ def write_shards(
         embed_chunk()
     if names:
         flush()
+    mark_unfinished(out, False)
     return report
 
 
@@ -272,9 +285,16 @@ def _unit_rows(vectors: np.ndarray, emb: Path) -> Iterator[tuple[int, np.ndarray
         yield start, block / norms
 
 
+def _unfinished_note(directory: Path) -> str:
+    return " (the embed run writing them was stopped before its end)" if (directory / UNFINISHED).exists() else ""
+
+
 def _read_shards(directory: str | os.PathLike, backend: Backend) -> list[tuple[Path, np.ndarray, list[str]]]:
     """(npy file, vectors, image paths) of every shard, each checked in full before any row is added: the
     pairs match, every row is a finite non-zero vector, every image_path is given and given once."""
+    if (Path(directory) / UNFINISHED).exists():
+        raise ValueError(f"{directory}: its shards are not all there{_unfinished_note(Path(directory))}; an index of "
+                         "them would quietly miss images: embed again into a new folder (--engine ray resumes)")
     shards, seen = [], {}
     for emb, meta in shard_files(directory):
         vectors, paths = _shard_vectors(emb, backend.embed_dim, backend.spec), _shard_paths(meta)

@@ -171,3 +171,36 @@ def test_an_image_named_twice_is_embedded_and_indexed_once(tiny, tiny_clip, tmp_
     index = ImageIndex(tmp_path / "idx2", tiny)
     report = index.update(["photos", str(photos), "photos/sub"], progress=False)
     assert (report.added, len(index), index.store.dead_rows()) == (2, 2, 0)
+
+
+def test_an_embed_killed_midway_is_never_indexed_as_whole(tiny_clip, tmp_path):
+    """kill -9 of `clipzsl embed` after its first shard: the folder says it is unfinished, so from-shards
+    refuses it (it once indexed 250 of 300 images with status 0) and a second embed into it says why."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photos / f"{i:03d}.png")
+    out = tmp_path / "emb"
+    command = [sys.executable, "-m", "clipzsl.cli", "embed", str(photos), "--out", str(out), "--model",
+               f"hf:{tiny_clip}", "--shard-size", "20", "--batch-size", "2"]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    while not list((out / "metadata").glob("*.parquet")) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    written = sorted((out / "metadata").glob("*.parquet"))
+    assert written and len(written) < 20, "the run was to be killed after its first shard, before its last"
+    with pytest.raises(ValueError, match="not all there .*stopped before its end"):
+        clipzsl.shards.index_from_shards(out, tmp_path / "idx", f"hf:{tiny_clip}")
+    assert not (tmp_path / "idx").exists()
+    assert main(["index", "from-shards", str(out), "--out", str(tmp_path / "idx"), "--model", f"hf:{tiny_clip}"]) == 2
+    with pytest.raises(ValueError, match="earlier run .*stopped before its end"):
+        clipzsl.shards.write_shards(clipzsl.load_model(f"hf:{tiny_clip}"), [photos], out)
