@@ -255,7 +255,7 @@ def claim(directory: str | os.PathLike, kind: str, recognise: Callable[[Path], b
     if found == kind:
         return directory
     if found is not None:
-        raise ForeignFolderError(f"{directory}: clipzsl made it as a {found} folder, not as a {kind} one; choose "
+        raise ForeignFolderError(f"{directory}: clipzsl made it as a folder of kind {found}, not {kind}; choose "
                                  "another folder")
     if directory.exists() and not directory.is_dir():
         raise ForeignFolderError(f"{directory}: not a folder; choose a new or empty folder")
@@ -273,7 +273,7 @@ def check_owned(directory: str | os.PathLike, kinds: Sequence[str], recognise: C
     contents clipzsl's (a folder made by an older clipzsl)."""
     directory = Path(directory)
     if marker_kind(directory) not in kinds and not recognise(directory):
-        raise ForeignFolderError(f"{directory}: not a folder clipzsl made as an {' or '.join(kinds)} (no {MARKER} "
+        raise ForeignFolderError(f"{directory}: not a folder clipzsl made of kind {' or '.join(kinds)} (no {MARKER} "
                                  "marker, and not recognisably clipzsl's); nothing was deleted")
 
 

@@ -185,7 +185,7 @@ def test_a_store_folder_is_claimed_only_when_empty_or_recognisably_clipzsls(tmp_
 def test_a_folder_of_another_kind_is_refused(tiny, tmp_path):
     EmbeddingStore(tmp_path / "cache", "fp", 8).add(["a"], np.eye(8, dtype=np.float32)[:1])
     assert json.loads((tmp_path / "cache" / MARKER).read_text())["kind"] == "label-cache"
-    with pytest.raises(ForeignFolderError, match="clipzsl made it as a label-cache folder, not as a shards one"):
+    with pytest.raises(ForeignFolderError, match="clipzsl made it as a folder of kind label-cache, not shards"):
         clipzsl.shards.write_shards(tiny, [], tmp_path / "cache")
 
 
@@ -220,7 +220,7 @@ def test_cache_clear_refuses_a_foreign_folder_inside_a_cache_before_deleting_any
     user_folder(cache / "labels" / "zz-mine")
     before = snapshot(cache)
     assert main(["cache", "clear", "--cache-dir", str(cache)]) == 2
-    assert "zz-mine: not a folder clipzsl made as an image-index or label-cache" in capsys.readouterr().err
+    assert "zz-mine: not a folder clipzsl made of kind image-index or label-cache" in capsys.readouterr().err
     assert snapshot(cache) == before
     shutil.rmtree(cache / "labels" / "zz-mine")
     assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
