@@ -35,8 +35,8 @@ from .baselines import DEFAULT_GRID
 from .classifier import ZeroShotClassifier
 from .explain import explain
 from .image_index import ImageIndex
-from .images import (FEATURES_DIR, MAX_PIXELS, ImageLoadError, NoImagesWarning, check_output, embed_images_cached,
-                     expand_sources, image_key)
+from .images import (FEATURES_DIR, MAX_PIXELS, ImageLoadError, NoImagesWarning, check_output, each_image_once,
+                     embed_images_cached, expand_sources, image_key)
 from .prompts import (DEFAULT_TEMPLATES, ClassEntry, PromptFileError, content_lines, load_labels, load_templates,
                       normalise_text, parse_label_list)
 from .records import RecordError, canonical, dumps, load
@@ -275,16 +275,6 @@ def classify_settings(args: argparse.Namespace, entries: Sequence[ClassEntry], t
                             digest(canonical(list(templates)).decode(), 64), args.top_k, args.format, os.getcwd())
 
 
-def unique_images(sources: Sequence[str]) -> list[str]:
-    """Each image once, under the first path given for it: `classify photos /abs/photos` classifies each once."""
-    seen: set[str] = set()
-    unique = [s for s in sources if not (image_key(s) in seen or seen.add(image_key(s)))]
-    if len(unique) < len(sources):
-        print(f"clipzsl: {len(sources) - len(unique)} of the paths given name images already given (the same file "
-              "under another path); each image is classified once", file=sys.stderr)
-    return unique
-
-
 #: the settings `--resume` compares, and the option that sets each
 RESUME_FLAGS = {"labels": "--labels", "templates": "--templates", "top_k": "--top-k", "format": "--format",
                 "fingerprint": "--model"}
@@ -330,7 +320,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         return cmd_classify_ray(args)
     with empty_folders() as empty:  # before the model loads: a wrong path costs nothing
-        sources = unique_images(expand_sources(args.paths))
+        sources = list(each_image_once(expand_sources(args.paths), str))
     if not sources:
         print(f"clipzsl: error: no images to classify in {', '.join(args.paths)}", file=sys.stderr)
         return 1

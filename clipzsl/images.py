@@ -22,7 +22,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -130,6 +130,28 @@ def image_key(path: str, base: str = "") -> str:
 @functools.lru_cache(maxsize=4096)
 def real_folder(folder: str) -> str:
     return os.path.realpath(folder)
+
+
+Item = TypeVar("Item")
+
+
+def each_image_once(items: Iterable[Item], path_of: Callable[[Item], str | None]) -> Iterator[Item]:
+    """`items` less those naming an image file (`path_of`; None: not a file) already named under another
+    path (`image_key`), so no image is embedded or classified twice; one warning counts them."""
+    seen: set[str] = set()
+    repeats = 0
+    for item in items:
+        path = path_of(item)
+        key = None if path is None else image_key(path)
+        if key in seen:
+            repeats += 1
+            continue
+        if key is not None:
+            seen.add(key)
+        yield item
+    if repeats:
+        warnings.warn(f"{repeats} of the paths given name images already given (the same file under another "
+                      "path); each image is used once", stacklevel=2)
 
 
 def check_output(output: str | os.PathLike, inputs: ImageSource | Sequence[ImageSource],

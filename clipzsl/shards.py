@@ -16,7 +16,6 @@ import io
 import os
 import re
 import tarfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,7 +25,7 @@ from PIL import Image
 
 from .backends import Backend, load_model
 from .image_index import ImageIndex
-from .images import (IMAGE_SUFFIXES, ImageLoadError, check_output, embed_images, expand_sources, image_key,
+from .images import (IMAGE_SUFFIXES, ImageLoadError, check_output, each_image_once, embed_images, expand_sources,
                      load_image)
 from .prompts import content_lines
 from .store import MARKER, atomic_write, claim
@@ -47,20 +46,8 @@ class ShardReport:
 
 def image_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | Image.Image | ImageLoadError]]:
     """(name, image file path | decoded image | why not) for every image the inputs name, in order, each
-    file once (by `image_key`): `embed photos /abs/photos` writes no row twice, so its shards import."""
-    seen: set[str] = set()
-    repeats = 0
-    for name, source in _named_sources(paths):
-        if isinstance(source, str):
-            key = image_key(source)
-            if key in seen:
-                repeats += 1
-                continue
-            seen.add(key)
-        yield name, source
-    if repeats:
-        warnings.warn(f"{repeats} of the paths given name images already given (the same file under another "
-                      "path); each image is embedded once", stacklevel=2)
+    file once (`each_image_once`): `embed photos /abs/photos` writes no row twice, so its shards import."""
+    return each_image_once(_named_sources(paths), lambda item: item[1] if isinstance(item[1], str) else None)
 
 
 def _named_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | Image.Image | ImageLoadError]]:
