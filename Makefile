@@ -24,9 +24,11 @@ demo: install
 	$(PYTHON) -m benchmarks.samples build/samples
 	$(PYTHON) -m clipzsl.cli classify build/samples --labels demo --top-k 3
 
-# the import-linter contracts of pyproject.toml first: a new import cycle fails before any test runs
+# the import-linter contracts and mypy (both configured in pyproject.toml) first: a new import cycle or
+# type error fails before any test runs
 test: install
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 	$(PYTHON) -m pytest -q
 
 # re-resolve the lock file from pyproject.toml (the newest releases the ranges allow), for every platform

@@ -3,9 +3,12 @@
 The public API, everything a user needs; the modules behind it are layered (see the
 `[tool.importlinter]` contracts in pyproject.toml): images -> model -> embeddings -> head -> scores.
 """
+import logging
+
 from .adapter import AdapterError, AdapterMismatch, CrossAttentionAdapter
 from .backends import DEFAULT_MODEL, Backend, available_models, load_model
 from .classifier import ZeroShotClassifier
+from .errors import ClipzslError, InputError
 from .image_index import ImageIndex
 from .images import EmbeddedImages, ImageLoadError, embed_images, load_image
 from .prompts import ClassEntry, PromptFileError, load_labels, load_templates
@@ -15,16 +18,21 @@ from .training import TrainConfig, train_adapter
 
 __version__ = "0.1.0"
 
+# operational notices go to logging.getLogger("clipzsl"); silent until the application configures logging
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
 __all__ = [
     "AdapterError",
     "AdapterMismatch",
     "Backend",
     "ClassEntry",
+    "ClipzslError",
     "CrossAttentionAdapter",
     "DEFAULT_MODEL",
     "EmbeddedImages",
     "ImageIndex",
     "ImageLoadError",
+    "InputError",
     "PromptFileError",
     "StoreError",
     "TrainConfig",

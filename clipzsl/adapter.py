@@ -35,6 +35,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
 from .backends.base import Backend
+from .errors import ClipzslError
 from .head import cosine_logits
 from .images import EmbeddedImages
 from .records import RecordError, canonical, load, parse
@@ -48,7 +49,7 @@ FORMAT_VERSION = 2
 RECORD_KEY = "clipzsl_record"
 
 
-class AdapterError(ValueError):
+class AdapterError(ClipzslError, ValueError):
     """A saved adapter that cannot be used: damaged files (whose scores would be NaN or silently
     wrong), or, as `AdapterMismatch`, one made for another backbone."""
 

@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .adapter import CrossAttentionAdapter, resolve_adapter
 from .backends import DEFAULT_MODEL, Backend, load_model
+from .errors import ClipzslError
 from .head import Head, check_top_k, probabilities, zero_shot_head
 from .head import top_k as top_k_labels
 from .images import EmbeddedImages, ImageSource, embed_images
@@ -34,7 +35,7 @@ CLASSIFIER_FORMAT = "clipzsl-zero-shot-classifier"
 Images = ImageSource | Sequence[ImageSource] | EmbeddedImages
 
 
-class ClassifierMismatch(ValueError):
+class ClassifierMismatch(ClipzslError, ValueError):
     """A saved classifier whose class embeddings were built with another model."""
 
 

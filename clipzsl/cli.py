@@ -13,6 +13,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -121,6 +122,30 @@ def show_warning(message: Warning | str, category: type[Warning], filename: str,
                  file=None, line: str | None = None) -> None:
     """A library warning as one `clipzsl: warning:` line, without Python's source-line echo."""
     print(f"clipzsl: warning: {message}", file=sys.stderr)
+
+
+class NoticeFormatter(logging.Formatter):
+    """`clipzsl: message` for notices, `clipzsl: warning: message` for warnings: the command line's style."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"clipzsl: {level}{record.getMessage()}"
+
+
+@contextmanager
+def notices_to_stderr() -> Iterator[None]:
+    """The library's operational notices (logger "clipzsl", INFO and up) on stderr while a command runs;
+    the handler is removed afterwards, so calling `main` again (tests, scripts) adds no second one."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(NoticeFormatter())
+    logger = logging.getLogger("clipzsl")
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @contextmanager
@@ -973,7 +998,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), notices_to_stderr():
         warnings.showwarning = show_warning
         try:
             check_outputs(args)

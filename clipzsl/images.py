@@ -32,13 +32,14 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from .backends.base import Backend
+from .errors import ClipzslError
 from .store import atomic_write, own_cache_root
 
 ImageSource = Union[str, Path, Image.Image]
 IMAGE_SUFFIXES = {suffix for suffix, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(ClipzslError, ValueError):
     """An image that cannot be decoded; `source` says which."""
 
     def __init__(self, source: str, reason: str):

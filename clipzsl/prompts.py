@@ -22,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
+from .errors import ClipzslError
+
 
 def _prompts_dir() -> Path:
     """The shipped prompts: clipzsl/_prompts/ in an installed wheel (pyproject.toml maps the
@@ -66,7 +68,7 @@ _TEMPLATES_INSTEAD = "or a list of templates in Python, such as ['a photo of a {
 _QUOTE_HINT = " (a number or boolean, not text: quote it; YAML reads unquoted yes/no/on/off this way too)"
 
 
-class PromptFileError(ValueError):
+class PromptFileError(ClipzslError, ValueError):
     """A template or label set that cannot be used, with where and why."""
 
 

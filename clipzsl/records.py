@@ -20,6 +20,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from .errors import ClipzslError
+
 T = TypeVar("T")
 
 #: the field that holds a sealed record's checksum (of every other field)
@@ -27,7 +29,7 @@ SEAL = "record_sha256"
 _UNIONS = (typing.Union, types.UnionType)
 
 
-class RecordError(ValueError):
+class RecordError(ClipzslError, ValueError):
     """A persisted file that does not match its schema: names the file and the field."""
 
     def __init__(self, path: str | os.PathLike, field: str, problem: str):

@@ -49,10 +49,10 @@ from starlette.requests import ClientDisconnect
 
 from .backends import Backend
 from .classifier import ZeroShotClassifier, label_embeddings
+from .errors import ClipzslError
 from .explain import heatmaps, picture
 from .image_index import ImageIndex, is_under
-from .images import (MAX_PIXELS, EmbeddedImages, ImageLoadError, TooManyPixels, decode_image, encode_pixels,
-                     load_image)
+from .images import MAX_PIXELS, EmbeddedImages, ImageLoadError, TooManyPixels, decode_image, encode_pixels, load_image
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
                       available, content_lines, load_labels, load_templates, normalise_text, parse_label_list,
                       query_text)
@@ -102,7 +102,7 @@ class Predictions(BaseModel):
     predictions: list[Prediction]
 
 
-class ServiceError(Exception):
+class ServiceError(ClipzslError):
     """A request the service refuses: HTTP `status` with a one-line reason."""
 
     def __init__(self, status: int, detail: str):

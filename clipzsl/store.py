@@ -49,6 +49,7 @@ from typing import Callable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 
+from .errors import ClipzslError
 from .records import RecordError, load, rule
 from .search import build_index, factory_for, load_index, new_index, recall_at_k, write_index
 from .search import search as faiss_search
@@ -85,7 +86,7 @@ CREATE TABLE IF NOT EXISTS state(name TEXT PRIMARY KEY, value);
 """
 
 
-class StoreError(RuntimeError):
+class StoreError(ClipzslError, RuntimeError):
     """A store that cannot be used as asked (another model's, unreadable or damaged files, a full disk)."""
 
 

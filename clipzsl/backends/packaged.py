@@ -31,13 +31,14 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import timm
 import torch
-from timm.layers import BatchNormAct2d
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
+from timm.layers import BatchNormAct2d
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision import transforms as T
 from transformers import AutoModel, AutoTokenizer
 
+from ..errors import ClipzslError
 from ..prompts import ClassEntry
 from ..records import dumps, load
 from ..store import StoreError, atomic_write, own_cache_root
@@ -75,7 +76,7 @@ _DEPTHWISE_SEPARABLE = {"conv_dw": "_depthwise_conv", "bn1": "_bn1",
                         "conv_pw": "_project_conv", "bn2": "_bn2"}
 
 
-class WeightsMismatch(ValueError):
+class WeightsMismatch(ClipzslError, ValueError):
     """The .pth state dict does not fill the timm model exactly."""
 
 
