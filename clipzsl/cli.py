@@ -34,8 +34,9 @@ from .backends import available_models, load_model
 from .backends.base import CONCEPTS_PREFIX
 from .baselines import DEFAULT_GRID
 from .classifier import ZeroShotClassifier
+from .errors import InputError
 from .explain import explain
-from .image_index import ImageIndex
+from .image_index import ImageIndex, format_hits
 from .images import (FEATURES_DIR, MAX_PIXELS, ImageLoadError, NoImagesWarning, check_output, each_image_once,
                      embed_images_cached, expand_sources, image_key)
 from .prompts import (DEFAULT_TEMPLATES, ClassEntry, PromptFileError, content_lines, load_labels, load_templates,
@@ -490,48 +491,65 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    if args.kind in ("info", "repair"):
-        if len(args.folders) != 1:
-            raise ValueError(f"`clipzsl index {args.kind}` takes one index directory, got {len(args.folders)}")
-        index = ImageIndex(args.folders[0], args.model, device=args.device, precision=args.precision)
-        if args.kind == "info":
-            info = index.info()
-            recall = "n/a (empty)" if info["recall_at_10"] is None else \
-                f"{info['recall_at_10']:.3f} against exact search on {info['recall_sample']} stored vectors"
-            print(f"{args.folders[0]}: {info['images']} images, {info['bytes'] / 1e6:.1f} MB on disk "
-                  f"({info['dtype']}, {info['segments']} segments, {info['dead_rows']} replaced rows)\n"
-                  f"model: {info['model']}\nfaiss factory: {info['factory']}"
-                  + (f" (search parameter {info['search_parameter']})" if info["search_parameter"] else "")
-                  + f"\nrecall@10: {recall}")
-            return 0
-        report = index.repair(batch_size=args.batch_size, workers=args.workers)
-        for line in report.damaged:
-            print(f"set aside damaged segment {line}")
-        for path in report.unrecoverable:
-            print(f"clipzsl: lost {path} (file gone or unreadable)", file=sys.stderr)
-        print(f"{args.folders[0]}: {len(index)} images; {len(report.damaged)} damaged segments, "
-              f"{report.reembedded} images re-embedded, {len(report.unrecoverable)} lost"
-              + (", index rebuilt" if report.index_rebuilt else ""))
-        return 1 if report.unrecoverable else 0
+    run = {"info": index_info, "repair": index_repair, "from-shards": index_shards}.get(args.kind, index_update)
+    return run(args)
+
+
+def index_info(args: argparse.Namespace) -> int:
+    """`index info DIR`: size, model, FAISS factory and measured recall of an index."""
+    print(existing_index(args).info().text(args.folders[0]))
+    return 0
+
+
+def index_repair(args: argparse.Namespace) -> int:
+    """`index repair DIR`: set damaged segments aside and re-embed their images; 1 when some are lost."""
+    index = existing_index(args)
+    report = index.repair(batch_size=args.batch_size, workers=args.workers)
+    for line in report.damaged:
+        print(f"set aside damaged segment {line}")
+    for path in report.unrecoverable:
+        print(f"clipzsl: lost {path} (file gone or unreadable)", file=sys.stderr)
+    print(report.summary(args.folders[0], len(index)))
+    return 1 if report.unrecoverable else 0
+
+
+def existing_index(args: argparse.Namespace) -> ImageIndex:
+    """The one index directory `index info` and `index repair` take, opened."""
+    if len(args.folders) != 1:
+        raise InputError(f"`clipzsl index {args.kind}` takes one index directory, got {len(args.folders)}")
+    return ImageIndex(args.folders[0], args.model, device=args.device, precision=args.precision)
+
+
+def index_output(args: argparse.Namespace) -> str:
+    """The --out INDEX_DIR that building an index needs."""
     if not args.out:
-        raise ValueError(f"`clipzsl index {args.kind}` needs --out INDEX_DIR")
-    if args.kind == "from-shards":
-        if len(args.folders) != 1 or not args.model:
-            raise ValueError("`clipzsl index from-shards DIR --out INDEX --model SPEC`: one shard directory, and "
-                             "the model that embedded the shards")
-        index = index_from_shards(args.folders[0], args.out, args.model, args.faiss_factory, args.dtype)
-        print(f"{args.out}: {len(index)} images from {args.folders[0]} "
-              f"(faiss factory {index.store.index_state().get('factory', 'Flat')})")
-        return 0
-    index = ImageIndex(args.out, args.model or "packaged", dtype=args.dtype, device=args.device,
+        raise InputError(f"`clipzsl index {args.kind}` needs --out INDEX_DIR")
+    return args.out
+
+
+def index_shards(args: argparse.Namespace) -> int:
+    """`index from-shards DIR --out INDEX --model SPEC`: an index of the rows `clipzsl embed` wrote."""
+    out = index_output(args)
+    if len(args.folders) != 1 or not args.model:
+        raise InputError("`clipzsl index from-shards DIR --out INDEX --model SPEC`: one shard directory, and the "
+                         "model that embedded the shards")
+    index = index_from_shards(args.folders[0], out, args.model, args.faiss_factory, args.dtype)
+    print(f"{out}: {len(index)} images from {args.folders[0]} "
+          f"(faiss factory {index.saved_index.state().get('factory', 'Flat')})")
+    return 0
+
+
+def index_update(args: argparse.Namespace) -> int:
+    """`index FOLDER... --out INDEX`: embed new and changed images, forget deleted ones; 1 when some were
+    skipped or a folder had no images."""
+    index = ImageIndex(index_output(args), args.model or "packaged", dtype=args.dtype, device=args.device,
                        precision=args.precision)
     with empty_folders() as empty:
         report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory,
                               workers=args.workers, prune=args.prune)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
-    print(f"{args.out}: {len(index)} images ({report.added} added, {report.updated} updated, "
-          f"{report.removed} removed, {report.unchanged} unchanged)")
+    print(report.summary(args.out, len(index)))
     return 1 if report.failures or empty else 0
 
 
@@ -570,23 +588,9 @@ def cmd_embed_ray(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
-def format_hits(rows: list[tuple[str, float]], fmt: str) -> str:
-    """Search results as a table, JSON (a list of {path, score}) or CSV (rank, path, score)."""
-    if fmt == "json":
-        return json.dumps([{"path": path, "score": score} for path, score in rows], indent=2) + "\n"
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["rank", "path", "score"])
-        writer.writerows([rank, path, f"{score:.6f}"] for rank, (path, score) in enumerate(rows, 1))
-        return out.getvalue()
-    width = max([len("image")] + [len(path) for path, _ in rows])
-    return "".join([f"{'image':<{width}}  similarity\n"] + [f"{path:<{width}}  {s:.4f}\n" for path, s in rows])
-
-
 def cmd_search(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.image is None):
-        raise ValueError("give a text query or --image PATH (exactly one)")
+        raise InputError("give a text query or --image PATH (exactly one)")
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"{args.image}: no such image file (--image)")
     query = args.query if args.image is None else Path(args.image)
@@ -782,32 +786,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
-        from .serve import Limits, create_app, warnings_once
+        from .serve import Limits, app_from_folders, run_service  # the serve extra: fastapi, uvicorn
     except ImportError as err:
         print(f"clipzsl: error: the service needs the serve extra ({err}); pip install 'clipzsl[serve]'", file=sys.stderr)
         return 2
-    indexes, label_specs = args.index or [], args.labels or []
-    names = [Path(d).resolve().name for d in indexes]
-    if len(set(names)) != len(names):
-        print(f"clipzsl: error: two --index folders share a name ({', '.join(names)}); the service tells them "
-              "apart by folder name, so rename one", file=sys.stderr)
-        return 2
-    spec = args.model or (EmbeddingStore.read_meta(indexes[0]).get("spec") if indexes else None) or "packaged"
-    cache = args.cache_dir or True
-    model = load_model(spec, cache=cache, **run_options(args))
-    label_sets = {Path(spec_).stem: load_labels(labels_argument(spec_)) for spec_ in label_specs}
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_labels=args.max_labels,
                     max_templates=args.max_templates, max_pixels=int(args.max_megapixels * 1e6),
                     batch_window_s=args.batch_window_ms / 1000, max_batch=args.max_batch)
-    app = create_app(model, dict(zip(names, indexes)), label_sets, templates=args.templates,
-                     adapter=args.adapter, cache=cache, limits=limits)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"clipzsl: warning: listening on {args.host}: anyone who can reach this machine can use the service",
-              file=sys.stderr)
-    with warnings_once():
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    label_sets = {Path(labels).stem: labels_argument(labels) for labels in args.labels or []}
+    app = app_from_folders(args.index or [], label_sets, args.model, templates=args.templates, adapter=args.adapter,
+                           cache=args.cache_dir or True, limits=limits, **run_options(args))
+    run_service(app, args.host, args.port)
     return 0
 
 

@@ -9,19 +9,26 @@ work; the FAISS index is brought up to date (new rows added, never retrained) at
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 
 from .backends import Backend, load_model
-from .images import ImageLoadError, check_output, embed_images, expand_sources
+from .errors import InputError
+from .images import EmbeddedImages, ImageLoadError, check_output, embed_images, expand_sources
 from .prompts import query_text
-from .search import recall_at_k
+from .saved_index import SavedIndex, recall_against_exact
 from .store import EmbeddingStore, StoreError
+
+#: what a search takes: a text, an image file (as a `pathlib.Path`) or a query embedding
+Query = Union[str, torch.Tensor, np.ndarray, os.PathLike]
 
 
 @dataclass
@@ -32,6 +39,11 @@ class UpdateReport:
     unchanged: int = 0
     failures: list[ImageLoadError] = field(default_factory=list)
 
+    def summary(self, name: str, size: int) -> str:
+        """One line: the index `name` now holds `size` images, and what this update did."""
+        return (f"{name}: {size} images ({self.added} added, {self.updated} updated, {self.removed} removed, "
+                f"{self.unchanged} unchanged)")
+
 
 @dataclass
 class RepairReport:
@@ -39,6 +51,48 @@ class RepairReport:
     reembedded: int = 0  # lost images embedded again from their files
     unrecoverable: list[str] = field(default_factory=list)  # lost images whose files are gone or unreadable
     index_rebuilt: bool = False
+
+    def summary(self, name: str, size: int) -> str:
+        """One line: the index `name` now holds `size` images, and what the repair found and did."""
+        return (f"{name}: {size} images; {len(self.damaged)} damaged segments, {self.reembedded} images re-embedded, "
+                f"{len(self.unrecoverable)} lost" + (", index rebuilt" if self.index_rebuilt else ""))
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What `ImageIndex.info` measures: size on disk, model, saved FAISS index and its recall@10."""
+
+    images: int
+    bytes: int
+    dtype: str
+    model: str
+    segments: int
+    dead_rows: int  # replaced or removed rows still on disk (`compact` drops them)
+    factory: str
+    search_parameter: int | None  # nprobe / efSearch; None for exact search
+    recall_at_10: float | None  # against exact search; None for an empty index
+    recall_sample: int  # stored vectors used as queries for it
+
+    def text(self, name: str) -> str:
+        """The report `clipzsl index info` prints for the index `name`."""
+        recall = ("n/a (empty)" if self.recall_at_10 is None else
+                  f"{self.recall_at_10:.3f} against exact search on {self.recall_sample} stored vectors")
+        parameter = f" (search parameter {self.search_parameter})" if self.search_parameter else ""
+        return (f"{name}: {self.images} images, {self.bytes / 1e6:.1f} MB on disk ({self.dtype}, {self.segments} "
+                f"segments, {self.dead_rows} replaced rows)\nmodel: {self.model}\nfaiss factory: {self.factory}"
+                f"{parameter}\nrecall@10: {recall}")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What an update does: the files found, those to embed (with their stamps), the indexed ones gone."""
+
+    roots: list[str]
+    files: list[str]
+    stored: dict[str, str]
+    todo: list[str]
+    stamps: dict[str, str]
+    gone: list[str]
 
 
 def file_stamp(path: str) -> str:
@@ -78,8 +132,12 @@ def check_roots(roots: Sequence[str], files: Sequence[str], stored: dict[str, st
                 "(Python: prune=True) to remove its images from the index.")
 
 
+
 class ImageIndex:
-    """Image embeddings of one model, stored in `directory`, searchable by text, image or vector."""
+    """Image embeddings of one model, stored in `directory`, searchable by text, image or vector.
+
+    Its rows are an `EmbeddingStore` (`store`) and its FAISS index a `SavedIndex` (`saved_index`);
+    no other module of clipzsl reaches into either: what they need is a method here."""
 
     def __init__(self, directory: str | os.PathLike, model: Backend | str | None = None, dtype: str = "float32",
                  device: str = "auto", precision: str = "auto"):
@@ -89,7 +147,7 @@ class ImageIndex:
         the CPU whatever they are, and FAISS searches them there: the installed build is faiss-cpu, and a
         query is one vector, so the device would only add a copy."""
         if model is None:
-            model = EmbeddingStore.read_meta(directory).get("spec") or "packaged"
+            model = model_spec_of(directory) or "packaged"
         self.model = load_model(model, device=device, precision=precision) if isinstance(model, str) else model
         self.directory = Path(directory)
         self.store = EmbeddingStore(
@@ -97,6 +155,7 @@ class ImageIndex:
             repair_hint=f"Run `clipzsl index repair {directory}` to re-embed what was lost.",
             precision=self.model.precision,
         )
+        self.saved_index = SavedIndex(self.store)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -105,6 +164,14 @@ class ImageIndex:
     def roots(self) -> list[str]:
         """The folders `update` was given (resolved): each indexed file lies under one of them."""
         return self.store.noted("roots")
+
+    def paths(self) -> list[str]:
+        """The indexed image paths, in the order they were (last) indexed: the id list a service numbers."""
+        return self.store.keys()
+
+    def close(self) -> None:
+        """Close the index's table, in the thread that used it (a later call opens it again)."""
+        self.store.close()
 
     def update(
         self,
@@ -125,51 +192,105 @@ class ImageIndex:
         permission change) refuses the update with nothing changed, and an indexed file is forgotten
         only once it is confirmed gone (a file in a folder that cannot be read is kept). With it,
         every indexed file under `folders` that was not found now is forgotten."""
-        given = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
+        plan = self._plan(folders, prune)
+        self.saved_index.check_factory(factory, len(plan.stored) - len(plan.gone)
+                                       + sum(f not in plan.stored for f in plan.todo))
+        self.store.claim()  # a folder clipzsl did not make is refused before the first write
+        self.store.note("roots", sorted(set(self.roots) | set(plan.roots)))  # what each image is served from
+        self.store.remove(plan.gone)
+        report = UpdateReport(removed=len(plan.gone), unchanged=len(plan.files) - len(plan.todo))
+        for result in self._embed(plan.todo, plan.stamps.__getitem__, checkpoint_every, batch_size=batch_size,
+                                  progress=progress, workers=workers):
+            report.failures += result.failures
+            report.updated += sum(1 for f in result.sources if f in plan.stored)
+            report.added += sum(1 for f in result.sources if f not in plan.stored)
+        self.saved_index.save(factory)
+        return report
+
+    def _plan(self, folders: str | os.PathLike | Sequence[str | os.PathLike], prune: bool) -> _Plan:
+        """The files under `folders` (each once), the ones new or changed since indexed, the indexed ones gone."""
+        given = [os.fspath(p) for p in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
         check_output(self.directory, given)
         roots = [str(Path(p).resolve()) for p in given]
-        files = list(dict.fromkeys(f for f in expand_sources(roots) if f not in roots or os.path.exists(f)))  # each once
-        present = set(files)
+        files = _files_under(roots)
         stored = self.store.infos()
         check_roots(roots, files, stored, prune)
+        present = set(files)
         gone = [k for k in stored if k not in present and any(is_under(k, r) for r in roots) and (prune or _gone(k))]
         stamps = {f: file_stamp(f) for f in files}
         todo = [f for f in files if stored.get(f) != stamps[f]]
-        self.store.check_factory(factory, len(stored) - len(gone) + sum(f not in stored for f in todo))
-        self.store.claim()  # a folder clipzsl did not make is refused before the first write
-        self.store.note("roots", sorted(set(self.roots) | set(roots)))  # what each image is served from
-        self.store.remove(gone)
-        report = UpdateReport(removed=len(gone))
-        report.unchanged = len(files) - len(todo)
-        for start in range(0, len(todo), checkpoint_every):
-            chunk = todo[start : start + checkpoint_every]
-            result = embed_images(self.model, chunk, batch_size=batch_size, skip_errors=True, progress=progress,
-                                  workers=workers)
-            report.failures += result.failures
-            report.updated += sum(1 for f in result.sources if f in stored)
-            report.added += sum(1 for f in result.sources if f not in stored)
-            if result.sources:
-                self.store.add(result.sources, result.embeddings.numpy(), [stamps[f] for f in result.sources])
-        self.store.save_index(factory)
-        return report
+        return _Plan(roots, files, stored, todo, stamps, gone)
 
-    def query_vector(self, query: str | torch.Tensor | np.ndarray | os.PathLike) -> np.ndarray:
+    def _embed(self, files: list[str], stamp: Callable[[str], str], chunk: int, **options) -> Iterator[EmbeddedImages]:
+        """Embed `files` `chunk` at a time (unreadable ones reported back), each chunk added as it comes,
+        with its files' `stamp`s: an interrupted run loses at most one chunk."""
+        for start in range(0, len(files), chunk):
+            result = embed_images(self.model, files[start : start + chunk], skip_errors=True, **options)
+            if result.sources:
+                self.store.add(result.sources, result.embeddings.numpy(), [stamp(f) for f in result.sources])
+            yield result
+
+    def add_vectors(self, blocks: Iterable[tuple[Sequence[str], np.ndarray]], factory: str = "auto") -> dict:
+        """Add (paths, vectors [N, D]) blocks embedded elsewhere (e.g. by `clipzsl embed` into shards),
+        then bring the saved FAISS index up to date; `factory` is refused (an InputError) before the
+        first row is written. Returns the saved index's state (`SavedIndex.state`)."""
+        self.saved_index.check_factory(factory)
+        for paths, vectors in blocks:
+            self.store.add(paths, vectors)
+        return self.saved_index.save(factory)
+
+    def query_vector(self, query: Query) -> np.ndarray:
         """A query as one embedding [1, D]: text, an image file (`pathlib.Path`), or a vector."""
         if isinstance(query, str):
             return self.model.encode_texts([query_text(query)]).float().cpu().numpy()
         if isinstance(query, os.PathLike):
             return embed_images(self.model, [str(query)], progress=False).embeddings.numpy()
-        vector = query.float().cpu().numpy() if isinstance(query, torch.Tensor) else np.asarray(query, np.float32)
-        return vector.reshape(1, -1)
+        return _as_vector(query).reshape(1, -1)
 
-    def search(self, query: str | torch.Tensor | np.ndarray | os.PathLike, top_k: int = 10) -> list[tuple[str, float]]:
+    def query_vectors(self, queries: Sequence[Query] | np.ndarray | torch.Tensor) -> np.ndarray:
+        """Queries as embeddings [N, D], in their order: the texts in one text-tower pass, the image
+        files in one `embed_images` call, vectors as given (a [N, D] array or tensor is N vectors)."""
+        if isinstance(queries, (np.ndarray, torch.Tensor)):
+            return _as_vector(queries).reshape(-1, self.model.embed_dim)
+        items = list(queries)
+        out = np.empty((len(items), self.model.embed_dim), np.float32)
+        texts = [i for i, q in enumerate(items) if isinstance(q, str)]
+        images = [i for i, q in enumerate(items) if isinstance(q, os.PathLike)]
+        if texts:
+            out[texts] = self.model.encode_texts([query_text(str(items[i])) for i in texts]).float().cpu().numpy()
+        if images:
+            out[images] = self._image_vectors([os.fspath(q) for q in items if isinstance(q, os.PathLike)])
+        for i, query in enumerate(items):
+            if isinstance(query, (torch.Tensor, np.ndarray)):
+                out[i] = _as_vector(query).reshape(-1)
+        return out
+
+    def _image_vectors(self, paths: list[str]) -> np.ndarray:
+        """Embeddings of image files, each file embedded once however often it is named."""
+        unique = list(dict.fromkeys(paths))
+        embedded = embed_images(self.model, unique, progress=False)
+        if len(embedded.sources) != len(unique):
+            raise InputError(f"image queries {unique}: {len(embedded.sources)} images found in {len(unique)} "
+                             "paths; give image files, not folders")
+        row = {path: r for r, path in enumerate(unique)}
+        return embedded.embeddings.numpy()[[row[p] for p in paths]]
+
+    def search(self, query: Query, top_k: int = 10) -> list[tuple[str, float]]:
         """The `top_k` (path, cosine similarity) pairs, best first, for a text query, an image
         file (as a `pathlib.Path`) or a query embedding."""
         if len(self.store) == 0:
             return []
-        return self.store.search(self.query_vector(query), top_k)[0]
+        return self.saved_index.search(self.query_vector(query), top_k)[0]
 
-    def info(self, sample: int = 100) -> dict:
+    def search_many(self, queries: Sequence[Query] | np.ndarray | torch.Tensor,
+                    top_k: int = 10) -> list[list[tuple[str, float]]]:
+        """Per query, what `search` returns for it, in one call: the queries are embedded together
+        (`query_vectors`) and searched as one batch (a FAISS matrix product, not one scan each)."""
+        if len(self.store) == 0:
+            return [[] for _ in range(len(queries))]
+        return self.saved_index.search(self.query_vectors(queries), top_k)
+
+    def info(self, sample: int = 100) -> IndexInfo:
         """Size, dtype, FAISS factory and recall@10 of the saved index against exact search,
         measured now on `sample` stored vectors as queries (every checksum is verified first)."""
         damaged = self.store.verify()
@@ -177,20 +298,12 @@ class ImageIndex:
             segment, problem = damaged[0]
             raise StoreError(f"{self.directory / segment.name}: damaged store segment ({problem}); "
                              f"{len(damaged)} damaged in all. {self.store.repair_hint}")
-        state = self.store.index_state()
-        result = {"images": len(self.store), "bytes": self.store.size_bytes(), "dtype": self.store.dtype.name,
-                  "model": self.model.spec, "segments": len(self.store.segments), "dead_rows": self.store.dead_rows(),
-                  "factory": state.get("factory", "Flat"), "search_parameter": state.get("param"),
-                  "recall_at_10": None, "recall_sample": 0}
-        if len(self.store):
-            queries = self.store.sample_vectors(sample)
-            found = [[hit for hit, _ in hits] for hits in self.store.search(queries, 10)]
-            exact = self.store.exact_ids(queries, min(10, len(self.store)))
-            names = self.store.row_keys(np.unique(exact))
-            exact_keys = [[names[r] for r in row] for row in exact.tolist()]
-            result["recall_at_10"] = recall_at_k(found, exact_keys)
-            result["recall_sample"] = len(queries)
-        return result
+        state = self.saved_index.state()
+        recall, used = recall_against_exact(self.store, sample, self.saved_index)
+        return IndexInfo(images=len(self.store), bytes=self.store.size_bytes(), dtype=self.store.dtype.name,
+                         model=self.model.spec, segments=len(self.store.segments), dead_rows=self.store.dead_rows(),
+                         factory=state.get("factory", "Flat"), search_parameter=state.get("param"),
+                         recall_at_10=recall, recall_sample=used)
 
     def repair(self, batch_size: int | None = None, progress: bool | None = None,
                workers: int | None = None) -> RepairReport:
@@ -201,14 +314,41 @@ class ImageIndex:
         lost = self.store.set_aside([segment for segment, _ in damaged]) if damaged else []
         readable = [k for k in lost if os.path.isfile(k)]
         report.unrecoverable = [k for k in lost if not os.path.isfile(k)]
-        for start in range(0, len(readable), 1024):
-            chunk = readable[start : start + 1024]
-            result = embed_images(self.model, chunk, batch_size=batch_size, skip_errors=True, progress=progress,
-                                  workers=workers)
+        for result in self._embed(readable, file_stamp, 1024, batch_size=batch_size, progress=progress,
+                                  workers=workers):
             report.unrecoverable += [failure.source for failure in result.failures]
-            if result.sources:
-                self.store.add(result.sources, result.embeddings.numpy(), [file_stamp(f) for f in result.sources])
             report.reembedded += len(result.sources)
-        report.index_rebuilt = self.store.index_problem() is not None
-        self.store.save_index()  # a damaged one is built afresh
+        report.index_rebuilt = self.saved_index.problem() is not None
+        self.saved_index.save()  # a damaged one is built afresh
         return report
+
+
+def _files_under(roots: list[str]) -> list[str]:
+    """The image files under `roots` (a root that is a file: itself, while it exists), each once."""
+    found = [str(f) for f in expand_sources(roots)]  # paths: roots are no PIL images
+    return list(dict.fromkeys(f for f in found if f not in roots or os.path.exists(f)))
+
+
+def format_hits(hits: Sequence[tuple[str, float]], fmt: str = "table") -> str:
+    """Search results (`ImageIndex.search`) as a table, JSON (a list of {path, score}) or CSV (rank, path,
+    score): what `clipzsl search` prints."""
+    if fmt == "json":
+        return json.dumps([{"path": path, "score": score} for path, score in hits], indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["rank", "path", "score"])
+        writer.writerows([rank, path, f"{score:.6f}"] for rank, (path, score) in enumerate(hits, 1))
+        return out.getvalue()
+    width = max([len("image")] + [len(path) for path, _ in hits])
+    return "".join([f"{'image':<{width}}  similarity\n"] + [f"{path:<{width}}  {s:.4f}\n" for path, s in hits])
+
+
+def model_spec_of(directory: str | os.PathLike) -> str | None:
+    """The model spec an existing index was built with (its meta.json), or None when it noted none."""
+    return EmbeddingStore.read_meta(directory).get("spec") or None
+
+
+def _as_vector(query: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A query embedding (tensor or array, any device) as float32 numpy."""
+    return query.float().cpu().numpy() if isinstance(query, torch.Tensor) else np.asarray(query, np.float32)

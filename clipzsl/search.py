@@ -14,6 +14,8 @@ import threading
 
 import numpy as np
 
+from .errors import InputError
+
 AUTO_EXACT_LIMIT = 200_000
 
 
@@ -28,7 +30,7 @@ def factory_for(count: int, spec: str = "auto") -> str:
 
 def new_index(factory: str, dim: int, count: int):
     """An empty FAISS inner-product index of `factory` for `dim`-dimensional vectors, to be trained on
-    `count` of them; a string FAISS rejects (or one needing more training vectors) is a ValueError.
+    `count` of them; a string FAISS rejects (or one needing more training vectors) is an InputError.
     Calling it before any work is how a bad factory is refused with nothing written."""
     import faiss
 
@@ -36,11 +38,11 @@ def new_index(factory: str, dim: int, count: int):
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         reason = str(err).rsplit(": ", 1)[-1]
-        raise ValueError(f"invalid FAISS index factory string {factory!r} for {dim}-dimensional vectors: {reason}; "
+        raise InputError(f"invalid FAISS index factory string {factory!r} for {dim}-dimensional vectors: {reason}; "
                          "see https://github.com/facebookresearch/faiss/wiki/The-index-factory") from err
     needed = 39 * getattr(index, "nlist", 1)  # FAISS's minimum: 39 vectors per inverted-file cell
     if not index.is_trained and count < needed:
-        raise ValueError(f"index {factory!r} needs at least {needed} training vectors, not the {count} there are; "
+        raise InputError(f"index {factory!r} needs at least {needed} training vectors, not the {count} there are; "
                          "choose a smaller factory (or auto)")
     return index
 
@@ -59,7 +61,7 @@ def build_index(vectors: np.ndarray, spec: str = "auto", add: bool = True):
 def check_top_k(k: int) -> None:
     """Refuse k < 1 with a clear error: FAISS would fail on a bare assertion, torch return nothing."""
     if k < 1:
-        raise ValueError(f"top_k must be at least 1, got {k}")
+        raise InputError(f"top_k must be at least 1, got {k}")
 
 
 def write_index(index, file) -> None:
@@ -67,7 +69,7 @@ def write_index(index, file) -> None:
     gives it the temporary file of an atomic write)."""
     import faiss
 
-    faiss.write_index(index, faiss.PyCallbackIOWriter(file.write))
+    faiss.write_index(index, faiss.PyCallbackIOWriter(file.write))  # type: ignore[attr-defined]  # in the SWIG module, not its stubs
 
 
 def load_index(path: os.PathLike, mmap: bool = False):

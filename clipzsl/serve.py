@@ -36,10 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Annotated, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Sequence, cast
 
 import numpy as np
 import torch
+import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
@@ -47,17 +49,19 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile as Upload
 from starlette.requests import ClientDisconnect
 
-from .backends import Backend
+from .backends import Backend, load_model
 from .classifier import ZeroShotClassifier, label_embeddings
-from .errors import ClipzslError
+from .errors import ClipzslError, InputError
 from .explain import heatmaps, picture
-from .image_index import ImageIndex, is_under
+from .image_index import ImageIndex, is_under, model_spec_of
 from .images import MAX_PIXELS, EmbeddedImages, ImageLoadError, TooManyPixels, decode_image, encode_pixels, load_image
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
                       available, content_lines, load_labels, load_templates, normalise_text, parse_label_list,
                       query_text)
 
 MB = 1 << 20
+#: the hosts that only this machine reaches (any other is warned about: `run_service`)
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger(__name__)
 
 
@@ -127,7 +131,7 @@ class Collection:
 
     def refresh(self) -> None:
         """Give ids to the keys added since (another process may have updated the index)."""
-        present = self.index.store.keys()
+        present = self.index.paths()
         for key in present:
             if key not in self.ids:
                 self.ids[key] = len(self.keys)
@@ -159,10 +163,30 @@ class Collection:
 class _Job:
     future: asyncio.Future
     top_k: int
+    target: ZeroShotClassifier | Collection  # classify the image with it, or search it for the image or text
     pixels: torch.Tensor | None = None  # an image as the model takes it (`Backend.pixels_uint8`)
     text: str | None = None
-    classifier: ZeroShotClassifier | None = None  # classify with it; else search `collection`
-    collection: Collection | None = None
+
+
+@dataclass
+class _Encoded:
+    """A batch's images and texts through the model's towers, by the jobs' numbers in the batch."""
+
+    images: EmbeddedImages | None
+    image_row: dict[int, int]
+    texts: np.ndarray
+    text_row: dict[int, int]
+
+    def images_of(self, members: list[int]) -> EmbeddedImages:
+        """The embedded images of these jobs (each of which sent one)."""
+        assert self.images is not None, "a classify job always sends an image"
+        return self.images.subset([self.image_row[i] for i in members])
+
+    def queries(self, members: list[int]) -> np.ndarray:
+        """A query embedding [len(members), D] per job: its image's, else its text's."""
+        images = self.images.embeddings if self.images is not None else None
+        return np.stack([images[self.image_row[i]].numpy() if images is not None and i in self.image_row
+                         else self.texts[self.text_row[i]] for i in members])
 
 
 class Batcher:
@@ -174,7 +198,7 @@ class Batcher:
         self.tokens = adapter_loaded  # an adapter scores the spatial tokens
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipzsl-model")
         weakref.finalize(self, self.worker.shutdown, wait=False, cancel_futures=True)
-        self.queue: asyncio.Queue[_Job] | None = None
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()  # a new one for each start (its event loop)
         self.task: asyncio.Task | None = None
         self.batches: list[int] = []  # sizes of the batches run (the health endpoint reports them)
 
@@ -195,7 +219,7 @@ class Batcher:
         """`function(*args)` in the model's thread (the only thread that runs the model)."""
         return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
 
-    async def submit(self, **job) -> object:
+    async def submit(self, **job: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
         await self.queue.put(_Job(future=future, **job))
         return await future
@@ -239,41 +263,52 @@ class Batcher:
             else:
                 job.future.set_result(result)
 
-    def _run(self, jobs: list[_Job]) -> list:
+    def _run(self, jobs: list[_Job]) -> list[Any]:
         """The image tower over every job's image (forward passes of at most the model's batch size),
         the text tower once over every text query, then one head per label set and one index
         search per collection, each over all of its jobs."""
-        with_image = [i for i, job in enumerate(jobs) if job.pixels is not None]
-        with_text = [i for i, job in enumerate(jobs) if job.text is not None]
-        size = self.model.batch_size
-        embedded = EmbeddedImages.cat([
-            encode_pixels(self.model, [jobs[i].pixels for i in with_image[first:first + size]], self.tokens)
-            for first in range(0, len(with_image), size)]) if with_image else None
-        row = {job: r for r, job in enumerate(with_image)}
-        texts = self.model.encode_texts([jobs[i].text for i in with_text]).float().numpy() if with_text else None
-        text_row = {job: r for r, job in enumerate(with_text)}
+        encoded = self._encode(jobs)
         groups: dict[int, list[int]] = {}  # jobs by label set, or by collection
         for i, job in enumerate(jobs):
-            groups.setdefault(id(job.classifier if job.classifier is not None else job.collection), []).append(i)
-        results: list = [None] * len(jobs)
+            groups.setdefault(id(job.target), []).append(i)
+        results: list[Any] = [None] * len(jobs)
         for members in groups.values():
-            first, k = jobs[members[0]], max(jobs[i].top_k for i in members)
-            if first.classifier is not None:
-                found = first.classifier.predict(embedded.subset([row[i] for i in members]), top_k=k)
-            else:
-                queries = np.stack([embedded.embeddings[row[i]].numpy() if i in row else texts[text_row[i]]
-                                    for i in members])
-                found = self._search(first.collection, queries, k)
+            found = self._answer_group(jobs[members[0]].target, encoded, members, max(jobs[i].top_k for i in members))
             for i, best in zip(members, found):
                 results[i] = best[: jobs[i].top_k]
         return results
 
+    def _encode(self, jobs: list[_Job]) -> _Encoded:
+        """Every job's image through the image tower (passes of at most the model's batch size), every
+        text query through the text tower in one pass."""
+        pixels = [job.pixels for job in jobs if job.pixels is not None]
+        texts = [job.text for job in jobs if job.text is not None]
+        size = self.model.batch_size
+        images = EmbeddedImages.cat([encode_pixels(self.model, pixels[first:first + size], self.tokens)
+                                     for first in range(0, len(pixels), size)]) if pixels else None
+        vectors = self.model.encode_texts(texts).float().numpy() if texts else np.empty((0, self.model.embed_dim))
+        return _Encoded(images, _rows([job.pixels is not None for job in jobs]), vectors,
+                        _rows([job.text is not None for job in jobs]))
+
+    @staticmethod
+    def _answer_group(target: ZeroShotClassifier | Collection, encoded: _Encoded, members: list[int],
+                      top_k: int) -> list[list[Any]]:
+        """The `top_k` answers of each of `members`, all for one label set or one collection."""
+        if isinstance(target, ZeroShotClassifier):
+            return target.predict(encoded.images_of(members), top_k=top_k)
+        return Batcher._search(target, encoded.queries(members), top_k)
+
     @staticmethod
     def _search(collection: Collection, queries: np.ndarray, top_k: int) -> list[list[tuple[int, str, float]]]:
-        """Per query, its `top_k` hits as (id, path, score): one store search for the whole batch (a
+        """Per query, its `top_k` hits as (id, path, score): one index search for the whole batch (a
         shorter top_k is the head of a longer one's hits, exactly so for exact and IVF indexes)."""
-        found = collection.index.store.search(queries, top_k)
+        found = collection.index.search_many(queries, top_k)
         return [[(collection.id_of(path), path, score) for path, score in hits] for hits in found]
+
+
+def _rows(chosen: list[bool]) -> dict[int, int]:
+    """Job number -> row among the chosen jobs' rows (in their order)."""
+    return {job: row for row, job in enumerate(i for i, yes in enumerate(chosen) if yes)}
 
 
 class _TextTower:
@@ -353,16 +388,17 @@ class Service:
     def template_list(self, spec: str | None) -> list[str]:
         """The service's templates, a shipped template set's name, or templates one a line (read as a
         template file's lines are: `content_lines`)."""
-        name = normalise_text(spec or "")
+        text = spec or ""
+        name = normalise_text(text)
         if not name:
             return self.templates
-        if "{" not in spec and name in self.shipped_templates:
+        if "{" not in text and name in self.shipped_templates:
             found = load_templates(name)
-        elif "{" not in spec:
+        elif "{" not in text:
             raise ServiceError(404, f"unknown template set {spec!r}; shipped: {', '.join(self.shipped_templates)} "
                                     "(or give templates one a line, each with a {} for the label)")
         else:
-            found = load_templates([line for _, line in content_lines(spec)])
+            found = load_templates([line for _, line in content_lines(text)])
         if len(found) > self.limits.max_templates:
             raise ServiceError(422, f"templates: {len(found)} templates, more than the {self.limits.max_templates} a "
                                     "request may have; send fewer, or start the service with a higher --max-templates")
@@ -371,7 +407,8 @@ class Service:
     def on_disk(self, labels: str, templates: str | None) -> bool:
         """Whether a label set's embeddings go to the on-disk label cache: only for the sets the server
         names, with its templates or a shipped set of them (see the module's docstring)."""
-        named_labels = labels in self.label_sets or labels in self.shipped_labels
+        name = normalise_text(labels)  # as `labels` reads it
+        named_labels = name in self.label_sets or name in self.shipped_labels
         named_templates = templates is None or not templates.strip() or templates.strip() in self.shipped_templates
         return named_labels and named_templates
 
@@ -405,15 +442,19 @@ class Service:
 
     def _classifier_of(self, key: tuple, cache) -> ZeroShotClassifier:
         entries, templates = (list(part) for part in key)
-        embeddings = label_embeddings(_TextTower(self.model, self.batcher.worker), entries, templates, cache,
-                                      progress=False)
+        tower = cast(Backend, _TextTower(self.model, self.batcher.worker))  # a Backend, its text tower queued
+        embeddings = label_embeddings(tower, entries, templates, cache, progress=False)
         return ZeroShotClassifier(self.model, labels=entries, templates=templates, cache=False,
                                   class_embeddings=embeddings, adapter=self.adapter)
 
     async def close(self) -> None:
         """Finish the batch in hand, close the indexes' tables (in the thread that opened them), end the threads."""
         self.builders.shutdown(wait=False, cancel_futures=True)
-        await self.batcher.stop(lambda: [c.index.store.close() for c in self.collections.values()])
+        await self.batcher.stop(self._close_indexes)
+
+    def _close_indexes(self) -> None:
+        for collection in self.collections.values():
+            collection.index.close()
 
     def check_top_k(self, top_k: int) -> int:
         if not 1 <= top_k <= self.limits.max_top_k:
@@ -529,7 +570,7 @@ def create_app(
     async def left(request: Request, err: ClientDisconnect) -> Response:
         """A client that hung up before its request was read: one line in the log, not a traceback."""
         client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
-        log.warning("clipzsl: %s hung up before its %s %s was read; nothing was done", client, request.method,
+        log.warning("%s hung up before its %s %s was read; nothing was done", client, request.method,
                     request.url.path)
         return Response(status_code=400)  # nobody is there to read it
 
@@ -569,12 +610,13 @@ def create_app(
     async def search(request: Request) -> SearchResults:
         """The `top_k` indexed images closest to a text (JSON) or an image (multipart `image`)."""
         kind = request.headers.get("content-type", "")
+        pixels: torch.Tensor | None = None
+        text: str | None = None
         if kind.startswith("multipart/form-data"):
             async with request.form(max_files=1, max_fields=4) as form:
                 top_k = _form_int(form.get("top_k"), 10, "top_k")
-                name = form.get("index") if isinstance(form.get("index"), str) else None
+                name = index if isinstance(index := form.get("index"), str) else None
                 pixels = await service.pixels(form.get("image"))
-            query = {"pixels": pixels}
         elif kind.startswith("application/json"):
             try:
                 body = SearchQuery.model_validate_json(await request.body())
@@ -587,11 +629,12 @@ def create_app(
                 text = query_text(body.text)
             except PromptFileError as err:
                 raise ServiceError(422, str(err)) from err
-            top_k, name, query = body.top_k, body.index, {"text": text}
+            top_k, name = body.top_k, body.index
         else:
             raise ServiceError(415, "send JSON {\"text\": ..., \"top_k\": 10} or a multipart form with an image")
         collection = service.collection(name)
-        hits = await service.batcher.submit(top_k=service.check_top_k(top_k), collection=collection, **query)
+        hits = await service.batcher.submit(top_k=service.check_top_k(top_k), target=collection, pixels=pixels,
+                                            text=text)
         return SearchResults(results=[Hit(id=i, path=path, score=score) for i, path, score in hits])
 
     @app.post("/classify", response_model=Predictions,
@@ -607,7 +650,7 @@ def create_app(
         service.check_top_k(top_k)
         classifier = await service.classifier(labels, templates)
         pixels = await service.pixels(image)
-        found = await service.batcher.submit(pixels=pixels, classifier=classifier, top_k=top_k)
+        found = await service.batcher.submit(pixels=pixels, target=classifier, top_k=top_k)
         return Predictions(predictions=[Prediction(label=label, probability=p) for label, p in found])
 
     @app.post("/explain", response_class=Response,
@@ -645,6 +688,41 @@ def create_app(
     return app
 
 
+def app_from_folders(
+    index_dirs: Sequence[str | os.PathLike],
+    label_sets: dict[str, str | list[str]] | None = None,
+    model_spec: str | None = None,
+    *,
+    templates: Sequence[str] | str = DEFAULT_TEMPLATES,
+    adapter=None,
+    cache: bool | str | os.PathLike = True,
+    limits: Limits = Limits(),
+    **model_options: Any,
+) -> FastAPI:
+    """The service as `clipzsl serve` starts it, from folders and names rather than loaded objects: each
+    index is named by its folder's name (two with one name are refused: an InputError), the model is
+    `model_spec`, else the one the first index was built with, else the packaged one (`model_options`:
+    `load_model`'s); `label_sets`: name -> what `load_labels` reads (a label file or set, or class names)."""
+    names = [Path(d).resolve().name for d in index_dirs]
+    if len(set(names)) != len(names):
+        raise InputError(f"two --index folders share a name ({', '.join(names)}); the service tells them apart by "
+                         "folder name, so rename one")
+    spec = model_spec or (model_spec_of(index_dirs[0]) if index_dirs else None) or "packaged"
+    model = load_model(spec, cache=cache, **model_options)
+    loaded = {name: load_labels(labels) for name, labels in (label_sets or {}).items()}
+    return create_app(model, dict(zip(names, index_dirs)), loaded, templates=templates, adapter=adapter,
+                      cache=cache, limits=limits)
+
+
+def run_service(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve `app` until stopped (uvicorn), each warning a client can provoke logged once
+    (`warnings_once`); a host other than the loopback is warned about first."""
+    if host not in LOCAL_HOSTS:
+        log.warning("listening on %s: anyone who can reach this machine can use the service", host)
+    with warnings_once():
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 def _static(name: str) -> str:
     return (resources.files(__package__) / "static" / name).read_text(encoding="utf-8")
 
@@ -653,7 +731,7 @@ def _static(name: str) -> str:
 def warnings_once() -> Iterator[None]:
     """Show each warning once, by its place in the code and by its text: what a client can provoke on
     every request (a repeated label, an odd image) is then one line of the service's log, not one a request."""
-    show, shown = warnings.showwarning, set()
+    show, shown = warnings.showwarning, set[tuple]()
 
     def once(message, category, filename, lineno, file=None, line=None) -> None:
         place, text = (category, filename, lineno), (category, str(message))

@@ -305,9 +305,6 @@ def index_from_shards(directory: str | os.PathLike, out: str | os.PathLike, mode
     backend = load_model(model) if isinstance(model, str) else model
     shards = _read_shards(directory, backend)
     index = ImageIndex(out, backend, dtype=dtype)
-    index.store.check_factory(factory)  # a bad one is refused before any row is written
-    for emb, vectors, paths in shards:
-        for start, block in _unit_rows(vectors, emb):
-            index.store.add(paths[start : start + len(block)], block)
-    index.store.save_index(factory)
+    index.add_vectors(((paths[start : start + len(block)], block) for emb, vectors, paths in shards
+                       for start, block in _unit_rows(vectors, emb)), factory)  # a bad factory: refused first
     return index

@@ -6,7 +6,8 @@ On-disk format 2 (one directory):
   table.sqlite       entries(key PK, row UNIQUE, info) = live keys; segments(id, name, start, rows, bytes, crc32)
                      = every segment's global row range and checksum; state(name, value) = next row, index state
   seg-NNNNNN.npy     append-only [rows, D] arrays, memory-mapped; NNNNNN from a counter never reused
-  index.faiss        FAISS index over global rows [base, rows) (factory, nprobe, crc32, recall in `state`)
+  index.faiss        FAISS index over global rows [base, rows) (factory, nprobe, crc32, recall in `state`),
+                     written and read by `clipzsl.saved_index`
   .clipzsl.json      the ownership marker (`claim`): {"kind": "image-index" | "label-cache", "format": 1}
 
 Why: an append writes one new segment (temp, fsync, rename) and then commits its rows in
@@ -45,14 +46,12 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, Literal, NoReturn, Sequence, TypeVar
 
 import numpy as np
 
 from .errors import ClipzslError
 from .records import RecordError, load, rule
-from .search import build_index, factory_for, load_index, new_index, recall_at_k, write_index
-from .search import search as faiss_search
 
 FORMAT = 2
 #: the ownership marker every folder clipzsl creates carries (`claim`), and its format
@@ -68,8 +67,10 @@ SMALL_SEGMENT_ROWS = 8192
 COMPACT_SEGMENT_ROWS = 65_536
 #: stores up to this size verify every checksum when opened; larger ones when first read
 VERIFY_ON_OPEN_BYTES = 256 << 20
-#: recall@10 the approximate index is tuned to reach against exact search
-TARGET_RECALL = 0.95
+#: the saved index's file and the prefix of its description in the state table (`clipzsl.saved_index`):
+#: derived from the rows' positions, so a compaction deletes both
+INDEX_FILE = "index.faiss"
+INDEX_STATE = "index_"
 DTYPES = ("float32", "float16")
 T = TypeVar("T")
 _SQL_CHUNK = 900  # keys per `IN (...)` query
@@ -94,7 +95,7 @@ class ForeignFolderError(StoreError):
     """A folder clipzsl did not create (or of another kind): it is never written into or emptied."""
 
 
-class _Healed(Exception):
+class SegmentsChanged(Exception):
     """The segments changed under a read (a damaged one was set aside, or another process merged or
     compacted them); the read starts again on the new list (`_consistent`)."""
 
@@ -143,7 +144,7 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[object], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(file)` on a temporary sibling, fsync it, then rename it over `path`. The file
     gets the mode a plain open() would give it (0666 less the umask), not mkstemp's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +285,7 @@ def _only(names: Sequence[str], patterns: Sequence[str]) -> bool:
 
 
 #: the files a store writes (`is_store_folder`)
-_STORE_FILES = ("meta.json", "table.sqlite*", "seg-*.npy", "seg-*.npy.corrupt", "index.faiss", ".lock", ".*.tmp",
+_STORE_FILES = ("meta.json", "table.sqlite*", "seg-*.npy", "seg-*.npy.corrupt", INDEX_FILE, ".lock", ".*.tmp",
                 MARKER)
 
 
@@ -353,7 +354,7 @@ def disk_full(err: BaseException) -> bool:
 def _consistent(read: Callable[..., T]) -> Callable[..., T]:
     """A store read, started again on a fresh segment list whenever the segments changed under it:
     another process merged them (a listed file is gone) or compacted them (every row moved), or a
-    damaged one was set aside. So readers never see another writer's upkeep, nor `_Healed`."""
+    damaged one was set aside. So readers never see another writer's upkeep, nor `SegmentsChanged`."""
 
     @functools.wraps(read)
     def consistent_read(store: "EmbeddingStore", *args, **kwargs) -> T:
@@ -361,7 +362,7 @@ def _consistent(read: Callable[..., T]) -> Callable[..., T]:
             first = store._first_row()
             try:
                 result = read(store, *args, **kwargs)
-            except _Healed:
+            except SegmentsChanged:
                 store.reload()
                 continue
             if store._first_row() == first:
@@ -404,7 +405,6 @@ class EmbeddingStore:
         self._db: sqlite3.Connection | None = None
         self._segments: list[Segment] = []
         self._maps: dict[str, np.ndarray] = {}
-        self._index = None  # (faiss index, global row of position 0, rows it covers, memory-mapped?)
         self._holding = False  # this object holds the directory lock (flock is not reentrant)
         self._claimed = False  # the directory's ownership marker was checked (`claim`)
         self._cache_root: Path | None = None  # a label cache's cache root, claimed with it
@@ -412,7 +412,7 @@ class EmbeddingStore:
         self.reload()
         if repair_hint is None and sum(s.bytes for s in self._segments) <= VERIFY_ON_OPEN_BYTES:
             for segment in list(self._segments):
-                with contextlib.suppress(_Healed):
+                with contextlib.suppress(SegmentsChanged):
                     self._map(segment)
 
     @classmethod
@@ -462,7 +462,7 @@ class EmbeddingStore:
             return
         check_owned(directory, STORE_KINDS, is_store_folder)
         with locked(directory):
-            for pattern in ("seg-*", "table.sqlite*", "index.faiss", "meta.json", ".*.tmp", MARKER):
+            for pattern in ("seg-*", "table.sqlite*", INDEX_FILE, "meta.json", ".*.tmp", MARKER):
                 for path in directory.glob(pattern):
                     path.unlink(missing_ok=True)
             (directory / ".lock").unlink(missing_ok=True)
@@ -505,6 +505,8 @@ class EmbeddingStore:
         """meta.json's dtype must be the segments' (read from one .npy header): else every segment would
         look damaged, and be dropped from a cache or re-embedded by an index repair."""
         segment = next(self.directory.glob("seg-*.npy"), None)
+        if segment is None:
+            return  # no segment yet
         try:
             with open(segment, "rb") as f:
                 version = np.lib.format.read_magic(f)
@@ -516,11 +518,16 @@ class EmbeddingStore:
             raise StoreError(f"{self.directory / 'meta.json'}: field 'dtype' says {self.dtype.name}, but the store's "
                              f"segments hold {stored.name} (edited by hand?); set it back to {stored.name!r}")
 
-    def _connect(self, create: bool = False) -> sqlite3.Connection | None:
+    def _connect(self) -> sqlite3.Connection | None:
+        """The table's connection, or None while the store has no table (nothing written yet)."""
+        if self._db is None and not (self.directory / "table.sqlite").exists():
+            return None
+        return self._table(create=False)
+
+    def _table(self, create: bool = True) -> sqlite3.Connection:
+        """The table's connection, the table created first (for a writer: `writing`) when `create`."""
         if self._db is None:
             path = self.directory / "table.sqlite"
-            if not create and not path.exists():
-                return None
             try:
                 if create and not path.exists():
                     atomic_write(path, _new_table)  # readers never see a table without its schema
@@ -541,7 +548,7 @@ class EmbeddingStore:
         return StoreError(f"{self.directory / 'table.sqlite'}: damaged store table ({err}); {hint}")
 
     def _unsettled(self) -> StoreError:
-        """The error once reading or upkeep gave up starting again (see `_Healed`)."""
+        """The error once reading or upkeep gave up starting again (see `SegmentsChanged`)."""
         return StoreError(f"{self.directory}: its segments kept failing their checksums or being rewritten by another "
                           "process; run again (a cache can also be deleted: its entries are recomputed)")
 
@@ -561,6 +568,31 @@ class EmbeddingStore:
     def _state(self) -> dict:
         return dict(self._sql("SELECT name, value FROM state"))
 
+    def state(self, prefix: str) -> dict:
+        """The values noted in the state table under names starting with `prefix` (e.g. the saved
+        index's description, `INDEX_STATE`), by the rest of their names."""
+        return {name[len(prefix):]: value for name, value in self._state().items() if name.startswith(prefix)}
+
+    def set_state(self, prefix: str, values: dict) -> None:
+        """Replace, in one transaction, every value noted under `prefix` by `values` (their names
+        prefixed); the caller holds the writers' lock (`writing`)."""
+        db = self._table()
+        with _all_or_nothing(db, []):
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM state WHERE name LIKE ?", (f"{prefix}%",))
+            db.executemany("INSERT INTO state VALUES (?, ?)", ((prefix + name, value) for name, value in values.items()))
+            db.execute("COMMIT")
+
+    def consistent(self, read: Callable[[], T]) -> T:
+        """`read()`, started again on a fresh segment list whenever the segments changed under it
+        (it raised `SegmentsChanged`, or the rows moved meanwhile): what every reader of the rows
+        outside this class (`clipzsl.saved_index`) runs its reads through."""
+        return _consistent(lambda store: read())(self)
+
+    def live_rows(self) -> np.ndarray:
+        """The global rows of the present entries, in no particular order."""
+        return np.array([r for (r,) in self._sql("SELECT row FROM entries")], np.int64)
+
     def close(self) -> None:
         """Close the table's connection, in the thread that used it (a later call opens it again):
         the last connection to close removes SQLite's -wal and -shm files beside the table."""
@@ -575,7 +607,7 @@ class EmbeddingStore:
 
     def note(self, name: str, values: Sequence[str]) -> None:
         """Add `values` to the set of strings kept under `name` beside the entries (under the writers' lock)."""
-        with self._writing() as db:
+        with self.writing() as db:
             merged = sorted({*self.noted(name), *values})
             db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (f"note_{name}", json.dumps(merged)))
 
@@ -626,7 +658,7 @@ class EmbeddingStore:
         absent = [k for k in keys if k not in rows]
         if absent:
             raise KeyError(absent[0])
-        return self._read_rows(np.fromiter((rows[k] for k in keys), np.int64, len(keys)))
+        return self.read_rows(np.fromiter((rows[k] for k in keys), np.int64, len(keys)))
 
     def missing(self, keys: Sequence[str]) -> list[str]:
         unique = list(dict.fromkeys(keys))
@@ -654,25 +686,27 @@ class EmbeddingStore:
     def _map(self, segment: Segment) -> np.ndarray:
         """The memory-mapped rows of a segment, its checksum verified on first use."""
         mapped = self._maps.get(segment.name)
-        if mapped is None:
-            mapped = self._open(segment)
-            if isinstance(mapped, str) and mapped == "file missing":
-                self.reload()  # another writer may have concatenated it into a new one
-                if segment not in self._segments:
-                    raise _Healed()
-            if isinstance(mapped, str):
-                self._damaged(segment, mapped)
-            self._maps[segment.name] = mapped
-        return mapped
+        if mapped is not None:
+            return mapped
+        opened = self._open(segment)
+        if isinstance(opened, str) and opened == "file missing":
+            self.reload()  # another writer may have concatenated it into a new one
+            if segment not in self._segments:
+                raise SegmentsChanged()
+        if isinstance(opened, str):
+            self._damaged(segment, opened)
+        self._maps[segment.name] = opened
+        return opened
 
-    def _damaged(self, segment: Segment, problem: str) -> None:
+    def _damaged(self, segment: Segment, problem: str) -> NoReturn:
+        """Refuse a damaged segment (an index), or set it aside and start the read again (a cache)."""
         path = self.directory / segment.name
         if self.repair_hint is not None:
             raise StoreError(f"{path}: damaged store segment ({problem}); its {segment.rows} rows cannot be "
                              f"read. {self.repair_hint}")
         warnings.warn(f"ignoring corrupt store segment {path} ({problem}); moved aside, its entries will be recomputed")
         self.set_aside([segment])
-        raise _Healed()
+        raise SegmentsChanged()
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -697,7 +731,7 @@ class EmbeddingStore:
         return lost
 
     def _set_aside(self, segments: Sequence[Segment], lost: list[str]) -> None:
-        db = self._connect()
+        db = self._table()
         with _all_or_nothing(db, []):
             db.execute("BEGIN IMMEDIATE")
             for segment in segments:
@@ -721,7 +755,7 @@ class EmbeddingStore:
         which[~valid] = -1
         return which, rows - np.where(valid, starts[np.maximum(which, 0)], 0)
 
-    def _read_rows(self, rows: np.ndarray, zeros_for_missing: bool = False) -> np.ndarray:
+    def read_rows(self, rows: np.ndarray, zeros_for_missing: bool = False) -> np.ndarray:
         out = np.zeros((len(rows), self.embed_dim), np.float32)
         which, offset = self._locate(rows)
         if (which < 0).any() and not zeros_for_missing:
@@ -729,7 +763,7 @@ class EmbeddingStore:
             self.reload()  # written by another process since we listed the segments
             which, offset = self._locate(rows)
             if (which < 0).any() and self._segments != listed:
-                raise _Healed()  # compacted since the rows were looked up: look them up again
+                raise SegmentsChanged()  # compacted since the rows were looked up: look them up again
             if (which < 0).any():
                 raise StoreError(f"{self.directory / 'table.sqlite'}: rows without a segment; "
                                  f"{self.repair_hint or 'delete the directory to rebuild it'}")
@@ -741,13 +775,13 @@ class EmbeddingStore:
     @_consistent
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """Vectors of global rows [start, stop) as float32, zeros for rows of set-aside segments."""
-        return self._read_rows(np.arange(start, stop, dtype=np.int64), zeros_for_missing=True)
+        return self.read_rows(np.arange(start, stop, dtype=np.int64), zeros_for_missing=True)
 
     def _first_row(self) -> int | None:
         """The first stored row: only a compaction (which renumbers every row) or a set-aside moves it."""
         return (self._sql("SELECT min(start) FROM segments") or [(None,)])[0][0]
 
-    def row_keys(self, rows: Sequence[int]) -> dict[int, str]:
+    def row_keys(self, rows: Sequence[int] | np.ndarray) -> dict[int, str]:
         """Live key of each of these global rows (rows of replaced or removed entries are absent)."""
         rows = [int(r) for r in rows]
         found: dict[int, str] = {}
@@ -782,18 +816,18 @@ class EmbeddingStore:
         if any(problem == "file missing" for _, problem in damaged):
             self.reload()
             if self._segments != listed:
-                raise _Healed()  # merged or compacted by another writer meanwhile, not damaged: check again
+                raise SegmentsChanged()  # merged or compacted by another writer meanwhile, not damaged: check again
         return damaged
 
     # -- writing -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def writing(self) -> Iterator[sqlite3.Connection]:
         """Lock, create the files if new, drop what killed writers left; a full disk is one clear error."""
         try:
             with self._lock():
                 self._write_meta()
-                db = self._connect(create=True)
+                db = self._table()
                 self._remove_orphans()
                 self.reload()
                 yield db
@@ -805,6 +839,7 @@ class EmbeddingStore:
     def _write_meta(self) -> None:
         """Create meta.json; once it exists, only add this writer's precision to it (under the lock)."""
         path = self.directory / "meta.json"
+        meta: dict[str, Any]
         if not path.exists():
             meta = {"format": FORMAT, "fingerprint": self.fingerprint, "embed_dim": self.embed_dim,
                     "spec": self.spec, "dtype": self.dtype.name}
@@ -831,7 +866,7 @@ class EmbeddingStore:
         if not len(keys):
             return
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.embed_dim)
-        with self._writing():
+        with self.writing():
             self._append(list(keys), vectors, list(info) if info else [""] * len(keys))
             self._maintain()
 
@@ -839,7 +874,7 @@ class EmbeddingStore:
         """Forget entries (their rows are dropped from disk by the next compaction)."""
         if not keys:
             return
-        with self._writing() as db:
+        with self.writing() as db:
             with _all_or_nothing(db, []):
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
@@ -868,7 +903,7 @@ class EmbeddingStore:
                         if unstored or not self._store_missing(chunk, vectors, best_effort):
                             unstored.update(zip(chunk, vectors))
                 return _assemble(keys, unstored, self)
-            except _Healed:
+            except SegmentsChanged:
                 continue  # a damaged segment was set aside meanwhile: its keys are missing now, compute them
         raise self._unsettled()
 
@@ -876,7 +911,7 @@ class EmbeddingStore:
         """Append, under the lock, the entries no process has stored since `keys` were found missing.
         False (after a warning) when storing fails and `best_effort` lets the caller go on without it."""
         try:
-            with self._writing():
+            with self.writing():
                 still = set(self.missing(keys))
                 chosen = [i for i, key in enumerate(keys) if key in still]
                 if chosen:
@@ -892,7 +927,7 @@ class EmbeddingStore:
     def _append(self, keys: list[str], vectors: np.ndarray, info: list[str]) -> None:
         """Write one segment and commit its rows; caller holds the lock (`_writing`)."""
         data = _npy_bytes(np.ascontiguousarray(vectors, dtype=self.dtype))
-        db = self._connect()
+        db = self._table()
         new: list[Path] = []
         with _all_or_nothing(db, new):
             db.execute("BEGIN IMMEDIATE")
@@ -912,7 +947,7 @@ class EmbeddingStore:
     def _maintain(self) -> None:
         """Amortised upkeep after a write: concatenate a run of small segments, compact when mostly dead.
         A damaged segment it finds is set aside (with a warning); the upkeep then waits for the next write."""
-        with contextlib.suppress(_Healed):
+        with contextlib.suppress(SegmentsChanged):
             self._upkeep()
 
     def _upkeep(self) -> None:
@@ -931,7 +966,7 @@ class EmbeddingStore:
         """Replace contiguous segments by one file holding the same rows (entries are unchanged)."""
         vectors = np.concatenate([np.asarray(self._map(s)) for s in segments])
         data = _npy_bytes(vectors)
-        db = self._connect()
+        db = self._table()
         new: list[Path] = []
         with _all_or_nothing(db, new):
             db.execute("BEGIN IMMEDIATE")
@@ -948,9 +983,9 @@ class EmbeddingStore:
 
     def compact(self) -> None:
         """Rewrite the live rows into fresh segments, dropping replaced and removed ones."""
-        with self._writing():
+        with self.writing():
             for _ in range(_READ_ATTEMPTS):
-                with contextlib.suppress(_Healed):  # a damaged segment was set aside: compact the others
+                with contextlib.suppress(SegmentsChanged):  # a damaged segment was set aside: compact the others
                     return self._compact()
         raise self._unsettled()
 
@@ -960,12 +995,12 @@ class EmbeddingStore:
         first = int(self._state().get("next_row", 0))
         written: list[tuple[str, int, int, int, int]] = []
         new: list[Path] = []
-        db = self._connect()
+        db = self._table()
         with _all_or_nothing(db, new):
             seq = (db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'segments'").fetchone() or [0])[0]
             for number, start in enumerate(range(0, len(live), COMPACT_SEGMENT_ROWS)):
                 rows = np.fromiter((r for _, r in live[start : start + COMPACT_SEGMENT_ROWS]), np.int64)
-                data = _npy_bytes(self._read_rows(rows).astype(self.dtype))
+                data = _npy_bytes(self.read_rows(rows).astype(self.dtype))
                 name = f"seg-{seq + 1 + number:06d}.npy"
                 new.append(self.directory / name)
                 atomic_write(new[-1], lambda f: f.write(data))
@@ -976,194 +1011,27 @@ class EmbeddingStore:
             db.execute("DELETE FROM segments")
             db.executemany("INSERT INTO segments(name, start, rows, bytes, crc) VALUES (?, ?, ?, ?, ?)", written)
             db.execute("INSERT OR REPLACE INTO state VALUES ('next_row', ?)", (first + len(live),))
-            db.execute("DELETE FROM state WHERE name LIKE 'index_%'")  # its positions no longer match
+            db.execute("DELETE FROM state WHERE name LIKE ?", (f"{INDEX_STATE}%",))  # its positions no longer match
             db.execute("COMMIT")
         for segment in old:
             (self.directory / segment.name).unlink(missing_ok=True)
-        (self.directory / "index.faiss").unlink(missing_ok=True)
-        self._index = None
+        (self.directory / INDEX_FILE).unlink(missing_ok=True)
         self.reload()
 
     def clear(self) -> None:
         self._db = None
         self.destroy(self.directory)
-        self._maps, self._segments, self._index, self._claimed = {}, [], None, False
+        self._maps, self._segments, self._claimed = {}, [], False
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.glob("*") if p.is_file()) if self.directory.exists() else 0
 
-    # -- the persisted FAISS index ---------------------------------------------------------
-
-    @_consistent
-    def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
-        """Per query, the `top_k` (key, inner product) pairs, best first, through the saved index
-        (exact search over the segments when none was saved); rows added since it was saved are
-        searched too. Never rebuilds or trains an index."""
-        queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.embed_dim))
-        index, base = self._search_index()
-        if index.ntotal == 0:
-            return [[] for _ in queries]
-        want = top_k
-        k = min(index.ntotal, want + max(16, want))
-        while True:
-            similarities, ids = faiss_search(index, queries, k)
-            keys = self.row_keys(np.unique(ids[ids >= 0]) + base)
-            results = [
-                [(keys[base + i], float(s)) for i, s in zip(row_ids, row_sims) if i >= 0 and base + i in keys][:want]
-                for row_ids, row_sims in zip(ids.tolist(), similarities.tolist())
-            ]
-            if all(len(r) == want for r in results):
-                return results
-            if k >= index.ntotal:
-                if self.row_span[1] > base + index.ntotal:
-                    raise _Healed()  # another process rewrote entries past the rows searched: search them too
-                return results
-            k = min(index.ntotal, 4 * k)  # replaced rows crowded the live ones out: look further
-
-    def _search_index(self):
-        """(FAISS index, global row of its position 0), covering every row written so far."""
-        self.reload()
-        first, next_row = self.row_span
-        state = self._state()
-        if self._index is not None and (self._index[1] != first or (self._index[3] and self._index[2] < next_row)):
-            self._index = None  # compacted, or new rows to add to a read-only mapped index
-        if self._index is None:
-            saved = self.directory / "index.faiss"
-            problem = None
-            if state.get("index_factory") and int(state.get("index_base", -1)) == first and saved.exists():
-                problem = self._check_index(saved, state, full=saved.stat().st_size <= VERIFY_ON_OPEN_BYTES)
-                if problem and self.repair_hint is not None:
-                    raise StoreError(f"{saved}: damaged index ({problem}). {self.repair_hint}")
-                if problem:
-                    warnings.warn(f"ignoring damaged index {saved} ({problem}); searching the segments exactly")
-            if state.get("index_factory") and not problem and saved.exists():
-                covered = int(state["index_rows"])
-                mapped = covered == next_row
-                index = load_index(saved, mmap=mapped)
-                _set_search_parameter(index, state["index_factory"], int(state.get("index_param", 0)))
-                self._index = (index, first, covered, mapped)
-            else:
-                import faiss
-
-                self._index = (faiss.IndexFlatIP(self.embed_dim), first, first, False)
-        index, base, covered, mapped = self._index
-        for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
-            stop = min(start + COMPACT_SEGMENT_ROWS, next_row)
-            index.add(self.read_range(start, stop))
-            self._index = (index, base, stop, mapped)  # what it covers, even if a later read fails
-        return index, base
-
-    @staticmethod
-    def _check_index(path: Path, state: dict, full: bool = True) -> str | None:
-        """What is wrong with the saved index file (size; checksum when `full`), or None."""
-        size = path.stat().st_size if path.exists() else -1
-        if size != int(state.get("index_bytes", -2)):
-            return f"{size} bytes, expected {state.get('index_bytes')}"
-        if full and file_crc(path) != int(state["index_crc"]):
-            return "checksum mismatch"
-        return None
-
-    def index_problem(self) -> str | None:
-        """What is wrong with the saved index file (size, full checksum), or None (also when none is saved)."""
-        state = self._state()
-        return self._check_index(self.directory / "index.faiss", state) if state.get("index_factory") else None
-
-    def index_state(self) -> dict:
-        """What the saved index is: factory, rows covered, search parameter, measured recall@10."""
-        state = self._state()
-        return {k[len("index_"):]: v for k, v in state.items() if k.startswith("index_")}
-
-    def save_index(self, factory: str = "auto", sample: int = 200, seed: int = 0) -> dict:
-        """Bring the saved FAISS index up to date: add only the rows written since it was saved
-        (trained once, on a sample, when first built). `factory` "auto" keeps the saved one, else
-        chooses by size (`clipzsl.search.factory_for`); another factory string builds afresh.
-        The search parameter (nprobe/efSearch) is the smallest reaching TARGET_RECALL@10 on
-        `sample` stored vectors as queries. Returns `index_state()`."""
-        self.check_factory(factory, len(self))  # a bad one is refused before the lock, with nothing written
-        with self._writing():
-            first, next_row = self.row_span
-            state = self._state()
-            wanted = self.check_factory(factory, len(self))
-            saved = self.directory / "index.faiss"
-            if wanted == "Flat":  # exact search reads the segments themselves: no second copy
-                return self._set_index_state(None)
-            reuse = (state.get("index_factory") == wanted and int(state.get("index_base", -1)) == first
-                     and self._check_index(saved, state) is None)
-            if reuse:
-                index, covered = load_index(saved), int(state["index_rows"])
-            else:
-                rng = np.random.default_rng(seed)
-                live_rows = np.array([r for (r,) in self._sql("SELECT row FROM entries")], np.int64)
-                index = build_index(self._read_rows(np.sort(rng.choice(live_rows, min(len(live_rows), _train_size(wanted)),
-                                                                          replace=False))), wanted, add=False)
-                covered = first
-            for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
-                index.add(self.read_range(start, min(start + COMPACT_SEGMENT_ROWS, next_row)))
-            param, recall = self._tune(index, wanted, first, sample, seed, recall_at_k)
-            atomic_write(saved, lambda f: write_index(index, f))
-            self._set_index_state({"factory": wanted, "base": first, "rows": next_row, "bytes": saved.stat().st_size,
-                                   "crc": file_crc(saved), "param": param, "recall": recall})
-            self._index = None
-            return self.index_state()
-
-    def check_factory(self, factory: str = "auto", count: int | None = None) -> str:
-        """The factory string `save_index(factory)` builds for `count` live rows; one FAISS rejects for
-        this store's dimension, or (a new one) with fewer than `count` rows to train on, is a
-        ValueError. Called before any work (None: the count is not known yet), so a refused
-        factory leaves the store and its saved index as they were."""
-        saved = self._state().get("index_factory")
-        wanted = factory_for(len(self) if count is None else count, saved or "auto" if factory == "auto" else factory)
-        if wanted not in ("Flat", saved):
-            new_index(wanted, self.embed_dim, 1 << 62 if count is None else min(count, _train_size(wanted)))
-        return wanted
-
-    def _set_index_state(self, values: dict | None) -> dict:
-        db = self._connect()
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("DELETE FROM state WHERE name LIKE 'index_%'")
-        for name, value in (values or {}).items():
-            db.execute("INSERT INTO state VALUES (?, ?)", (f"index_{name}", value))
-        db.execute("COMMIT")
-        if values is None:
-            (self.directory / "index.faiss").unlink(missing_ok=True)
-        self._index = None
-        return self.index_state()
-
-    def _tune(self, index, factory: str, first: int, sample: int, seed: int, recall_at_k) -> tuple[int, float]:
-        queries = self.sample_vectors(sample, seed)
-        exact = self.exact_ids(queries, 10) - first
-        for param in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
-            if not _set_search_parameter(index, factory, param):
-                return 0, recall_at_k(index.search(queries, 10)[1], exact)
-            recall = recall_at_k(index.search(queries, 10)[1], exact)
-            if recall >= TARGET_RECALL:
-                return param, recall
-        return param, recall
-
     @_consistent
     def sample_vectors(self, count: int, seed: int = 0) -> np.ndarray:
         """`count` stored vectors chosen at random (queries for measuring recall)."""
-        rows = np.array([r for (r,) in self._sql("SELECT row FROM entries")], np.int64)
+        rows = self.live_rows()
         chosen = np.random.default_rng(seed).choice(rows, min(count, len(rows)), replace=False)
-        return self._read_rows(np.sort(chosen))
-
-    @_consistent
-    def exact_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """Global rows [Q, k] of the exact top-k live rows, one segment in memory at a time."""
-        import faiss
-
-        best = faiss.ResultHeap(len(queries), k)
-        first, next_row = self.row_span
-        live = np.zeros(next_row - first, bool)
-        live[np.array([r for (r,) in self._sql("SELECT row FROM entries")], np.int64) - first] = True
-        for start in range(first, next_row, COMPACT_SEGMENT_ROWS):
-            stop = min(start + COMPACT_SEGMENT_ROWS, next_row)
-            sims = queries @ self.read_range(start, stop).T
-            sims[:, ~live[start - first : stop - first]] = -np.inf
-            best.add_result(-sims, np.broadcast_to(np.arange(start, stop), sims.shape).copy())
-        best.finalize()
-        return best.I
-
+        return self.read_rows(np.sort(chosen))
 
 
 @contextlib.contextmanager
@@ -1195,32 +1063,13 @@ def _new_table(f) -> None:
     db.close()
 
 
-def _train_size(factory: str) -> int:
-    """Training sample for an index: 64 vectors per IVF cell (FAISS wants at least 39), else 100k."""
-    import re
-
-    cells = re.search(r"IVF(\d+)", factory)
-    return 64 * int(cells.group(1)) if cells else 100_000
-
-
-def _set_search_parameter(index, factory: str, value: int) -> bool:
-    """Set nprobe (IVF) or efSearch (HNSW); False for an index with no such knob."""
-    import faiss
-
-    name = "nprobe" if "IVF" in factory else "efSearch" if "HNSW" in factory else None
-    if name is None or value <= 0:
-        return False
-    faiss.ParameterSpace().set_index_parameter(index, name, value)
-    return True
-
-
 def _assemble(keys: Sequence[str], unstored: dict[str, np.ndarray], store: EmbeddingStore) -> np.ndarray:
     """Vectors for `keys` from the store plus freshly computed ones that could not be stored."""
     stored_keys = [k for k in dict.fromkeys(keys) if k not in unstored] if unstored else keys
     try:
         stored = store.get(stored_keys)
     except KeyError as err:
-        raise _Healed() from err  # its segment was set aside as damaged since: compute it again
+        raise SegmentsChanged() from err  # its segment was set aside as damaged since: compute it again
     if not unstored:
         return stored
     by_key = dict(zip(stored_keys, stored))

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clipzsl.saved_index import SavedIndex
 from clipzsl.store import MAX_SEGMENTS, EmbeddingStore
 
 DIM = 8
@@ -279,9 +280,10 @@ def test_search_is_whole_when_another_process_rewrites_the_store_midway(tmp_path
         return row_keys(rows)
 
     monkeypatch.setattr(reader, "row_keys", row_keys_after_a_rewrite)
-    hits = reader.search(queries, 5)
+    hits = SavedIndex(reader).search(queries, 5)
     assert rewritten and [len(h) for h in hits] == [5, 5, 5]
-    assert [h[0][0] for h in hits] == [h[0][0] for h in EmbeddingStore(directory, "model-a", DIM).search(queries, 5)]
+    again = SavedIndex(EmbeddingStore(directory, "model-a", DIM))
+    assert [h[0][0] for h in hits] == [h[0][0] for h in again.search(queries, 5)]
 
 
 RAW_HOLDER = textwrap.dedent(

@@ -356,7 +356,7 @@ def test_a_refused_factory_leaves_the_previous_index_loadable_and_searchable(tin
     make_images(photos)
     index = ImageIndex(tmp_path / "idx", tiny)
     index.update(photos, factory="HNSW8")
-    before, state = snapshot(tmp_path / "idx"), index.store.index_state()
+    before, state = snapshot(tmp_path / "idx"), index.saved_index.state()
     make_images(photos, ["blue"])
     with pytest.raises(ValueError, match=factory):
         index.update(photos, factory=factory)
@@ -364,7 +364,7 @@ def test_a_refused_factory_leaves_the_previous_index_loadable_and_searchable(tin
     assert main(args + ["--faiss-factory", factory]) == 2 and factory in capsys.readouterr().err
     assert snapshot(tmp_path / "idx") == before
     again = ImageIndex(tmp_path / "idx")
-    assert len(again) == 2 and again.store.index_state() == state
+    assert len(again) == 2 and again.saved_index.state() == state
     assert again.search(Path(photos / "red.png"), top_k=1)[0][0] == str(photos / "red.png")
 
 

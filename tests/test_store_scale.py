@@ -14,6 +14,7 @@ import clipzsl
 import clipzsl.store as store_module
 from clipzsl.cli import main
 from clipzsl.image_index import ImageIndex
+from clipzsl.saved_index import SavedIndex
 from clipzsl.store import SMALL_SEGMENT_ROWS, EmbeddingStore, StoreError
 
 
@@ -76,33 +77,33 @@ def test_float16_store_agrees_and_is_half_the_size(tmp_path):
 
 
 def test_saved_index_is_updated_not_rebuilt(tmp_path, monkeypatch):
-    import clipzsl.search as search_module
+    import clipzsl.saved_index as saved_index_module
 
     v = clustered(3000)
     keys = [f"k{i}" for i in range(3000)]
     store = EmbeddingStore(tmp_path / "s", "m", 16)
     store.add(keys[:2000], v[:2000])
-    state = store.save_index("IVF16,Flat")
+    state = SavedIndex(store).save("IVF16,Flat")
     assert state["factory"] == "IVF16,Flat" and state["rows"] == 2000 and state["recall"] >= 0.95
     assert (tmp_path / "s" / "index.faiss").exists()
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the saved index was rebuilt")
 
-    monkeypatch.setattr(search_module, "build_index", no_rebuild)
+    monkeypatch.setattr(saved_index_module, "build_index", no_rebuild)
     store.add(keys[2000:], v[2000:])
     reader = EmbeddingStore(tmp_path / "s", "m", 16)
-    hits = reader.search(v[2500:2501], 5)[0]  # a row newer than the saved index is found
+    hits = SavedIndex(reader).search(v[2500:2501], 5)[0]  # a row newer than the saved index is found
     assert hits[0][0] == "k2500" and abs(hits[0][1] - 1) < 1e-5
-    assert reader.save_index()["rows"] == 3000  # only the new rows were added (no training)
-    mapped = EmbeddingStore(tmp_path / "s", "m", 16)
+    assert SavedIndex(reader).save()["rows"] == 3000  # only the new rows were added (no training)
+    mapped = SavedIndex(EmbeddingStore(tmp_path / "s", "m", 16))
     assert mapped.search(v[:1], 1)[0][0][0] == "k0"  # the saved index, memory-mapped (read-only)
     store.add(["late"], v[1:2] * -1)  # another writer appends: the open reader sees it on its next search
     assert mapped.search(-v[1:2], 1)[0][0][0] == "late"
     # replaced and removed rows are never returned
     reader.add(["k7"], -v[7:8])
     reader.remove(["k8"])
-    found = [k for hits in EmbeddingStore(tmp_path / "s", "m", 16).search(v[7:9], 50) for k, _ in hits]
+    found = [k for hits in SavedIndex(EmbeddingStore(tmp_path / "s", "m", 16)).search(v[7:9], 50) for k, _ in hits]
     assert "k8" not in found and "k7" not in found[:1]
 
 

@@ -1,0 +1,265 @@
+"""The FAISS index saved beside a store's rows (index.faiss), in autofaiss's split of the job:
+
+  choose  `choose_factory`: the factory string for a number of vectors ("auto": by size, else the saved one)
+  build   `SavedIndex.save`: trained once on a sample when first built, then only the new rows added
+  tune    `tune`: the smallest search parameter (nprobe / efSearch, `set_search_parameter`) that
+          reaches `TARGET_RECALL`@10 against exact search
+  score   `recall_against_exact`: recall@k of the index's search against `exact_ids`
+  check   `check_file`: the saved file's size and checksum against what the table noted
+  search  `SavedIndex.search`: the saved index plus the rows written since, searched as one
+
+The store (`clipzsl.store`) keeps the rows, segments, checksums and locks; the index's description
+(factory, base row, rows covered, bytes, crc32, search parameter, recall) is kept in the store's
+table under `INDEX_STATE`, so both change in one transaction, and a compaction (which renumbers the
+rows) drops them together. The in-memory FAISS helpers (factories, training, batched search) are
+`clipzsl.search`'s.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .search import build_index, factory_for, load_index, new_index, recall_at_k, write_index
+from .search import search as faiss_search
+from .store import (COMPACT_SEGMENT_ROWS, INDEX_FILE, INDEX_STATE, VERIFY_ON_OPEN_BYTES, EmbeddingStore,
+                    SegmentsChanged, StoreError, atomic_write, file_crc)
+
+#: recall@10 the approximate index is tuned to reach against exact search
+TARGET_RECALL = 0.95
+#: the search parameters `tune` tries, smallest first
+SEARCH_PARAMETERS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def train_size(factory: str) -> int:
+    """Training sample for an index: 64 vectors per IVF cell (FAISS wants at least 39), else 100k."""
+    cells = re.search(r"IVF(\d+)", factory)
+    return 64 * int(cells.group(1)) if cells else 100_000
+
+
+def set_search_parameter(index: Any, factory: str, value: int) -> bool:
+    """Set nprobe (IVF) or efSearch (HNSW) of an index built from `factory`; False for an index with
+    no such knob (or `value` <= 0). The one setter: the saved index and the benchmarks use it."""
+    import faiss
+
+    name = "nprobe" if "IVF" in factory else "efSearch" if "HNSW" in factory else None
+    if name is None or value <= 0:
+        return False
+    faiss.ParameterSpace().set_index_parameter(index, name, value)
+    return True
+
+
+def choose_factory(count: int, factory: str = "auto", saved: str | None = None) -> str:
+    """The factory string to build for `count` vectors: `factory`, or with "auto" the `saved` one,
+    else one chosen by size (`clipzsl.search.factory_for`)."""
+    return factory_for(count, saved or "auto" if factory == "auto" else factory)
+
+
+def tune(index: Any, factory: str, queries: np.ndarray, exact: np.ndarray) -> tuple[int, float]:
+    """(search parameter, recall@10): the smallest parameter whose recall against the `exact` ids
+    reaches TARGET_RECALL (the largest tried when none does); (0, recall) for an index with no knob."""
+    param, recall = 0, 0.0
+    for param in SEARCH_PARAMETERS:
+        if not set_search_parameter(index, factory, param):
+            return 0, recall_at_k(index.search(queries, 10)[1], exact)
+        recall = recall_at_k(index.search(queries, 10)[1], exact)
+        if recall >= TARGET_RECALL:
+            return param, recall
+    return param, recall
+
+
+def check_file(path: Path, state: dict, full: bool = True) -> str | None:
+    """What is wrong with a saved index file against its noted `state` (size; checksum when `full`), or None."""
+    size = path.stat().st_size if path.exists() else -1
+    if size != int(state.get("bytes", -2)):
+        return f"{size} bytes, expected {state.get('bytes')}"
+    if full and file_crc(path) != int(state["crc"]):
+        return "checksum mismatch"
+    return None
+
+
+def exact_ids(store: EmbeddingStore, queries: np.ndarray, k: int) -> np.ndarray:
+    """Global rows [Q, k] of the exact top-k live rows of `store`, one segment in memory at a time."""
+    return store.consistent(lambda: _exact_ids(store, queries, k))
+
+
+def _exact_ids(store: EmbeddingStore, queries: np.ndarray, k: int) -> np.ndarray:
+    import faiss
+
+    best = faiss.ResultHeap(len(queries), k)
+    first, next_row = store.row_span
+    live = np.zeros(next_row - first, bool)
+    live[store.live_rows() - first] = True
+    for start in range(first, next_row, COMPACT_SEGMENT_ROWS):
+        stop = min(start + COMPACT_SEGMENT_ROWS, next_row)
+        sims = queries @ store.read_range(start, stop).T
+        sims[:, ~live[start - first : stop - first]] = -np.inf
+        best.add_result(-sims, np.broadcast_to(np.arange(start, stop), sims.shape).copy())
+    best.finalize()
+    return best.I
+
+
+def recall_against_exact(store: EmbeddingStore, sample: int, search_index: "SavedIndex") -> tuple[float | None, int]:
+    """(recall@10 of `search_index` against exact search, queries used) on `sample` stored vectors as
+    queries; (None, 0) for an empty store."""
+    if not len(store):
+        return None, 0
+    queries = store.sample_vectors(sample)
+    found = [[hit for hit, _ in hits] for hits in search_index.search(queries, 10)]
+    exact = exact_ids(store, queries, min(10, len(store)))
+    names = store.row_keys(np.unique(exact))
+    return recall_at_k(found, [[names[r] for r in row] for row in exact.tolist()]), len(queries)
+
+
+@dataclass
+class _Loaded:
+    """A FAISS index in memory: global row of its position 0, rows it covers, memory-mapped (read-only)?"""
+
+    index: Any
+    base: int
+    covered: int
+    mapped: bool
+
+
+class SavedIndex:
+    """The saved FAISS index of one store: build and tune it (`save`), check it, search through it."""
+
+    def __init__(self, store: EmbeddingStore):
+        self.store = store
+        self._loaded: _Loaded | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.store.directory / INDEX_FILE
+
+    def state(self) -> dict:
+        """What the saved index is: factory, base, rows covered, bytes, crc, search parameter, recall@10."""
+        return self.store.state(INDEX_STATE)
+
+    def problem(self) -> str | None:
+        """What is wrong with the saved index file (size, full checksum), or None (also when none is saved)."""
+        state = self.state()
+        return check_file(self.path, state) if state.get("factory") else None
+
+    def check_factory(self, factory: str = "auto", count: int | None = None) -> str:
+        """The factory string `save(factory)` builds for `count` live rows; one FAISS rejects for the
+        store's dimension, or (a new one) with fewer than `count` rows to train on, is an InputError.
+        Called before any work (None: the count is not known yet), so a refused factory leaves the
+        store and its saved index as they were."""
+        saved = self.state().get("factory")
+        wanted = choose_factory(len(self.store) if count is None else count, factory, saved)
+        if wanted not in ("Flat", saved):
+            new_index(wanted, self.store.embed_dim, 1 << 62 if count is None else min(count, train_size(wanted)))
+        return wanted
+
+    def save(self, factory: str = "auto", sample: int = 200, seed: int = 0) -> dict:
+        """Bring the saved FAISS index up to date: add only the rows written since it was saved
+        (trained once, on a sample, when first built). `factory` "auto" keeps the saved one, else
+        chooses by size (`choose_factory`); another factory string builds afresh. The search
+        parameter is the smallest reaching TARGET_RECALL@10 on `sample` stored vectors as queries
+        (`tune`). Returns `state()`."""
+        self.check_factory(factory, len(self.store))  # a bad one is refused before the lock, with nothing written
+        with self.store.writing():
+            wanted = self.check_factory(factory, len(self.store))
+            if wanted == "Flat":  # exact search reads the segments themselves: no second copy
+                return self._note(None)
+            first, next_row = self.store.row_span
+            index, covered = self._reusable(wanted, first) or (self._train(wanted, seed), first)
+            for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
+                index.add(self.store.read_range(start, min(start + COMPACT_SEGMENT_ROWS, next_row)))
+            queries = self.store.sample_vectors(sample, seed)
+            param, recall = tune(index, wanted, queries, exact_ids(self.store, queries, 10) - first)
+            atomic_write(self.path, lambda f: write_index(index, f))
+            return self._note({"factory": wanted, "base": first, "rows": next_row, "bytes": self.path.stat().st_size,
+                               "crc": file_crc(self.path), "param": param, "recall": recall})
+
+    def _reusable(self, factory: str, first: int) -> tuple[Any, int] | None:
+        """(the saved index, rows it covers) when it is of `factory`, over the current rows, and sound."""
+        state = self.state()
+        if state.get("factory") == factory and int(state.get("base", -1)) == first and check_file(self.path, state) is None:
+            return load_index(self.path), int(state["rows"])
+        return None
+
+    def _train(self, factory: str, seed: int) -> Any:
+        """A new, empty index of `factory` trained on a random sample of the live rows."""
+        live = self.store.live_rows()
+        chosen = np.random.default_rng(seed).choice(live, min(len(live), train_size(factory)), replace=False)
+        return build_index(self.store.read_rows(np.sort(chosen)), factory, add=False)
+
+    def _note(self, values: dict | None) -> dict:
+        """Record the saved index's description in the table (None: there is none; its file is deleted)."""
+        self.store.set_state(INDEX_STATE, values or {})
+        if values is None:
+            self.path.unlink(missing_ok=True)
+        self._loaded = None
+        return self.state()
+
+    def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+        """Per query, the `top_k` (key, inner product) pairs, best first, through the saved index
+        (exact search over the segments when none was saved); rows added since it was saved are
+        searched too. Never rebuilds or trains an index."""
+        queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.store.embed_dim))
+        return self.store.consistent(lambda: self._search(queries, top_k))
+
+    def _search(self, queries: np.ndarray, want: int) -> list[list[tuple[str, float]]]:
+        loaded = self._current()
+        index, base = loaded.index, loaded.base
+        if index.ntotal == 0:
+            return [[] for _ in queries]
+        k = min(index.ntotal, want + max(16, want))
+        while True:
+            similarities, ids = faiss_search(index, queries, k)
+            keys = self.store.row_keys(np.unique(ids[ids >= 0]) + base)
+            results = [
+                [(keys[base + i], float(s)) for i, s in zip(row_ids, row_sims) if i >= 0 and base + i in keys][:want]
+                for row_ids, row_sims in zip(ids.tolist(), similarities.tolist())
+            ]
+            if all(len(r) == want for r in results):
+                return results
+            if k >= index.ntotal:
+                if self.store.row_span[1] > base + index.ntotal:
+                    raise SegmentsChanged()  # another process rewrote entries past the rows searched: search them too
+                return results
+            k = min(index.ntotal, 4 * k)  # replaced rows crowded the live ones out: look further
+
+    def _current(self) -> _Loaded:
+        """The index in memory, covering every row written so far."""
+        self.store.reload()
+        first, next_row = self.store.row_span
+        loaded = self._loaded
+        if loaded is not None and (loaded.base != first or loaded.covered > next_row
+                                   or (loaded.mapped and loaded.covered < next_row)):
+            loaded = None  # compacted or emptied, or new rows to add to a read-only mapped index
+        loaded = loaded or self._load(first, next_row)
+        self._loaded = loaded
+        for start in range(loaded.covered, next_row, COMPACT_SEGMENT_ROWS):
+            stop = min(start + COMPACT_SEGMENT_ROWS, next_row)
+            loaded.index.add(self.store.read_range(start, stop))
+            loaded.covered = stop  # what it covers, even if a later read fails
+        return loaded
+
+    def _load(self, first: int, next_row: int) -> _Loaded:
+        """The saved index when it is over the current rows and sound, else an empty exact one."""
+        state = self.state()
+        if not (state.get("factory") and self.path.exists()):
+            return self._flat(first)
+        if int(state.get("base", -1)) == first:
+            problem = check_file(self.path, state, full=self.path.stat().st_size <= VERIFY_ON_OPEN_BYTES)
+            if problem and self.store.repair_hint is not None:
+                raise StoreError(f"{self.path}: damaged index ({problem}). {self.store.repair_hint}")
+            if problem:
+                warnings.warn(f"ignoring damaged index {self.path} ({problem}); searching the segments exactly")
+                return self._flat(first)
+        covered = int(state["rows"])
+        index = load_index(self.path, mmap=covered == next_row)
+        set_search_parameter(index, state["factory"], int(state.get("param", 0)))
+        return _Loaded(index, first, covered, covered == next_row)
+
+    def _flat(self, first: int) -> _Loaded:
+        import faiss
+
+        return _Loaded(faiss.IndexFlatIP(self.store.embed_dim), first, first, False)
