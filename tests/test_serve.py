@@ -68,7 +68,7 @@ def test_search_by_text_matches_the_index(client, collection):
     expected = index.search("a red square", top_k=3)
     assert [(r["path"], pytest.approx(r["score"], abs=1e-5)) for r in body["results"]] == \
         [(p, pytest.approx(s, abs=1e-5)) for p, s in expected]
-    keys = index.store.keys()
+    keys = index.paths()
     assert all(keys[r["id"]] == r["path"] for r in body["results"])
 
 
@@ -88,7 +88,7 @@ def test_thumbnail_by_id_is_a_small_jpeg(client, collection):
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     thumb = Image.open(io.BytesIO(response.content))
     assert max(thumb.size) == 32
-    original = Image.open(index.store.keys()[0]).convert("RGB")
+    original = Image.open(index.paths()[0]).convert("RGB")
     assert np.abs(np.asarray(thumb.resize((4, 4)), float) - np.asarray(original.resize((4, 4)), float)).mean() < 12
 
 
@@ -213,7 +213,7 @@ def test_images_refuses_a_symlink_out_of_the_collection(model, tmp_path):
     os.symlink(secret, photos / "link.png")
     index = clipzsl.ImageIndex(tmp_path / "index", model)
     index.update(photos, progress=False)
-    keys = index.store.keys()
+    keys = index.paths()
     with TestClient(create_app(model, {"p": index.directory}, cache=False)) as c:
         link, inside = keys.index(str(photos / "link.png")), keys.index(str(photos / "inside.png"))
         refused = c.get(f"/images/{link}")
@@ -315,3 +315,33 @@ def test_an_app_stopped_and_started_again_still_answers(model, collection, tmp_p
             response = c.post("/search", json={"text": "a red square", "top_k": 2})
             assert response.status_code == 200, response.text
             assert len(response.json()["results"]) == 2
+
+
+def test_app_from_folders_names_indexes_by_folder_and_loads_their_model(collection, tmp_path, monkeypatch):
+    from clipzsl import serve
+    from clipzsl.errors import InputError
+
+    _, index = collection
+    loaded: list[str] = []
+    monkeypatch.setattr(serve, "load_model", lambda spec, **options: loaded.append(spec) or index.model)
+    twin = tmp_path / "elsewhere" / index.directory.name
+    with pytest.raises(InputError, match="share a name"):
+        serve.app_from_folders([index.directory, twin])
+    assert loaded == []  # refused before any model is loaded
+    app = serve.app_from_folders([index.directory], {"two": ["cat", "dog"]}, cache=False)
+    assert loaded == [index.model.spec]  # the model the index was built with
+    with TestClient(app) as c:
+        body = c.get("/health").json()
+    assert body["indexes"] == {index.directory.name: 4} and body["label_sets"] == ["two"]
+
+
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_run_service_warns_of_a_public_host(host, warned, monkeypatch, caplog):
+    from clipzsl import serve
+
+    ran = []
+    monkeypatch.setattr(serve.uvicorn, "run", lambda app, **options: ran.append(options))
+    with caplog.at_level("WARNING", logger="clipzsl"):
+        serve.run_service("app", host, 8123)
+    assert ran == [{"host": host, "port": 8123, "log_level": "warning"}]
+    assert ("anyone who can reach this machine" in caplog.text) == warned

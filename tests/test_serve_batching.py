@@ -16,7 +16,7 @@ import test_serve  # noqa: E402
 from test_serve import COLOURS, png_bytes  # noqa: E402
 
 from clipzsl.serve import Limits, create_app  # noqa: E402
-from clipzsl.store import EmbeddingStore  # noqa: E402
+from clipzsl.saved_index import SavedIndex  # noqa: E402
 
 model, collection = test_serve.model, test_serve.collection  # the fixtures of the service's tests
 
@@ -40,23 +40,23 @@ def test_a_batch_of_text_and_image_searches_is_one_store_search(model, collectio
     requests += [{"files": {"image": (p.name, p.read_bytes(), "image/png")}, "data": {"top_k": str(k)}}
                  for p, k in zip(photos, (2, 4, 1))]
     searched: list[int] = []
-    store_search = EmbeddingStore.search
+    store_search = SavedIndex.search
 
     def counted(self, queries, top_k):
         searched.append(len(queries))
         return store_search(self, queries, top_k)
 
-    monkeypatch.setattr(EmbeddingStore, "search", counted)
+    monkeypatch.setattr(SavedIndex, "search", counted)
     app = create_app(model, {"photos": index.directory}, cache=tmp_path, limits=Limits(batch_window_s=0.5))
     answers, batches = asyncio.run(_burst(app, requests))
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     assert sum(batches) == len(requests) and len(batches) < len(requests)
     assert searched[1:] == batches  # after the warm-up's: one store search per batch, all of its queries
 
-    monkeypatch.setattr(EmbeddingStore, "search", store_search)
+    monkeypatch.setattr(SavedIndex, "search", store_search)
     expected = [index.search(text, top_k=k) for text, k in texts]
     expected += [index.search(Path(p), top_k=k) for p, k in zip(photos, (2, 4, 1))]
-    keys = index.store.keys()
+    keys = index.paths()
     for answer, hits in zip(answers, expected):
         results = answer.json()["results"]
         assert [(r["id"], r["path"]) for r in results] == [(keys.index(path), path) for path, _ in hits]

@@ -204,7 +204,7 @@ def test_a_symlink_into_the_parent_of_two_indexed_folders_is_not_served(model, t
     Image.new("RGB", (20, 20), (9, 9, 9)).save(secret)
     os.symlink(secret, first / "link.png")
     index = make_index([first, second], tmp_path / "index", model)
-    keys = index.store.keys()
+    keys = index.paths()
     with TestClient(create_app(model, {"p": index.directory}, cache=False)) as c:
         refused = c.get(f"/images/{keys.index(str(first / 'link.png'))}")
         assert refused.status_code == 404 and str(first) in refused.json()["detail"]
