@@ -40,7 +40,7 @@ from .metrics import accuracy, harmonic_mean, per_class_recall, top_k_accuracy
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, TemplatesArg, load_templates
 from .store import cache_root
 from .text_encoding import class_embeddings
-from .training import ClassFolders, folder_dataset, seen_split
+from .training import ClassFolders, seen_split
 
 __all__ = ["METHODS", "PROTOCOLS", "ClassFolders", "EvalSplit", "Fitted", "Problem", "ZeroShotResult",
            "base_novel_split", "base_to_novel", "calibrated_stacking", "choose_gamma", "class_split",
@@ -223,7 +223,7 @@ def class_split(data: str | os.PathLike, test: str | os.PathLike | None = None) 
     base, novel = base_novel_split(names)
     base_set = set(base)
     train = [(p, y) for p, y in train if y in base_set]
-    untrained = sorted(set(names[c] for c in base) - set(names[y] for _, y in train))
+    untrained = sorted({names[c] for c in base} - {names[y] for _, y in train})
     if untrained:
         raise InputError(f"{data}: base classes {untrained[:5]} have no training image; without --test each "
                          "class is split in half, so it needs at least 2 images")
