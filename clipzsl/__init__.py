@@ -14,7 +14,7 @@ from .images import EmbeddedImages, ImageLoadError, embed_images, load_image
 from .prompts import ClassEntry, PromptFileError, load_labels, load_templates
 from .store import StoreError
 from .text_encoding import class_embeddings, encode_prompts
-from .training import TrainConfig, train_adapter
+from .training import TrainConfig, fit_adapter, train_adapter, train_adapter_from_folder
 
 __version__ = "0.1.0"
 
@@ -42,9 +42,11 @@ __all__ = [
     "class_embeddings",
     "embed_images",
     "encode_prompts",
+    "fit_adapter",
     "load_image",
     "load_labels",
     "load_model",
     "load_templates",
     "train_adapter",
+    "train_adapter_from_folder",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -29,8 +29,9 @@ from .adapter import CrossAttentionAdapter
 from .head import cosine_logits, zero_shot_head
 from .images import EmbeddedImages
 from .metrics import accuracy, harmonic_mean_or_available
-from .training import TrainConfig, fit_with_selection, seen_split, train_loop
+from .training import DEFAULT_GRID, TrainConfig, fit_with_selection, seen_split, train_loop
 
+M = TypeVar("M", bound=nn.Module)
 Scorer = Callable[[EmbeddedImages, Sequence[int]], torch.Tensor]  # (images, global class ids) -> logits
 
 
@@ -86,27 +87,31 @@ def _fit(module: nn.Module, logits_of: Callable[[torch.Tensor], torch.Tensor], t
     return {"val_score": loop.best_score, "best_epoch": loop.best_epoch, "epoch_seconds": loop.epoch_seconds}
 
 
+def _best(candidates: Iterable[tuple[M, dict]]) -> tuple[M, dict]:
+    """The (module, info) of the highest validation score, the first of equals; `candidates` are
+    trained one after the other, in order, as they are drawn."""
+    return max(candidates, key=lambda candidate: candidate[1]["val_score"])
+
+
 def linear_probe(p: Problem, seed: int = 0, epochs: int = 100) -> Fitted:
     """Logistic regression on pooled embeddings over the seen classes; weight decay picked on val-base."""
     tr, vb, vn, tr_classes, _, y_tr, y_vb, _ = _val_helpers(p, seed)
-    x = p.images.embeddings
-    best = None
-    for wd in (1e-4, 1e-2, 1e-1):
+    x, scale = p.images.embeddings, p.logit_scale
+
+    def candidate(wd: float) -> tuple[nn.Linear, dict]:
         torch.manual_seed(seed)
         lin = nn.Linear(x.shape[1], len(tr_classes))
         with torch.no_grad():  # zero init: a convex problem, the optimum does not depend on the start
             lin.weight.zero_()
             lin.bias.zero_()
-        scale = p.logit_scale
 
-        def val(lin=lin):
+        def val() -> float:
             with torch.no_grad():
                 return accuracy(lin(scale * x[vb]), y_vb) if vb else 0.0
-        info = _fit(lin, lambda i, lin=lin: lin(scale * x[i]), tr, y_tr, epochs, 1e-2, wd, 256, seed, val,
-                    patience=20)
-        if best is None or info["val_score"] > best[1]["val_score"]:
-            best = (lin, {**info, "weight_decay": wd})
-    lin, info = best
+        info = _fit(lin, lambda i: lin(scale * x[i]), tr, y_tr, epochs, 1e-2, wd, 256, seed, val, patience=20)
+        return lin, {**info, "weight_decay": wd}
+
+    lin, info = _best(candidate(wd) for wd in (1e-4, 1e-2, 1e-1))
     col = {c: i for i, c in enumerate(tr_classes)}
 
     def score(images: EmbeddedImages, classes: Sequence[int]) -> torch.Tensor:
@@ -135,22 +140,22 @@ def clip_adapter(p: Problem, seed: int = 0, epochs: int = 30) -> Fitted:
     """CLIP-Adapter; residual ratio and lr chosen by H on the seen-class validation split."""
     tr, vb, vn, tr_classes, val_classes, y_tr, y_vb, y_vn = _val_helpers(p, seed)
     x = p.images.embeddings
-    t_tr, t_val = p.class_embeddings[tr_classes], p.class_embeddings[val_classes] if val_classes else None
-    best = None
-    for ratio in (0.2, 0.6):
+    t_tr, t_val = p.class_embeddings[tr_classes], p.class_embeddings[val_classes]
+
+    def candidate(ratio: float) -> tuple[_ClipAdapterNet, dict]:
         torch.manual_seed(seed)
         net = _ClipAdapterNet(x.shape[1], ratio)
 
-        def val(net=net):
+        def val() -> float:
             with torch.no_grad():
                 a = accuracy(cosine_logits(net(x[vb]), t_tr, p.logit_scale), y_vb) if vb else math.nan
                 b = accuracy(cosine_logits(net(x[vn]), t_val, p.logit_scale), y_vn) if vn else math.nan
                 return harmonic_mean_or_available(a, b)
-        info = _fit(net, lambda i, net=net: cosine_logits(net(x[i]), t_tr, p.logit_scale), tr, y_tr,
-                    epochs, 1e-3, 1e-2, 32, seed, val)
-        if best is None or info["val_score"] > best[1]["val_score"]:
-            best = (net, {**info, "ratio": ratio})
-    net, info = best
+        info = _fit(net, lambda i: cosine_logits(net(x[i]), t_tr, p.logit_scale), tr, y_tr, epochs, 1e-3, 1e-2, 32,
+                    seed, val)
+        return net, {**info, "ratio": ratio}
+
+    net, info = _best(candidate(ratio) for ratio in (0.2, 0.6))
 
     def score(images: EmbeddedImages, classes: Sequence[int]) -> torch.Tensor:
         with torch.no_grad():
@@ -177,36 +182,30 @@ def tip_adapter_f(p: Problem, seed: int = 0, epochs: int = 20) -> Fitted:
     x = p.images.embeddings
     targets = torch.as_tensor(p.targets)
     values = F.one_hot(targets[tr], p.class_embeddings.shape[0]).float()
-    best = None
-    tr_t, val_t = torch.tensor(tr_classes), torch.tensor(val_classes) if val_classes else None
+    tr_t, val_t = torch.tensor(tr_classes), torch.tensor(val_classes, dtype=torch.long)
 
     def logits(xx: torch.Tensor, classes: torch.Tensor, cache: _TipCache, bias: float = 0.0) -> torch.Tensor:
         return cosine_logits(xx, p.class_embeddings[classes], p.logit_scale) + p.logit_scale * cache(xx)[:, classes] \
             + bias
 
-    for alpha, beta in ((1.0, 5.5), (3.0, 5.5), (1.0, 1.0)):
+    def candidate(alpha: float, beta: float) -> tuple[_TipCache, dict]:
         torch.manual_seed(seed)
         cache = _TipCache(x[tr], values, alpha, beta)
 
-        def val(cache=cache):
+        def val() -> float:
             with torch.no_grad():
                 a = accuracy(logits(x[vb], tr_t, cache), y_vb) if vb else math.nan
                 b = accuracy(logits(x[vn], val_t, cache), y_vn) if vn else math.nan
                 return harmonic_mean_or_available(a, b)
-        info = _fit(cache, lambda i, cache=cache: logits(x[i], tr_t, cache), tr, y_tr, epochs, 1e-3, 1e-2, 32,
-                    seed, val)
-        if best is None or info["val_score"] > best[1]["val_score"]:
-            best = (cache, {**info, "alpha": alpha, "beta": beta})
-    cache, info = best
+        info = _fit(cache, lambda i: logits(x[i], tr_t, cache), tr, y_tr, epochs, 1e-3, 1e-2, 32, seed, val)
+        return cache, {**info, "alpha": alpha, "beta": beta}
+
+    cache, info = _best(candidate(alpha, beta) for alpha, beta in ((1.0, 5.5), (3.0, 5.5), (1.0, 1.0)))
 
     def score(images: EmbeddedImages, classes: Sequence[int]) -> torch.Tensor:
         with torch.no_grad():
             return logits(images.embeddings, torch.as_tensor(list(classes)), cache, p.logit_bias)
     return Fitted("Tip-Adapter-F", score, info=info)
-
-
-DEFAULT_GRID = ({"lr": 3e-3, "consistency": 1.0}, {"lr": 3e-3, "consistency": 0.3},
-                {"lr": 1e-2, "consistency": 0.3})
 
 
 def cross_attention(p: Problem, seed: int = 0, grid: Sequence[dict] = DEFAULT_GRID, base: TrainConfig | None = None,

@@ -14,7 +14,6 @@ import functools
 import io
 import json
 import logging
-import math
 import os
 import sys
 import warnings
@@ -23,7 +22,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -31,22 +29,18 @@ from . import distributed
 from . import evaluation as ev
 from .adapter import CONFIG_NAME
 from .backends import available_models, load_model
-from .backends.base import CONCEPTS_PREFIX
-from .baselines import DEFAULT_GRID
+from .cache import cache_info, clear_cache
 from .classifier import ZeroShotClassifier
 from .errors import InputError
 from .explain import explain
 from .image_index import ImageIndex, format_hits
-from .images import (FEATURES_DIR, MAX_PIXELS, ImageLoadError, NoImagesWarning, check_output, each_image_once,
-                     embed_images_cached, expand_sources, image_key)
-from .prompts import (DEFAULT_TEMPLATES, ClassEntry, PromptFileError, content_lines, load_labels, load_templates,
-                      normalise_text, parse_label_list)
+from .images import (MAX_PIXELS, ImageLoadError, NoImagesWarning, check_output, each_image_once, expand_sources,
+                     image_key)
+from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_labels, load_templates, parse_label_list
 from .records import RecordError, canonical, dumps, load
 from .shards import ShardReport, index_from_shards, write_shards
-from .store import (STORE_KINDS, EmbeddingStore, StoreError, atomic_write, cache_root, check_owned, digest,
-                    is_store_folder, own_cache_root)
-from .text_encoding import class_embeddings
-from .training import TrainConfig, fit_with_selection, folder_dataset
+from .store import StoreError, atomic_write, digest
+from .training import ClassFolders, adapter_grid, describe_training, train_adapter_from_folder, training_set
 
 FORMATS = ("table", "csv", "json")
 #: `classify` also writes JSON lines; these two formats can be resumed
@@ -454,39 +448,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """Every cache under the cache directory: label embeddings, packaged concepts, image features.
-
-    A label cache whose meta.json is damaged is shown as damaged and still cleared."""
-    root = cache_root(args.cache_dir)
-    labels_root = root / "labels"
-    stores = sorted(p for p in labels_root.glob("*") if p.is_dir())
-    concepts = sorted(root.glob(f"{CONCEPTS_PREFIX}*")) if root.is_dir() else []  # .npy and its checksum
-    features = sorted((root / FEATURES_DIR).glob("*.safetensors"))
+    """Every cache under the cache directory (`clipzsl.cache`): listed, or cleared."""
     if args.action == "clear":
-        if root.exists():  # a folder that was never a cache is refused, and so is one foreign label folder,
-            own_cache_root(root)  # before anything is deleted
-            for directory in stores:
-                check_owned(directory, STORE_KINDS, is_store_folder)
-        for directory in stores:  # whatever state it is in: an unreadable meta.json must not block this
-            EmbeddingStore.destroy(directory)
-        for path in concepts + features:
-            path.unlink(missing_ok=True)
-        print(f"cleared {len(stores)} label cache(s), {len(concepts)} packaged concept file(s) and "
-              f"{len(features)} image-feature file(s) under {root}")
-        return 0
-    print(f"label cache: {labels_root}")
-    for directory in stores:
-        try:
-            meta = EmbeddingStore.read_meta(directory)
-            store = EmbeddingStore(directory, meta["fingerprint"], meta["embed_dim"])
-        except (StoreError, KeyError, TypeError) as err:
-            print(f"  {directory.name}  damaged, unusable ({err}); `clipzsl cache clear` removes it")
-            continue
-        print(f"  {meta.get('spec') or '?'}  {len(store)} labels  {store.size_bytes() / 1e6:.1f} MB  {meta['fingerprint']}")
-    print(f"packaged concept embeddings: {len(concepts)} file(s), "
-          f"{sum(p.stat().st_size for p in concepts) / 1e6:.1f} MB")
-    print(f"image features ({root / FEATURES_DIR}): {len(features)} file(s), "
-          f"{sum(p.stat().st_size for p in features) / 1e6:.1f} MB")
+        print(clear_cache(args.cache_dir).describe())
+    else:
+        sys.stdout.write(cache_info(args.cache_dir).describe())
     return 0
 
 
@@ -600,176 +566,46 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
-    names, paths, targets = folder_dataset(args.data)
-    seen = list(range(len(names)))
-    if args.seen:  # names compared as labels are: normalised, lines ending at \n or \r\n only
-        column = {normalise_text(name): number for number, name in enumerate(names)}
-        text = Path(args.seen).read_text(encoding="utf-8-sig")
-        wanted = {n: normalise_text(line.replace("_", " ")) for n, line in content_lines(text)}
-        unknown = [f"line {n}: {w!r}" for n, w in wanted.items() if w not in column]
-        if unknown:
-            raise ValueError(f"{args.seen}: classes not in {args.data} (no such sub-folder, or one without images): "
-                             f"{', '.join(unknown[:5])}")
-        seen = sorted({column[w] for w in wanted.values()})
-    if len(seen) < 2:
-        where = f"{args.seen} selects" if args.seen else f"{args.data} has"
-        raise ValueError(f"{where} {len(seen)} class(es) with images ({[names[c] for c in seen]}); an adapter "
-                         f"needs at least 2 classes to train on: add class sub-folders of images to {args.data}")
-    keep = [i for i, y in enumerate(targets) if y in set(seen)]
+    """`training.train_adapter_from_folder`; exit 1 when the adapter saved is untrained (it warned)."""
+    data = training_set(args.data, args.seen)  # checked before the model loads
     model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
-    templates = load_templates(args.templates)
-    class_embs = class_embeddings(model, [ClassEntry(n) for n in names], templates)
-    images = embed_images_cached(model, [paths[i] for i in keep], cache_root(args.cache_dir), progress=True)
-    if args.lr is None and args.consistency is None:
-        grid = DEFAULT_GRID
-    else:
-        grid = ({"lr": args.lr or 3e-3, "consistency": 1.0 if args.consistency is None else args.consistency},)
-    result, info = fit_with_selection(images, [targets[i] for i in keep], class_embs, seen, model.logit_scale,
-                                      seed=args.seed, grid=grid, base=TrainConfig(epochs=args.epochs, patience=4),
-                                      logit_bias=model.logit_bias, log=lambda m: print(m, file=sys.stderr))
-    info.pop("val_split")
-    result.adapter.save(args.out, model, templates=templates, labels=[names[c] for c in seen],
-                        extra={"training": info})
-    metric = info["val_metric"]
-    if metric is None:
-        chosen = (f"no validation images (a class needs >= 2 images to hold one out), so the last epoch "
-                  f"{info['best_epoch']} of {info['params']} is kept")
-    else:
-        what = {"H": "H of base and pseudo-novel accuracy",
-                "base accuracy": f"accuracy on held-out images of the {info['train_classes']} training classes "
-                                 "(no pseudo-novel classes: that needs >= 4 seen classes)",
-                "pseudo-novel accuracy": f"accuracy on the {info['val_classes']} held-out seen classes "
-                                         "(no held-out images of the training classes)"}[metric]
-        chosen = f"chosen {info['params']}, validation {what} {info['val_score']:.3f} at epoch {info['best_epoch']}"
-    print(f"{args.out}: adapter trained on {len(seen)} classes, {info['n_train']} images; {chosen}, "
-          f"{info['epoch_seconds']:.2f} s/epoch")
-    return 1 if info["untrained"] else 0  # saved, but it is the zero-shot classifier (fit_with_selection warned)
+    _, info = train_adapter_from_folder(data, model, args.out, templates=args.templates, epochs=args.epochs,
+                                        grid=adapter_grid(args.lr, args.consistency), seed=args.seed,
+                                        cache_dir=args.cache_dir)
+    print(describe_training(args.out, info))
+    return 1 if info["untrained"] else 0
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
-    """`eval --protocol zeroshot`: every class of DATA scored, no training; a CLIP_benchmark-style record."""
+    """`eval --protocol zeroshot`: `evaluation.zeroshot_evaluation`, a CLIP_benchmark-style record."""
     if args.test:
-        raise ValueError("--test does not apply to --protocol zeroshot: it evaluates every image of DATA")
-    names, paths, targets = folder_dataset(args.data)  # refuses a DATA without images
-    cache = args.cache_dir or True
-    model = load_model(args.model, cache=cache, **run_options(args))
-    templates = load_templates(args.templates)
-    if args.load_classifier:
-        clf = ZeroShotClassifier.load(args.load_classifier, model)
-        if clf.labels != names:
-            missing = [n for n in names if n not in clf.labels]
-            extra = [n for n in clf.labels if n not in names]
-            detail = (f"classes of {args.data} not in it: {missing[:5]}; classes in it not in {args.data}: {extra[:5]}"
-                      if missing or extra else "the same classes in another order")
-            raise ValueError(f"{args.load_classifier}: built for other classes than the folders of {args.data} "
-                             f"({detail}); build it again with --save-classifier")
-        if clf.templates != templates:
-            raise ValueError(f"{args.load_classifier}: built with other templates than --templates {args.templates!r}; "
-                             "pass the templates it was built with, or build it again with --save-classifier")
-    else:
-        clf = ZeroShotClassifier(model, labels=[ClassEntry(n) for n in names], templates=templates, cache=cache)
-    if args.save_classifier:
-        clf.save(args.save_classifier)
-    metrics, failures = ev.zeroshot_classification(clf, paths, targets, batch_size=args.batch_size)
-    for failure in failures:
-        print(f"clipzsl: skipped {failure}", file=sys.stderr)
-    scored = len(paths) - len(failures)
-    if failures:
-        print(f"clipzsl: {len(failures)} of {len(paths)} images could not be read; "
-              f"the metrics are over the other {scored}", file=sys.stderr)
-    if not scored:
+        raise InputError("--test does not apply to --protocol zeroshot: it evaluates every image of DATA")
+    data = ClassFolders.read(args.data)  # refuses a DATA without images, before the model loads
+    model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
+    result = ev.zeroshot_evaluation(data, model, templates=args.templates, load_classifier=args.load_classifier,
+                                    save_classifier=args.save_classifier, cache_dir=args.cache_dir,
+                                    batch_size=args.batch_size)
+    if not result.record["n_images"]:
         print("clipzsl: error: no image could be read; nothing to evaluate", file=sys.stderr)
         return 1
-    record = {
-        "dataset": str(args.data),
-        "model": model.spec,
-        "pretrained": model.fingerprint,  # a spec names architecture and weights together; this is the weights
-        "task": "zeroshot_classification",
-        "metrics": metrics,
-        "language": "en",
-        "templates": clf.templates,
-        "n_classes": len(names),
-        "n_images": scored,
-        "n_unreadable": len(failures),
-    }
-    print(f"zero-shot classification: {args.data}, {len(names)} classes, {scored} images, model {model.spec}")
-    for key, value in metrics.items():
-        print(f"{key:<22} {'n/a (fewer than 5 classes)' if value is None else f'{100 * value:.2f}%'}")
+    sys.stdout.write(ev.format_zeroshot(result.record))
     if args.output:
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return 1 if failures else 0
+        Path(args.output).write_text(json.dumps(result.record, indent=2) + "\n", encoding="utf-8")
+    return 1 if result.failures else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """`evaluation.class_split` and `run_protocols`: the tables, and the results as JSON with --output."""
     if args.protocol == "zeroshot":
         return cmd_eval_zeroshot(args)
     if args.save_classifier or args.load_classifier:
-        raise ValueError("--save-classifier and --load-classifier apply to --protocol zeroshot only")
-    names, paths, targets = folder_dataset(args.data)
-    if args.test:
-        tnames, tpaths, ttargets = folder_dataset(args.test)
-        common = sorted(set(names) & set(tnames))
-        tr = [(p, common.index(names[y])) for p, y in zip(paths, targets) if names[y] in common]
-        te = [(p, common.index(tnames[y])) for p, y in zip(tpaths, ttargets) if tnames[y] in common]
-        names = common
-    else:
-        rng = np.random.default_rng(0)
-        tr, te = [], []
-        for c in range(len(names)):
-            idx = rng.permutation([i for i, y in enumerate(targets) if y == c]).tolist()
-            tr += [(paths[i], c) for i in idx[: len(idx) // 2]]
-            te += [(paths[i], c) for i in idx[len(idx) // 2:]]
-    if len(names) < 4:  # base accuracy among one base class is 1.0 whatever the model does
-        where = f"{args.data} and {args.test} share" if args.test else f"{args.data} has"
-        raise ValueError(f"{where} {len(names)} class sub-folders with images ({names}); eval needs at least 4 "
-                         "(half base, half novel, each half scored among at least 2 classes)")
-    base, novel = ev.base_novel_split(names)
-    tr = [(p, y) for p, y in tr if y in set(base)]
-    untrained = sorted(set(names[c] for c in base) - set(names[y] for _, y in tr))
-    if untrained:
-        raise ValueError(f"{args.data}: base classes {untrained[:5]} have no training image; without --test each "
-                         "class is split in half, so it needs at least 2 images")
-    model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
-    class_embs = class_embeddings(model, [ClassEntry(n) for n in names], load_templates(args.templates))
-    cache_dir = cache_root(args.cache_dir)
-    train_images = embed_images_cached(model, [p for p, _ in tr], cache_dir, progress=True)
-    test_images = embed_images_cached(model, [p for p, _ in te], cache_dir, progress=True)
-    problem = ev.Problem(train_images, [y for _, y in tr], class_embs, base, model.logit_scale, model.logit_bias)
+        raise InputError("--save-classifier and --load-classifier apply to --protocol zeroshot only")
+    split = ev.class_split(args.data, args.test)  # checked before the model loads
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ev.METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {list(ev.METHODS)}")
-    results = {}
-    for m in methods:
-        runs = []
-        for seed in range(args.seeds):
-            fitted = ev.METHODS[m](problem, seed=seed)
-            run = {"seed": seed}
-            if args.protocol in ("b2n", "both"):
-                run["b2n"] = ev.base_to_novel(fitted, test_images, [y for _, y in te], base, novel)
-            if args.protocol in ("gzsl", "both"):
-                run["gzsl"] = ev.gzsl(fitted, problem, test_images, [y for _, y in te], base, novel, seed)
-            runs.append(run)
-        results[m] = runs
-
-    def ms(values):
-        values = [v for v in values if not math.isnan(v)]
-        if not values:
-            return "n/a"
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-        return f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-    print(f"{len(names)} classes ({len(base)} base, {len(novel)} novel), {len(tr)} training images, {len(te)} test")
-    if args.protocol in ("b2n", "both"):
-        print("base-to-novel        Base           Novel          H")
-        for m, runs in results.items():
-            print(f"{m:<20} " + "  ".join(f"{ms([r['b2n'][k] for r in runs]):<13}" for k in ("base", "novel", "H")))
-    if args.protocol in ("gzsl", "both"):
-        print("GZSL                 Seen           Unseen         H              | calibrated stacking: Seen, Unseen, H")
-        for m, runs in results.items():
-            print(f"{m:<20} " + "  ".join(f"{ms([r['gzsl'][v][k] for r in runs]):<13}"
-                                          for v in ("plain", "calibrated") for k in ("seen", "unseen", "H")))
+    model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
+    results = ev.run_protocols(split, model, methods=methods, seeds=args.seeds, protocol=args.protocol,
+                               templates=args.templates, cache_dir=args.cache_dir)
+    sys.stdout.write(split.summary() + "\n" + ev.format_results(results, args.protocol))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
     return 0

@@ -12,26 +12,47 @@
   no training; top-1, top-5 accuracy and the mean per-class recall.
 
 The methods compared (`METHODS`, `Problem`, `Fitted`) are in `clipzsl.baselines`; the metrics
-in `clipzsl.metrics`.
+in `clipzsl.metrics`. What `clipzsl eval` runs, callable from Python:
+
+    split = class_split("data/")                      # or class_split("train/", test="test/")
+    results = run_protocols(split, load_model(), methods=["zero-shot", "ours"], seeds=3)
+    print(split.summary()); print(format_results(results, "both"))
+
+and `zeroshot_evaluation(ClassFolders.read("data/"), model)` for the CLIP_benchmark-style record.
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import TYPE_CHECKING, Sequence
+import os
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 
+from .backends import Backend
 from .baselines import METHODS, Fitted, Problem
-from .images import EmbeddedImages, ImageLoadError
+from .classifier import ZeroShotClassifier
+from .errors import InputError
+from .images import EmbeddedImages, ImageLoadError, embed_images_cached
 from .metrics import accuracy, harmonic_mean, per_class_recall, top_k_accuracy
-from .training import seen_split
+from .prompts import DEFAULT_TEMPLATES, ClassEntry, TemplatesArg, load_templates
+from .store import cache_root
+from .text_encoding import class_embeddings
+from .training import ClassFolders, seen_split
 
-if TYPE_CHECKING:
-    from .classifier import ZeroShotClassifier
+__all__ = ["METHODS", "PROTOCOLS", "ClassFolders", "EvalSplit", "Fitted", "Problem", "ZeroShotResult",
+           "base_novel_split", "base_to_novel", "calibrated_stacking", "choose_gamma", "class_split",
+           "format_results", "format_zeroshot", "gzsl", "gzsl_metrics", "mean_std", "run_protocols",
+           "zeroshot_classification", "zeroshot_evaluation"]
 
-__all__ = ["METHODS", "Fitted", "Problem", "base_novel_split", "base_to_novel", "calibrated_stacking", "choose_gamma",
-           "gzsl", "gzsl_metrics", "zeroshot_classification"]
+log = logging.getLogger(__name__)
+
+#: `run_protocols`' choices: base-to-novel, generalised zero-shot, or both
+PROTOCOLS = ("b2n", "gzsl", "both")
+Protocol = Literal["b2n", "gzsl", "both"]
+Results = dict[str, list[dict]]  # per method, one row per seed: {"seed", "b2n": {...}, "gzsl": {...}}
 
 
 def base_novel_split(classnames: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -48,11 +69,11 @@ def calibrated_stacking(logits: torch.Tensor, seen_mask: torch.Tensor, gamma: fl
 
 def gzsl_metrics(logits: torch.Tensor, targets: Sequence[int], seen_mask: torch.Tensor, gamma: float = 0.0) -> dict:
     """Seen / unseen per-class mean accuracy and H; `targets` index the columns of `logits`."""
-    targets = np.asarray(targets)
+    target = np.asarray(targets)
     pred = calibrated_stacking(logits, seen_mask, gamma).argmax(1).numpy()
-    is_seen = seen_mask.numpy()[targets]
-    s = per_class_recall(pred[is_seen], targets[is_seen]) if is_seen.any() else math.nan
-    u = per_class_recall(pred[~is_seen], targets[~is_seen]) if (~is_seen).any() else math.nan
+    is_seen = seen_mask.numpy()[target]
+    s = per_class_recall(pred[is_seen].tolist(), target[is_seen].tolist()) if is_seen.any() else math.nan
+    u = per_class_recall(pred[~is_seen].tolist(), target[~is_seen].tolist()) if (~is_seen).any() else math.nan
     return {"seen": s, "unseen": u, "H": harmonic_mean(s, u), "gamma": gamma}
 
 
@@ -85,7 +106,7 @@ def base_to_novel(fitted: Fitted, test: EmbeddedImages, test_targets: Sequence[i
     y = np.asarray(test_targets)
     out = {}
     for side, classes in (("base", base), ("novel", novel)):
-        idx = np.flatnonzero(np.isin(y, classes))
+        idx = np.flatnonzero(np.isin(y, classes)).tolist()
         if side == "novel" and not fitted.scores_novel:
             out[side] = math.nan
             continue
@@ -129,7 +150,7 @@ def zeroshot_classification(clf: ZeroShotClassifier, paths: Sequence[str], targe
     they come back so the caller can report them and say the metrics leave them out.
     """
     if clf.adapter is not None:
-        raise ValueError("zeroshot_classification scores the plain zero-shot classifier; this one has an adapter")
+        raise InputError("zeroshot_classification scores the plain zero-shot classifier; this one has an adapter")
     embedded = clf.embed(list(paths), batch_size=batch_size, skip_errors=True)
     target_of = dict(zip(map(str, paths), targets))
     y = [target_of[source] for source in embedded.sources]
@@ -140,3 +161,219 @@ def zeroshot_classification(clf: ZeroShotClassifier, paths: Sequence[str], targe
         "mean_per_class_recall": per_class_recall(logits.argmax(1).numpy(), y),
     }
     return metrics, embedded.failures
+
+
+# ------------------------------------------------------------------ `clipzsl eval`: data, protocols, reports
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """The images and classes of one base-to-novel / GZSL evaluation (`class_split`)."""
+
+    names: list[str]  # class names; targets index them
+    train: list[tuple[str, int]]  # (path, target): base-class images only, what the methods train on
+    test: list[tuple[str, int]]  # (path, target): every class
+    base: list[int]
+    novel: list[int]
+
+    def summary(self) -> str:
+        """The line `clipzsl eval` opens its report with."""
+        return (f"{len(self.names)} classes ({len(self.base)} base, {len(self.novel)} novel), "
+                f"{len(self.train)} training images, {len(self.test)} test")
+
+
+def _shared_classes(data: ClassFolders, test: ClassFolders) -> tuple[list[str], list[tuple[str, int]],
+                                                                     list[tuple[str, int]]]:
+    """The classes both folders have (sorted), and each folder's images of them."""
+    common = sorted(set(data.names) & set(test.names))
+    train = [(p, common.index(data.names[y])) for p, y in zip(data.paths, data.targets) if data.names[y] in common]
+    tested = [(p, common.index(test.names[y])) for p, y in zip(test.paths, test.targets) if test.names[y] in common]
+    return common, train, tested
+
+
+def _halves(data: ClassFolders) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Each class's images shuffled (seed 0) and cut in half: the first half trains, the second tests."""
+    rng = np.random.default_rng(0)
+    train: list[tuple[str, int]] = []
+    test: list[tuple[str, int]] = []
+    for c in range(len(data.names)):
+        idx = rng.permutation([i for i, y in enumerate(data.targets) if y == c]).tolist()
+        train += [(data.paths[i], c) for i in idx[: len(idx) // 2]]
+        test += [(data.paths[i], c) for i in idx[len(idx) // 2:]]
+    return train, test
+
+
+def class_split(data: str | os.PathLike, test: str | os.PathLike | None = None) -> EvalSplit:
+    """The evaluation split of a class-folder data set: with a `test` folder, the classes both share
+    (DATA trains, TEST tests); without, half of each class's images (seed 0) on either side. Classes
+    are then cut into base and novel halves (`base_novel_split`); only base images train.
+
+    Refused, before any model is loaded: fewer than 4 classes (each half scored among at least 2), or
+    a base class without a training image."""
+    folders = ClassFolders.read(data)
+    names = folders.names
+    if test:
+        names, train, tested = _shared_classes(folders, ClassFolders.read(test))
+    else:
+        train, tested = _halves(folders)
+    if len(names) < 4:  # base accuracy among one base class is 1.0 whatever the model does
+        where = f"{data} and {test} share" if test else f"{data} has"
+        raise InputError(f"{where} {len(names)} class sub-folders with images ({names}); eval needs at least 4 "
+                         "(half base, half novel, each half scored among at least 2 classes)")
+    base, novel = base_novel_split(names)
+    base_set = set(base)
+    train = [(p, y) for p, y in train if y in base_set]
+    untrained = sorted({names[c] for c in base} - {names[y] for _, y in train})
+    if untrained:
+        raise InputError(f"{data}: base classes {untrained[:5]} have no training image; without --test each "
+                         "class is split in half, so it needs at least 2 images")
+    return EvalSplit(names, train, tested, base, novel)
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    """Refuse a method `METHODS` does not know, naming those it does."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"unknown methods {unknown}; known: {list(METHODS)}")
+
+
+def _seed_run(fitted: Fitted, problem: Problem, test: EmbeddedImages, split: EvalSplit, protocol: Protocol,
+              seed: int) -> dict:
+    """One method's scores at one seed: {"seed", "b2n"?, "gzsl"?}."""
+    targets = [y for _, y in split.test]
+    run: dict = {"seed": seed}
+    if protocol in ("b2n", "both"):
+        run["b2n"] = base_to_novel(fitted, test, targets, split.base, split.novel)
+    if protocol in ("gzsl", "both"):
+        run["gzsl"] = gzsl(fitted, problem, test, targets, split.base, split.novel, seed)
+    return run
+
+
+def run_protocols(split: EvalSplit, model: Backend, *, methods: Sequence[str] = tuple(METHODS), seeds: int = 3,
+                  protocol: Protocol = "both", templates: TemplatesArg = DEFAULT_TEMPLATES,
+                  cache_dir: str | os.PathLike | None = None, progress: bool | None = True) -> Results:
+    """`clipzsl eval`: each method of `METHODS` fitted on the base-class training images at seeds 0 ..
+    `seeds` - 1, and scored by the base-to-novel and/or GZSL protocol on the test images.
+
+    Returns {method: [{"seed": s, "b2n": {base, novel, H}, "gzsl": {plain, calibrated}}, ...]}, what
+    `eval --output` writes as JSON. Image features are cached under `cache_dir` (None: the default folder)."""
+    check_methods(methods)
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}; known: {list(PROTOCOLS)}")
+    text = class_embeddings(model, [ClassEntry(n) for n in split.names], load_templates(templates))
+    root = cache_root(cache_dir)
+    train_images = embed_images_cached(model, [p for p, _ in split.train], root, progress=progress)
+    test_images = embed_images_cached(model, [p for p, _ in split.test], root, progress=progress)
+    problem = Problem(train_images, [y for _, y in split.train], text, split.base, model.logit_scale, model.logit_bias)
+    return {m: [_seed_run(METHODS[m](problem, seed=seed), problem, test_images, split, protocol, seed)
+                for seed in range(seeds)] for m in methods}
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float] | None:
+    """Mean and (population) standard deviation over seeds, NaN runs left out; None when none is left."""
+    kept = [v for v in values if not math.isnan(v)]
+    if not kept:
+        return None
+    mean = sum(kept) / len(kept)
+    return mean, (sum((v - mean) ** 2 for v in kept) / len(kept)) ** 0.5
+
+
+def _cell(values: Iterable[float]) -> str:
+    """`mean ± std` in percent, or n/a."""
+    summary = mean_std(values)
+    return "n/a" if summary is None else f"{100 * summary[0]:.1f} ± {100 * summary[1]:.1f}"
+
+
+def format_results(results: Results, protocol: Protocol = "both") -> str:
+    """The tables `clipzsl eval` prints: per method, mean ± std over seeds of base / novel / H
+    (base-to-novel) and seen / unseen / H without and with calibrated stacking (GZSL)."""
+    lines = []
+    if protocol in ("b2n", "both"):
+        lines.append("base-to-novel        Base           Novel          H")
+        lines += [f"{m:<20} " + "  ".join(f"{_cell([r['b2n'][k] for r in runs]):<13}" for k in ("base", "novel", "H"))
+                  for m, runs in results.items()]
+    if protocol in ("gzsl", "both"):
+        lines.append("GZSL                 Seen           Unseen         H              | calibrated stacking: Seen, "
+                     "Unseen, H")
+        lines += [f"{m:<20} " + "  ".join(f"{_cell([r['gzsl'][v][k] for r in runs]):<13}"
+                                          for v in ("plain", "calibrated") for k in ("seen", "unseen", "H"))
+                  for m, runs in results.items()]
+    return "".join(line + "\n" for line in lines)
+
+
+# ------------------------------------------------------------------ `clipzsl eval --protocol zeroshot`
+
+
+@dataclass(frozen=True)
+class ZeroShotResult:
+    """`zeroshot_evaluation`'s outcome: the record and the images that could not be read (left out of it)."""
+
+    record: dict  # CLIP_benchmark-style: dataset, model, pretrained, task, metrics, ..., n_images, n_unreadable
+    failures: list[ImageLoadError]
+
+
+def _loaded_classifier(path: str | os.PathLike, model: Backend, data: ClassFolders, templates: list[str],
+                       templates_given: TemplatesArg) -> ZeroShotClassifier:
+    """A classifier saved by `zeroshot_evaluation(save_classifier=...)`, refused unless it has the classes
+    of `data` in their order and the `templates` (as `templates_given` names them)."""
+    clf = ZeroShotClassifier.load(path, model)
+    if clf.labels != data.names:
+        missing = [n for n in data.names if n not in clf.labels]
+        extra = [n for n in clf.labels if n not in data.names]
+        detail = (f"classes of {data.root} not in it: {missing[:5]}; classes in it not in {data.root}: {extra[:5]}"
+                  if missing or extra else "the same classes in another order")
+        raise InputError(f"{path}: built for other classes than the folders of {data.root} ({detail}); build it "
+                         "again with --save-classifier")
+    if clf.templates != templates:
+        raise InputError(f"{path}: built with other templates than --templates {templates_given!r}; pass the "
+                         "templates it was built with, or build it again with --save-classifier")
+    return clf
+
+
+def zeroshot_evaluation(data: ClassFolders, model: Backend, *, templates: TemplatesArg = DEFAULT_TEMPLATES,
+                        load_classifier: str | os.PathLike | None = None,
+                        save_classifier: str | os.PathLike | None = None,
+                        cache_dir: str | os.PathLike | None = None, batch_size: int | None = None) -> ZeroShotResult:
+    """`clipzsl eval --protocol zeroshot`: every image of `data` scored among all its classes, no
+    training; a CLIP_benchmark-style record (`zeroshot_classification`'s metrics).
+
+    `load_classifier`: class embeddings saved by an earlier `save_classifier` (same model, classes and
+    templates; no text is encoded). Label embeddings are cached under `cache_dir` (None: the default
+    folder). Unreadable images are logged and left out (`failures`); none readable: `n_images` is 0."""
+    template_list = load_templates(templates)
+    if load_classifier:
+        clf = _loaded_classifier(load_classifier, model, data, template_list, templates)
+    else:
+        clf = ZeroShotClassifier(model, labels=[ClassEntry(n) for n in data.names], templates=template_list,
+                                 cache=cache_dir or True)
+    if save_classifier:
+        clf.save(save_classifier)
+    metrics, failures = zeroshot_classification(clf, data.paths, data.targets, batch_size=batch_size)
+    for failure in failures:
+        log.info("skipped %s", failure)
+    scored = len(data.paths) - len(failures)
+    if failures:
+        log.info("%d of %d images could not be read; the metrics are over the other %d", len(failures),
+                 len(data.paths), scored)
+    record = {
+        "dataset": data.root,
+        "model": model.spec,
+        "pretrained": model.fingerprint,  # a spec names architecture and weights together; this is the weights
+        "task": "zeroshot_classification",
+        "metrics": metrics,
+        "language": "en",
+        "templates": clf.templates,
+        "n_classes": len(data.names),
+        "n_images": scored,
+        "n_unreadable": len(failures),
+    }
+    return ZeroShotResult(record, failures)
+
+
+def format_zeroshot(record: dict) -> str:
+    """The report `clipzsl eval --protocol zeroshot` prints for a `zeroshot_evaluation` record."""
+    lines = [f"zero-shot classification: {record['dataset']}, {record['n_classes']} classes, "
+             f"{record['n_images']} images, model {record['model']}"]
+    lines += [f"{key:<22} {'n/a (fewer than 5 classes)' if value is None else f'{100 * value:.2f}%'}"
+              for key, value in record["metrics"].items()]
+    return "".join(line + "\n" for line in lines)

@@ -15,7 +15,7 @@ from clipzsl import evaluation as ev
 from clipzsl import metrics
 from clipzsl.adapter import AdapterMismatch, CrossAttentionAdapter
 from clipzsl.images import EmbeddedImages, embed_images_cached
-from clipzsl.training import TrainConfig, fit_with_selection, seen_split, train_adapter
+from clipzsl.training import TrainConfig, fit_adapter, fit_with_selection, seen_split
 from clipzsl.cli import main
 
 
@@ -88,7 +88,7 @@ def test_training_reduces_seen_loss_and_leaves_zero_shot_at_start():
     feats, labels, text = toy_problem()
     cfg = TrainConfig(epochs=15, lr=1e-2, batch_size=16, consistency=0.0, seed=0)
     before = F.cross_entropy(10.0 * feats.embeddings @ text.T, labels)
-    result = train_adapter(feats, labels, text, 10.0, cfg)
+    result = fit_adapter(feats, labels, text, 10.0, cfg)
     after = F.cross_entropy(result.adapter.head(feats, text, 10.0), labels)
     assert float(after) < 0.7 * float(before)
     assert float(result.adapter.alpha.detach()) > 0
@@ -100,7 +100,7 @@ def test_consistency_keeps_logits_closer_to_zero_shot():
     zs = 10.0 * feats.embeddings @ text.T
     kl = {}
     for lam in (0.0, 10.0):
-        res = train_adapter(feats, labels, text, 10.0, TrainConfig(epochs=10, lr=1e-2, batch_size=16,
+        res = fit_adapter(feats, labels, text, 10.0, TrainConfig(epochs=10, lr=1e-2, batch_size=16,
                                                                    consistency=lam, seed=0))
         kl[lam] = float(ev_kl(res.adapter.head(feats, text, 10.0), zs))
     assert kl[10.0] < kl[0.0]
