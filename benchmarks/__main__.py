@@ -4,9 +4,13 @@
   python -m benchmarks --quick           # small sizes, under 10 minutes; results in benchmarks/results/quick/
   python -m benchmarks --only pipeline   # some benchmarks; RESULTS.md keeps the others' latest results
   python -m benchmarks --page-only       # rebuild RESULTS.md and speed.png from the JSON, running nothing
+  python -m benchmarks --list            # every benchmark, and which run by name only
 
-Each benchmark is a module benchmarks/bench_<name>.py with `run(quick: bool) -> dict`; it writes its
-own <name>.json and <name>.md (command, commit, machine). A benchmark that fails is reported on the
+Each benchmark is a module benchmarks/bench_<name>.py, registered in BENCHMARKS, with one entry point
+for the suite, `run(quick: bool = False) -> dict`, and its own command line, `main(argv)` (`python -m
+benchmarks.bench_<name> --quick ...`). Its results go through one recorder, `report.write`: <name>.json
+(command, commit, date, machine) and, unless written by hand, <name>.md. Code that runs in a fresh
+process is a function of benchmarks.children. A benchmark that fails is reported on the
 page with its error and the others still run; a data set that cannot be fetched is reported as
 skipped with the reason. The page assembles every benchmark's Markdown, a summary of the targets,
 and the plots: accuracy.png (per data set and template set) and speed.png (speed ratios).
@@ -15,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
-import pkgutil
 import sys
 import time
 import traceback
@@ -26,31 +28,47 @@ from pathlib import Path
 
 from . import common, report
 
-# the issue's benchmarks, in page order; other bench_* modules with run(quick) follow, alphabetically
-SUITE = ["accuracy", "classifier_build", "pipeline", "image_encoding"]
-TITLES = {
+#: every benchmark, in page order: name (benchmarks/bench_<name>.py) -> title
+BENCHMARKS = {
     "accuracy": "Zero-shot accuracy per data set and template set",
     "classifier_build": "Speed 1: classifier building, clipzsl vs open_clip.build_zero_shot_classifier",
     "pipeline": "Speed 2: classification, clipzsl `hf:` backend vs transformers' zero-shot pipeline",
     "image_encoding": "Speed 3: image encoding, clipzsl vs a plain loop, and faster modes",
     "default": "The packaged default, chosen by measurement: each direction's gain, calibration, cost",
+    "head": "Top-k labels with probabilities: the old FAISS path of `predict` against `clipzsl.head.top_k`",
+    "view_rule": "The packaged default's view per image: the whole image, or a crop for photos",
+    "adapter": "Cross-attention adapter vs zero-shot, linear probe, CLIP-Adapter and Tip-Adapter-F",
+    "store": "Label store and label search at scale",
+    "store_scale": "The embedding store at scale: append, open, label cache, from-shards, index images",
+    "serve": "`clipzsl serve` under load, and its page in a real browser",
+    "gpu": "Device and precision: images/s end to end, fp32 against bf16, the pipeline's memory",
+    "distributed": "Ray Data's overhead at equal cores",
+}
+#: run only when named (--only), and why: the plain run stays about an hour on 2 cores
+BY_NAME_ONLY = {
+    "adapter": "trains every method over 3 seeds on two data sets",
+    "store": "encodes 100k labels (25-50 min)",
+    "store_scale": "a million rows, autofaiss in its own venv",
+    "serve": "load tests of a live server, a browser for the screenshot",
+    "gpu": "a GPU measurement",
+    "distributed": "needs Ray",
 }
 
 
 def discover() -> list[str]:
-    """SUITE, then any other benchmarks/bench_<name>.py whose run() takes `quick`."""
-    names = list(SUITE)
-    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
-        name = info.name.removeprefix("bench_")
-        if not info.name.startswith("bench_") or name in names:
-            continue
-        try:
-            run = getattr(importlib.import_module(f"{__package__}.{info.name}"), "run", None)
-        except Exception:  # noqa: BLE001 - a module that does not import is not part of the suite
-            continue
-        if callable(run) and "quick" in inspect.signature(run).parameters:
-            names.append(name)
-    return names
+    """Every registered benchmark, in page order."""
+    return list(BENCHMARKS)
+
+
+def default_run() -> list[str]:
+    """The benchmarks that `python -m benchmarks` runs when none is named."""
+    return [name for name in BENCHMARKS if name not in BY_NAME_ONLY]
+
+
+def listing() -> list[str]:
+    """One line per benchmark: its name, when it runs, its title."""
+    return [f"{name:17} {'by name: ' + BY_NAME_ONLY[name] if name in BY_NAME_ONLY else 'default'}\n"
+            f"{'':17} {title}" for name, title in BENCHMARKS.items()]
 
 
 def run_one(name: str, quick: bool) -> dict:
@@ -84,8 +102,9 @@ def load_records(names: list[str]) -> dict[str, dict]:
     records = {}
     for name in names:
         path = report.RESULTS_DIR / f"{name}.json"
-        if path.exists():
-            records[name] = json.loads(path.read_text())
+        record = json.loads(path.read_text()) if path.exists() else {}
+        if "results" in record and "command" in record:  # written by the recorder (not a hand-made file)
+            records[name] = record
     return records
 
 
@@ -158,14 +177,14 @@ def page(records: dict[str, dict], statuses: dict[str, dict], command: str, tota
         when = "this run" if name in statuses else "an earlier run"
         lines += [
             "",
-            f"## {TITLES.get(name, name)}",
+            f"## {BENCHMARKS.get(name, name)}",
             "",
             f"_From {when}: `{record['command']}` at commit `{record['commit']}`, {record['date']}"
             + (", --quick sizes" if res.get("quick") else "")
             + (f"; load average {load.get('before')} before, {load.get('after')} after" if load else "")
             + f". Raw data: [{name}.json]({name}.json)._",
             "",
-            *res.get("markdown", []),
+            *res.get("markdown", [f"See [{name}.md]({name}.md)."]),
         ]
     return lines
 
@@ -173,13 +192,17 @@ def page(records: dict[str, dict], statuses: dict[str, dict], command: str, tota
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under 10 minutes on 2 cores")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these ({', '.join(SUITE)}, ...)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these (any of --list)")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--page-only", action="store_true",
                         help="run nothing: rebuild RESULTS.md and speed.png from the results directory's JSON")
     parser.add_argument("--out", type=Path, help="results directory (default benchmarks/results, "
                                                  "benchmarks/results/quick with --quick)")
     args = parser.parse_args(argv)
     names = discover()
+    if args.list:
+        print("\n".join(listing()))
+        return 0
     unknown = sorted(set(args.only or []) - set(names))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(names)}")
@@ -194,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         command, statuses, total, date = suite["command"], suite["benchmarks"], suite["total_s"], suite["date"]
     else:
         start = time.perf_counter()
-        statuses = {name: run_one(name, args.quick) for name in names if not args.only or name in args.only}
+        statuses = {name: run_one(name, args.quick) for name in (args.only or default_run())}
         total = time.perf_counter() - start
         command, date = report.invocation(), datetime.now(timezone.utc).isoformat(timespec="seconds")
         suite = {"command": command, "commit": report.commit(), "machine": report.machine(), "total_s": total,

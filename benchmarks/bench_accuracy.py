@@ -265,14 +265,14 @@ def run(quick: bool = False, model_spec: str = clipzsl.DEFAULT_MODEL, names: lis
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="at most 100 images and 25 classes per data set")
     parser.add_argument("--model", default=clipzsl.DEFAULT_MODEL)
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), help="default: all")
-    args = parser.parse_args()
-    if args.quick:  # as `python -m benchmarks --quick` does: keep the full results
-        report.RESULTS_DIR = report.RESULTS_DIR / "quick"
+    args = parser.parse_args(argv)
+    if args.quick:
+        report.quick_results()
     run(args.quick, args.model, args.datasets)
     print((report.RESULTS_DIR / f"{NAME}.md").read_text())
 

@@ -254,24 +254,26 @@ NOTES = ["## Notes", "",
          "because 674 descriptions have mostly one image each. Half of each class's images train, half test."]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = report.parser("bench_adapter", __doc__, "small grid, 1 seed (for a smoke run)")
     parser.add_argument("--features-only", action="store_true")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="small grid (for a smoke run)")
+    parser.add_argument("--seeds", type=int, help="default 3 (quick 1)")
     parser.add_argument("--datasets", default="emoji,tuxpaint")
     parser.add_argument("--keep-others", action="store_true",
                         help="keep the earlier results of data sets not in --datasets")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the saved .json")
-    args = parser.parse_args(argv)
+    return report.fill(parser.parse_args(argv), {"seeds": 1}, {"seeds": 3})
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Fit and score every method on every data set; results through the recorder after each seed."""
     if args.render:
-        name = "adapter_quick" if args.quick else "adapter"
-        record = json.loads((report.RESULTS_DIR / f"{name}.json").read_text())
+        record = json.loads((report.RESULTS_DIR / "adapter.json").read_text())
         lines = [l for ds in record["results"] for l in summarise(ds, record["results"][ds])]
-        (report.RESULTS_DIR / f"{name}.md").write_text("\n".join(
-            [f"# {name}", "", f"- machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, "
+        (report.RESULTS_DIR / "adapter.md").write_text("\n".join(
+            ["# adapter", "", f"- machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, "
              f"torch {record['machine']['torch']}; commit `{record['commit']}`", ""] + lines + NOTES) + "\n")
-        return
+        return record["results"]
     torch.set_num_threads(2)
     backend = load_model("packaged")
     data = {}
@@ -281,22 +283,24 @@ def main(argv=None):
         except DatasetUnavailable as err:
             log(f"{name} skipped: {err}")
     if args.features_only:
-        return
-    out_name = "adapter_quick" if args.quick else "adapter"
-    results = {}
-    previous = report.RESULTS_DIR / f"{out_name}.json"
-    if args.keep_others and previous.exists():  # data sets not re-run now keep their earlier results
-        results = {k: v for k, v in json.loads(previous.read_text())["results"].items() if k not in data}
+        return {}
+    results: dict = {}
+    if args.keep_others:  # data sets not re-run now keep their earlier results
+        results = {k: v for k, v in report.previous("adapter").items() if k not in data}
 
     def write():  # after every seed, so an interrupted run keeps what it finished
         lines = [l for name in results for l in summarise(name, results[name])]
-        report.write(out_name, results, lines + NOTES)
+        report.write("adapter", results, lines + NOTES)
 
     for name, prepared in data.items():
         results[name] = run_dataset(backend, name, prepared, args.seeds, quick=args.quick,
                                     on_seed=lambda res, name=name: (results.__setitem__(name, res), write()))
         write()
     log("wrote", report.RESULTS_DIR / "adapter.md")
+    return results
+
+
+run, main = report.entry_points(options, measure)
 
 
 if __name__ == "__main__":

@@ -93,12 +93,12 @@ def run(quick: bool = False) -> dict:
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", type=int, default=1000)
     parser.add_argument("--templates", default="simple_7")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each side (median reported)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results, lines = measure(args.labels, args.templates, args.repeats)
     print(report.write(NAME, results, lines).read_text())
 

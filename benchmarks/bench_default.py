@@ -200,7 +200,7 @@ def log_sum_exp(probs: np.ndarray, concepts: np.ndarray, labels: np.ndarray, tau
 
 
 def top1(scores: np.ndarray, labels: list[int]) -> float:
-    return 100 * common.topk_accuracy(scores, np.asarray(labels), 1)
+    return 100 * metrics.accuracy(torch.as_tensor(scores), labels)
 
 
 # ---------------------------------------------------------------- learned alignments
@@ -432,8 +432,8 @@ def markdown(r: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    report.main(__doc__, NAME, run, f"{QUICK_IMAGES} images per set, lite0 only")
+def main(argv: list[str] | None = None) -> None:
+    report.main(__doc__, NAME, run, f"{QUICK_IMAGES} images per set, lite0 only", argv)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ import clipzsl
 from clipzsl import distributed
 from clipzsl.images import load_image
 
-RESULTS = Path(__file__).parent / "results" / "distributed.json"
-
+from . import report
 
 def make_images(folder: Path, n: int) -> list[str]:
     """`n` JPEGs of 256x192 with structure (gradients, blocks, noise): decoding costs what a photo's would."""
@@ -66,13 +65,23 @@ def decode_rate(spec: str, paths: list[str]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--repeats", type=int, default=3)
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = report.parser("bench_distributed", __doc__, "40 images, 1 round")
+    parser.add_argument("--images", type=int, help="default 5000 (quick 40)")
+    parser.add_argument("--repeats", type=int, help="default 3 (quick 1)")
     parser.add_argument("--model", default="packaged")
     parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
+    return report.fill(parser.parse_args(argv), {"images": 40, "repeats": 1}, {"images": 5000, "repeats": 3})
+
+
+def show(result: dict) -> None:
+    print(json.dumps(result["images_per_s_median"], indent=2),
+          f"decode/core {result['decode_preprocess_images_per_s_per_core']:.0f} img/s")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Time the variants, interleaved, and write the results through the recorder (distributed.md is
+    written by hand from distributed.json)."""
     import ray
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -96,8 +105,11 @@ def main() -> None:
         "images_per_s_median": {k: args.images / statistics.median(v) for k, v in seconds.items()},
         "decode_preprocess_images_per_s_per_core": rate,
     }
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["images_per_s_median"], indent=2), f"decode/core {rate:.0f} img/s")
+    report.write("distributed", result, None)
+    return result
+
+
+run, main = report.entry_points(options, measure, show)
 
 
 if __name__ == "__main__":

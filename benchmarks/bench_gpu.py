@@ -14,7 +14,7 @@ Rows, each images/s from JPEG file to float32 embedding on the CPU:
 Memory: peak RSS of a fresh process embedding N images with the bounded pipeline, against decoding all N
 first (what an unbounded prefetch amounts to when the model is the slower side).
 
-Usage: python -m benchmarks.bench_gpu [--device auto] [--images N] [--specs ...] [--out benchmarks/results/gpu.json]
+Usage: python -m benchmarks.bench_gpu [--quick] [--device auto] [--images N] [--specs ...] [--name gpu]
 On a GPU: python -m benchmarks.bench_gpu --device cuda --images 20000 --specs openclip:ViT-B-32/random
 openclip:ViT-L-14/random (fp32 and bf16 each).
 """
@@ -36,7 +36,10 @@ from PIL import Image, ImageOps
 import clipzsl
 from clipzsl.images import embed_images, load_image
 
+from . import report
+
 SITE = Path(np.__file__).parents[1]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def photo_files() -> list[Path]:
@@ -118,37 +121,35 @@ def clip_retrieval_row(files: list[str], device: str) -> str:
             "has no hub access; run it on the same folder with `clip-retrieval inference --input_dataset DIR`")
 
 
-MEMORY_CHILD = r"""
-import sys, torch, clipzsl
-from clipzsl.images import embed_images, load_image
-mode, spec, files = sys.argv[1], sys.argv[2], sys.argv[3:]
-model = clipzsl.load_model(spec, device="cpu")
-if mode == "bounded":
-    embed_images(model, files)
-else:  # decode everything first, then encode
-    pixels = [model.preprocess(load_image(f)) for f in files]
-    for i in range(0, len(pixels), model.batch_size):
-        model.encode_images(torch.stack(pixels[i:i + model.batch_size]))
-print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")))  # kB; reset at exec
-"""
-
-
 def peak_rss_mb(mode: str, spec: str, files: list[str]) -> float:
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, mode, spec, *files], capture_output=True, text=True,
-                         check=True)
+    """Peak RSS of a fresh process embedding `files` (benchmarks.children's embed-peak-rss)."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.children", "embed-peak-rss", mode, spec, *files],
+                         capture_output=True, text=True, check=True, cwd=REPO)
     return int(out.stdout.split()[-1]) / 1024
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+#: --quick: one small model, fp32, few images (a smoke run on any machine)
+QUICK = {"images": 8, "specs": ["packaged"], "precisions": ["fp32"], "memory": [16]}
+
+
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = report.parser("bench_gpu", __doc__, f"smoke sizes: {QUICK}")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--images", type=int, default=64, help="JPEG files timed per row")
-    parser.add_argument("--specs", nargs="+", default=["packaged", "openclip:ViT-B-32/random"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--memory", type=int, nargs="*", default=[64, 256, 1024],
-                        help="N for the peak-RSS rows (CPU, a tiny 224-px model: the pipeline's memory, not the model's)")
-    parser.add_argument("--out", default="benchmarks/results/gpu.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--images", type=int, help="JPEG files timed per row (default 64)")
+    parser.add_argument("--specs", nargs="+", help="default: packaged openclip:ViT-B-32/random")
+    parser.add_argument("--precisions", nargs="+", help="default: fp32 bf16")
+    parser.add_argument("--memory", type=int, nargs="*",
+                        help="N for the peak-RSS rows (default 64 256 1024; CPU, a tiny 224-px model: the "
+                             "pipeline's memory, not the model's)")
+    parser.add_argument("--name", default="gpu", help="results file name under benchmarks/results/ (gpu.md is "
+                                                      "written by hand from it)")
+    return report.fill(parser.parse_args(argv), QUICK,
+                       {"images": 64, "specs": ["packaged", "openclip:ViT-B-32/random"],
+                        "precisions": ["fp32", "bf16"], "memory": [64, 256, 1024]})
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Time every row and write the results through the recorder."""
     device = clipzsl.backends.resolve_device(args.device)
     results = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
                "torch": torch.__version__, "images": args.images, "throughput": [], "memory": []}
@@ -182,8 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
                 row = {"n": n, **{mode: peak_rss_mb(mode, f"hf:{tiny}", files[:n]) for mode in ("bounded", "decode-all")}}
                 print(json.dumps(row), flush=True)
                 results["memory"].append(row)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    report.write(args.name, results, None)
     return results
+
+
+run, main = report.entry_points(options, measure)
 
 
 if __name__ == "__main__":

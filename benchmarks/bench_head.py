@@ -67,8 +67,8 @@ def run(quick: bool = False) -> dict:
     return results
 
 
-def main() -> None:
-    report.main(__doc__, "head", run, "20k labels instead of 100k")
+def main(argv: list[str] | None = None) -> None:
+    report.main(__doc__, "head", run, "20k labels instead of 100k", argv)
 
 
 if __name__ == "__main__":

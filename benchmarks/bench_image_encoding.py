@@ -382,13 +382,13 @@ def markdown(results: dict, vit: str, pack: str, vit_repeats: int, packaged_repe
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--modes", nargs="+", choices=MODES, help="default: all (fp32 always runs)")
-    args = parser.parse_args()
-    if args.quick:  # as `python -m benchmarks --quick` does: keep the full results
-        report.RESULTS_DIR = report.RESULTS_DIR / "quick"
+    args = parser.parse_args(argv)
+    if args.quick:
+        report.quick_results()
     run(args.quick, args.modes)
     print((report.RESULTS_DIR / f"{NAME}.md").read_text())
 

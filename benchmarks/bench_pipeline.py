@@ -183,8 +183,8 @@ def run(quick: bool = False) -> dict:
     return results
 
 
-def main() -> None:
-    report.main(__doc__, NAME, run, "fewer labels and images")
+def main(argv: list[str] | None = None) -> None:
+    report.main(__doc__, NAME, run, "fewer labels and images", argv)
 
 
 if __name__ == "__main__":

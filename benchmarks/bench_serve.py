@@ -8,9 +8,9 @@ transformers zero-shot pipeline called per image with the same labels (a random 
 same `hf:` model for both). Last, a screenshot of the page (Debian's chromium via Playwright).
 
 Usage: python -m benchmarks.bench_serve [--duration 60] [--clients 50] [--rows 200000] [--device cpu] [--only PART]
-On a GPU: python -m benchmarks.bench_serve --only load --device cuda --out benchmarks/results/serve_gpu.json
-Writes benchmarks/results/serve.json (a part not run keeps its earlier figures) and
-serve_page.png; serve.md is written from serve.json by hand.
+On a GPU: python -m benchmarks.bench_serve --only load --device cuda --name serve_gpu
+Writes benchmarks/results/serve.json through the recorder (a part not run keeps its earlier figures)
+and serve_page.png; serve.md is written from serve.json by hand.
 """
 from __future__ import annotations
 
@@ -32,9 +32,8 @@ from typing import IO, Iterator
 import numpy as np
 from PIL import Image
 
-from benchmarks.report import commit, invocation, machine
+from benchmarks import report
 
-RESULTS = Path(__file__).parent / "results"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -202,15 +201,18 @@ def build_index(directory: Path, rows: int) -> float:
     start = time.perf_counter()
     index = clipzsl.ImageIndex(directory, "packaged")
     if len(index) < rows:
-        rng = np.random.default_rng(0)
-        for first in range(len(index), rows, 10_000):
-            count = min(10_000, rows - first)
-            vectors = rng.standard_normal((count, index.model.embed_dim)).astype(np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            keys = [f"/collection/{i // 1000:04d}/{i:07d}.jpg" for i in range(first, first + count)]
-            index.store.add(keys, vectors, ["0:0"] * count)
-        index.store.save_index()
+        index.add_vectors(random_blocks(len(index), rows, index.model.embed_dim))
     return time.perf_counter() - start
+
+
+def random_blocks(first: int, rows: int, dim: int):
+    """(paths, unit vectors) blocks of 10,000 rows, `first` to `rows`, for `ImageIndex.add_vectors`."""
+    rng = np.random.default_rng(0)
+    for start in range(first, rows, 10_000):
+        count = min(10_000, rows - start)
+        vectors = rng.standard_normal((count, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        yield [f"/collection/{i // 1000:04d}/{i:07d}.jpg" for i in range(start, start + count)], vectors
 
 
 def pipeline_comparison(work: Path, labels: list[str], images: int = 5) -> dict:
@@ -259,29 +261,34 @@ def screenshot(work: Path, out: Path) -> dict:
         return drive_page(url, "a cat", photos[1], "demo", out, width=900)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=60)
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--rows", type=int, default=200_000, help="vectors in the /search index")
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = report.parser("bench_serve", __doc__, "the load test only: 4 clients, 3 s, 5,000 rows")
+    parser.add_argument("--duration", type=float, help="seconds per load run (default 60)")
+    parser.add_argument("--clients", type=int, help="concurrent clients (default 50)")
+    parser.add_argument("--rows", type=int, help="vectors in the /search index (default 200,000)")
     parser.add_argument("--work", default="build/bench_serve", help="where the generated images and indexes go")
     parser.add_argument("--only", choices=("screenshot", "load", "pipeline"), action="append")
     parser.add_argument("--device", default="cpu", help="the server's --device for the load test (cuda on a GPU)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="the server's --batch-size (default: 8 on the CPU, the device's default elsewhere)")
-    parser.add_argument("--out", default=str(RESULTS / "serve.json"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--name", default="serve", help="results file name under benchmarks/results/ "
+                                                        "(serve.md is written by hand from it)")
+    return report.fill(parser.parse_args(argv), {"duration": 3.0, "clients": 4, "rows": 5_000, "only": ["load"]},
+                       {"duration": 60.0, "clients": 50, "rows": 200_000, "only": ["screenshot", "load", "pipeline"]})
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the parts of `args`; a part not run keeps its earlier figures. Written through the recorder."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    parts = args.only or ["screenshot", "load", "pipeline"]
-    out_json = Path(args.out)
-    results = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results["machine"] = {**machine(), "shared": True}
+    parts = args.only
+    results = report.previous(args.name)
+    results.pop("machine", None)  # the recorder's record has the machine
     from clipzsl.prompts import load_labels
 
     labels = [e.name for e in load_labels("imagenet1k")]
     if "screenshot" in parts:
-        results["page"] = screenshot(work, RESULTS / "serve_page.png")
+        results["page"] = screenshot(work, report.RESULTS_DIR / "serve_page.png")
     if "load" in parts:
         results["index_build_s"] = round(build_index(work / "index", args.rows), 1)
         results["index_rows"] = args.rows
@@ -319,13 +326,15 @@ def main(argv: list[str] | None = None) -> int:
             print(mode, json.dumps(results["load"][mode], indent=1), flush=True)
         results["load"]["clients"], results["load"]["duration_s"] = args.clients, args.duration
         results["load"]["device"], results["load"]["batch_size"] = args.device, batch_size
-        results["load"]["command"], results["load"]["commit"] = invocation(), commit()
+        results["load"]["command"], results["load"]["commit"] = report.invocation(), report.commit()
     if "pipeline" in parts:
         results["pipeline"] = pipeline_comparison(work, labels)
-    out_json.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
-    return 0
+    report.write(args.name, results, None)
+    return results
+
+
+run, main = report.entry_points(options, measure, lambda results: print(json.dumps(results, indent=2)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

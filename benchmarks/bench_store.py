@@ -14,15 +14,15 @@ Everything uses the packaged default model (`clipzsl.load_model()`; text tower a
    < 1 ms a query) over real image embeddings (CIFAR dogs and cats from benchmarks.datasets).
 3. Exact FAISS IndexFlatIP versus numpy matmul + argpartition (and torch matmul + topk) on the
    same vectors and queries: ms/query and whether the results are identical; and top-5 with softmax
-   probabilities: `top_k_from_embeddings` (index search + a second pass for the normaliser) versus
-   one chunked torch pass that yields both (a proposal, `fused_top_k`).
+   probabilities: `clf.predict` versus `clipzsl.head.top_k` alone (one chunked torch pass that yields
+   both; results before the library adopted it compared an index search + a second pass).
 4. HNSW32 (several efSearch) and IVF (nprobe 8/32) against exact: build time, ms/query,
    recall@5, at 10k and 100k labels.
 
 Usage: python -m benchmarks.bench_store [--quick] [--cache-dir DIR] [--parts cli,store,search,ann]
 (--quick: 200 ImageNet labels in part 1, 10k labels and 200 queries in parts 2-4; 3-7 min on 2 shared
 cores, most of it part 1's cold run. Full mode: 25-50 min, most of it encoding 155k + 100k prompts.)
-Results: benchmarks/results/store.{json,md} (store_quick.* for --quick).
+Results: benchmarks/results/store.{json,md} (results/quick/ with --quick; store_quick.* are an earlier --quick run's).
 """
 from __future__ import annotations
 
@@ -155,29 +155,14 @@ def per_query_ms(fn, n_queries: int, repeats: int, min_total_s: float = 1.0) -> 
 # ---------------------------------------------------------------- 1. CLI cold vs warm
 
 
-# `clipzsl classify` with the packaged backend's encode_texts wrapped to count the prompts it encodes
-COUNTING_CLI = """
-import sys
-from clipzsl.backends.packaged import PackagedBackend
-encoded = [0]
-original = PackagedBackend.encode_texts
-def counted(self, texts):
-    encoded[0] += len(texts)
-    return original(self, texts)
-PackagedBackend.encode_texts = counted
-from clipzsl.cli import main
-status = main(["classify", *sys.argv[1:]])
-print(f"ENCODED-PROMPTS {encoded[0]}", file=sys.stderr)
-sys.exit(status)
-"""
-
-
 def encoded_prompts(done: subprocess.CompletedProcess) -> int:
     return int(next(l for l in done.stderr.splitlines() if l.startswith("ENCODED-PROMPTS")).split()[1])
 
 
 def run_cli(args: list[str], count: bool = False) -> tuple[float, subprocess.CompletedProcess]:
-    cmd = [sys.executable, *(["-c", COUNTING_CLI] if count else ["-m", "clipzsl.cli", "classify"]), *args]
+    """`clipzsl classify ARGS` in a fresh process (with `count`: the instrumented one of benchmarks.children)."""
+    command = ["benchmarks.children", "counting-classify"] if count else ["clipzsl.cli", "classify"]
+    cmd = [sys.executable, "-m", *command, *args]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     elapsed = time.perf_counter() - start
@@ -511,27 +496,17 @@ def compare(a: tuple, b: tuple, weights: np.ndarray, queries: np.ndarray) -> dic
             "max_abs_similarity_diff": float(np.max(np.abs(sa - sb))), "max_kth_similarity_diff": kth_gap}
 
 
-def fused_top_k(clf, embeddings, k: int, chunk: int = 16_384):
-    """A proposal: top-k and the softmax normaliser from one chunked matmul, no index.
-
-    Returns (probabilities, ids) as `top_k_from_embeddings` computes them (softmax models).
-    """
-    import torch
+def head_top_k(clf, embeddings, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, ids) from `clipzsl.head.top_k` alone, on the classifier's head and class embeddings:
+    one chunked pass for the top k and the normaliser together (this benchmark's `fused_top_k` proposal,
+    now the library's), without `predict`'s label lookup."""
+    from clipzsl.head import top_k
+    from clipzsl.images import EmbeddedImages
 
     model = clf.model
-    best_v = best_i = None
-    normalisers = []
-    for start in range(0, len(clf.class_embeddings), chunk):
-        logits = model.logit_scale * embeddings @ clf.class_embeddings[start : start + chunk].T + model.logit_bias
-        normalisers.append(torch.logsumexp(logits, dim=1))
-        v, i = torch.topk(logits, min(k, logits.shape[1]), dim=1)
-        i = i + start
-        if best_v is not None:
-            v, j = torch.topk(torch.cat([best_v, v], 1), k, dim=1)
-            i = torch.gather(torch.cat([best_i, i], 1), 1, j)
-        best_v, best_i = v, i
-    log_z = torch.logsumexp(torch.stack(normalisers, 1), dim=1)
-    return torch.exp(best_v - log_z[:, None]).numpy(), best_i.numpy()
+    probs, ids = top_k(clf.head, EmbeddedImages(embeddings), clf.class_embeddings, model.logit_scale,
+                       model.logit_bias, model.probability, k)
+    return probs.numpy(), ids.numpy()
 
 
 def part_search(clf, queries: np.ndarray, repeats: int) -> tuple[dict, list[str], tuple]:
@@ -574,7 +549,7 @@ def part_search(clf, queries: np.ndarray, repeats: int) -> tuple[dict, list[str]
 
     qt = torch.from_numpy(queries)
     both = interleaved({"library": lambda: clf.predict(EmbeddedImages(qt), 5),
-                        "fused": lambda: fused_top_k(clf, qt, 5)}, n, repeats)
+                        "fused": lambda: head_top_k(clf, qt, 5)}, n, repeats)
     library_ms, library_s, library = both["library"]
     fused_ms, fused_s, (fused_p, fused_ids) = both["fused"]
     labels = clf.labels
@@ -593,7 +568,7 @@ def part_search(clf, queries: np.ndarray, repeats: int) -> tuple[dict, list[str]
         "| method | ms/query |",
         "|---|---|",
         f"| `clf.top_k_from_embeddings` (FAISS Flat search + a second full pass for the normaliser) | {library_ms:.3f} |",
-        f"| one chunked torch pass: top-5 and normaliser together (proposal, `fused_top_k` here) | {fused_ms:.3f} |",
+        f"| one chunked torch pass: top-5 and normaliser together (`clipzsl.head.top_k` alone) | {fused_ms:.3f} |",
         "",
         f"Same labels in the same order: {same_labels:.1%}; max |probability difference|: {max_p_diff:.1e}; "
         f"speed-up {library_ms / fused_ms:.1f}x.",
@@ -605,14 +580,8 @@ def part_search(clf, queries: np.ndarray, repeats: int) -> tuple[dict, list[str]
 # ---------------------------------------------------------------- 4. HNSW / IVF vs exact
 
 
-def set_param(index, name: str, value: int) -> None:
-    import faiss
-
-    faiss.ParameterSpace().set_index_parameter(index, name, value)
-
-
 def ann_at(weights: np.ndarray, queries: np.ndarray, repeats: int) -> list[dict]:
-    from clipzsl.search import build_index, recall_at_k, search
+    from clipzsl.search import build_index, recall_at_k, search, set_search_parameter
 
     n, size = len(queries), len(weights)
     rows = []
@@ -622,13 +591,13 @@ def ann_at(weights: np.ndarray, queries: np.ndarray, repeats: int) -> list[dict]
     ms, _, (_, exact) = per_query_ms(lambda: search(flat, queries, 5), n, repeats)
     rows.append({"index": "Flat", "param": "", "build_s": flat_build, "ms_per_query": ms, "recall_at_5": 1.0})
     nlist = 256 if size <= 20_000 else 1024
-    for factory, param, values in (("HNSW32", "efSearch", HNSW_EF), (f"IVF{nlist},Flat", "nprobe", IVF_NPROBE)):
+    for factory, values in (("HNSW32", HNSW_EF), (f"IVF{nlist},Flat", IVF_NPROBE)):
         print(f"[ann] {size} labels: building {factory}", flush=True)
         t = time.perf_counter()
         index = build_index(weights, factory)
         build_s = time.perf_counter() - t
         for value in values:
-            set_param(index, param, value)
+            param = set_search_parameter(index, value)
             search(index, queries[:8], 5)
             ms, _, (_, ids) = per_query_ms(lambda: search(index, queries, 5), n, repeats)
             rows.append({"index": factory, "param": f"{param}={value}", "build_s": build_s, "ms_per_query": ms,
@@ -695,9 +664,8 @@ def plot(ann: dict, path: Path) -> bool:
 # ---------------------------------------------------------------- main
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200 ImageNet labels, 10k labels, 200 queries")
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = report.parser("bench_store", __doc__, "200 ImageNet labels, 10k labels, 200 queries")
     parser.add_argument("--cache-dir", help="benchmark cache (default <clipzsl cache>/bench_store)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--queries", type=int, help="image queries (default 1000, quick 200)")
@@ -705,16 +673,35 @@ def main() -> None:
     parser.add_argument("--child-build", help=argparse.SUPPRESS)
     parser.add_argument("--child-queries", help=argparse.SUPPRESS)
     parser.add_argument("--child-profile", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child_build:
-        child_build(args.child_build, args.cache_dir, args.child_queries, args.child_profile)
-        return
+    args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     if "search" in parts or "ann" in parts:
         parts = list(dict.fromkeys(["store", *parts]))  # they need the stored label vectors
+    args.parts = parts
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = options(argv)
+    if args.child_build:
+        child_build(args.child_build, args.cache_dir, args.child_queries, args.child_profile)
+        return
+    if args.quick:
+        report.quick_results()
+    measure(args)
+    print((report.RESULTS_DIR / f"{results_name(args.parts)}.md").read_text())
+
+
+def results_name(parts: list[str]) -> str:
+    return "store" if set(parts) == set(PARTS) else "store_partial"
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the parts of `args` and write their results through the recorder."""
+    parts = args.parts
     count = QUICK_LABELS if args.quick else FULL_LABELS
     n_queries = args.queries or (200 if args.quick else 1000)
     cache = bench_cache(args.cache_dir)
@@ -756,7 +743,7 @@ def main() -> None:
             sizes = [10_000] if args.quick else [10_000, count]
             results["ann"], section = timed_part("ann", lambda: part_ann(weights, queries, sizes, args.repeats))
             lines += section
-            name = "store_quick" if args.quick else "store"
+            name = results_name(parts)
             if plot(results["ann"], report.RESULTS_DIR / f"{name}.png"):
                 lines += [f"![recall vs speed]({name}.png)", ""]
     results["total_s"] = time.perf_counter() - started
@@ -764,10 +751,11 @@ def main() -> None:
                  f"({', '.join(f'{k} {v:.0f} s' for k, v in results['timings_s'].items())}). "
                  "1-min load average (2 cores) at the start and end of each part: "
                  + ", ".join(f"{k} {a}->{b}" for k, (a, b) in results["load_avg_1min"].items()) + ".")
-    name = "store_quick" if args.quick else "store"
-    if set(parts) != set(PARTS):
-        name += "_partial"
-    print(report.write(name, results, lines).read_text())
+    report.write(results_name(parts), results, lines)
+    return results
+
+
+run, _ = report.entry_points(options, measure)
 
 
 if __name__ == "__main__":

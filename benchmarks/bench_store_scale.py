@@ -6,7 +6,7 @@
    The vectors lie around 4,096 random centres (noise 0.5 per unit of centre): synthetic but with
    neighbourhoods, as real embeddings have; on uniformly random 512-d vectors every approximate
    index's recall collapses (there are no near neighbours), which says nothing about real use.
-2. open + query, in a fresh process: `save_index()` (auto factory), then time to the first result
+2. open + query, in a fresh process: `SavedIndex.save()` (auto factory), then time to the first result
    after opening, ms/query unbatched and batched (FAISS single thread), recall@10 against exact.
 3. label cache: 100,000 label vectors (d=384) stored through `get_or_compute`; in a fresh process
    the classifier's path (open, read all, exact Flat index) and ms/query, exact.
@@ -23,7 +23,6 @@ Results: benchmarks/results/store_scale.{json,md}
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import report
+from .children import run_json
 
 DIM = 512
 BATCH = 10_000
@@ -53,12 +53,6 @@ def synthetic(count: int, dim: int, seed: int, centres: int = 4096) -> np.ndarra
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_json(code: str, *args: str, python: str = sys.executable) -> dict:
-    """Run `code` in a fresh interpreter; it prints one JSON line last."""
-    out = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def append(directories: dict[str, Path], rows: int) -> dict[str, dict]:
@@ -86,65 +80,23 @@ def append(directories: dict[str, Path], rows: int) -> dict[str, dict]:
     return results
 
 
-OPEN_QUERY = """
-import json, sys, time
-t0 = time.perf_counter()
-import faiss, numpy as np
-from clipzsl.store import EmbeddingStore
-faiss.omp_set_num_threads(1)
-queries = np.load(sys.argv[2])
-t1 = time.perf_counter()
-store = EmbeddingStore(sys.argv[1], "synthetic-512", 512)
-first = store.search(queries[:1], 10)
-t2 = time.perf_counter()
-unbatched = []
-for q in queries:
-    s = time.perf_counter(); store.search(q[None], 10); unbatched.append(time.perf_counter() - s)
-s = time.perf_counter(); found = store.search(queries, 10); batched = (time.perf_counter() - s) / len(queries)
-exact = store.exact_ids(queries[:100], 10)
-names = store.row_keys(np.unique(exact))
-exact_keys = [[names[r] for r in row] for row in exact.tolist()]
-hits = sum(len({k for k, _ in f} & set(e)) for f, e in zip(found[:100], exact_keys))
-print(json.dumps({"import_s": t1 - t0, "open_and_first_query_s": t2 - t1, "ms_per_query_unbatched":
-    1000 * float(np.median(unbatched)), "ms_per_query_batched": 1000 * batched, "recall_at_10": hits / exact.size,
-    "queries": len(queries), "index": store.index_state()}))
-"""
 
 
 def open_query(directory: Path, tmp: Path) -> dict:
+    from clipzsl.saved_index import SavedIndex
     from clipzsl.store import EmbeddingStore
 
     store = EmbeddingStore(directory, "synthetic-512", DIM)
     start = time.perf_counter()
-    state = store.save_index()
+    state = SavedIndex(store).save()
     build = time.perf_counter() - start
     queries = synthetic(1000, DIM, seed=10**6)  # new points near the same centres
     np.save(tmp / "queries.npy", queries)
-    result = run_json(OPEN_QUERY, str(directory), str(tmp / "queries.npy"))
+    result = run_json("open-query", str(directory), str(tmp / "queries.npy"))
     return {"save_index_s": build, "index": state, **result,
             "index_mb": (directory / "index.faiss").stat().st_size / 1e6 if (directory / "index.faiss").exists() else 0}
 
 
-LABELS = """
-import json, sys, time
-import faiss, numpy as np, torch
-faiss.omp_set_num_threads(1)
-from clipzsl.store import EmbeddingStore
-from clipzsl.search import build_index, search
-keys = [f"label-{i}" for i in range(int(sys.argv[2]))]
-t0 = time.perf_counter()
-store = EmbeddingStore(sys.argv[1], "labels-384", 384)
-weights = store.get_or_compute(keys, lambda todo: 1 / 0)  # all cached: computing would fail
-index = build_index(weights, "auto")
-build = time.perf_counter() - t0
-queries = np.load(sys.argv[3])
-times = []
-for q in queries:
-    s = time.perf_counter(); search(index, q[None], 5); times.append(time.perf_counter() - s)
-s = time.perf_counter(); search(index, queries, 5); batched = (time.perf_counter() - s) / len(queries)
-print(json.dumps({"open_read_index_s": build, "ms_per_query_unbatched": 1000 * float(np.median(times)),
-                  "ms_per_query_batched": 1000 * batched}))
-"""
 
 
 def labels(tmp: Path, count: int = 100_000) -> dict:
@@ -156,19 +108,11 @@ def labels(tmp: Path, count: int = 100_000) -> dict:
     store.get_or_compute([f"label-{i}" for i in range(count)], lambda todo: vectors)
     write = time.perf_counter() - start
     np.save(tmp / "lq.npy", synthetic(500, 384, seed=8))
-    runs = [run_json(LABELS, str(tmp / "labels"), str(count), str(tmp / "lq.npy")) for _ in range(3)]
+    runs = [run_json("label-cache-query", str(tmp / "labels"), str(count), str(tmp / "lq.npy")) for _ in range(3)]
     best = {k: report.median([r[k] for r in runs]) for k in runs[0]}
     return {"labels": count, "write_s": write, **best, "recall_at_10": 1.0, "note": "exact (Flat): recall 1"}
 
 
-AUTOFAISS = """
-import json, sys, time
-from autofaiss import build_index
-t = time.perf_counter()
-build_index(embeddings=sys.argv[1], index_path=sys.argv[2], index_infos_path=sys.argv[3], index_key=sys.argv[4],
-            metric_type="ip", max_index_memory_usage="16G", current_memory_available="20G", verbose=30)
-print(json.dumps({"seconds": time.perf_counter() - t}))
-"""
 
 
 def shards(directory: Path, tmp: Path, factory: str) -> dict:
@@ -193,7 +137,7 @@ def shards(directory: Path, tmp: Path, factory: str) -> dict:
     ours = time.perf_counter() - start
     result = {"rows": stop - first, "factory": factory, "clipzsl_from_shards_s": ours}
     try:
-        af = run_json(AUTOFAISS, str(out / "img_emb"), str(tmp / "af.index"), str(tmp / "af.json"), factory,
+        af = run_json("autofaiss-build", str(out / "img_emb"), str(tmp / "af.index"), str(tmp / "af.json"), factory,
                       python=os.environ.get("AUTOFAISS_PYTHON", "/tmp/afvenv/bin/python"))
         result["autofaiss_build_index_s"] = af["seconds"]
         result["ratio_clipzsl_autofaiss"] = ours / af["seconds"]
@@ -267,14 +211,25 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--parts", default=",".join(PARTS))
+#: --quick: the parts that need no download or second venv, at smoke sizes
+QUICK = {"rows": 20_000, "labels": 5_000, "parts": "append,open,labels"}
+
+
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = report.parser("bench_store_scale", __doc__,
+                           f"{QUICK['rows']:,} rows, {QUICK['labels']:,} labels, parts {QUICK['parts']}")
+    parser.add_argument("--rows", type=int, help="default 1,000,000")
+    parser.add_argument("--labels", type=int, help="label vectors of part 3 (default 100,000)")
+    parser.add_argument("--parts", help=f"default {','.join(PARTS)}")
     parser.add_argument("--factory", default="IVF1024,Flat", help="factory string for the autofaiss comparison")
     parser.add_argument("--tmp", help="working directory (default: a temporary one)")
     parser.add_argument("--name", default="store_scale", help="results file name under benchmarks/results/")
-    args = parser.parse_args(argv)
+    return report.fill(parser.parse_args(argv), QUICK,
+                       {"rows": 1_000_000, "labels": 100_000, "parts": ",".join(PARTS)})
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the parts of `args` and write their results through the recorder."""
     parts = args.parts.split(",")
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="store_scale_", dir=args.tmp) as tmp:
@@ -288,11 +243,14 @@ def main(argv: list[str] | None = None) -> None:
         if "shards" in parts:
             results["shards"] = shards(tmp / "f32", tmp, args.factory)
         if "labels" in parts:
-            results["labels"] = labels(tmp)
+            results["labels"] = labels(tmp, args.labels)
         if "images" in parts:
             results["images"] = images(tmp)
     report.write(args.name, results, summary(results))
-    print("\n".join(summary(results)))
+    return results
+
+
+run, main = report.entry_points(options, measure, lambda results: print("\n".join(summary(results))))
 
 
 if __name__ == "__main__":

@@ -302,8 +302,8 @@ def markdown(r: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    report.main(__doc__, NAME, run, "100-200 images per set")
+def main(argv: list[str] | None = None) -> None:
+    report.main(__doc__, NAME, run, "100-200 images per set", argv)
 
 
 if __name__ == "__main__":

@@ -7,33 +7,23 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 import clipzsl
-from clipzsl.metrics import per_class_recall
+from clipzsl.metrics import accuracy, per_class_recall, reported_top_k_accuracy
 
 
 # ---------------------------------------------------------------- classification metrics
 
 
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of rows whose true label is among the k highest scores (ties: the lower index wins)."""
-    k = min(k, scores.shape[1])
-    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return float((best == np.asarray(labels)[:, None]).any(axis=1).mean())
-
-
-def mean_per_class_recall(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 recall of each class that has images, averaged over those classes (clipzsl.metrics')."""
-    return per_class_recall(np.argmax(scores, axis=1), labels)
-
-
 def metrics(scores: np.ndarray, labels: Sequence[int]) -> dict:
-    """top-1, top-5 (None where there are at most 5 classes: it would be trivially 1) and mean per-class recall."""
-    labels = np.asarray(labels)
+    """top-1, top-5 and mean per-class recall of a score matrix [images, classes], by clipzsl.metrics'
+    definitions (top-5 is None with fewer than 5 classes, as `clipzsl eval` reports it)."""
+    logits = torch.as_tensor(scores)
     return {
-        "top1": topk_accuracy(scores, labels, 1),
-        "top5": topk_accuracy(scores, labels, 5) if scores.shape[1] > 5 else None,
-        "mean_class_recall": mean_per_class_recall(scores, labels),
+        "top1": accuracy(logits, labels),
+        "top5": reported_top_k_accuracy(logits, labels, 5),
+        "mean_class_recall": per_class_recall(np.argmax(scores, axis=1), labels),
     }
 
 

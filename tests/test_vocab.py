@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import clipzsl
-from clipzsl import vocab
+from clipzsl import packages, vocab
 from clipzsl.prompts import ClassEntry
 
 # Lines in the format of WordNet 3.0's data.noun (pointer lists shortened; the last two
@@ -97,7 +97,7 @@ def test_cli_writes_a_label_file(data_noun, tmp_path, capsys):
 
 def test_fetch_failure_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(vocab, "SYSTEM_DATA_NOUN", tmp_path / "absent" / "data.noun")
-    monkeypatch.setattr(vocab.shutil, "which", lambda name: None)  # no apt-get on this "machine"
+    monkeypatch.setattr(packages.shutil, "which", lambda name: None)  # no apt-get on this "machine"
     with pytest.raises(RuntimeError, match="apt-get install wordnet-base"):
         vocab.fetch_wordnet(tmp_path / "cache")
 
@@ -107,7 +107,7 @@ def test_fetch_uses_an_already_unpacked_package(tmp_path, monkeypatch, data_noun
     target = tmp_path / "cache" / "vocab" / "wordnet-base" / "root" / vocab.DEB_DATA_NOUN
     target.parent.mkdir(parents=True)
     target.write_bytes(data_noun.read_bytes())
-    monkeypatch.setattr(vocab, "_run", lambda *a: pytest.fail("fetched although the package was cached"))
+    monkeypatch.setattr(vocab, "fetch_package", lambda *a: pytest.fail("fetched although the package was cached"))
     assert vocab.fetch_wordnet(tmp_path / "cache") == target
 
 

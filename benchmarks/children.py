@@ -1,0 +1,163 @@
+"""Code the benchmarks run in a fresh interpreter: `python -m benchmarks.children NAME ARG...`.
+
+Why a fresh process: import and open times, peak memory (VmHWM) and the command line itself are only
+measured honestly from a clean start. Each child is a function here (not a string of code); the JSON
+children print one JSON line last, which `run_json` reads. This module imports nothing heavy at its
+top, so a child's own timings start from a bare interpreter; it runs under other interpreters too
+(bench_store_scale's autofaiss venv), where only the child's own imports must exist.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_json(name: str, *args: str, python: str = sys.executable) -> dict:
+    """Run child `name` in a fresh `python` (from the repository root); its last stdout line, as JSON."""
+    out = subprocess.run([python, "-m", "benchmarks.children", name, *args], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def counting_classify(*argv: str) -> int:
+    """`clipzsl classify ARGV` with the packaged backend's text encoder counting the prompts it encodes;
+    the count goes to stderr as `ENCODED-PROMPTS N` (bench_store: a warm cache must encode none)."""
+    from clipzsl.backends.packaged import PackagedBackend
+    from clipzsl.cli import main
+
+    encoded = [0]
+    original = PackagedBackend.encode_texts
+
+    def counted(self, texts):
+        encoded[0] += len(texts)
+        return original(self, texts)
+
+    PackagedBackend.encode_texts = counted  # type: ignore[method-assign]  # the instrument, this process only
+    status = main(["classify", *argv])
+    print(f"ENCODED-PROMPTS {encoded[0]}", file=sys.stderr)
+    return status
+
+
+def embed_peak_rss(mode: str, spec: str, *files: str) -> int:
+    """Embed `files` on the CPU, with the bounded pipeline (`bounded`) or decoding all first
+    (`decode-all`); prints the process's peak RSS in kB (bench_gpu's memory rows)."""
+    import torch
+
+    import clipzsl
+    from clipzsl.images import embed_images, load_image
+
+    model = clipzsl.load_model(spec, device="cpu")
+    if mode == "bounded":
+        embed_images(model, list(files))
+    else:  # decode everything first, then encode
+        pixels = [model.preprocess(load_image(f)) for f in files]
+        for i in range(0, len(pixels), model.batch_size):
+            model.encode_images(torch.stack(pixels[i:i + model.batch_size]))
+    with open("/proc/self/status") as status:  # VmHWM: reset at exec, so this process's own peak
+        print(next(line.split()[1] for line in status if line.startswith("VmHWM")))
+    return 0
+
+
+def open_query(directory: str, queries_path: str) -> int:
+    """Open a saved image store and query it (bench_store_scale part 2): import, open and first-query
+    time, ms/query unbatched and batched on one FAISS thread, recall@10 against exact."""
+    t0 = time.perf_counter()
+    import faiss
+    import numpy as np
+
+    from clipzsl.saved_index import SavedIndex, exact_ids
+    from clipzsl.store import EmbeddingStore
+
+    faiss.omp_set_num_threads(1)
+    queries = np.load(queries_path)
+    t1 = time.perf_counter()
+    store = EmbeddingStore(directory, "synthetic-512", 512)
+    saved = SavedIndex(store)
+    saved.search(queries[:1], 10)
+    t2 = time.perf_counter()
+    unbatched = []
+    for q in queries:
+        s = time.perf_counter()
+        saved.search(q[None], 10)
+        unbatched.append(time.perf_counter() - s)
+    s = time.perf_counter()
+    found = saved.search(queries, 10)
+    batched = (time.perf_counter() - s) / len(queries)
+    exact = exact_ids(store, queries[:100], 10)
+    names = store.row_keys(np.unique(exact))
+    exact_keys = [[names[r] for r in row] for row in exact.tolist()]
+    hits = sum(len({k for k, _ in f} & set(e)) for f, e in zip(found[:100], exact_keys))
+    print(json.dumps({"import_s": t1 - t0, "open_and_first_query_s": t2 - t1,
+                      "ms_per_query_unbatched": 1000 * float(np.median(unbatched)),
+                      "ms_per_query_batched": 1000 * batched, "recall_at_10": hits / exact.size,
+                      "queries": len(queries), "index": saved.state()}))
+    return 0
+
+
+def label_cache_query(directory: str, count: str, queries_path: str) -> int:
+    """The classifier's path over a cached label set (bench_store_scale part 3): open the store, read
+    every vector, build the exact index, then ms/query unbatched and batched on one FAISS thread."""
+    import faiss
+    import numpy as np
+
+    from clipzsl.search import build_index, search
+    from clipzsl.store import EmbeddingStore
+
+    faiss.omp_set_num_threads(1)
+    keys = [f"label-{i}" for i in range(int(count))]
+    t0 = time.perf_counter()
+    store = EmbeddingStore(directory, "labels-384", 384)
+    weights = store.get_or_compute(keys, lambda todo: 1 / 0)  # all cached: computing would fail
+    index = build_index(weights, "auto")
+    build = time.perf_counter() - t0
+    queries = np.load(queries_path)
+    times = []
+    for q in queries:
+        s = time.perf_counter()
+        search(index, q[None], 5)
+        times.append(time.perf_counter() - s)
+    s = time.perf_counter()
+    search(index, queries, 5)
+    batched = (time.perf_counter() - s) / len(queries)
+    print(json.dumps({"open_read_index_s": build, "ms_per_query_unbatched": 1000 * float(np.median(times)),
+                      "ms_per_query_batched": 1000 * batched}))
+    return 0
+
+
+def autofaiss_build(embeddings: str, index_path: str, infos_path: str, factory: str) -> int:
+    """autofaiss's `build_index` on clip-retrieval shards, timed (bench_store_scale part 4; runs in
+    autofaiss's own venv, which pins numpy<2)."""
+    from autofaiss import build_index
+
+    t = time.perf_counter()
+    build_index(embeddings=embeddings, index_path=index_path, index_infos_path=infos_path, index_key=factory,
+                metric_type="ip", max_index_memory_usage="16G", current_memory_available="20G", verbose=30)
+    print(json.dumps({"seconds": time.perf_counter() - t}))
+    return 0
+
+
+CHILDREN: dict[str, Callable[..., int]] = {
+    "counting-classify": counting_classify,
+    "embed-peak-rss": embed_peak_rss,
+    "open-query": open_query,
+    "label-cache-query": label_cache_query,
+    "autofaiss-build": autofaiss_build,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in CHILDREN:
+        print(f"usage: python -m benchmarks.children {{{','.join(CHILDREN)}}} ARG...", file=sys.stderr)
+        return 2
+    return CHILDREN[args[0]](*args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
