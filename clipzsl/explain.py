@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .adapter import CrossAttentionAdapter
+from .adapter import CrossAttentionAdapter, tokens_of
 from .backends import Backend
 from .classifier import ZeroShotClassifier
 from .errors import InputError
@@ -169,13 +169,12 @@ def heatmaps(images: EmbeddedImages, class_embeddings: torch.Tensor,
              adapter: CrossAttentionAdapter | None = None) -> torch.Tensor:
     """[N, C, T] maps from images embedded with their tokens: adapter attention (mean over heads,
     without the global token) or patch-text cosine."""
-    if images.tokens is None:
-        raise InputError("heatmaps need the images' spatial tokens: embed them with return_tokens=True")
+    tokens = tokens_of(images)
     with torch.no_grad():
         if adapter is not None:
-            attn = adapter.attention(class_embeddings, images.tokens, images.embeddings).mean(2)  # [N, C, T']
+            attn = adapter.attention(class_embeddings, tokens, images.embeddings).mean(2)  # [N, C, T']
             return attn[..., 1:] if adapter.config.global_token else attn
-        return torch.einsum("ntd,cd->nct", F.normalize(images.tokens, dim=-1), class_embeddings)
+        return torch.einsum("ntd,cd->nct", F.normalize(tokens, dim=-1), class_embeddings)
 
 
 def _slug(text: str) -> str:
