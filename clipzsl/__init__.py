@@ -7,6 +7,7 @@ import logging
 
 from .adapter import AdapterError, AdapterMismatch, CrossAttentionAdapter
 from .backends import DEFAULT_MODEL, Backend, available_models, load_model
+from .backends.hub import ModelUnavailable
 from .classifier import ZeroShotClassifier
 from .errors import ClipzslError, InputError
 from .image_index import ImageIndex
@@ -33,6 +34,7 @@ __all__ = [
     "ImageIndex",
     "ImageLoadError",
     "InputError",
+    "ModelUnavailable",
     "PromptFileError",
     "StoreError",
     "TrainConfig",

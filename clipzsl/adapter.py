@@ -35,7 +35,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
 from .backends.base import Backend
-from .errors import ClipzslError
+from .errors import ClipzslError, InputError, InputTypeError
 from .head import cosine_logits
 from .images import EmbeddedImages
 from .records import RecordError, canonical, load, parse
@@ -79,12 +79,17 @@ class AdapterConfig:
         for name in ("dim", "heads", "attn_dim"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise InputError(f"{name} must be at least 1, got {value}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
         self.attn_dim = self.attn_dim or self.dim
         if self.attn_dim % self.heads:
-            raise ValueError(f"attn_dim {self.attn_dim} is not divisible by heads {self.heads}")
+            raise InputError(f"attn_dim {self.attn_dim} is not divisible by heads {self.heads}")
+
+    @property
+    def width(self) -> int:
+        """The width of q/k/v (`attn_dim`, which defaults to `dim`)."""
+        return self.attn_dim or self.dim
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class CrossAttentionAdapter(nn.Module):
         super().__init__()
         self.config = AdapterConfig(dim, heads, attn_dim, dropout, global_token)
         self.meta = meta or {}
-        a = self.config.attn_dim
+        a = self.config.width
         self.token_norm = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, a)
         self.k = nn.Linear(dim, a)
@@ -135,16 +140,16 @@ class CrossAttentionAdapter(nn.Module):
     def _keys_values(self, tokens: torch.Tensor, pooled: torch.Tensor | None):
         if self.config.global_token:
             if pooled is None:
-                raise ValueError("this adapter uses the pooled embedding as a global token: pass `pooled`")
+                raise InputError("this adapter uses the pooled embedding as a global token: pass `pooled`")
             tokens = torch.cat([pooled[:, None, :].to(tokens.dtype), tokens], dim=1)
-        h, a = self.config.heads, self.config.attn_dim
+        h, a = self.config.heads, self.config.width
         n, t, _ = tokens.shape
         k = self.k(self.token_norm(tokens)).view(n, t, h, a // h)
         v = self.v(F.normalize(tokens, dim=-1)).view(n, t, h, a // h)
         return k, v
 
     def _queries(self, class_embeddings: torch.Tensor) -> torch.Tensor:
-        h, a = self.config.heads, self.config.attn_dim
+        h, a = self.config.heads, self.config.width
         return self.q(class_embeddings).view(class_embeddings.shape[0], h, a // h)
 
     def attention(self, class_embeddings: torch.Tensor, tokens: torch.Tensor,
@@ -187,11 +192,10 @@ class CrossAttentionAdapter(nn.Module):
              logit_bias: float = 0.0, batch_size: int = 128) -> torch.Tensor:
         """Evaluation logits [N, C] (a `clipzsl.head.Head`), in image batches (bounded memory for
         many classes). The images need their spatial tokens (`return_tokens=True`)."""
-        if images.tokens is None:
-            raise ValueError("the adapter attends over spatial tokens: embed the images with return_tokens=True")
+        tokens = tokens_of(images)
         was = self.training
         self.eval()
-        out = [self(class_embeddings, images.tokens[i:i + batch_size], images.embeddings[i:i + batch_size],
+        out = [self(class_embeddings, tokens[i:i + batch_size], images.embeddings[i:i + batch_size],
                     logit_scale, logit_bias) for i in range(0, len(images), batch_size)]
         self.train(was)
         return torch.cat(out) if out else torch.empty(0, class_embeddings.shape[0])
@@ -211,7 +215,7 @@ class CrossAttentionAdapter(nn.Module):
         directory = Path(directory)
         fp = fingerprint or (model.fingerprint if model is not None else None)
         if fp is None:
-            raise ValueError("save() needs the backbone (or its fingerprint) the adapter was trained on")
+            raise InputError("save() needs the backbone (or its fingerprint) the adapter was trained on")
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -262,6 +266,14 @@ class CrossAttentionAdapter(nn.Module):
         adapter = cls(**asdict(record.config), meta=meta)
         adapter.load_state_dict(_tensors(weights_path, blob, adapter.state_dict()))
         return adapter.eval()
+
+
+def tokens_of(images: EmbeddedImages) -> torch.Tensor:
+    """The images' spatial tokens, which the adapter and the heatmaps attend over; an InputError if they
+    were embedded without them."""
+    if images.tokens is None:
+        raise InputError("the adapter attends over spatial tokens: embed the images with return_tokens=True")
+    return images.tokens
 
 
 def _weights_blob(path: Path, sha256: str | None) -> bytes:
@@ -340,12 +352,12 @@ def _tensors(path: Path, blob: bytes, expected: dict[str, torch.Tensor]) -> dict
     return state
 
 
-def resolve_adapter(adapter, model: Backend) -> CrossAttentionAdapter:
+def resolve_adapter(adapter: CrossAttentionAdapter | str | os.PathLike, model: Backend) -> CrossAttentionAdapter:
     """An adapter object (checked for dim) or a saved directory (checked for backbone)."""
     if isinstance(adapter, (str, os.PathLike)):
         return CrossAttentionAdapter.load(adapter, model)
     if not isinstance(adapter, CrossAttentionAdapter):
-        raise TypeError(f"adapter must be a CrossAttentionAdapter or a saved adapter directory, got {type(adapter)}")
+        raise InputTypeError(f"adapter must be a CrossAttentionAdapter or a saved adapter directory, got {type(adapter)}")
     if adapter.config.dim != model.embed_dim:
         raise AdapterMismatch(f"adapter dim {adapter.config.dim} != model {model.spec!r} dim {model.embed_dim}")
     fp = adapter.meta.get("backbone_fingerprint")

@@ -18,9 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .adapter import CrossAttentionAdapter, resolve_adapter
+from .adapter import CrossAttentionAdapter, resolve_adapter, tokens_of
 from .backends import DEFAULT_MODEL, Backend, load_model
-from .errors import ClipzslError
+from .backends.base import CacheArg, cache_dir_of
+from .errors import ClipzslError, InputError
 from .head import Head, check_top_k, probabilities, zero_shot_head
 from .head import top_k as top_k_labels
 from .images import EmbeddedImages, ImageSource, embed_images
@@ -40,13 +41,13 @@ class ClassifierMismatch(ClipzslError, ValueError):
 
 
 def label_embeddings(model: Backend, entries: Sequence[ClassEntry], templates: Sequence[str],
-                     cache: bool | str | os.PathLike = True, progress: bool | None = None) -> torch.Tensor:
+                     cache: CacheArg = True, progress: bool | None = None) -> torch.Tensor:
     """Class embeddings [C, D] through the label cache (`cache` as `ZeroShotClassifier` takes it; False: in
     memory only). Best effort: an unusable cache costs time, never the classification. The cache's
     table is closed before returning, so no connection (nor SQLite's -wal file) outlives the call."""
     if cache is not False:
         try:
-            with contextlib.closing(EmbeddingStore.for_labels(model, cache_root(None if cache is True else cache))) \
+            with contextlib.closing(EmbeddingStore.for_labels(model, cache_root(cache_dir_of(cache)))) \
                     as store:
                 return cached_class_embeddings(model, entries, templates, store, progress)
         except (StoreError, OSError) as err:
@@ -66,7 +67,7 @@ class ZeroShotClassifier:
         model: Backend | str | None = None,
         labels: LabelsArg = (),
         templates: TemplatesArg = DEFAULT_TEMPLATES,
-        cache: bool | str | os.PathLike = True,
+        cache: CacheArg = True,
         progress: bool | None = None,
         adapter: CrossAttentionAdapter | str | os.PathLike | None = None,
         class_embeddings: torch.Tensor | None = None,
@@ -89,7 +90,7 @@ class ZeroShotClassifier:
         self.model = model if isinstance(model, Backend) else load_model(model or DEFAULT_MODEL, device, precision,
                                                                           cache=cache)
         if len(self.entries) == 1 and self.model.probability == "softmax":
-            raise ValueError(
+            raise InputError(
                 f"one label ({self.entries[0].name!r}) with {self.model.spec}, whose softmax over the labels "
                 "would always give it 100%; give at least two labels (e.g. add 'something else'), or use a "
                 "sigmoid model (SigLIP), which scores each label on its own."
@@ -97,7 +98,7 @@ class ZeroShotClassifier:
         if class_embeddings is not None:
             expected = (len(self.entries), self.model.embed_dim)
             if tuple(class_embeddings.shape) != expected:
-                raise ValueError(f"class embeddings have shape {tuple(class_embeddings.shape)}, but "
+                raise InputError(f"class embeddings have shape {tuple(class_embeddings.shape)}, but "
                                  f"{len(self.entries)} labels and model {self.model.spec!r} need {expected}")
             self.class_embeddings = class_embeddings.float()
         else:
@@ -147,10 +148,10 @@ class ZeroShotClassifier:
     def attention(self, images: Images, batch_size: int | None = None) -> torch.Tensor:
         """The adapter's attention [N, C, heads, 1 + T] (global token first) over each image's tokens."""
         if self.adapter is None:
-            raise ValueError("attention needs an adapter: ZeroShotClassifier(..., adapter=PATH_OR_OBJECT)")
+            raise InputError("attention needs an adapter: ZeroShotClassifier(..., adapter=PATH_OR_OBJECT)")
         embedded = self._embedded(images, batch_size)
         with torch.no_grad():
-            return self.adapter.attention(self.class_embeddings, embedded.tokens, embedded.embeddings)
+            return self.adapter.attention(self.class_embeddings, tokens_of(embedded), embedded.embeddings)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the class embeddings as safetensors, with the model fingerprint and spec, the
@@ -182,9 +183,9 @@ class ZeroShotClassifier:
                 meta = f.metadata() or {}
                 saved = f.get_tensor("class_embeddings") if "class_embeddings" in f.keys() else None
         except Exception as err:  # safetensors raises its own error type for a damaged file
-            raise ValueError(f"{path}: not a readable safetensors file ({err}); save the classifier again") from err
+            raise InputError(f"{path}: not a readable safetensors file ({err}); save the classifier again") from err
         if meta.get("format") != CLASSIFIER_FORMAT or saved is None:
-            raise ValueError(f"{path}: not a clipzsl classifier file (no {CLASSIFIER_FORMAT!r} metadata); "
+            raise InputError(f"{path}: not a clipzsl classifier file (no {CLASSIFIER_FORMAT!r} metadata); "
                              "write one with ZeroShotClassifier.save (clipzsl eval --save-classifier)")
         model = model if isinstance(model, Backend) else load_model(model or DEFAULT_MODEL,
                                                                     cache=kwargs.get("cache", True))

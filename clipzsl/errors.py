@@ -14,3 +14,7 @@ class ClipzslError(Exception):
 
 class InputError(ClipzslError, ValueError):
     """An argument, option or input that cannot be used as given (the message names it and the fix)."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An argument of a type that cannot be used (the message says which types can); still a TypeError."""

@@ -15,16 +15,17 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .adapter import CrossAttentionAdapter
+from .adapter import CrossAttentionAdapter, tokens_of
 from .backends import Backend
 from .classifier import ZeroShotClassifier
+from .errors import InputError
 from .images import EmbeddedImages, ImageSource, check_output, expand_sources, load_image
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
 
@@ -58,14 +59,24 @@ def image_view(model: Backend, image: Image.Image | None = None) -> View:
     centre square."""
     processor = getattr(getattr(model, "processor", None), "image_processor", None)
     if processor is not None:
-        size = _size_fields(processor.size) if getattr(processor, "do_resize", True) else {}
-        crop = _size_fields(processor.crop_size) if getattr(processor, "do_center_crop", False) else {}
-        squeeze = "height" in size and "width" in size
-        resize = size.get("height") if squeeze else size.get("shortest_edge")
-        return View(squeeze, min(1.0, crop["height"] / resize) if resize and "height" in crop else 1.0)
+        return _processor_view(processor)
     transform = model.preprocess
     if image is not None and hasattr(transform, "transform_for"):
         transform = transform.transform_for(image)
+    return _compose_view(transform)
+
+
+def _processor_view(processor: Any) -> View:
+    """The `View` of a transformers image processor (its resize and centre-crop settings)."""
+    size = _size_fields(processor.size) if getattr(processor, "do_resize", True) else {}
+    crop = _size_fields(processor.crop_size) if getattr(processor, "do_center_crop", False) else {}
+    squeeze = "height" in size and "width" in size
+    resize = size.get("height") if squeeze else size.get("shortest_edge")
+    return View(squeeze, min(1.0, crop["height"] / resize) if resize and "height" in crop else 1.0)
+
+
+def _compose_view(transform: Any) -> View:
+    """The `View` of a torchvision Compose: its Resize and CenterCrop steps (none: CLIP's centre square)."""
     resize = crop = None
     squeeze = False
     for t in getattr(transform, "transforms", []):
@@ -79,11 +90,11 @@ def image_view(model: Backend, image: Image.Image | None = None) -> View:
     return View(squeeze, min(1.0, crop / resize) if resize and crop else 1.0)
 
 
-def _size_fields(size) -> dict:
+def _size_fields(size: Any) -> dict:
     """A processor's size (a dict, transformers 5's SizeDict, or a bare int) as a dict of its set fields."""
     if isinstance(size, int):
         return {"shortest_edge": size}
-    fields = asdict(size) if is_dataclass(size) else dict(size)
+    fields = asdict(size) if is_dataclass(size) and not isinstance(size, type) else dict(size)
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -92,7 +103,7 @@ def grid_of(values: torch.Tensor) -> np.ndarray:
     t = values.numel()
     side = int(round(math.sqrt(t)))
     if side * side != t:
-        raise ValueError(f"cannot lay {t} tokens out on a square grid")
+        raise InputError(f"cannot lay {t} tokens out on a square grid")
     return values.reshape(side, side).float().numpy()
 
 
@@ -112,7 +123,8 @@ def overlay(image: Image.Image, heat: np.ndarray, view: View = View(squeeze=Fals
     left, top, right, bottom = view.box(*image.size)
     lo, hi = float(heat.min()), float(heat.max())
     norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-    small = Image.fromarray((norm * 255).astype(np.uint8)).resize((right - left, bottom - top), Image.BILINEAR)
+    small = Image.fromarray((norm * 255).astype(np.uint8)).resize((right - left, bottom - top),
+                                                                  Image.Resampling.BILINEAR)
     colored = Image.fromarray(colormap(np.asarray(small, float) / 255))
     out = image.copy()
     region = out.crop((left, top, right, bottom))
@@ -120,7 +132,7 @@ def overlay(image: Image.Image, heat: np.ndarray, view: View = View(squeeze=Fals
     return out
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)  # scalable since Pillow 10.1
     except TypeError:  # Pillow 10.0: its one fixed-size bitmap font
@@ -136,7 +148,7 @@ def annotate(picture: Image.Image, caption: str) -> Image.Image:
     text_w = max(font.getlength(t) for t in ("high", "low"))
     low_h, caption_h = font.getbbox("low")[3], font.getbbox(caption)[3]
     scale_w = int(pad + size + pad + text_w + pad)
-    canvas = Image.new("RGB", (max(w + scale_w, int(font.getlength(caption)) + 2 * pad), h + caption_h + 2 * pad),
+    canvas = Image.new("RGB", (max(w + scale_w, int(font.getlength(caption)) + 2 * pad), int(h + caption_h + 2 * pad)),
                        "white")
     canvas.paste(picture, (0, 0))
     ramp = np.repeat(np.linspace(1, 0, h)[:, None], size, axis=1)
@@ -157,11 +169,12 @@ def heatmaps(images: EmbeddedImages, class_embeddings: torch.Tensor,
              adapter: CrossAttentionAdapter | None = None) -> torch.Tensor:
     """[N, C, T] maps from images embedded with their tokens: adapter attention (mean over heads,
     without the global token) or patch-text cosine."""
+    tokens = tokens_of(images)
     with torch.no_grad():
         if adapter is not None:
-            attn = adapter.attention(class_embeddings, images.tokens, images.embeddings).mean(2)  # [N, C, T']
+            attn = adapter.attention(class_embeddings, tokens, images.embeddings).mean(2)  # [N, C, T']
             return attn[..., 1:] if adapter.config.global_token else attn
-        return torch.einsum("ntd,cd->nct", F.normalize(images.tokens, dim=-1), class_embeddings)
+        return torch.einsum("ntd,cd->nct", F.normalize(tokens, dim=-1), class_embeddings)
 
 
 def _slug(text: str) -> str:

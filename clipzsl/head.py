@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from .errors import InputError
 from .images import EmbeddedImages
 from .search import check_top_k
 
@@ -47,7 +48,7 @@ def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
         return torch.sigmoid(logits)
     if kind == "softmax":
         return torch.softmax(logits, dim=-1)
-    raise ValueError(f"unknown probability kind {kind!r}; expected one of {KINDS}")
+    raise InputError(f"unknown probability kind {kind!r}; expected one of {KINDS}")
 
 
 def top_k(
@@ -70,24 +71,26 @@ def top_k(
     """
     check_top_k(k)
     if kind not in KINDS:
-        raise ValueError(f"unknown probability kind {kind!r}; expected one of {KINDS}")
+        raise InputError(f"unknown probability kind {kind!r}; expected one of {KINDS}")
     if not len(class_embeddings):
-        raise ValueError("top_k needs at least one class embedding")
+        raise InputError("top_k needs at least one class embedding")
     k = min(k, class_embeddings.shape[0])
     all_probs, all_ids = [], []
     for start in range(0, len(images), image_chunk):
         part = images.subset(torch.arange(start, min(start + image_chunk, len(images))))
-        best = ids = None
+        best: torch.Tensor | None = None
+        ids: torch.Tensor | None = None
         normalisers = []
         for first in range(0, class_embeddings.shape[0], label_chunk):
             logits = head(part, class_embeddings[first:first + label_chunk], logit_scale, logit_bias)
             normalisers.append(torch.logsumexp(logits, dim=1))
             values, columns = logits.topk(min(k, logits.shape[1]), dim=1)
-            if best is not None:
+            if best is not None and ids is not None:
                 values, columns = torch.cat([best, values], 1), torch.cat([ids, columns + first], 1)
                 values, order = values.topk(k, dim=1)
                 columns = columns.gather(1, order)
             best, ids = values, columns
+        assert best is not None and ids is not None  # class_embeddings is not empty: one chunk at least
         if kind == "sigmoid":
             all_probs.append(torch.sigmoid(best))
         else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import os
 import warnings
 from collections import deque
@@ -31,8 +32,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from .backends.base import Backend
-from .errors import ClipzslError
+from .backends.base import Backend, CacheArg, cache_dir_of
+from .errors import ClipzslError, InputError
 from .store import atomic_write, own_cache_root
 
 ImageSource = Union[str, Path, Image.Image]
@@ -73,9 +74,10 @@ class EmbeddedImages:
 
     @staticmethod
     def cat(parts: Sequence["EmbeddedImages"]) -> "EmbeddedImages":
-        tokens = [p.tokens for p in parts]
+        """The parts one after the other (tokens only when every part has them)."""
+        tokens = [p.tokens for p in parts if p.tokens is not None]
         return EmbeddedImages(torch.cat([p.embeddings for p in parts]),
-                              torch.cat(tokens) if all(t is not None for t in tokens) else None,
+                              torch.cat(tokens) if len(tokens) == len(parts) else None,
                               [s for p in parts for s in p.sources], [f for p in parts for f in p.failures])
 
 
@@ -175,7 +177,7 @@ def check_output(output: str | os.PathLike, inputs: ImageSource | Sequence[Image
             problem = f"holds the input {given}"
         else:
             continue
-        raise ValueError(f"{output}: {problem}; writing there would replace or mix with the inputs: choose an "
+        raise InputError(f"{output}: {problem}; writing there would replace or mix with the inputs: choose an "
                          "output outside the inputs")
 
 
@@ -223,7 +225,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I") or image.mode == "F":
         image = _eight_bit(image)
     transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-    if transparent or (image.mode == "P" and image.palette.mode == "RGBA"):
+    if transparent or (image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -328,7 +330,11 @@ class _Jpeg:
     data: torch.Tensor  # uint8 [bytes]
 
 
-def _prepared(backend: Backend, source: ImageSource, decode: str = "cpu") -> torch.Tensor | _Jpeg | ImageLoadError:
+#: what a worker makes of one image: uint8 pixels, a JPEG's bytes for the device, or why it failed
+_Prepared = Union[torch.Tensor, _Jpeg, ImageLoadError]
+
+
+def _prepared(backend: Backend, source: ImageSource, decode: str = "cpu") -> _Prepared:
     try:
         if decode == "device" and isinstance(source, (str, Path)) and os.path.isfile(source):
             with open(source, "rb") as f:
@@ -355,7 +361,7 @@ def device_geometry(backend: Backend) -> list:
     kept = [t for t in steps or []
             if getattr(t, "__name__", "") != "_convert_to_rgb" and type(t).__name__ != "MaybeConvertMode"]
     if steps is None or not all(isinstance(t, (T.Resize, T.CenterCrop)) for t in kept):
-        raise ValueError(f"decode='device' needs a fixed resize/crop preprocessing ending in ToTensor + Normalize; "
+        raise InputError(f"decode='device' needs a fixed resize/crop preprocessing ending in ToTensor + Normalize; "
                          f"{backend.spec} has {backend.preprocess!r}: use decode='cpu'")
     return kept
 
@@ -385,16 +391,16 @@ def _decode_on_device(backend: Backend, jpegs: list[_Jpeg], steps: list) -> list
 
 def _batches(
     backend: Backend, sources: list[ImageSource], batch_size: int, workers: int, decode: str = "cpu"
-) -> Iterator[list[tuple[int, torch.Tensor | _Jpeg | ImageLoadError]]]:
+) -> Iterator[list[tuple[int, _Prepared]]]:
     """Batches of decoded images, in order; at most 2 batches + `workers` images are decoded
     ahead of the consumer, so memory does not grow with N when the model is the slower side."""
     ahead = 2 * batch_size + workers
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
         upcoming = iter(sources)
-        batch: list[tuple[int, torch.Tensor | _Jpeg | ImageLoadError]] = []
+        batch: list[tuple[int, _Prepared]] = []
         for index in range(len(sources)):
-            while len(pending) < ahead and (source := next(upcoming, _END)) is not _END:
+            for source in itertools.islice(upcoming, ahead - len(pending)):
                 pending.append(pool.submit(_prepared, backend, source, decode))
             batch.append((index, pending.popleft().result()))
             if len(batch) == batch_size:
@@ -402,9 +408,6 @@ def _batches(
                 batch = []
         if batch:
             yield batch
-
-
-_END = object()
 
 
 def embed_images(
@@ -426,27 +429,15 @@ def embed_images(
     Embeddings (and tokens) come back as float32 on the CPU, whatever the model's device and precision.
     """
     batch_size = model.batch_size if batch_size is None else batch_size
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if decode not in DECODE_CHOICES:
-        raise ValueError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}")
+    _check_options(batch_size, decode)
     steps = device_geometry(model) if decode == "device" else []
     sources = expand_sources(images)
-    workers = workers or model.workers
     chunks: list[EmbeddedImages] = []
     kept: list[str] = []
     failures: list[ImageLoadError] = []
     with tqdm(total=len(sources), unit="img", desc="images", disable=_quiet(progress, len(sources))) as bar:
-        for batch in _batches(model, sources, batch_size, workers, decode):
-            jpegs = [(i, t) for i, t in batch if isinstance(t, _Jpeg)]
-            if jpegs:
-                decoded = dict(zip([i for i, _ in jpegs], _decode_on_device(model, [j for _, j in jpegs], steps)))
-                batch = [(i, decoded.get(i, t)) for i, t in batch]
-            good = [(i, t) for i, t in batch if isinstance(t, torch.Tensor)]
-            for _, err in ((i, t) for i, t in batch if isinstance(t, ImageLoadError)):
-                if not skip_errors:
-                    raise err
-                failures.append(err)
+        for batch in _batches(model, sources, batch_size, workers or model.workers, decode):
+            good = _usable(_jpegs_decoded(model, batch, steps), skip_errors, failures)
             if good:
                 chunks.append(encode_pixels(model, [t for _, t in good], return_tokens))
                 kept.extend(source_name(sources[i], i) for i, _ in good)
@@ -455,6 +446,33 @@ def embed_images(
         return EmbeddedImages(torch.empty(0, model.embed_dim), None, kept, failures)
     embedded = EmbeddedImages.cat(chunks)
     return EmbeddedImages(embedded.embeddings, embedded.tokens, kept, failures)
+
+
+def _check_options(batch_size: int, decode: str) -> None:
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    if decode not in DECODE_CHOICES:
+        raise InputError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}")
+
+
+def _jpegs_decoded(model: Backend, batch: list[tuple[int, _Prepared]], steps: list) -> list[tuple[int, _Prepared]]:
+    """The batch with its JPEG files (`decode="device"`) decoded on the model's device."""
+    jpegs = [(i, t) for i, t in batch if isinstance(t, _Jpeg)]
+    if not jpegs:
+        return batch
+    decoded = dict(zip([i for i, _ in jpegs], _decode_on_device(model, [j for _, j in jpegs], steps)))
+    return [(i, decoded.get(i, t)) for i, t in batch]
+
+
+def _usable(batch: list[tuple[int, _Prepared]], skip_errors: bool,
+            failures: list[ImageLoadError]) -> list[tuple[int, torch.Tensor]]:
+    """The batch's decoded images; its first unreadable image raises, or with `skip_errors` every one
+    is added to `failures`."""
+    for _, err in ((i, t) for i, t in batch if isinstance(t, ImageLoadError)):
+        if not skip_errors:
+            raise err
+        failures.append(err)
+    return [(i, t) for i, t in batch if isinstance(t, torch.Tensor)]
 
 
 def encode_pixels(model: Backend, pixels: Sequence[torch.Tensor], return_tokens: bool = False) -> EmbeddedImages:
@@ -467,9 +485,9 @@ def encode_pixels(model: Backend, pixels: Sequence[torch.Tensor], return_tokens:
     if batch.device.type == "cpu" and torch.device(model.device).type == "cuda":
         batch = batch.pin_memory()  # an asynchronous copy to the device
     encoded = model.encode_images(model.normalize_pixels(batch), return_tokens=return_tokens)
-    if return_tokens:
-        encoded, tokens = encoded
-        return EmbeddedImages(encoded.float().cpu(), tokens.float().cpu())
+    if isinstance(encoded, tuple):  # with return_tokens
+        pooled, tokens = encoded
+        return EmbeddedImages(pooled.float().cpu(), tokens.float().cpu())
     return EmbeddedImages(encoded.float().cpu())
 
 
@@ -498,12 +516,14 @@ def features_key(model: Backend, sources: Sequence[ImageSource]) -> str:
 def embed_images_cached(
     model: Backend,
     images: ImageSource | Sequence[ImageSource],
-    cache_dir: str | os.PathLike | None,
+    cache: CacheArg = True,
     batch_size: int | None = None,
     progress: bool | None = None,
 ) -> EmbeddedImages:
-    """Pooled embeddings and tokens of every image, kept in `<cache_dir>/image-features/`
-    (None: nothing is read or written).
+    """Pooled embeddings and tokens of every image, kept in `<cache folder>/image-features/`.
+
+    `cache` as everywhere (`load_model`, `ZeroShotClassifier`): True for the default cache folder,
+    a folder, or False for none (nothing is read or written).
 
     The cache file is keyed by the model fingerprint and the images (path + size +
     mtime, or a PIL image's pixels), so a second call costs one file read. Tokens are
@@ -513,23 +533,33 @@ def embed_images_cached(
     """
     sources = expand_sources(images)
     path = None
-    if cache_dir is not None:
-        path = own_cache_root(cache_dir) / FEATURES_DIR / f"{features_key(model, sources)}.safetensors"
-        if path.exists():
-            try:
-                data = load_file(str(path))
-                if data["pooled"].shape[0] == len(sources):
-                    return EmbeddedImages(data["pooled"], data["tokens"].float(),
-                                          [source_name(s, i) for i, s in enumerate(sources)])
-            except Exception:  # a truncated/corrupt cache file is recomputed
-                pass
+    if cache is not False:
+        path = own_cache_root(cache_dir_of(cache)) / FEATURES_DIR / f"{features_key(model, sources)}.safetensors"
+        cached = _cached_features(path, sources)
+        if cached is not None:
+            return cached
     if not sources:
         return EmbeddedImages(torch.empty(0, model.embed_dim), torch.empty(0, 0, model.embed_dim))
     embedded = embed_images(model, sources, batch_size=batch_size, progress=progress, return_tokens=True)
     if path is not None:
+        assert embedded.tokens is not None  # asked for with return_tokens
         tensors = {"pooled": embedded.embeddings.contiguous(), "tokens": embedded.tokens.half().contiguous()}
         atomic_write(path, lambda f: f.write(safetensors_bytes(tensors)))
     return embedded
+
+
+def _cached_features(path: Path, sources: list[ImageSource]) -> EmbeddedImages | None:
+    """The features `embed_images_cached` kept at `path`; None when there are none (or they are unusable)."""
+    if not path.exists():
+        return None
+    try:
+        data = load_file(str(path))
+        if data["pooled"].shape[0] == len(sources):
+            return EmbeddedImages(data["pooled"], data["tokens"].float(),
+                                  [source_name(s, i) for i, s in enumerate(sources)])
+    except Exception:  # a truncated/corrupt cache file is recomputed
+        pass
+    return None
 
 
 def _quiet(progress: bool | None, total: int) -> bool | None:

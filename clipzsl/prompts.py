@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence, Union, cast
 
 from .errors import ClipzslError
 
@@ -210,7 +210,7 @@ def load_templates(spec: TemplatesArg = DEFAULT_TEMPLATES) -> list[str]:
     if isinstance(spec, (list, tuple)):
         located, source = [(t, f"templates[{i}]") for i, t in enumerate(spec)], "the template list"
     else:
-        path, key = _located(spec, TEMPLATES_DIR, (".txt",), "template set", _TEMPLATES_INSTEAD)
+        path, key = _located(cast("str | Path", spec), TEMPLATES_DIR, (".txt",), "template set", _TEMPLATES_INSTEAD)
         if path.suffix.lower() in STRUCTURED_SUFFIXES:
             located, source = _structured_items(path, key, "templates")
         else:
@@ -235,7 +235,7 @@ def load_labels(spec: LabelsArg) -> list[ClassEntry]:
     if isinstance(spec, (list, tuple)):
         located = [(_entry_from_item(item, f"labels[{i}]"), f"labels[{i}]") for i, item in enumerate(spec)]
         return _validated(located, "the label list", repeats_allowed=True)
-    path, key = _located(spec, LABELS_DIR, LABEL_SUFFIXES, "label set", _LABELS_INSTEAD)
+    path, key = _located(cast("str | Path", spec), LABELS_DIR, LABEL_SUFFIXES, "label set", _LABELS_INSTEAD)
     suffix = path.suffix.lower()
     if suffix == ".txt":
         located = [(_entry_from_line(text), f"{path}:{number}") for number, text in _content_lines(path)]
@@ -303,36 +303,7 @@ def _structured_items(path: Path, key: str | None, field: str) -> tuple[list[tup
     The list is the file itself, its `field` ("classes", "templates") or, with `key`,
     one data set of a mapping from data-set names to lists (CLIP_benchmark's files).
     """
-    text = _read_text(path)
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text, object_pairs_hook=_unique_keys)
-        else:
-            import yaml
-
-            data = yaml.load(text, Loader=_unique_key_loader())
-    except _DuplicateKey as err:
-        line = f":{err.line}" if err.line else ""
-        raise PromptFileError(
-            f"{path}{line}: key {err.key!r} appears twice in one mapping, and a parser would silently keep only "
-            "the last; remove or rename one."
-        ) from err
-    except json.JSONDecodeError as err:
-        raise PromptFileError(f"{path}:{err.lineno}: invalid JSON ({err.msg}).") from err
-    except Exception as err:  # yaml.YAMLError carries its own line in the message
-        raise PromptFileError(f"{path}: invalid YAML: {err}") from err
-    source = str(path)
-    if key is not None:
-        if not isinstance(data, dict):
-            raise PromptFileError(
-                f"{path}: ':{key}' picks a data set from a mapping, but this file holds a {type(data).__name__}; "
-                f"give {path} without ':{key}'."
-            )
-        if key not in data:
-            close = difflib.get_close_matches(key, [str(k) for k in data], n=3)
-            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise PromptFileError(f"{path}: no data set {key!r}.{hint} {_keys_line(data)}")
-        data, source = data[key], f"{path}:{key}"
+    data, source = _data_set(path, _structured_data(path), key)
     if isinstance(data, dict) and field in data:
         data = data[field]
     if isinstance(data, dict):
@@ -347,6 +318,43 @@ def _structured_items(path: Path, key: str | None, field: str) -> tuple[list[tup
                else "each template a string such as 'a photo of a {}.'")
         )
     return [(item, f"{source}, entry {i + 1}") for i, item in enumerate(data)], source
+
+
+def _structured_data(path: Path) -> Any:
+    """The decoded content of a .json/.yaml file; a key given twice in one mapping is an error."""
+    text = _read_text(path)
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text, object_pairs_hook=_unique_keys)
+        import yaml
+
+        return yaml.load(text, Loader=_unique_key_loader())
+    except _DuplicateKey as err:
+        line = f":{err.line}" if err.line else ""
+        raise PromptFileError(
+            f"{path}{line}: key {err.key!r} appears twice in one mapping, and a parser would silently keep only "
+            "the last; remove or rename one."
+        ) from err
+    except json.JSONDecodeError as err:
+        raise PromptFileError(f"{path}:{err.lineno}: invalid JSON ({err.msg}).") from err
+    except Exception as err:  # yaml.YAMLError carries its own line in the message
+        raise PromptFileError(f"{path}: invalid YAML: {err}") from err
+
+
+def _data_set(path: Path, data: Any, key: str | None) -> tuple[Any, str]:
+    """(the data set `key` picks from a mapping file, or the whole file; its name for messages)."""
+    if key is None:
+        return data, str(path)
+    if not isinstance(data, dict):
+        raise PromptFileError(
+            f"{path}: ':{key}' picks a data set from a mapping, but this file holds a {type(data).__name__}; "
+            f"give {path} without ':{key}'."
+        )
+    if key not in data:
+        close = difflib.get_close_matches(key, [str(k) for k in data], n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise PromptFileError(f"{path}: no data set {key!r}.{hint} {_keys_line(data)}")
+    return data[key], f"{path}:{key}"
 
 
 class _DuplicateKey(ValueError):
@@ -399,6 +407,7 @@ _ENTRY_KEYS = {"name", "synonyms", "prompts"}
 
 
 def _entry_from_item(item: Any, where: str) -> ClassEntry:
+    """A class entry from a list item: a `ClassEntry`, a "name | synonym" string or a dict."""
     if isinstance(item, ClassEntry):
         return item
     if isinstance(item, str):
@@ -413,14 +422,16 @@ def _entry_from_item(item: Any, where: str) -> ClassEntry:
     if name is not None and not isinstance(name, str):
         hint = _QUOTE_HINT if isinstance(name, (bool, int, float)) else " (synonyms go in 'synonyms')"
         raise PromptFileError(f"{where}: 'name' must be a string, got {type(name).__name__} {_shown(name)}{hint}.")
-    lists = {}
-    for key in ("synonyms", "prompts"):
-        value = item.get(key)
-        value = () if value is None else value
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise PromptFileError(f"{where}: '{key}' must be a list of strings, got {_shown(value)}.")
-        lists[key] = tuple(v.strip() for v in value)
-    return ClassEntry((name or "").strip(), lists["synonyms"], lists["prompts"])
+    synonyms, prompts = (_string_list(item.get(key), key, where) for key in ("synonyms", "prompts"))
+    return ClassEntry((name or "").strip(), synonyms, prompts)
+
+
+def _string_list(value: Any, key: str, where: str) -> tuple[str, ...]:
+    """An entry's 'synonyms' or 'prompts' (absent or null: none), each text stripped."""
+    value = () if value is None else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise PromptFileError(f"{where}: '{key}' must be a list of strings, got {_shown(value)}.")
+    return tuple(v.strip() for v in value)
 
 
 def _cleaned_entry(entry: ClassEntry, where: str) -> ClassEntry:

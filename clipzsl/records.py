@@ -18,11 +18,14 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from .errors import ClipzslError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 #: the field that holds a sealed record's checksum (of every other field)
 SEAL = "record_sha256"
@@ -106,52 +109,82 @@ def parse(schema: type[T], data: Any, path: str | os.PathLike, prefix: str = "")
         raise RecordError(path, prefix.rstrip("."), str(err)) from err
 
 
-def _value(hint: Any, value: Any, path, where: str) -> Any:
+def _value(hint: Any, value: Any, path: str | os.PathLike, where: str) -> Any:
     """`value` checked against the type hint `hint` (and converted: nested dataclasses, tuples)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
-    if origin in _UNIONS:
-        for option in args:
-            try:
-                return _value(option, value, path, where)
-            except RecordError:
-                continue
-        raise RecordError(path, where, f"expected {_name(hint)}, got {_show(value)}")
-    if origin is typing.Literal:
-        if not any(type(value) is type(a) and value == a for a in args):
-            raise RecordError(path, where, f"expected one of {list(args)}, got {_show(value)}")
-        return value
-    if dataclasses.is_dataclass(hint):
+    origin = typing.get_origin(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return parse(hint, value, path, where + ".")
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise RecordError(path, where, f"expected a list, got {_show(value)}")
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise RecordError(path, where, f"expected a list of {len(args)}, got {len(value)} items")
-            return tuple(_value(a, v, path, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        items = [_value(item, v, path, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise RecordError(path, where, f"expected a JSON object, got {_show(value)}")
-        item = args[1] if len(args) == 2 else Any
-        return {k: _value(item, v, path, f"{where}.{k}") for k, v in value.items()}
-    if hint is type(None):
-        if value is not None:
-            raise RecordError(path, where, f"expected null, got {_show(value)}")
-        return None
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RecordError(path, where, f"expected a finite number, got {_show(value)}")
-        return float(value)
-    if hint in (int, str, bool):
-        if type(value) is not hint:
-            raise RecordError(path, where, f"expected {_name(hint)}, got {_show(value)}")
-        return value
-    raise TypeError(f"records: unsupported type hint {hint!r} for {where}")
+    check = _BY_ORIGIN.get(origin) if origin is not None else _BY_TYPE.get(hint)
+    if check is None:
+        raise TypeError(f"records: unsupported type hint {hint!r} for {where}")  # a bug in a schema, not an input
+    return check(hint, value, path, where)
+
+
+def _union(hint: Any, value: Any, path: str | os.PathLike, where: str) -> Any:
+    for option in typing.get_args(hint):
+        try:
+            return _value(option, value, path, where)
+        except RecordError:
+            continue
+    raise RecordError(path, where, f"expected {_name(hint)}, got {_show(value)}")
+
+
+def _literal(hint: Any, value: Any, path: str | os.PathLike, where: str) -> Any:
+    args = typing.get_args(hint)
+    if not any(type(value) is type(a) and value == a for a in args):
+        raise RecordError(path, where, f"expected one of {list(args)}, got {_show(value)}")
+    return value
+
+
+def _sequence(hint: Any, value: Any, path: str | os.PathLike, where: str) -> Any:
+    """A JSON list as `list[X]`, `tuple[X, ...]` or a fixed-length `tuple[X, Y]`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if not isinstance(value, list):
+        raise RecordError(path, where, f"expected a list, got {_show(value)}")
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise RecordError(path, where, f"expected a list of {len(args)}, got {len(value)} items")
+        return tuple(_value(a, v, path, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    item = args[0] if args else Any
+    items = [_value(item, v, path, f"{where}[{i}]") for i, v in enumerate(value)]
+    return items if origin is list else tuple(items)
+
+
+def _mapping(hint: Any, value: Any, path: str | os.PathLike, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise RecordError(path, where, f"expected a JSON object, got {_show(value)}")
+    args = typing.get_args(hint)
+    item = args[1] if len(args) == 2 else Any
+    return {k: _value(item, v, path, f"{where}.{k}") for k, v in value.items()}
+
+
+def _null(hint: Any, value: Any, path: str | os.PathLike, where: str) -> Any:
+    if value is not None:
+        raise RecordError(path, where, f"expected null, got {_show(value)}")
+    return None
+
+
+def _number(hint: Any, value: Any, path: str | os.PathLike, where: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecordError(path, where, f"expected a finite number, got {_show(value)}")
+    return float(value)
+
+
+def _exact(hint: Any, value: Any, path: str | os.PathLike, where: str) -> Any:
+    if type(value) is not hint:
+        raise RecordError(path, where, f"expected {_name(hint)}, got {_show(value)}")
+    return value
+
+
+_Check = Callable[[Any, Any, "str | os.PathLike", str], Any]
+#: the check for each generic hint, by its origin (`X | None`, `Literal[...]`, `list[X]`, ...)
+_BY_ORIGIN: dict[Any, _Check] = {typing.Union: _union, types.UnionType: _union, typing.Literal: _literal,
+                                 list: _sequence, tuple: _sequence, dict: _mapping}
+#: the check for each plain type hint
+_BY_TYPE: dict[Any, _Check] = {dict: _mapping, type(None): _null, float: _number, int: _exact, str: _exact,
+                               bool: _exact}
 
 
 def _name(hint: Any) -> str:

@@ -8,17 +8,16 @@ image for a cut-out (transparent or plain background) and its largest centred sq
 """
 from __future__ import annotations
 
-import os
-
-from .base import Backend, default_batch_size, default_workers, resolve_device, resolve_precision
+from ..errors import InputError
+from .base import Backend, CacheArg, default_batch_size, default_workers, resolve_device, resolve_precision
 
 DEFAULT_MODEL = "packaged"
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto",
-               cache: bool | str | os.PathLike = True, batch_size: int | None = None,
+               cache: CacheArg = True, batch_size: int | None = None,
                workers: int | None = None) -> Backend:
-    """Build the model a spec names; raises ValueError for an unknown prefix.
+    """Build the model a spec names; raises InputError (a ValueError) for an unknown prefix.
 
     `device`: "auto" (cuda, then mps, then cpu), or one of them by name. `precision`: fp32, bf16 or
     fp16 autocast ("auto": bf16 on CUDA where supported, fp32 on the CPU); the weights stay fp32,
@@ -30,7 +29,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str =
     `batch_size`, `workers`: images per forward pass and decoding threads (None: per device)."""
     for name, value in (("batch_size", batch_size), ("workers", workers)):
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise InputError(f"{name} must be at least 1, got {value}")
     device = resolve_device(device)
     precision = resolve_precision(precision, device)  # before the load: a bad choice costs nothing
     backend = _build(spec, device, cache)
@@ -40,27 +39,28 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str =
     return backend
 
 
-def _build(spec: str, device: str, cache: bool | str | os.PathLike) -> Backend:
-    kind, _, rest = spec.partition(":")
-    if spec == "packaged" or spec.startswith(("packaged:", "packaged+")):
+def _build(model_spec: str, device: str, cache: CacheArg) -> Backend:
+    """The backend `model_spec` names, on `device`."""
+    kind, _, rest = model_spec.partition(":")
+    if model_spec == "packaged" or model_spec.startswith(("packaged:", "packaged+")):
         from .packaged import PackagedBackend
 
-        variant, _, view = spec.removeprefix("packaged").lstrip(":").partition("+")
+        variant, _, view = model_spec.removeprefix("packaged").lstrip(":").partition("+")
         views = {"": None, "crop": True, "whole": False}
         if view not in views:
-            raise ValueError(f"Unknown packaged option {view!r} in {spec!r}: use '+crop' (centre crop for every "
-                             "image) or '+whole' (whole image for every image), or neither (chosen per image)")
+            raise InputError(f"Unknown packaged option {view!r} in {model_spec!r}: use '+crop' (centre crop for "
+                             "every image) or '+whole' (whole image for every image), or neither (chosen per image)")
         return PackagedBackend(variant=variant or "lite0", device=device, crop=views[view], cache=cache)
     if kind == "openclip" and rest:
         from .openclip import OpenClipBackend
 
-        return OpenClipBackend.from_spec(spec, device=device)
+        return OpenClipBackend.from_spec(model_spec, device=device)
     if kind == "hf" and rest:
         from .hf import HFBackend
 
-        return HFBackend.from_spec(spec, device=device)
-    raise ValueError(
-        f"Unknown model spec {spec!r}. Use 'packaged' (offline default), "
+        return HFBackend.from_spec(model_spec, device=device)
+    raise InputError(
+        f"Unknown model spec {model_spec!r}. Use 'packaged' (offline default), "
         "'openclip:<arch>/<pretrained|checkpoint path|random>' or 'hf:<hub id|local directory>'."
     )
 

@@ -11,13 +11,15 @@ import abc
 import contextlib
 import hashlib
 import os
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, ContextManager, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.functional import pil_to_tensor
+
+from ..errors import InputError
 
 #: file-name prefix of the packaged model's cached concept embeddings in the cache directory; here,
 #: not in packaged.py, so that `clipzsl cache` finds them without importing timm and transformers
@@ -29,6 +31,14 @@ PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloa
 #: busy, two CPU cores gain nothing past a few dozen (and hold less in memory)
 DEFAULT_BATCH_SIZE = {"cpu": 32, "mps": 64, "cuda": 256}
 
+#: a `cache=` argument, one meaning everywhere: True for the default cache folder, a folder, or False for none
+CacheArg = Union[bool, str, os.PathLike]
+
+
+def cache_dir_of(cache: CacheArg) -> str | os.PathLike | None:
+    """The folder a `cache=` other than False names, as `store.cache_root` takes it (None: the default)."""
+    return None if isinstance(cache, bool) else cache
+
 
 def resolve_device(device: str = "auto") -> str:
     """"auto" -> cuda, then mps, then cpu; a named device is checked to exist (one clear error, not a
@@ -36,22 +46,32 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
+        return "mps" if _mps_available() else "cpu"
     try:
         kind = torch.device(device).type
     except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from err
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this torch sees no CUDA GPU; use --device cpu (or auto)")
-    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here; use cuda:0 .. "
-                         f"cuda:{torch.cuda.device_count() - 1}")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu (or auto)")
+        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from err
+    if kind == "cuda":
+        _check_cuda(device)
+    if kind == "mps" and not _mps_available():
+        raise InputError(f"device {device!r}: MPS is not available here; use --device cpu (or auto)")
     if kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {device!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+        raise InputError(f"device {device!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _check_cuda(device: str) -> None:
+    """A CUDA device that this torch sees, else an InputError saying which ones there are."""
+    if not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: this torch sees no CUDA GPU; use --device cpu (or auto)")
+    if (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here; use cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -66,9 +86,9 @@ def resolve_precision(precision: str, device: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+        raise InputError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
     if precision == "fp16" and kind == "cpu":
-        raise ValueError("precision fp16 needs a GPU (cuda or mps); on the CPU use bf16 or fp32")
+        raise InputError("precision fp16 needs a GPU (cuda or mps); on the CPU use bf16 or fp32")
     return precision
 
 
@@ -164,6 +184,7 @@ class Backend(abc.ABC):
         pixels = pixels.to(self.device, non_blocking=True)
         if pixels.dtype != torch.uint8:
             return pixels
+        assert self.pixel_stats is not None  # uint8 pixels come only from a preprocessing split with its stats
         mean, std = (torch.tensor(v, dtype=torch.float32, device=pixels.device)[:, None, None]
                      for v in self.pixel_stats)
         return pixels.float().div_(255).sub_(mean).div_(std)

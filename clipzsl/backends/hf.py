@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
 
+from ..errors import InputError
 from .base import Backend, normalize, state_dict_digest
 from .hub import hub_error, hub_offline
 
@@ -15,16 +16,17 @@ from .hub import hub_error, hub_offline
 class HFBackend(Backend):
     """A transformers dual encoder with its own processor, as the HF pipeline runs it."""
 
-    def __init__(self, model, processor, spec: str, device: str = "cpu"):
-        self.model = model.to(device).eval().requires_grad_(False)
+    def __init__(self, network: Any, processor: Any, spec: str, device: str = "cpu"):
+        """`network`: a transformers CLIPModel or SiglipModel; `processor`: its AutoProcessor."""
+        self.network = network.to(device).eval().requires_grad_(False)
         self.processor = processor
         self.spec = spec
         self.device = device
-        config = model.config
+        config = network.config
         self.is_siglip = "siglip" in config.model_type
         self.embed_dim = int(getattr(config, "projection_dim", 0) or config.text_config.hidden_size)
-        self.logit_scale = float(model.logit_scale.exp())
-        self.logit_bias = float(model.logit_bias) if self.is_siglip else 0.0
+        self.logit_scale = float(network.logit_scale.exp())
+        self.logit_bias = float(network.logit_bias) if self.is_siglip else 0.0
         self.probability = "sigmoid" if self.is_siglip else "softmax"
         # SigLIP was trained on prompts padded to 64 tokens; the HF pipeline does the same.
         self._text_kwargs = (
@@ -32,8 +34,13 @@ class HFBackend(Backend):
             if self.is_siglip
             else {"padding": True, "truncation": True}
         )
-        self.fingerprint = f"hf:{config.model_type}:{state_dict_digest(self.model)}"
+        self.fingerprint = f"hf:{config.model_type}:{state_dict_digest(self.network)}"
         self.pixel_stats = _uint8_split(processor.image_processor)
+
+    @property
+    def model(self) -> Any:
+        """The transformers network under its older name (`network`); benchmarks still read it."""
+        return self.network
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "cpu") -> "HFBackend":
@@ -46,15 +53,15 @@ class HFBackend(Backend):
         cache_only = local or hub_offline()
         try:
             with quiet_loading():
-                model = AutoModel.from_pretrained(name, local_files_only=cache_only)
+                network = AutoModel.from_pretrained(name, local_files_only=cache_only)
             processor = AutoProcessor.from_pretrained(name, local_files_only=cache_only)
         except OSError as err:
             if local:
                 raise
             raise hub_error(spec) from err
-        if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
-            raise ValueError(f"{spec!r} is a {type(model).__name__}, not a CLIP-style dual encoder.")
-        return cls(model, processor, spec, device)
+        if not hasattr(network, "get_image_features") or not hasattr(network, "get_text_features"):
+            raise InputError(f"{spec!r} is a {type(network).__name__}, not a CLIP-style dual encoder.")
+        return cls(network, processor, spec, device)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
@@ -70,7 +77,7 @@ class HFBackend(Backend):
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         inputs = self.processor.tokenizer(list(texts), return_tensors="pt", **self._text_kwargs).to(self.device)
         with self.autocast():
-            return normalize(_pooled(self.model.get_text_features(**inputs)).float())
+            return normalize(_pooled(self.network.get_text_features(**inputs)).float())
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, return_tokens: bool = False):
@@ -79,11 +86,11 @@ class HFBackend(Backend):
             raise NotImplementedError(f"spatial tokens are not projected into the joint space for {self.spec}")
         with self.autocast():
             if not return_tokens:
-                return normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float())
-            vision = self.model.vision_model(pixel_values=pixels)
-            pooled = self.model.visual_projection(vision.pooler_output)
-            patches = self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
-            tokens = self.model.visual_projection(patches)
+                return normalize(_pooled(self.network.get_image_features(pixel_values=pixels)).float())
+            vision = self.network.vision_model(pixel_values=pixels)
+            pooled = self.network.visual_projection(vision.pooler_output)
+            patches = self.network.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
+            tokens = self.network.visual_projection(patches)
         return normalize(pooled.float()), tokens.float()
 
 
@@ -169,11 +176,11 @@ def save_random_clip(directory: str | os.PathLike, seed: int = 0, **config) -> s
     vision = {k[7:]: v for k, v in config.items() if k.startswith("vision_")}
     rest = {k: v for k, v in config.items() if not k.startswith(("text_", "vision_"))}
     torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, **rest)).eval()
-    model.save_pretrained(directory)
+    network = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, **rest)).eval()
+    network.save_pretrained(directory)
     write_clip_tokenizer(directory)
     tokenizer = CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
-    size = model.config.vision_config.image_size
+    size = network.config.vision_config.image_size
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
     return str(directory)

