@@ -172,10 +172,10 @@ def vit_b32() -> Model:
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     backend = OpenClipBackend(model, preprocess, open_clip.get_tokenizer("ViT-B-32"), spec="openclip:ViT-B-32/random")
-    tower = backend.model.visual
+    tower = backend.network.visual
 
     def install(variant):
-        backend.model.visual = variant
+        backend.network.visual = variant
 
     return Model("ViT-B-32 (random)", backend, tower, install)
 
@@ -273,7 +273,7 @@ def run(quick: bool = False, modes: list[str] | None = None) -> dict:
         plain_s: list[float] = []
         embeddings: dict[str, dict[str, torch.Tensor]] = {m.name: {} for m in models}
         vit.use("fp32")  # one untimed batch of every side first: one-off allocations, kernel selection
-        plain_loop(vit.backend.model, vit.backend.preprocess, all_paths[:BATCH])
+        plain_loop(vit.backend.network, vit.backend.preprocess, all_paths[:BATCH])
         for model in models:
             for mode in modes:
                 timed_embed(model, mode, all_paths[:BATCH])
@@ -285,7 +285,7 @@ def run(quick: bool = False, modes: list[str] | None = None) -> dict:
                 if model is vit:
                     vit.use("fp32")
                     start = time.perf_counter()
-                    plain = plain_loop(vit.backend.model, vit.backend.preprocess, paths)
+                    plain = plain_loop(vit.backend.network, vit.backend.preprocess, paths)
                     plain_s.append(time.perf_counter() - start)
                 for mode in modes:
                     seconds, emb = timed_embed(model, mode, paths)

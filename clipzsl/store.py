@@ -95,9 +95,9 @@ class ForeignFolderError(StoreError):
     """A folder clipzsl did not create (or of another kind): it is never written into or emptied."""
 
 
-class SegmentsChanged(Exception):
+class SegmentsChanged(ClipzslError):
     """The segments changed under a read (a damaged one was set aside, or another process merged or
-    compacted them); the read starts again on the new list (`_consistent`)."""
+    compacted them); the read starts again on the new list (`consistent`), so it never reaches a caller."""
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,6 @@ class HFBackend(Backend):
         self.fingerprint = f"hf:{config.model_type}:{state_dict_digest(self.network)}"
         self.pixel_stats = _uint8_split(processor.image_processor)
 
-    @property
-    def model(self) -> Any:
-        """The transformers network under its older name (`network`); benchmarks still read it."""
-        return self.network
-
     @classmethod
     def from_spec(cls, spec: str, device: str = "cpu") -> "HFBackend":
         from transformers import AutoModel, AutoProcessor

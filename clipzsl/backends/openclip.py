@@ -38,11 +38,6 @@ class OpenClipBackend(Backend):
         self._text_tower = network.text if hasattr(network, "text") else network
         self.embed_dim = int(self.encode_texts(["a"]).shape[-1])
 
-    @property
-    def model(self) -> Any:
-        """The open_clip network under its older name (`network`); benchmarks still read it."""
-        return self.network
-
     @classmethod
     def from_spec(cls, spec: str, device: str = "cpu") -> "OpenClipBackend":
         import open_clip
