@@ -9,7 +9,7 @@ from .adapter import AdapterError, AdapterMismatch, CrossAttentionAdapter
 from .backends import DEFAULT_MODEL, Backend, available_models, load_model
 from .backends.hub import ModelUnavailable
 from .classifier import ZeroShotClassifier
-from .errors import ClipzslError, InputError
+from .errors import ClipzslError, InputError, MissingExtra
 from .image_index import ImageIndex
 from .images import EmbeddedImages, ImageLoadError, embed_images, load_image
 from .prompts import ClassEntry, PromptFileError, load_labels, load_templates
@@ -34,6 +34,7 @@ __all__ = [
     "ImageIndex",
     "ImageLoadError",
     "InputError",
+    "MissingExtra",
     "ModelUnavailable",
     "PromptFileError",
     "StoreError",

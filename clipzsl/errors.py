@@ -18,3 +18,7 @@ class InputError(ClipzslError, ValueError):
 
 class InputTypeError(InputError, TypeError):
     """An argument of a type that cannot be used (the message says which types can); still a TypeError."""
+
+
+class MissingExtra(ClipzslError, ImportError):
+    """A feature needs a package that is not installed; the message gives the `pip install` that adds it."""

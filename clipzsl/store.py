@@ -50,7 +50,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Literal, NoReturn, Sequenc
 
 import numpy as np
 
-from .errors import ClipzslError
+from .errors import ClipzslError, InputError
 from .records import RecordError, load, rule
 
 FORMAT = 2
@@ -394,7 +394,7 @@ class EmbeddingStore:
         `repair_hint`: None for a cache (damaged segments are dropped with a warning and their
         entries recomputed); else damage is an error, and this text says how to repair it."""
         if dtype not in DTYPES:
-            raise ValueError(f"store dtype must be one of {DTYPES}, got {dtype!r}")
+            raise InputError(f"store dtype must be one of {DTYPES}, got {dtype!r}")
         self.directory = Path(directory)
         self.fingerprint = fingerprint
         self.embed_dim = embed_dim

