@@ -45,7 +45,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence, TypeVar
+from typing import BinaryIO, Callable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 
@@ -143,7 +143,7 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[object], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(file)` on a temporary sibling, fsync it, then rename it over `path`. The file
     gets the mode a plain open() would give it (0666 less the umask), not mkstemp's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
