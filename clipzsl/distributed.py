@@ -36,7 +36,7 @@ from .head import zero_shot_head
 from .images import EmbeddedImages, ImageLoadError, load_image
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
 from .errors import ClipzslError, InputError
-from .shards import image_sources
+from .shards import ImageSourceItem, TarMember, image_sources
 
 if TYPE_CHECKING:
     import ray.data
@@ -104,15 +104,22 @@ def _private_runtime() -> Iterator[dict]:
 
 def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Every image file the inputs name (folders, files, .txt lists), in the order `clipzsl embed`
-    reads them. webdataset .tar shards are read with `ray.data.read_webdataset` in Python instead."""
-    tars = [str(p) for p in paths if Path(p).suffix == ".tar"]
-    if tars:
-        raise InputError(f"{tars[0]}: webdataset .tar input is not read by --engine ray; pass image folders or a "
-                         ".txt list, or build the dataset with ray.data.read_webdataset and call embed_dataset")
-    names = [name for name, _ in image_sources(paths)]
+    reads them (`file_paths`)."""
+    names = file_paths(list(image_sources(paths)))
     if not names:
         raise InputError(f"no images in {', '.join(map(str, paths))}; check the paths")
     return names
+
+
+def file_paths(items: Sequence[tuple[str, ImageSourceItem]]) -> list[str]:
+    """The image files of `shards.image_sources` items, which Ray's decoding tasks read. A webdataset
+    .tar member is refused: such shards are read with `ray.data.read_webdataset` in Python instead."""
+    for _, source in items:
+        if isinstance(source, TarMember):
+            raise InputError(f"{source.tar}: webdataset .tar input is not read by --engine ray; pass image folders "
+                             "or a .txt list, or build the dataset with ray.data.read_webdataset and call "
+                             "embed_dataset")
+    return [name for name, _ in items]
 
 
 def paths_dataset(paths: Sequence[str]) -> "ray.data.Dataset":

@@ -32,7 +32,7 @@ from .images import ImageLoadError, check_output, each_image_once, embed_images,
 from .predictions import (ClassifySettings, Predictions, PredictionWriter, Row, check_resumable, check_settings,
                           classified_images, saved_settings)
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_labels, load_templates
-from .shards import (ImageSourceItem, ShardReport, ShardWriter, TarMember, image_sources, load_sources,
+from .shards import (ImageSourceItem, ShardReport, ShardWriter, image_sources, load_sources,
                      resume_state, run_identity)
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def _ray_batch(rows: dict[str, np.ndarray]) -> Batch:
 def run(items: Sequence[tuple[str, ImageSourceItem]], mapper: Mapper, engine: Engine) -> Iterator[Batch]:
     """The mapper's batches over `items`, on `engine`, in order, with a progress bar."""
     if engine.kind == "ray":
-        batches = mapper.ray(_file_paths(items), engine)
+        batches = mapper.ray(distributed.file_paths(items), engine)
     else:
         chunk = (engine.batch_size or mapper.model.batch_size) * CHUNK_BATCHES
         batches = (mapper.local(items[start : start + chunk], engine) for start in range(0, len(items), chunk))
@@ -148,16 +148,6 @@ def run(items: Sequence[tuple[str, ImageSourceItem]], mapper: Mapper, engine: En
         for batch in batches:
             bar.update(len(batch.names))
             yield batch
-
-
-def _file_paths(items: Sequence[tuple[str, ImageSourceItem]]) -> list[str]:
-    """The image files of `items`, which Ray's decoding tasks read; a .tar member is refused."""
-    for name, source in items:
-        if isinstance(source, TarMember):
-            raise InputError(f"{source.tar}: webdataset .tar input is not read by --engine ray; pass image folders "
-                             "or a .txt list, or build the dataset with ray.data.read_webdataset and call "
-                             "clipzsl.distributed.embed_dataset")
-    return [name for name, _ in items]
 
 
 def embed_to_shards(sources: Sequence[str | os.PathLike], out: str | os.PathLike, model: Backend, *,
@@ -171,7 +161,7 @@ def embed_to_shards(sources: Sequence[str | os.PathLike], out: str | os.PathLike
     `on_shard` sees the report after each shard written."""
     check_output(out, [str(s) for s in sources])
     items = list(image_sources(sources))
-    if engine.kind == "ray" and not items:
+    if engine.kind == "ray" and not distributed.file_paths(items):  # a .tar refused before anything is written
         raise InputError(f"no images in {', '.join(map(str, sources))}; check the paths")
     state = resume_state(out, run_identity(model, [name for name, _ in items], shard_size), resume)
     seen = state.seen()

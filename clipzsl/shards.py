@@ -9,7 +9,8 @@
 embeds images into it on either engine); `index_from_shards` turns such shards,
 whoever wrote them, into a searchable `ImageIndex`. Inputs beyond folders and files: a
 `.txt` file listing image paths (one a line, relative to the list) and webdataset `.tar`
-shards (what img2dataset writes), whose images are named `SHARD.tar/MEMBER`.
+shards (what img2dataset writes), whose images are named `SHARD.tar/MEMBER` (listed first, read
+when their turn comes: `load_sources`).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from .backends import Backend, load_model
-from .image_index import ImageIndex
 from .errors import InputError
+from .image_index import ImageIndex
 from .images import IMAGE_SUFFIXES, ImageLoadError, each_image_once, expand_sources, load_image
 from .prompts import content_lines
 from .records import RecordError, dumps, load, rule
@@ -50,6 +51,18 @@ class ShardReport:
     complete_before: bool = False  # the run was already complete: nothing was done
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """An image inside a webdataset .tar shard, listed but not yet read (its header says where it is)."""
+
+    tar: Path
+    info: tarfile.TarInfo
+
+
+#: what `image_sources` names an image by: a file path, a .tar member, or why it cannot be read
+ImageSourceItem = Union[str, TarMember, ImageLoadError]
+
+
 def image_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, ImageSourceItem]]:
     """(name, image file path | webdataset member | why not) for every image the inputs name, in order,
     each file once (`each_image_once`): `embed photos /abs/photos` writes no row twice, so its shards
@@ -70,18 +83,6 @@ def _named_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, Im
             yield from _tar_members(path)
         else:
             yield str(path), str(path)
-
-
-@dataclass(frozen=True)
-class TarMember:
-    """An image inside a webdataset .tar shard, listed but not yet read (its header says where it is)."""
-
-    tar: Path
-    info: tarfile.TarInfo
-
-
-#: what `image_sources` names an image by: a file path, a .tar member, or why it cannot be read
-ImageSourceItem = Union[str, TarMember, ImageLoadError]
 
 
 def _tar_members(path: Path) -> Iterator[tuple[str, TarMember]]:

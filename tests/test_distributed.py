@@ -15,6 +15,7 @@ import clipzsl
 from clipzsl import distributed
 from clipzsl.cli import main
 from clipzsl.pipeline import Classification, Engine, classify_to_file, embed_to_shards
+from clipzsl.shards import MANIFEST
 
 N_IMAGES = 240
 needs_ray = pytest.mark.skipif(
@@ -160,7 +161,7 @@ def test_rerun_resumes_the_same_run_and_refuses_another(ray_session, images, spe
 
     with pytest.raises(KeyboardInterrupt):  # a run stopped after two shards
         embed_to_shards([images], out, model, shard_size=50, resume=True, engine=Engine("ray"), on_shard=interrupt)
-    assert json.loads((out / distributed.MANIFEST).read_text())["complete"] is False
+    assert json.loads((out / MANIFEST).read_text())["complete"] is False
     first = read_shards(out)
     assert len(first) == 100
 
@@ -175,10 +176,14 @@ def test_rerun_resumes_the_same_run_and_refuses_another(ray_session, images, spe
     assert main(args + ["--shard-size", "50"]) == 1  # complete: nothing is run again
     assert "already complete (240 embeddings in 5 shard(s))" in capsys.readouterr().out
 
-    assert main(["embed", str(images), "--out", str(tmp_path / "local"), "--model", spec]) == 1
+    local = ["embed", str(images), "--out", str(tmp_path / "local"), "--model", spec, "--shard-size", "50"]
+    assert main(local) == 1
     capsys.readouterr()
-    assert main(["embed", str(images), "--out", str(tmp_path / "local"), "--model", spec, "--engine", "ray"]) == 2
-    assert f"holds shards without a {distributed.MANIFEST}" in capsys.readouterr().err
+    assert main(local + ["--engine", "ray"]) == 1  # one pipeline: the same run, whichever engine wrote it
+    assert "already complete (240 embeddings in 5 shard(s))" in capsys.readouterr().out
+    (tmp_path / "local" / MANIFEST).unlink()  # shards of no known run (an older clipzsl's, another tool's)
+    assert main(local + ["--engine", "ray"]) == 2
+    assert f"holds shards without a {MANIFEST}" in capsys.readouterr().err
 
 
 def parquet_rows(path: Path) -> dict[str, dict]:
