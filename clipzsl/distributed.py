@@ -242,6 +242,7 @@ def classifier_dataset(ds: "ray.data.Dataset", clf: ZeroShotClassifier, top_k: i
     """`classify_dataset` with a classifier already built (its class embeddings are shared, not rebuilt);
     a classifier with an adapter is refused: the actors score with the zero-shot head."""
     if clf.adapter is not None:
-        raise InputError("--adapter is not supported with --engine ray; classify with the default engine")
+        raise InputError("a classifier with an adapter is not supported on Ray: its actors score with the zero-shot "
+                         "head; classify in this process")
     classes = require_ray().put((clf.class_embeddings, clf.labels))
     return _pipeline(ds, clf.model, batch_size, concurrency, num_gpus, cache, classes, top_k)

@@ -229,6 +229,13 @@ def classify_sources(sources: Sequence[str | os.PathLike]) -> list[str]:
     return [str(s) for s in each_image_once(expand_sources([str(s) for s in sources]), str)]
 
 
+def _check_request(output: str | None, fmt: str, resume: bool, job: Classification, engine: Engine) -> None:
+    """Refuse, before any model loads, what cannot be written or run."""
+    check_resumable(output, fmt, resume)
+    if engine.kind == "ray" and job.adapter is not None:
+        raise InputError("--adapter is not supported with --engine ray; classify with the default engine")
+
+
 def _resume_point(output: str | None, saved: ClassifySettings | None, wanted: ClassifySettings,
                   top_k: int) -> set[str]:
     """The images (`image_key`) already in the output written with `saved` settings; none without them.
@@ -246,7 +253,7 @@ def classify_to_file(sources: Sequence[str | os.PathLike], output: str | None, j
     (csv or jsonl), the images already in `output` are skipped and the rest appended, provided the file
     was written with the same settings (`predictions.ClassifySettings`, kept next to it); the model is
     not even loaded when nothing is left to do under the same spec."""
-    check_resumable(output, fmt, resume)
+    _check_request(output, fmt, resume, job, engine)
     names = classify_sources(sources)
     report = ClassifyReport(output, len(names))
     if not names:

@@ -136,3 +136,15 @@ def test_classify_command_writes_parquet_for_a_parquet_output(tiny_clip, tmp_pat
     assert captured.out == f"{out}: predictions for 3 of 4 images\n"
     assert f"skipped {photos / 'broken.png'}: not an image Pillow can read" in captured.err
     assert len(pq.read_table(out)) == 4
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None, reason="ray is not installed")
+def test_ray_classify_with_an_adapter_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    import clipzsl.pipeline
+
+    photos = make_images(tmp_path / "photos", 1)
+    monkeypatch.setattr(clipzsl.pipeline, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    job = Classification(["cat", "dog"], "hf:nowhere", adapter=str(tmp_path / "adapter"))
+    with pytest.raises(InputError, match="--adapter is not supported with --engine ray"):
+        classify_to_file([photos], str(tmp_path / "p.csv"), job, fmt="csv", engine=Engine("ray"))
+    assert not (tmp_path / "p.csv").exists()
