@@ -9,43 +9,31 @@ says so in training.untrained).
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
-import io
 import json
 import logging
 import os
 import sys
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
-
-from tqdm.auto import tqdm
+from typing import Any, Iterator, Sequence
 
 from . import __version__
-from . import distributed
 from . import evaluation as ev
 from .adapter import CONFIG_NAME
 from .backends import available_models, load_model
 from .cache import cache_info, clear_cache
-from .classifier import ZeroShotClassifier
-from .errors import InputError
+from .errors import ClipzslError, InputError
 from .explain import explain
 from .image_index import ImageIndex, format_hits
-from .images import (MAX_PIXELS, ImageLoadError, NoImagesWarning, check_output, each_image_once, expand_sources,
-                     image_key)
-from .prompts import DEFAULT_TEMPLATES, ClassEntry, PromptFileError, load_labels, load_templates, parse_label_list
-from .records import RecordError, canonical, dumps, load
-from .shards import ShardReport, index_from_shards, write_shards
-from .store import StoreError, atomic_write, digest
+from .images import MAX_PIXELS, NoImagesWarning, check_output
+from .pipeline import Classification, Engine, classify_to_file, embed_to_shards
+from .predictions import PREDICTION_FORMATS
+from .prompts import DEFAULT_TEMPLATES, parse_label_list
+from .shards import index_from_shards
 from .training import ClassFolders, adapter_grid, describe_training, train_adapter_from_folder, training_set
 
 FORMATS = ("table", "csv", "json")
-#: `classify` also writes JSON lines; these two formats can be resumed
-CLASSIFY_FORMATS = FORMATS + ("jsonl",)
-RESUMABLE = ("csv", "jsonl")
 LABELS_HELP = "label file (FILE.json:KEY picks a data set), shipped set name, or a,b,c (one label: a,)"
 
 
@@ -113,6 +101,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """The parser of clipzsl and of each of its commands: every option's help shows its default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  file=None, line: str | None = None) -> None:
     """A library warning as one `clipzsl: warning:` line, without Python's source-line echo."""
@@ -172,271 +168,30 @@ def labels_argument(value: str) -> str | list[str]:
     return parse_label_list(value) or value
 
 
-def format_predictions(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(
-            [{"image": image, "predictions": [{"label": l, "probability": p} for l, p in preds]} for image, preds in rows],
-            indent=2,
-        ) + "\n"
-    width = max([len("image")] + [len(image) for image, _ in rows])
-    return prediction_header(fmt, width) + prediction_rows(rows, fmt, width)
-
-
-def prediction_header(fmt: str, width: int) -> str:
-    """The first line of a table or CSV output (none for JSON lines); `width`: the table's image column."""
-    if fmt == "csv":
-        return "image,rank,label,probability\n"
-    return f"{'image':<{width}}  predictions\n" if fmt == "table" else ""
-
-
-def prediction_rows(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str, width: int) -> str:
-    """Rows of a table, CSV or JSON-lines output, one image (CSV: one label) per line, so they can be
-    written as they are computed."""
-    if fmt == "jsonl":
-        return "".join(json.dumps({"image": image, "predictions": [{"label": l, "probability": p} for l, p in preds]})
-                       + "\n" for image, preds in rows)
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        for image, preds in rows:
-            writer.writerows([image, rank, label, f"{p:.6f}"] for rank, (label, p) in enumerate(preds, 1))
-        return out.getvalue()
-    return "".join(f"{image:<{width}}  " + "  ".join(f"{label} ({p:.1%})" for label, p in preds) + "\n"
-                   for image, preds in rows)
-
-
-def drop_incomplete_line(path: Path) -> None:
-    """Cut a last line without its newline (what a run killed mid-write may leave), with a warning."""
-    with open(path, "rb+") as f:
-        size = end = f.seek(0, os.SEEK_END)
-        while end > 0:
-            step = min(end, 1 << 16)
-            f.seek(end - step)
-            newline = f.read(step).rfind(b"\n")
-            if newline >= 0:
-                end = end - step + newline + 1
-                break
-            end -= step
-        if end < size:
-            f.truncate(end)
-            print(f"clipzsl: warning: {path}: dropped an incomplete last line (left by an interrupted run)",
-                  file=sys.stderr)
-
-
-def classified_images(path: Path, fmt: str, top_k: int) -> set[str]:
-    """The images an earlier `classify --output PATH --format csv|jsonl` run wrote completely. A torn
-    last line is cut off, and so are the CSV rows of a last image with fewer ranks than the images
-    before it (or than `top_k` when it is the only one): that image is classified again."""
-    if not path.exists():
-        return set()
-    drop_incomplete_line(path)
-    done: set[str] = set()
-    with open(path, "rb") as f:
-        if fmt == "jsonl":
-            for number, line in enumerate(f, 1):
-                try:
-                    done.add(json.loads(line)["image"])
-                except (ValueError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{number}: not a classify JSON-lines row ({err}); give the --format it "
-                                     "was written in, or another --output") from err
-            return done
-        offset, last_start, counts = 0, 0, []
-        for number, line in enumerate(f, 1):
-            row = next(csv.reader([line.decode("utf-8")]), [])
-            if row != ["image", "rank", "label", "probability"] if number == 1 else (
-                    len(row) != 4 or not row[1].isdigit() or not (counts or row[1] == "1")):
-                raise ValueError(f"{path}:{number}: not a classify CSV row (image,rank,label,probability); give the "
-                                 "--format it was written in, or another --output")
-            if number > 1 and row[1] == "1":
-                last_start = offset
-                counts.append(0)
-                done.add(row[0])
-            if number > 1:
-                counts[-1] += 1
-            offset += len(line)
-    if counts and counts[-1] < (max(counts[:-1]) if len(counts) > 1 else top_k):
-        os.truncate(path, last_start)
-        done.discard(row[0])
-    return done
-
-
-#: images embedded and scored at once by `classify`, in batches: rows are written (and
-#: flushed to disk) per chunk, so a killed run loses at most one chunk and memory is bounded
-CLASSIFY_CHUNK_BATCHES = 8
-#: next to `classify --output FILE`: FILE + this, the settings its rows were computed with
-SETTINGS_SUFFIX = ".clipzsl.json"
-
-
-@dataclass(frozen=True)
-class ClassifySettings:
-    """What the rows of a `classify --output` file depend on: `--resume` appends only under the same ones.
-    The schema of OUTPUT.clipzsl.json (sealed: read through `clipzsl.records`)."""
-
-    model: str  # the spec given (said in messages); the weights are `fingerprint`
-    fingerprint: str
-    labels: int
-    labels_sha256: str  # of the normalised label entries (names, synonyms, prompts)
-    templates: int
-    templates_sha256: str
-    top_k: int
-    format: Literal["table", "csv", "json", "jsonl"]
-    base: str  # the folder relative image paths in the output are relative to
-    record_sha256: str = ""
-
-
-def settings_path(output: str) -> Path:
-    return Path(output + SETTINGS_SUFFIX)
-
-
-def classify_settings(args: argparse.Namespace, entries: Sequence[ClassEntry], templates: Sequence[str]) -> ClassifySettings:
-    """This run's settings; the model's weights (`fingerprint`) are filled in once it is loaded."""
-    entries_text = canonical([asdict(e) for e in entries]).decode()
-    return ClassifySettings(args.model, "", len(entries), digest(entries_text, 64), len(templates),
-                            digest(canonical(list(templates)).decode(), 64), args.top_k, args.format, os.getcwd())
-
-
-#: the settings `--resume` compares, and the option that sets each
-RESUME_FLAGS = {"labels": "--labels", "templates": "--templates", "top_k": "--top-k", "format": "--format",
-                "fingerprint": "--model"}
-
-
-def saved_settings(args: argparse.Namespace) -> ClassifySettings | None:
-    """The settings a non-empty --output was written with (None: no rows to resume from); an output
-    without them, or with damaged or edited ones, is refused: resuming it could mix two runs."""
-    output, path = Path(args.output), settings_path(args.output)
-    if not output.is_file() or not output.stat().st_size:
-        return None
-    again = f"run without --resume to write {output} again, or give another --output"
-    try:
-        return load(ClassifySettings, path)
-    except FileNotFoundError:
-        raise ValueError(f"{output}: no {path.name} next to it saying which model, labels, templates and --top-k its "
-                         f"rows were computed with (written by an older clipzsl?), so --resume could mix two runs in "
-                         f"it; {again}") from None
-    except RecordError as err:
-        raise ValueError(f"{err}; {again}") from err
-
-
-def check_settings(output: str, saved: ClassifySettings, wanted: ClassifySettings, fields: Sequence[str]) -> None:
-    """Refuse to append rows computed with other settings than the output's (the first that differs is named)."""
-    def describe(settings: ClassifySettings, field: str) -> str:
-        if field in ("labels", "templates"):
-            return f"{getattr(settings, field)} {field} (sha256 {getattr(settings, field + '_sha256')[:12]})"
-        return f"{settings.model} (weights {settings.fingerprint})" if field == "fingerprint" else \
-            str(getattr(settings, field))
-
-    for field in fields:  # a model is its weights: the same ones under another spec are the same model
-        if describe(saved, field) != describe(replace(wanted, model=saved.model), field):
-            flag = RESUME_FLAGS[field]
-            raise ValueError(f"{output}: written with {flag} giving {describe(saved, field)}, but this run has "
-                             f"{describe(wanted, field)}; resuming would mix the two in one file: rerun with the {flag} "
-                             "it was written with, run without --resume to write it again, or give another --output")
-
-
 def cmd_classify(args: argparse.Namespace) -> int:
-    if args.resume and (not args.output or args.format not in RESUMABLE or args.engine == "ray"):
-        raise ValueError("--resume needs --output FILE and --format csv or jsonl (it reads the images already in FILE), "
-                         "and the default --engine")
-    if args.engine == "ray":
-        return cmd_classify_ray(args)
-    with empty_folders() as empty:  # before the model loads: a wrong path costs nothing
-        sources = list(each_image_once(expand_sources(args.paths), str))
-    if not sources:
+    """`classify`: predictions of every image into --output (or stdout), on either engine (`classify_to_file`)."""
+    fmt = args.format or ("parquet" if args.output and Path(args.output).suffix == ".parquet" else "table")
+    job = Classification(labels_argument(args.labels), args.model, args.templates, args.top_k,
+                         cache=False if args.no_cache else (args.cache_dir or True), adapter=args.adapter,
+                         device=args.device, precision=args.precision)
+    with empty_folders() as empty:
+        report = classify_to_file(args.paths, args.output, job, fmt=fmt, resume=args.resume, engine=engine_of(args))
+    if not report.images:
         print(f"clipzsl: error: no images to classify in {', '.join(args.paths)}", file=sys.stderr)
         return 1
-    with warnings.catch_warnings():  # read again, with its warnings, by the classifier (if it has work)
-        warnings.simplefilter("ignore")
-        entries, templates = load_labels(labels_argument(args.labels)), load_templates(args.templates)
-    wanted = classify_settings(args, entries, templates)
-    saved = saved_settings(args) if args.resume else None
-    done: set[str] = set()
-    if saved is not None:  # checked before the output is read (and a torn last line cut off)
-        check_settings(args.output, saved, wanted, ("labels", "templates", "top_k", "format"))
-        done = {image_key(name, saved.base) for name in classified_images(Path(args.output), args.format, args.top_k)}
-    todo = [s for s in sources if image_key(s) not in done]
-    # --no-cache: False all the way down, so neither the labels nor the model write anything
-    cache = False if args.no_cache else (args.cache_dir or True)
-    if todo or saved.model != args.model:  # nothing to add with the same --model: no need to load it
-        model = load_model(args.model, args.device, args.precision, cache=cache)
-        wanted = replace(wanted, fingerprint=model.fingerprint)
-        if saved is not None:
-            check_settings(args.output, saved, wanted, ("fingerprint",))
-    if not todo:
-        print(f"clipzsl: all {len(sources)} images are already in {args.output}; nothing to do", file=sys.stderr)
-        return 1 if empty else 0
-    if done:
-        print(f"clipzsl: resuming: {len(sources) - len(todo)} of {len(sources)} images already in {args.output}, "
-              f"classifying the remaining {len(todo)}", file=sys.stderr)
-    clf = ZeroShotClassifier(model, labels=labels_argument(args.labels), templates=args.templates, cache=cache,
-                             adapter=args.adapter)
-    width = max([len("image")] + [len(s) for s in todo])
-    fresh = not (args.resume and Path(args.output).is_file() and os.path.getsize(args.output))  # else: has its header
-    out = None if args.output else sys.stdout  # a file is opened with the first row: all unreadable, untouched
-    failures, written, document = [], 0, []
-    chunk = (args.batch_size or clf.model.batch_size) * CLASSIFY_CHUNK_BATCHES
-    record = dumps(wanted)
-    try:
-        with tqdm(total=len(todo), unit="img", desc="images", disable=None if len(todo) > 64 else True) as bar:
-            for start in range(0, len(todo), chunk):
-                embedded = clf.embed(todo[start : start + chunk], batch_size=args.batch_size, workers=args.workers,
-                                     skip_errors=True, progress=False)
-                for failure in embedded.failures:
-                    print(f"clipzsl: skipped {failure}", file=sys.stderr)
-                failures += embedded.failures
-                bar.update(len(embedded) + len(embedded.failures))
-                if not embedded.sources:
-                    continue
-                rows = list(zip(embedded.sources, clf.predict(embedded, args.top_k)))
-                written += len(rows)
-                if args.format == "json":  # one document: written whole at the end
-                    document += rows
-                    continue
-                if out is None:
-                    if fresh:  # the settings, before the first row: what a later --resume checks
-                        atomic_write(settings_path(args.output), lambda f: f.write(record))
-                    out = open(args.output, "a" if args.resume else "w", encoding="utf-8", newline="")
-                if fresh:  # the header just before the first row: all unreadable writes nothing
-                    out.write(prediction_header(args.format, width))
-                    fresh = False
-                out.write(prediction_rows(rows, args.format, width))
-                out.flush()
-                if args.output:
-                    os.fsync(out.fileno())  # durable: a killed run keeps every completed row
-        if document:
-            if args.output:
-                atomic_write(settings_path(args.output), lambda f: f.write(record))
-            out = out or open(args.output, "w", encoding="utf-8")
-            out.write(format_predictions(document, "json"))
-    finally:
-        if args.output and out is not None:
-            out.close()
-    if failures:
-        print(f"clipzsl: {len(failures)} of {len(failures) + written} images could not be read", file=sys.stderr)
-    return 1 if failures or empty else 0
-
-
-def cmd_classify_ray(args: argparse.Namespace) -> int:
-    """`classify --engine ray`: predictions (and unreadable images, as rows) into a parquet file."""
-    distributed.require_ray()
-    if not args.output or Path(args.output).suffix != ".parquet":
-        raise ValueError("--engine ray writes parquet predictions: give --output FILE.parquet")
-    if args.adapter:
-        raise ValueError("--adapter is not supported with --engine ray; classify with the default engine")
-    if Path(args.output).exists():
-        raise ValueError(f"{args.output}: exists; --engine ray does not overwrite predictions: delete it or choose "
-                         "another --output")
-    cache = False if args.no_cache else (args.cache_dir or True)
-    paths = distributed.image_paths(args.paths)
-    with distributed.ray_runtime(args.address):
-        ds = distributed.classify_dataset(
-            distributed.paths_dataset(paths), labels=labels_argument(args.labels), templates=args.templates,
-            top_k=args.top_k, model=args.model, batch_size=args.batch_size, concurrency=args.actors,
-            num_gpus=args.gpus_per_actor, cache=cache)
-        failures = distributed.write_predictions(ds, args.output)
-    for failure in failures:
+    for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
-    print(f"{args.output}: predictions for {len(paths) - len(failures)} of {len(paths)} images")
-    return 1 if failures else 0
+    if report.failures:
+        print(f"clipzsl: {len(report.failures)} of {len(report.failures) + report.written} images could not be read",
+              file=sys.stderr)
+    if fmt == "parquet":
+        print(f"{args.output}: predictions for {report.written} of {report.written + len(report.failures)} images")
+    return 1 if report.failures or empty else 0
+
+
+def engine_of(args: argparse.Namespace) -> Engine:
+    """The `add_engine_arguments` and `add_run_options` choices of a command, as a pipeline `Engine`."""
+    return Engine(args.engine, args.batch_size, args.workers, args.address, args.actors, args.gpus_per_actor)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -520,35 +275,13 @@ def index_update(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    if args.engine == "ray":
-        return cmd_embed_ray(args)
-    report = write_shards(load_model(args.model, **run_options(args)), args.paths, args.out, shard_size=args.shard_size,
-                          batch_size=args.batch_size)
-    for failure in report.failures:
-        print(f"clipzsl: skipped {failure}", file=sys.stderr)
-    print(f"{args.out}: {report.rows} embeddings in {len(report.shards)} shard(s) (img_emb/, metadata/)")
-    return 1 if report.failures else 0
-
-
-def cmd_embed_ray(args: argparse.Namespace) -> int:
-    """`embed --engine ray`: shards written as the cluster delivers them; a rerun resumes the same run."""
-    distributed.require_ray()  # before the model loads
-    paths = distributed.image_paths(args.paths)
-    model = load_model(args.model, **run_options(args))
-    state = distributed.resume_state(args.out, distributed.run_identity(model, paths, args.shard_size))
-    seen = state.done | {path for path, _ in state.failures}
-    remaining = [path for path in paths if path not in seen]
-    if state.complete or not remaining:
-        print(f"{args.out}: already complete ({state.rows} embeddings in {len(state.shards)} shard(s))")
-        report = ShardReport(state.rows, state.shards, [ImageLoadError(p, r) for p, r in state.failures])
-    else:
-        if seen:
-            print(f"{args.out}: resuming: {len(seen)} of {len(paths)} images already done", file=sys.stderr)
-        with distributed.ray_runtime(args.address):
-            ds = distributed.embed_dataset(distributed.paths_dataset(remaining), model, batch_size=args.batch_size,
-                                           concurrency=args.actors, num_gpus=args.gpus_per_actor)
-            report = distributed.write_embedding_shards(ds, args.out, state, shard_size=args.shard_size)
-        print(f"{args.out}: {report.rows} embeddings in {len(report.shards)} shard(s) (img_emb/, metadata/)")
+    """`embed`: clip-retrieval shards of every image, on either engine, resumable (`embed_to_shards`)."""
+    engine = engine_of(args)  # before the model loads: a missing Ray costs nothing
+    report = embed_to_shards(args.paths, args.out, load_model(args.model, **run_options(args)),
+                             shard_size=args.shard_size, resume=args.resume or args.engine == "ray", engine=engine)
+    what = f"{report.rows} embeddings in {len(report.shards)} shard(s)"
+    print(f"{args.out}: already complete ({what})" if report.complete_before else
+          f"{args.out}: {what} (img_emb/, metadata/)")
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     return 1 if report.failures else 0
@@ -647,11 +380,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipzsl", description="Zero-shot image classification.",
-                                     formatter_class=HelpFormatter)
+    parser = Parser(prog="clipzsl", description="Zero-shot image classification.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    subparser = functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=subparser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     classify = commands.add_parser("classify", help="classify images against a label set")
     classify.add_argument("paths", nargs="+", help="image files or folders (walked recursively)")
@@ -660,13 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="template set name, .txt or .json file (FILE.json:KEY picks a data set)")
     classify.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     classify.add_argument("--top-k", type=positive_int, default=5, help="labels shown per image")
-    classify.add_argument("--format", choices=CLASSIFY_FORMATS, default="table",
-                          help="output format; table, csv and jsonl (one JSON object per line) are written as images "
-                               "are classified, json is one document written at the end (so it cannot stream or resume)")
+    classify.add_argument("--format", choices=PREDICTION_FORMATS,
+                          help="output format (default: parquet for --output FILE.parquet, else table); table, csv "
+                               "and jsonl (one JSON object per line) are written as images are classified, json and "
+                               "parquet (unreadable images included, with their error) at the end (so they cannot "
+                               "stream or resume)")
     classify.add_argument("--output", type=output_file, help="write results to this file instead of stdout")
     classify.add_argument("--resume", action="store_true",
                           help="skip the images already in --output (csv or jsonl) and append the rest, e.g. after "
-                               "an interrupted run")
+                               "an interrupted run (either engine)")
     classify.add_argument("--cache-dir", help="cache directory: label embeddings, the packaged model's concepts "
                                               "(default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     classify.add_argument("--no-cache", action="store_true",
@@ -705,8 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = commands.add_parser("embed", help="embed images into clip-retrieval shards (img_emb/, metadata/)")
     embed.add_argument("paths", nargs="+", help="image files, folders, .txt lists of paths, webdataset .tar shards")
-    embed.add_argument("--out", required=True, help="output directory: new or empty (--engine ray: or the same "
-                                                    "run's, to resume)")
+    embed.add_argument("--out", required=True, help="output directory: new or empty (with --resume: or the same "
+                                                    "run's, to continue it)")
+    embed.add_argument("--resume", action="store_true",
+                       help="continue the run that wrote --out (same images, model and --shard-size) from its last "
+                            "shard, e.g. after an interruption (always on with --engine ray)")
     embed.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     embed.add_argument("--shard-size", type=positive_int, default=100_000, help="rows per shard")
     add_engine_arguments(embed)
@@ -822,13 +558,16 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A `ClipzslError` (the input or a file is wrong; the message says how to fix it)
+    or an `OSError` (a missing file, a full disk) is one line and exit status 2; anything else is a bug,
+    and its traceback is shown."""
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings(), notices_to_stderr():
         warnings.showwarning = show_warning
         try:
             check_outputs(args)
             return args.run(args)
-        except (PromptFileError, StoreError, OSError, ValueError, RuntimeError, ImportError) as err:
+        except (ClipzslError, OSError) as err:
             print(f"clipzsl: error: {err}", file=sys.stderr)
             return 2
 

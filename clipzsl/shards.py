@@ -5,32 +5,36 @@
                                          symlinks resolved), row j describing row j of img_emb_{i}
     DIR/.clipzsl.json                    the ownership marker (`clipzsl.store.claim`), kind "shards"
 
-`write_shards` embeds images into that layout; `index_from_shards` turns such shards,
+`ShardWriter` writes that layout (with a run manifest, so a run resumes; `clipzsl.pipeline.embed_to_shards`
+embeds images into it on either engine); `index_from_shards` turns such shards,
 whoever wrote them, into a searchable `ImageIndex`. Inputs beyond folders and files: a
 `.txt` file listing image paths (one a line, relative to the list) and webdataset `.tar`
-shards (what img2dataset writes), whose images are named `SHARD.tar/MEMBER`.
+shards (what img2dataset writes), whose images are named `SHARD.tar/MEMBER` (listed first, read
+when their turn comes: `load_sources`).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from .backends import Backend, load_model
+from .errors import InputError
 from .image_index import ImageIndex
-from .images import (IMAGE_SUFFIXES, ImageLoadError, check_output, each_image_once, embed_images, expand_sources,
-                     load_image)
+from .images import IMAGE_SUFFIXES, ImageLoadError, each_image_once, expand_sources, load_image
 from .prompts import content_lines
+from .records import RecordError, dumps, load, rule
 from .store import MARKER, atomic_write, claim
 
-#: the file in a shard folder that says which `--engine ray` run wrote its shards and how far it got
+#: the file in a shard folder that says which embed run wrote its shards and how far it got
 MANIFEST = "clipzsl-run.json"
 #: in a shard folder while a run writes it (either engine), gone once the run wrote its last shard: an
 #: import refuses a folder that has it, so a killed run is never indexed as if it were whole
@@ -39,45 +43,78 @@ UNFINISHED = ".clipzsl-unfinished"
 
 @dataclass
 class ShardReport:
+    """What an embed run wrote: rows, shard files (img_emb paths) and the images it could not read."""
+
     rows: int = 0
     shards: list[str] = field(default_factory=list)
     failures: list[ImageLoadError] = field(default_factory=list)
+    complete_before: bool = False  # the run was already complete: nothing was done
 
 
-def image_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | Image.Image | ImageLoadError]]:
-    """(name, image file path | decoded image | why not) for every image the inputs name, in order, each
-    file once (`each_image_once`): `embed photos /abs/photos` writes no row twice, so its shards import."""
+@dataclass(frozen=True)
+class TarMember:
+    """An image inside a webdataset .tar shard, listed but not yet read (its header says where it is)."""
+
+    tar: Path
+    info: tarfile.TarInfo
+
+
+#: what `image_sources` names an image by: a file path, a .tar member, or why it cannot be read
+ImageSourceItem = Union[str, TarMember, ImageLoadError]
+
+
+def image_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, ImageSourceItem]]:
+    """(name, image file path | webdataset member | why not) for every image the inputs name, in order,
+    each file once (`each_image_once`): `embed photos /abs/photos` writes no row twice, so its shards
+    import. A .tar member is only listed here; `load_sources` decodes it when its turn comes."""
     return each_image_once(_named_sources(paths), lambda item: item[1] if isinstance(item[1], str) else None)
 
 
-def _named_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | Image.Image | ImageLoadError]]:
+def _named_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, ImageSourceItem]]:
     """`image_sources` before repeats are dropped."""
     for path in map(Path, paths):
         if path.is_dir():
-            yield from ((f, f) for f in expand_sources([str(path)]))
+            yield from ((str(f), str(f)) for f in expand_sources([str(path)]))
         elif path.suffix == ".txt":
             for _, line in content_lines(path.read_text(encoding="utf-8")):  # lines end at \n or \r\n only
                 target = str((path.parent / line) if not os.path.isabs(line) else Path(line))
                 yield target, target
         elif path.suffix == ".tar":
-            yield from _tar_images(path)
+            yield from _tar_members(path)
         else:
             yield str(path), str(path)
 
 
-def _tar_images(path: Path) -> Iterator[tuple[str, Image.Image | ImageLoadError]]:
+def _tar_members(path: Path) -> Iterator[tuple[str, TarMember]]:
     try:
         with tarfile.open(path) as tar:
             for member in tar:
                 if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                    name = f"{path}/{member.name}"
-                    try:
-                        with Image.open(io.BytesIO(tar.extractfile(member).read())) as image:
-                            yield name, load_image(image)
-                    except (OSError, SyntaxError, ValueError) as err:
-                        yield name, ImageLoadError(name, f"corrupt or truncated image ({err})")
+                    yield f"{path}/{member.name}", TarMember(path, member)
     except tarfile.TarError as err:
-        raise ValueError(f"{path}: not a readable webdataset .tar shard ({err})") from err
+        raise InputError(f"{path}: not a readable webdataset .tar shard ({err})") from err
+
+
+def load_sources(items: Sequence[tuple[str, ImageSourceItem]]) -> list[str | Image.Image | ImageLoadError]:
+    """Each item's image as `embed_images` takes it: a path stays a path, a .tar member is decoded (each
+    .tar opened once), an unreadable one is its `ImageLoadError`."""
+    tars: dict[Path, tarfile.TarFile] = {}
+    try:
+        return [_member_image(name, source, tars) if isinstance(source, TarMember) else source
+                for name, source in items]
+    finally:
+        for tar in tars.values():
+            tar.close()
+
+
+def _member_image(name: str, member: TarMember, tars: dict[Path, tarfile.TarFile]) -> Image.Image | ImageLoadError:
+    try:
+        tar = tars.get(member.tar) or tars.setdefault(member.tar, tarfile.open(member.tar))
+        data = tar.extractfile(member.info)
+        with Image.open(io.BytesIO(data.read() if data is not None else b"")) as image:
+            return load_image(image)
+    except (OSError, SyntaxError, ValueError, tarfile.TarError) as err:
+        return ImageLoadError(name, f"corrupt or truncated image ({err})")
 
 
 def _write_shard(out: Path, number: int, vectors: np.ndarray, names: list[str]) -> str:
@@ -120,60 +157,145 @@ def mark_unfinished(out: Path, unfinished: bool) -> None:
         (out / UNFINISHED).unlink(missing_ok=True)
 
 
-def write_shards(
-    backend: Backend,
-    paths: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    shard_size: int = 100_000,
-    batch_size: int | None = None,
-    progress: bool | None = None,
-) -> ShardReport:
-    """Embed every image the inputs name into clip-retrieval shards of `shard_size` rows under `out`;
-    unreadable images are skipped and reported. Memory holds one shard's vectors, never all.
-    `out` must be new or empty (or an empty folder clipzsl made): shards of another run are never
-    overwritten or mixed with these (`--engine ray` resumes a run through its manifest instead)."""
-    check_output(out, paths)
+@dataclass
+class RunState:
+    """What a shard directory's manifest records: the run that writes it and how far it got."""
+
+    identity: dict
+    shards: list[str] = field(default_factory=list)
+    rows: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)  # paths in the shards written so far
+    complete: bool = False
+
+    def seen(self) -> set[str]:
+        """The images this run has already written or found unreadable: a resumed run skips them."""
+        return self.done | {path for path, _ in self.failures}
+
+    def report(self) -> ShardReport:
+        """What the run has written so far."""
+        return ShardReport(self.rows, list(self.shards), [ImageLoadError(p, r) for p, r in self.failures])
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The schema of MANIFEST (read through `clipzsl.records`); sealed, so an edit that keeps every type
+    right (a count, a path) is refused too, never resumed from."""
+
+    identity: dict  # `run_identity`'s
+    shards: list[str]
+    rows: int = field(metadata=rule(lambda v: v >= 0, "0 or more"))
+    failures: list[tuple[str, str]]
+    complete: bool
+    record_sha256: str
+
+
+def run_identity(model: Backend, paths: Sequence[str], shard_size: int) -> dict:
+    """What makes two runs the same run: the model's weights, the image list and the shard size."""
+    digest = hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
+    return {"model": model.spec, "fingerprint": model.fingerprint, "images": len(paths), "paths_sha256": digest,
+            "shard_size": shard_size}
+
+
+def resume_state(out: str | os.PathLike, identity: dict, resume: bool = True) -> RunState:
+    """The state to continue from: empty for a new directory, the manifest's for the same run (with
+    `resume`); refuses a directory with shards of another run, or of no known run, or any earlier
+    run's without `resume`, so two never mix; a folder clipzsl did not make (`claim_shard_folder`);
+    and a manifest that is damaged or was edited."""
     out = claim_shard_folder(out)
-    if has_shards(out) or (out / MANIFEST).exists() or (out / UNFINISHED).exists():
-        raise ValueError(f"{out}: holds the shards of an earlier run{_unfinished_note(out)}; writing here would "
-                         "overwrite them and mix two runs: choose a new --out or delete that folder")
-    mark_unfinished(out, True)
-    report = ShardReport()
-    chunk: list[tuple[str, str | Image.Image]] = []
-    vectors: list[np.ndarray] = []
-    names: list[str] = []
+    if not resume:
+        if has_shards(out) or (out / MANIFEST).exists() or (out / UNFINISHED).exists():
+            raise InputError(f"{out}: holds the shards of an earlier run{_unfinished_note(out)}; writing here would "
+                             "overwrite them and mix two runs: choose a new --out, delete that folder, or continue "
+                             "that run with --resume")
+        return RunState(identity)
+    if not (out / MANIFEST).is_file():
+        if has_shards(out):
+            raise InputError(f"{out}: holds shards without a {MANIFEST}, so they are of another run; "
+                             "choose a new --out or delete that directory")
+        return RunState(identity)
+    return _saved_state(out, identity)
 
-    def embed_chunk() -> None:
-        result = embed_images(backend, [s for _, s in chunk], batch_size=batch_size, skip_errors=True,
-                              progress=progress)
-        by_index = {f"<image {i}>": name for i, (name, _) in enumerate(chunk)}
-        report.failures.extend(ImageLoadError(by_index.get(f.source, f.source), f.reason) for f in result.failures)
-        vectors.append(result.embeddings.numpy())
-        names.extend(by_index.get(s, s) for s in result.sources)
-        chunk.clear()
 
-    def flush() -> None:
-        stacked = np.concatenate(vectors)
-        report.shards.append(_write_shard(out, len(report.shards), stacked, names[:]))
-        report.rows += len(stacked)
-        vectors.clear()
-        names.clear()
+def _saved_state(out: Path, identity: dict) -> RunState:
+    """The manifest's state, refused unless it is this run's."""
+    import pyarrow.parquet as pq
 
-    for name, source in image_sources(paths):
-        if isinstance(source, ImageLoadError):
-            report.failures.append(source)
-            continue
-        chunk.append((name, source))
-        if len(chunk) == min(1024, shard_size):
-            embed_chunk()
-            if len(names) >= shard_size:
-                flush()
-    if chunk:
-        embed_chunk()
-    if names:
-        flush()
-    mark_unfinished(out, False)
-    return report
+    try:
+        saved = load(Manifest, out / MANIFEST)
+    except RecordError as err:
+        raise InputError(f"{err}; the run cannot be resumed from it: choose a new --out, or delete {out} to start "
+                         "over") from err
+    state = RunState(saved.identity, saved.shards, saved.rows, saved.failures, complete=saved.complete)
+    if state.identity != identity:
+        changed = sorted(k for k in set(identity) | set(state.identity) if identity.get(k) != state.identity.get(k))
+        raise InputError(f"{out}: written by another run (it differs in {', '.join(changed)}); resuming would mix "
+                         "two runs: choose a new --out, or rerun with the same images, model and --shard-size")
+    for number in range(len(state.shards)):
+        state.done.update(pq.read_table(out / "metadata" / f"metadata_{number}.parquet").column(0).to_pylist())
+    return state
+
+
+class ShardWriter:
+    """Rows into clip-retrieval shards under `out`, continuing `state` (from `resume_state`): after each
+    shard the manifest records it and the failures so far, so an interrupted run resumes from its last
+    shard, whichever engine runs it. The folder is marked unfinished from the start to `close`.
+    `on_shard` sees the report after each shard. A folder clipzsl did not make is refused."""
+
+    def __init__(self, out: str | os.PathLike, state: RunState, shard_size: int = 100_000,
+                 on_shard: Callable[[ShardReport], None] | None = None):
+        self.out = claim_shard_folder(out)
+        self.state, self.shard_size, self.on_shard = state, shard_size, on_shard
+        self.report = state.report()
+        self.vectors: list[np.ndarray] = []
+        self.names: list[str] = []
+        self.pending: list[tuple[str, str]] = []
+        self._save()  # before any shard: the directory now belongs to this run
+        mark_unfinished(self.out, True)
+
+    def add(self, names: Sequence[str], vectors: np.ndarray, failures: Sequence[ImageLoadError]) -> None:
+        """Rows `names` with their `vectors` ([len(names), D]), and the images that could not be read."""
+        self.pending += [(f.source, f.reason) for f in failures]
+        self.report.failures += failures
+        self.vectors.append(vectors)
+        self.names.extend(names)
+        while len(self.names) >= self.shard_size:
+            self._flush()
+
+    def close(self) -> ShardReport:
+        """Write the last shard, and mark the run complete."""
+        if self.names:
+            self._flush()
+        self.state.failures += self.pending
+        self.state.complete = True
+        self._save()
+        mark_unfinished(self.out, False)
+        return self.report
+
+    def _flush(self) -> None:
+        stacked = np.concatenate(self.vectors)
+        report = self.report
+        report.shards.append(_write_shard(self.out, len(report.shards), stacked[: self.shard_size],
+                                          self.names[: self.shard_size]))
+        report.rows += len(stacked[: self.shard_size])
+        rest = stacked[self.shard_size :]
+        del self.names[: self.shard_size]
+        self.vectors = [rest] if len(rest) else []
+        self.state.shards, self.state.rows = list(report.shards), report.rows
+        self.state.failures += self.pending
+        self.pending = []
+        self._save()
+        if self.on_shard is not None:
+            self.on_shard(report)
+
+    def _save(self) -> None:
+        save_state(self.out, self.state)
+
+
+def save_state(out: Path, state: RunState) -> None:
+    """Record `state` in the folder's manifest (atomically)."""
+    record = Manifest(state.identity, state.shards, state.rows, state.failures, state.complete, "")
+    atomic_write(out / MANIFEST, lambda f: f.write(dumps(record)))
 
 
 #: the shard files of clip-retrieval's layout, by sub-folder; the number pairs an img_emb file with its metadata
@@ -212,10 +334,10 @@ def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
             continue
         match = pattern.fullmatch(path.name)
         if not match or not path.is_file():
-            raise ValueError(f"{path}: not a shard file ({pattern.pattern}) of clip-retrieval's layout; move it out "
+            raise InputError(f"{path}: not a shard file ({pattern.pattern}) of clip-retrieval's layout; move it out "
                              f"of {folder}, or rename it if it is one")
         if int(match[1]) in found:
-            raise ValueError(f"{found[int(match[1])]} and {path}: two shards numbered {int(match[1])}; keep one")
+            raise InputError(f"{found[int(match[1])]} and {path}: two shards numbered {int(match[1])}; keep one")
         found[int(match[1])] = path
     return found
 
@@ -225,12 +347,12 @@ def _shard_vectors(emb: Path, embed_dim: int, spec: str) -> np.ndarray:
     try:
         vectors = np.load(emb, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{emb}: not a readable .npy array of embeddings ({err}); a truncated copy, or an "
+        raise InputError(f"{emb}: not a readable .npy array of embeddings ({err}); a truncated copy, or an "
                          "array of Python objects? Copy or export the shard again") from err
     if vectors.dtype.kind != "f":
-        raise ValueError(f"{emb}: {vectors.dtype} values; embedding shards hold float16, float32 or float64 vectors")
+        raise InputError(f"{emb}: {vectors.dtype} values; embedding shards hold float16, float32 or float64 vectors")
     if vectors.ndim != 2 or vectors.shape[1] != embed_dim:
-        raise ValueError(f"{emb}: vectors of shape {vectors.shape}, but model {spec} embeds "
+        raise InputError(f"{emb}: vectors of shape {vectors.shape}, but model {spec} embeds "
                          f"{embed_dim} dimensions; pass the model that wrote the shards (--model)")
     return vectors
 
@@ -246,12 +368,12 @@ def _shard_paths(meta: Path) -> list[str]:
         name = "resolved_path" if "resolved_path" in pq.read_schema(meta).names else "image_path"
         column = pq.read_table(meta, columns=[name]).column(0)
     except (OSError, KeyError, ValueError) as err:
-        raise ValueError(f"{meta}: unreadable metadata shard, need an `image_path` column ({err})") from err
+        raise InputError(f"{meta}: unreadable metadata shard, need an `image_path` column ({err})") from err
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise ValueError(f"{meta}: `{name}` holds {column.type}, not text; it must name each row's image")
+        raise InputError(f"{meta}: `{name}` holds {column.type}, not text; it must name each row's image")
     paths = column.to_pylist()
     if column.null_count:
-        raise ValueError(f"{meta}: row {paths.index(None)} has no {name} (null); every row must name its "
+        raise InputError(f"{meta}: row {paths.index(None)} has no {name} (null); every row must name its "
                          "image (drop that row, and the same row of its img_emb .npy)")
     return paths
 
@@ -267,7 +389,7 @@ def _unit_rows(vectors: np.ndarray, emb: Path) -> Iterator[tuple[int, np.ndarray
         if len(bad):
             row = start + int(bad[0])
             what = "all zeros" if not block[bad[0]].any() else "not finite (NaN or inf, or beyond float32)"
-            raise ValueError(f"{emb}: row {row} is {what}, so no embedding ({len(bad)} such rows from there in "
+            raise InputError(f"{emb}: row {row} is {what}, so no embedding ({len(bad)} such rows from there in "
                              f"this block); re-embed that image, or drop the row here and in its metadata")
         yield start, block / norms
 
@@ -280,16 +402,17 @@ def _read_shards(directory: str | os.PathLike, backend: Backend) -> list[tuple[P
     """(npy file, vectors, image paths) of every shard, each checked in full before any row is added: the
     pairs match, every row is a finite non-zero vector, every image_path is given and given once."""
     if (Path(directory) / UNFINISHED).exists():
-        raise ValueError(f"{directory}: its shards are not all there{_unfinished_note(Path(directory))}; an index of "
-                         "them would quietly miss images: embed again into a new folder (--engine ray resumes)")
-    shards, seen = [], {}
+        raise InputError(f"{directory}: its shards are not all there{_unfinished_note(Path(directory))}; an index of "
+                         "them would quietly miss images: rerun `clipzsl embed --resume` into the same folder to finish them")
+    shards: list[tuple[Path, np.ndarray, list[str]]] = []
+    seen: dict[str, tuple[Path, int]] = {}
     for emb, meta in shard_files(directory):
         vectors, paths = _shard_vectors(emb, backend.embed_dim, backend.spec), _shard_paths(meta)
         if len(paths) != len(vectors):
-            raise ValueError(f"{meta}: {len(paths)} rows, but {emb} has {len(vectors)}; the pair does not match")
+            raise InputError(f"{meta}: {len(paths)} rows, but {emb} has {len(vectors)}; the pair does not match")
         for row, path in enumerate(paths):
             if seen.setdefault(path, (meta, row)) != (meta, row):
-                raise ValueError(f"{meta}: row {row} names {path!r} again (first at {seen[path][0]} row "
+                raise InputError(f"{meta}: row {row} names {path!r} again (first at {seen[path][0]} row "
                                  f"{seen[path][1]}); one image, one row: drop one of them")
         for _ in _unit_rows(vectors, emb):
             pass

@@ -11,7 +11,8 @@ import time
 import pytest
 from PIL import Image
 
-from clipzsl import cli
+from clipzsl import pipeline, predictions
+from clipzsl.classifier import ZeroShotClassifier
 from clipzsl.cli import main
 from clipzsl.image_index import ImageIndex
 from clipzsl.store import EmbeddingStore
@@ -68,7 +69,7 @@ def test_resume_of_a_complete_output_does_nothing(tmp_path, tiny_clip, capsys, m
     assert main(classify_args(tmp_path / "imgs", tiny_clip, out, "csv")) == 0
     before = out.read_bytes()
     # resuming a complete output with the model it was written with must not even load the model
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded a model with nothing to do"))
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded a model with nothing to do"))
     assert main(classify_args(tmp_path / "imgs", tiny_clip, out, "csv", "--resume")) == 0
     assert out.read_bytes() == before
     assert "already in" in capsys.readouterr().err
@@ -115,17 +116,17 @@ def test_resume_of_another_format_names_the_file_and_line(tmp_path, tiny_clip, c
 def test_classify_embeds_in_bounded_chunks(tmp_path, tiny_clip, monkeypatch, capsys):
     images = make_images(tmp_path / "imgs", 40)
     sizes = []
-    embed = cli.ZeroShotClassifier.embed
+    embed = ZeroShotClassifier.embed
 
     def recording(self, sources, **kwargs):
         sizes.append(len(sources))
         return embed(self, sources, **kwargs)
 
-    monkeypatch.setattr(cli.ZeroShotClassifier, "embed", recording)
+    monkeypatch.setattr(ZeroShotClassifier, "embed", recording)
     code = main(["classify", str(tmp_path / "imgs"), "--labels", "cat,dog", "--model", f"hf:{tiny_clip}",
                  "--templates", "photo_1", "--format", "jsonl", "--batch-size", "2"])
     assert code == 0
-    assert max(sizes) == 2 * cli.CLASSIFY_CHUNK_BATCHES and sum(sizes) == 40  # never all N at once
+    assert max(sizes) == 2 * pipeline.CHUNK_BATCHES and sum(sizes) == 40  # never all N at once
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["image"] for line in lines] == images
 
@@ -138,7 +139,7 @@ def test_table_streamed_matches_one_piece_format(tmp_path, tiny_clip, capsys):
     document = json.loads(capsys.readouterr().out)  # json stays one document
     assert main(base) == 0
     rows = [(r["image"], [(p["label"], p["probability"]) for p in r["predictions"]]) for r in document]
-    assert capsys.readouterr().out == cli.format_predictions(rows, "table")
+    assert capsys.readouterr().out == predictions.format_predictions(rows, "table")
 
 
 INDEXER = "import sys; from clipzsl.image_index import ImageIndex; " \

@@ -14,6 +14,8 @@ from PIL import Image
 import clipzsl
 from clipzsl import distributed
 from clipzsl.cli import main
+from clipzsl.pipeline import Classification, Engine, classify_to_file, embed_to_shards
+from clipzsl.shards import MANIFEST
 
 N_IMAGES = 240
 needs_ray = pytest.mark.skipif(
@@ -132,8 +134,6 @@ def encoder_pids() -> list[int]:
 @needs_ray
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the actor's process in /proc")
 def test_killed_actor_is_retried_and_output_is_complete(ray_session, images, spec, tmp_path):
-    from clipzsl.distributed import RunState, embed_dataset, image_paths, paths_dataset, write_embedding_shards
-
     model = clipzsl.load_model(spec)
     killed = []
 
@@ -143,9 +143,8 @@ def test_killed_actor_is_retried_and_output_is_complete(ray_session, images, spe
             os.kill(pid, signal.SIGKILL)
             killed.append((pid, report.rows))
 
-    paths = image_paths([images])
-    ds = embed_dataset(paths_dataset(paths), model, batch_size=4)
-    report = write_embedding_shards(ds, tmp_path, RunState({}), shard_size=20, on_shard=kill_an_actor)
+    report = embed_to_shards([images], tmp_path, model, shard_size=20, engine=Engine("ray", batch_size=4),
+                             on_shard=kill_an_actor)
     assert killed and killed[0][1] == 20 and not Path(f"/proc/{killed[0][0]}").exists()
     assert report.rows == N_IMAGES and [f.source for f in report.failures] == [str(images / "broken.jpg")]
     assert sorted(read_shards(tmp_path)) == good_images(images)  # every image once, none twice
@@ -153,21 +152,16 @@ def test_killed_actor_is_retried_and_output_is_complete(ray_session, images, spe
 
 @needs_ray
 def test_rerun_resumes_the_same_run_and_refuses_another(ray_session, images, spec, tmp_path, capsys):
-    from clipzsl import distributed
-
     out = tmp_path / "shards"
     model = clipzsl.load_model(spec)
-    paths = distributed.image_paths([images])
-    state = distributed.resume_state(out, distributed.run_identity(model, paths, 50))
 
     def interrupt(report):
         if len(report.shards) == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):  # a run stopped after two shards
-        distributed.write_embedding_shards(distributed.embed_dataset(distributed.paths_dataset(paths), model), out,
-                                           state, shard_size=50, on_shard=interrupt)
-    assert json.loads((out / distributed.MANIFEST).read_text())["complete"] is False
+        embed_to_shards([images], out, model, shard_size=50, resume=True, engine=Engine("ray"), on_shard=interrupt)
+    assert json.loads((out / MANIFEST).read_text())["complete"] is False
     first = read_shards(out)
     assert len(first) == 100
 
@@ -182,10 +176,59 @@ def test_rerun_resumes_the_same_run_and_refuses_another(ray_session, images, spe
     assert main(args + ["--shard-size", "50"]) == 1  # complete: nothing is run again
     assert "already complete (240 embeddings in 5 shard(s))" in capsys.readouterr().out
 
-    assert main(["embed", str(images), "--out", str(tmp_path / "local"), "--model", spec]) == 1
+    local = ["embed", str(images), "--out", str(tmp_path / "local"), "--model", spec, "--shard-size", "50"]
+    assert main(local) == 1
     capsys.readouterr()
-    assert main(["embed", str(images), "--out", str(tmp_path / "local"), "--model", spec, "--engine", "ray"]) == 2
-    assert f"holds shards without a {distributed.MANIFEST}" in capsys.readouterr().err
+    assert main(local + ["--engine", "ray"]) == 1  # one pipeline: the same run, whichever engine wrote it
+    assert "already complete (240 embeddings in 5 shard(s))" in capsys.readouterr().out
+    (tmp_path / "local" / MANIFEST).unlink()  # shards of no known run (an older clipzsl's, another tool's)
+    assert main(local + ["--engine", "ray"]) == 2
+    assert f"holds shards without a {MANIFEST}" in capsys.readouterr().err
+
+
+def parquet_rows(path: Path) -> dict[str, dict]:
+    return {row["path"]: row for row in pq.read_table(path).to_pylist()}
+
+
+def jsonl_rows(path: Path) -> dict[str, list]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len({r["image"] for r in rows}) == len(rows), "an image written twice"
+    return {r["image"]: r["predictions"] for r in rows}
+
+
+def assert_same_predictions(got: dict, expected: dict, labels: str, probabilities: str) -> None:
+    assert sorted(got) == sorted(expected)
+    for path, row in expected.items():
+        assert [p[labels] for p in got[path]] == [p[labels] for p in row]
+        np.testing.assert_allclose([p[probabilities] for p in got[path]], [p[probabilities] for p in row],
+                                   atol=1e-6, rtol=0)
+
+
+@needs_ray
+def test_both_engines_write_the_same_rows_and_ray_resumes_a_classify(ray_session, images, spec, tmp_path):
+    """One pipeline: the Ray engine writes what the local one writes (parquet, error rows included), and
+    resumes a jsonl output as the local engine does (it once wrote parquet only, and never resumed)."""
+    job = Classification(["red", "green", "blue", "a dark photo", "noise"], spec, top_k=3)
+    ray = Engine("ray", batch_size=32)
+    local_report = classify_to_file([images], str(tmp_path / "local.parquet"), job, fmt="parquet")
+    ray_report = classify_to_file([images], str(tmp_path / "ray.parquet"), job, fmt="parquet", engine=ray)
+    local, distributed_ = parquet_rows(tmp_path / "local.parquet"), parquet_rows(tmp_path / "ray.parquet")
+    assert [str(f) for f in ray_report.failures] == [str(f) for f in local_report.failures] != []
+    broken = str(images / "broken.jpg")
+    assert local[broken] == distributed_[broken] and local[broken]["error"].startswith("corrupt or truncated")
+    as_pairs = lambda rows: {p: [dict(label=l, p=q) for l, q in zip(r["labels"], r["probabilities"] or [])]
+                             for p, r in rows.items()}
+    assert_same_predictions(as_pairs(distributed_), as_pairs(local), "label", "p")
+
+    first = good_images(images)[:100]  # an output with 100 images, as an interrupted run leaves it
+    out = tmp_path / "ray.jsonl"
+    assert classify_to_file(first, str(out), job, fmt="jsonl", engine=ray).written == 100
+    before = out.read_text()
+    report = classify_to_file([images], str(out), job, fmt="jsonl", resume=True, engine=ray)
+    assert (report.already, report.written, len(report.failures)) == (100, N_IMAGES - 100, 1)
+    assert out.read_text().startswith(before)  # the rows already there kept, the rest appended
+    classify_to_file([images], str(tmp_path / "local.jsonl"), job, fmt="jsonl")
+    assert_same_predictions(jsonl_rows(out), jsonl_rows(tmp_path / "local.jsonl"), "label", "probability")
 
 
 def test_engine_ray_without_ray_says_how_to_install(images, tmp_path, capsys, monkeypatch):

@@ -22,6 +22,7 @@ import clipzsl
 from clipzsl.cli import main
 from clipzsl.image_index import ImageIndex
 from clipzsl.images import check_output
+from clipzsl.pipeline import embed_to_shards
 from clipzsl.store import MARKER, EmbeddingStore, ForeignFolderError, StoreError, claim, is_store_folder
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -186,7 +187,7 @@ def test_a_folder_of_another_kind_is_refused(tiny, tmp_path):
     EmbeddingStore(tmp_path / "cache", "fp", 8).add(["a"], np.eye(8, dtype=np.float32)[:1])
     assert json.loads((tmp_path / "cache" / MARKER).read_text())["kind"] == "label-cache"
     with pytest.raises(ForeignFolderError, match="clipzsl made it as a folder of kind label-cache, not shards"):
-        clipzsl.shards.write_shards(tiny, [], tmp_path / "cache")
+        embed_to_shards([], tmp_path / "cache", tiny)
 
 
 def test_an_index_made_before_markers_is_adopted(tiny, tmp_path):
@@ -244,14 +245,14 @@ def test_embed_into_another_runs_folder_is_refused_and_its_shards_kept(tiny_clip
     assert sorted(p.name for p in mine.iterdir()) == [".x.tmp", "notes.txt", "seg-000001.npy"]
 
 
-def test_the_ray_writer_refuses_a_folder_clipzsl_did_not_make(tmp_path):
-    from clipzsl.distributed import RunState, resume_state, write_embedding_shards
+def test_the_shard_writer_refuses_a_folder_clipzsl_did_not_make(tmp_path):
+    from clipzsl.shards import RunState, ShardWriter, resume_state
 
     mine = user_folder(tmp_path / "mine")
     with pytest.raises(ForeignFolderError, match="not a folder clipzsl made"):
         resume_state(mine, {"model": "m"})
     with pytest.raises(ForeignFolderError, match="not a folder clipzsl made"):
-        write_embedding_shards(None, mine, RunState({"model": "m"}))
+        ShardWriter(mine, RunState({"model": "m"}))
     assert sorted(p.name for p in mine.iterdir()) == [".x.tmp", "notes.txt", "seg-000001.npy"]
 
 

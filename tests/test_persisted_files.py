@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipzsl import distributed, store
+from clipzsl import shards, store
 from clipzsl.adapter import AdapterError, CrossAttentionAdapter
 from clipzsl.backends import packaged
 from clipzsl.cli import main
@@ -208,12 +208,12 @@ def test_store_meta_embed_dim_edited_names_the_field_not_another_model(tmp_path,
 @pytest.fixture
 def run_dir(tmp_path):
     identity = {"model": "m", "fingerprint": "fp", "images": 5, "paths_sha256": "0" * 64, "shard_size": 2}
-    state = distributed.RunState(identity)
+    state = shards.RunState(identity)
     vectors = np.ones((2, 4), np.float32)
     state.shards = [_write_shard(tmp_path, 0, vectors, ["a.png", "b.png"]),
                     _write_shard(tmp_path, 1, vectors, ["c.png", "d.png"])]
     state.rows, state.failures = 4, [("e.png", "corrupt")]
-    distributed._save_state(tmp_path, state)
+    shards.save_state(tmp_path, state)
     return tmp_path, identity
 
 
@@ -225,20 +225,20 @@ def as_tuple(state):
 @given(data=st.data())
 def test_any_edit_of_the_run_manifest_is_refused_or_changes_nothing(run_dir, data):
     out, identity = run_dir
-    manifest = out / distributed.MANIFEST
+    manifest = out / shards.MANIFEST
     refused_or_unchanged(manifest, data.draw(edited(json.loads(manifest.read_text()))),
-                         lambda: as_tuple(distributed.resume_state(out, identity)))
+                         lambda: as_tuple(shards.resume_state(out, identity)))
 
 
 def test_manifest_with_a_changed_count_is_refused(run_dir):
     out, identity = run_dir
-    manifest = out / distributed.MANIFEST
+    manifest = out / shards.MANIFEST
     record = json.loads(manifest.read_text())
     record["complete"], record["failures"] = True, []  # as if the run had finished: it had not
     manifest.write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"clipzsl-run\.json: field 'record_sha256': the content differs from what "
                                          r"clipzsl wrote .*choose a new --out"):
-        distributed.resume_state(out, identity)
+        shards.resume_state(out, identity)
 
 
 # ------------------------------------------------------------------ the packaged model's concept cache

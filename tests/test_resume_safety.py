@@ -1,6 +1,5 @@
 """`classify --resume` appends only rows computed with the settings the output was written with (recorded next
 to it in OUTPUT.clipzsl.json), identifies images by their resolved path, and says how much it skipped."""
-import argparse
 import json
 import os
 
@@ -9,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipzsl import cli
+from clipzsl import predictions
+from clipzsl.images import image_key
 from clipzsl.backends.hf import save_random_clip
 from clipzsl.cli import main
 from conftest import TINY
@@ -75,7 +75,7 @@ def test_resume_with_another_model_is_refused_and_with_the_same_weights_accepted
 
 def test_output_without_its_settings_is_not_resumed(half_done, tiny_clip, tmp_path, capsys):
     images, out = half_done
-    cli.settings_path(str(out)).unlink()
+    predictions.settings_path(str(out)).unlink()
     assert main(args([tmp_path / "imgs"], tiny_clip, out, "--resume")) == 2
     assert f"{out}: no out.jsonl.clipzsl.json next to it" in capsys.readouterr().err
 
@@ -99,7 +99,7 @@ def test_image_key_is_the_resolved_path(tmp_path_factory, parts):
     (root / "a" / "to_b").symlink_to(root / "a" / "b")
     (root / "a" / "b" / "to_f.png").symlink_to(root / "a" / "b" / "f.png")
     path = os.path.join("a", *parts)
-    assert cli.image_key(path, str(root)) == os.path.realpath(root / path)
+    assert image_key(path, str(root)) == os.path.realpath(root / path)
 
 
 def test_resume_identifies_images_by_resolved_path_and_says_what_it_skipped(tmp_path, tiny_clip, monkeypatch, capsys):
@@ -120,6 +120,6 @@ def test_resume_identifies_images_by_resolved_path_and_says_what_it_skipped(tmp_
 @given(data=st.data())
 def test_any_edit_of_the_settings_file_is_refused_or_changes_nothing(half_done, data):
     _, out = half_done
-    path = cli.settings_path(str(out))
+    path = predictions.settings_path(str(out))
     refused_or_unchanged(path, data.draw(edited(json.loads(path.read_text()))),
-                         lambda: cli.saved_settings(argparse.Namespace(output=str(out))))
+                         lambda: predictions.saved_settings(str(out)))

@@ -11,6 +11,7 @@ from PIL import Image
 import clipzsl
 from clipzsl.cli import main
 from clipzsl.image_index import ImageIndex
+from clipzsl.pipeline import embed_to_shards
 
 COLORS = ("red", "green", "blue", "yellow")
 
@@ -203,4 +204,4 @@ def test_an_embed_killed_midway_is_never_indexed_as_whole(tiny_clip, tmp_path):
     assert not (tmp_path / "idx").exists()
     assert main(["index", "from-shards", str(out), "--out", str(tmp_path / "idx"), "--model", f"hf:{tiny_clip}"]) == 2
     with pytest.raises(ValueError, match="earlier run .*stopped before its end"):
-        clipzsl.shards.write_shards(clipzsl.load_model(f"hf:{tiny_clip}"), [photos], out)
+        embed_to_shards([photos], out, clipzsl.load_model(f"hf:{tiny_clip}"))
