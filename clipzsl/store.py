@@ -37,6 +37,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -52,6 +53,8 @@ import numpy as np
 
 from .errors import ClipzslError, InputError
 from .records import RecordError, load, rule
+
+log = logging.getLogger(__name__)
 
 FORMAT = 2
 #: the ownership marker every folder clipzsl creates carries (`claim`), and its format
@@ -188,12 +191,12 @@ def locked(directory: Path) -> Iterator[None]:
 
 
 def _acquire(fd: int, directory: Path) -> None:
-    """Lock `fd`; when another process holds it, say so on stderr once, then wait."""
+    """Lock `fd`; when another process holds it, say so once (a warning of the "clipzsl" logger), then wait."""
     with contextlib.suppress(BlockingIOError):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return
     holder = os.pread(fd, 1024, 0).decode(errors="replace").strip() or "another process"
-    print(f"clipzsl: waiting for the lock on {directory} (held by {holder})", file=sys.stderr, flush=True)
+    log.warning("waiting for the lock on %s (held by %s)", directory, holder)
     timeout = _lock_timeout()
     if timeout is None:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -34,8 +34,9 @@ HOLDER = textwrap.dedent(
 
 ADDER = textwrap.dedent(
     """
-    import sys, numpy as np
+    import logging, sys, numpy as np
     from clipzsl.store import EmbeddingStore
+    logging.basicConfig(format="%(name)s: %(message)s")  # the application shows the library's warnings
     EmbeddingStore(sys.argv[1], "model-a", 8).add(["late"], np.ones((1, 8)))
     print("added", flush=True)
     """
