@@ -30,6 +30,7 @@ from .images import MAX_PIXELS, NoImagesWarning, check_output
 from .pipeline import Classification, Engine, classify_to_file, embed_to_shards
 from .predictions import PREDICTION_FORMATS
 from .prompts import DEFAULT_TEMPLATES, parse_label_list
+from .saved_index import describe_tuning
 from .shards import index_from_shards
 from .training import ClassFolders, adapter_grid, describe_training, train_adapter_from_folder, training_set
 
@@ -217,7 +218,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def index_info(args: argparse.Namespace) -> int:
-    """`index info DIR`: size, model, FAISS factory and measured recall of an index."""
+    """`index info DIR`: size, model, FAISS factory, and recall of an index measured now on stored vectors
+    and on text queries from its model (or that they were not measured), and what it was tuned on."""
     print(existing_index(args).info().text(args.folders[0]))
     return 0
 
@@ -255,8 +257,9 @@ def index_shards(args: argparse.Namespace) -> int:
         raise InputError("`clipzsl index from-shards DIR --out INDEX --model SPEC`: one shard directory, and the "
                          "model that embedded the shards")
     index = index_from_shards(args.folders[0], out, args.model, args.faiss_factory, args.dtype)
-    print(f"{out}: {len(index)} images from {args.folders[0]} "
-          f"(faiss factory {index.saved_index.state().get('factory', 'Flat')})")
+    state = index.saved_index.state()
+    print(f"{out}: {len(index)} images from {args.folders[0]} (faiss factory {state.get('factory', 'Flat')}; "
+          f"{describe_tuning(state)})")
     return 0
 
 

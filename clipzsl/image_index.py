@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,14 @@ import numpy as np
 import torch
 
 from .backends import Backend, load_model
-from .errors import InputError
+from .errors import InputError, MissingExtra
 from .images import EmbeddedImages, ImageLoadError, check_output, embed_images, expand_sources
 from .prompts import query_text
-from .saved_index import SavedIndex, recall_against_exact
+from .saved_index import SavedIndex, describe_tuning
 from .store import EmbeddingStore, StoreError
+from .text_encoding import vocabulary_queries
+
+logger = logging.getLogger(__name__)
 
 #: what a search takes: a text, an image file (as a `pathlib.Path`) or a query embedding
 Query = Union[str, torch.Tensor, np.ndarray, os.PathLike]
@@ -60,7 +64,8 @@ class RepairReport:
 
 @dataclass(frozen=True)
 class IndexInfo:
-    """What `ImageIndex.info` measures: size on disk, model, saved FAISS index and its recall@10."""
+    """What `ImageIndex.info` measures: size on disk, model, saved FAISS index, its recall@10 on each
+    kind of query measured now, and what its search parameter was tuned on."""
 
     images: int
     bytes: int
@@ -70,17 +75,30 @@ class IndexInfo:
     dead_rows: int  # replaced or removed rows still on disk (`compact` drops them)
     factory: str
     search_parameter: int | None  # nprobe / efSearch; None for exact search
-    recall_at_10: float | None  # against exact search; None for an empty index
+    recall_at_10: float | None  # on stored vectors as queries, against exact search; None for an empty index
     recall_sample: int  # stored vectors used as queries for it
+    text_recall_at_10: float | None = None  # on text-like queries from the model; None: not measured
+    text_sample: int = 0  # text-like queries used for it
+    tuning: str = "exact search: nothing tuned"  # what the search parameter was tuned on (`describe_tuning`)
 
     def text(self, name: str) -> str:
         """The report `clipzsl index info` prints for the index `name`."""
-        recall = ("n/a (empty)" if self.recall_at_10 is None else
-                  f"{self.recall_at_10:.3f} against exact search on {self.recall_sample} stored vectors")
         parameter = f" (search parameter {self.search_parameter})" if self.search_parameter else ""
         return (f"{name}: {self.images} images, {self.bytes / 1e6:.1f} MB on disk ({self.dtype}, {self.segments} "
                 f"segments, {self.dead_rows} replaced rows)\nmodel: {self.model}\nfaiss factory: {self.factory}"
-                f"{parameter}\nrecall@10: {recall}")
+                f"{parameter}\nimage recall@10: {self._measured(self.recall_at_10, self.recall_sample, 'stored vectors')}"
+                f"\ntext recall@10: {self._measured(self.text_recall_at_10, self.text_sample, VOCABULARY)}"
+                f"\ntuning: {self.tuning}")
+
+    def _measured(self, recall: float | None, queries: int, what: str) -> str:
+        """A recall as `text` shows it: the number and on what queries, or why there is none."""
+        if recall is not None:
+            return f"{recall:.3f} against exact search on {queries} {what}, measured now"
+        return "n/a (empty)" if not self.images else "not measured (the model's text tower is not at hand)"
+
+
+#: what the text-like queries are, as `index info` names them (`text_encoding.vocabulary_queries`)
+VOCABULARY = "prompts of the model's vocabulary"
 
 
 @dataclass(frozen=True)
@@ -155,7 +173,7 @@ class ImageIndex:
             repair_hint=f"Run `clipzsl index repair {directory}` to re-embed what was lost.",
             precision=self.model.precision,
         )
-        self.saved_index = SavedIndex(self.store)
+        self.saved_index = SavedIndex(self.store, self.text_queries)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -290,20 +308,32 @@ class ImageIndex:
             return [[] for _ in range(len(queries))]
         return self.saved_index.search(self.query_vectors(queries), top_k)
 
-    def info(self, sample: int = 100) -> IndexInfo:
-        """Size, dtype, FAISS factory and recall@10 of the saved index against exact search,
-        measured now on `sample` stored vectors as queries (every checksum is verified first)."""
+    def text_queries(self, count: int, part: int = 0) -> np.ndarray | None:
+        """`count` text-like queries from the model's text tower (`vocabulary_queries`: part 0 tunes the
+        saved index, part 1 checks it), or None where the model has no text tower installed."""
+        try:
+            return vocabulary_queries(self.model, count, part)
+        except MissingExtra as err:
+            logger.warning("text queries not measured: %s", err)
+            return None
+
+    def info(self, sample: int = 200) -> IndexInfo:
+        """Size, dtype, FAISS factory, what the search parameter was tuned on, and recall@10 of the
+        saved index against exact search measured now on new queries of each kind (`SavedIndex.measure`:
+        `sample` stored vectors and `sample` text-like queries); every checksum is verified first."""
         damaged = self.store.verify()
         if damaged:
             segment, problem = damaged[0]
             raise StoreError(f"{self.directory / segment.name}: damaged store segment ({problem}); "
                              f"{len(damaged)} damaged in all. {self.store.repair_hint}")
         state = self.saved_index.state()
-        recall, used = recall_against_exact(self.store, sample, self.saved_index)
+        measured = self.saved_index.measure(sample)
+        image, text = measured["image"], measured["text"]
         return IndexInfo(images=len(self.store), bytes=self.store.size_bytes(), dtype=self.store.dtype.name,
                          model=self.model.spec, segments=len(self.store.segments), dead_rows=self.store.dead_rows(),
                          factory=state.get("factory", "Flat"), search_parameter=state.get("param"),
-                         recall_at_10=recall, recall_sample=used)
+                         recall_at_10=image.value, recall_sample=image.queries, text_recall_at_10=text.value,
+                         text_sample=text.queries, tuning=describe_tuning(state))
 
     def repair(self, batch_size: int | None = None, progress: bool | None = None,
                workers: int | None = None) -> RepairReport:

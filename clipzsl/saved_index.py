@@ -2,14 +2,18 @@
 
   choose  `choose_factory`: the factory string for a number of vectors ("auto": by size, else the saved one)
   build   `SavedIndex.save`: trained once on a sample when first built, then only the new rows added
-  tune    `tune`: the smallest search parameter (nprobe / efSearch, `set_search_parameter`) that
-          reaches `TARGET_RECALL`@10 against exact search
-  score   `recall_against_exact`: recall@k of the index's search against `exact_ids`
+  tune    `tune`: the smallest search parameter (nprobe / efSearch, `set_search_parameter`) at which
+          every kind of query reaches `TARGET_RECALL`@10 against exact search: the collection's own
+          vectors ("image"), and text-like queries from the index's model ("text", `TextQueries`),
+          which sit far from the images (the modality gap) and need a larger parameter
+  score   `recall_against_exact`, `recall_on`: recall@k of the index's search against `exact_ids`;
+          `SavedIndex.measure`: both kinds, measured now on new queries
   check   `check_file`: the saved file's size and checksum against what the table noted
   search  `SavedIndex.search`: the saved index plus the rows written since, searched as one
 
 The store (`clipzsl.store`) keeps the rows, segments, checksums and locks; the index's description
-(factory, base row, rows covered, bytes, crc32, search parameter, recall) is kept in the store's
+(factory, base row, rows covered, bytes, crc32, search parameter, and what it was tuned on:
+`tuned_on`) is kept in the store's
 table under `INDEX_STATE`, so both change in one transaction, and a compaction (which renumbers the
 rows) drops them together. The in-memory FAISS helpers (factories, training, batched search) are
 `clipzsl.search`'s.
@@ -20,7 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -33,6 +37,20 @@ from .store import (COMPACT_SEGMENT_ROWS, INDEX_FILE, INDEX_STATE, VERIFY_ON_OPE
 TARGET_RECALL = 0.95
 #: the search parameters `tune` tries, smallest first
 SEARCH_PARAMETERS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: the kinds of query an index is tuned and checked on: stored vectors, and texts from its model
+QUERY_KINDS = ("image", "text")
+#: text-like queries from the index's model: (count, part) -> [count, D] unit vectors, parts 0 (tuning)
+#: and 1 (checking afresh) disjoint; None where the model's text tower is not at hand
+TextQueries = Callable[[int, int], Optional[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Recall:
+    """recall@10 against exact search on `queries` queries of one kind; `value` None: not measured
+    (`queries` 0 also where an index saved before the kinds were noted did not note their number)."""
+
+    value: float | None
+    queries: int
 
 
 def train_size(factory: str) -> int:
@@ -47,17 +65,51 @@ def choose_factory(count: int, factory: str = "auto", saved: str | None = None) 
     return factory_for(count, saved or "auto" if factory == "auto" else factory)
 
 
-def tune(index: Any, queries: np.ndarray, exact: np.ndarray) -> tuple[int, float]:
-    """(search parameter, recall@10): the smallest parameter whose recall against the `exact` ids
-    reaches TARGET_RECALL (the largest tried when none does); (0, recall) for an index with no knob."""
-    param, recall = 0, 0.0
+def tune(index: Any, kinds: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[int, dict[str, float]]:
+    """(search parameter, recall@10 per kind): the smallest parameter at which the queries of every
+    kind (kind -> (queries, their `exact` ids)) reach TARGET_RECALL (the largest tried when none
+    does); (0, recalls) for an index with no knob."""
+    param, recalls = 0, {}
     for param in SEARCH_PARAMETERS:
-        if set_search_parameter(index, param) is None:
-            return 0, recall_at_k(index.search(queries, 10)[1], exact)
-        recall = recall_at_k(index.search(queries, 10)[1], exact)
-        if recall >= TARGET_RECALL:
-            return param, recall
-    return param, recall
+        knob = set_search_parameter(index, param) is not None
+        recalls = {kind: recall_at_k(index.search(queries, 10)[1], exact) for kind, (queries, exact) in kinds.items()}
+        if not knob:
+            return 0, recalls
+        if min(recalls.values()) >= TARGET_RECALL:
+            return param, recalls
+    return param, recalls
+
+
+def tuning_state(recalls: dict[str, float], counts: dict[str, int]) -> dict:
+    """What the index state notes of a tuning: the kinds, per kind its number of queries and recall@10, and
+    as `recall` the lowest of them (the one an index saved before the kinds were noted had alone)."""
+    noted = {f"{kind}_{name}": value for kind in recalls for name, value in (("queries", counts[kind]),
+                                                                             ("recall", recalls[kind]))}
+    return {"tuned_on": ",".join(recalls), "recall": min(recalls.values()), **noted}
+
+
+def tuned_on(state: dict) -> dict[str, Recall]:
+    """Per kind of query, what the saved index's search parameter was tuned on (`tuning_state`); an
+    index saved before the kinds were noted: its stored-vector recall alone, number not noted; {} for
+    exact search. A state that names an unknown kind or lacks a kind's values is a StoreError."""
+    if "tuned_on" not in state:
+        return {"image": Recall(float(state["recall"]), 0)} if "recall" in state else {}
+    kinds = str(state["tuned_on"]).split(",")
+    if not set(kinds) <= set(QUERY_KINDS) or any(f"{k}_recall" not in state or f"{k}_queries" not in state
+                                                 for k in kinds):
+        raise StoreError(f"unreadable index state (tuned on {state['tuned_on']!r}): run `clipzsl index repair`")
+    return {kind: Recall(float(state[f"{kind}_recall"]), int(state[f"{kind}_queries"])) for kind in kinds}
+
+
+def describe_tuning(state: dict) -> str:
+    """One line: what the saved index's search parameter was tuned on, and which kind was not."""
+    tuned = tuned_on(state)
+    if not tuned:
+        return "exact search: nothing tuned"
+    parts = [f"{kind} queries ({f'{r.queries}, ' if r.queries else ''}recall@10 {r.value:.3f})"
+             for kind, r in tuned.items()]
+    missing = "".join(f"; {kind} queries: not measured" for kind in QUERY_KINDS if kind not in tuned)
+    return f"search parameter {state.get('param', 0)} tuned on " + " and ".join(parts) + missing
 
 
 def check_file(path: Path, state: dict, full: bool = True) -> str | None:
@@ -91,16 +143,22 @@ def _exact_ids(store: EmbeddingStore, queries: np.ndarray, k: int) -> np.ndarray
     return best.I
 
 
-def recall_against_exact(store: EmbeddingStore, sample: int, search_index: "SavedIndex") -> tuple[float | None, int]:
-    """(recall@10 of `search_index` against exact search, queries used) on `sample` stored vectors as
-    queries; (None, 0) for an empty store."""
+def recall_against_exact(store: EmbeddingStore, sample: int, search_index: "SavedIndex",
+                         seed: int = 0) -> tuple[float | None, int]:
+    """(recall@10 of `search_index` against exact search, queries used) on `sample` stored vectors
+    (chosen with `seed`) as queries; (None, 0) for an empty store."""
     if not len(store):
         return None, 0
-    queries = store.sample_vectors(sample)
+    queries = store.sample_vectors(sample, seed)
+    return recall_on(store, queries, search_index), len(queries)
+
+
+def recall_on(store: EmbeddingStore, queries: np.ndarray, search_index: "SavedIndex") -> float:
+    """recall@10 of `search_index` against exact search over the live rows of a non-empty `store`."""
     found = [[hit for hit, _ in hits] for hits in search_index.search(queries, 10)]
     exact = exact_ids(store, queries, min(10, len(store)))
     names = store.row_keys(np.unique(exact))
-    return recall_at_k(found, [[names[r] for r in row] for row in exact.tolist()]), len(queries)
+    return recall_at_k(found, [[names[r] for r in row] for row in exact.tolist()])
 
 
 @dataclass
@@ -114,10 +172,13 @@ class _Loaded:
 
 
 class SavedIndex:
-    """The saved FAISS index of one store: build and tune it (`save`), check it, search through it."""
+    """The saved FAISS index of one store: build and tune it (`save`), check it, search through it,
+    measure it (`measure`). `text_queries`: the index's model's text-like queries; None (a store of
+    vectors alone) tunes and measures on stored vectors only, and says text queries were not measured."""
 
-    def __init__(self, store: EmbeddingStore):
+    def __init__(self, store: EmbeddingStore, text_queries: TextQueries | None = None):
         self.store = store
+        self.text_queries = text_queries
         self._loaded: _Loaded | None = None
 
     @property
@@ -125,7 +186,8 @@ class SavedIndex:
         return self.store.directory / INDEX_FILE
 
     def state(self) -> dict:
-        """What the saved index is: factory, base, rows covered, bytes, crc, search parameter, recall@10."""
+        """What the saved index is: factory, base, rows covered, bytes, crc, search parameter, and what
+        that was tuned on (`tuned_on` reads it)."""
         return self.store.state(INDEX_STATE)
 
     def problem(self) -> str | None:
@@ -148,8 +210,9 @@ class SavedIndex:
         """Bring the saved FAISS index up to date: add only the rows written since it was saved
         (trained once, on a sample, when first built). `factory` "auto" keeps the saved one, else
         chooses by size (`choose_factory`); another factory string builds afresh. The search
-        parameter is the smallest reaching TARGET_RECALL@10 on `sample` stored vectors as queries
-        (`tune`). Returns `state()`."""
+        parameter is the smallest at which `sample` stored vectors and `sample` text-like queries
+        (part 0 of `text_queries`, where there are any) both reach TARGET_RECALL@10 (`tune`).
+        Returns `state()`."""
         self.check_factory(factory, len(self.store))  # a bad one is refused before the lock, with nothing written
         with self.store.writing():
             wanted = self.check_factory(factory, len(self.store))
@@ -159,11 +222,31 @@ class SavedIndex:
             index, covered = self._reusable(wanted, first) or (self._train(wanted, seed), first)
             for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
                 index.add(self.store.read_range(start, min(start + COMPACT_SEGMENT_ROWS, next_row)))
-            queries = self.store.sample_vectors(sample, seed)
-            param, recall = tune(index, queries, exact_ids(self.store, queries, 10) - first)
+            queries = self.queries(sample, seed, part=0)
+            param, recalls = tune(index, {kind: (q, exact_ids(self.store, q, 10) - first) for kind, q in queries.items()})
             atomic_write(self.path, lambda f: write_index(index, f))
             return self._note({"factory": wanted, "base": first, "rows": next_row, "bytes": self.path.stat().st_size,
-                               "crc": file_crc(self.path), "param": param, "recall": recall})
+                               "crc": file_crc(self.path), "param": param,
+                               **tuning_state(recalls, {kind: len(q) for kind, q in queries.items()})})
+
+    def queries(self, sample: int, seed: int, part: int) -> dict[str, np.ndarray]:
+        """Queries of each kind at hand: `sample` stored vectors chosen with `seed`, and `sample` text-like
+        queries of `part` (`TextQueries`) where the model's text tower is at hand."""
+        kinds = {"image": self.store.sample_vectors(sample, seed)}
+        text = self.text_queries(sample, part) if self.text_queries is not None else None
+        if text is not None:
+            kinds["text"] = np.ascontiguousarray(np.asarray(text, np.float32).reshape(-1, self.store.embed_dim))
+        return kinds
+
+    def measure(self, sample: int = 200) -> dict[str, Recall]:
+        """recall@10 of `search` against exact search, per kind of query (`QUERY_KINDS`), measured now
+        on new queries: stored vectors drawn with another seed than `save`'s, and text-like queries of
+        part 1 (never those it was tuned on); Recall(None, 0) for a kind not at hand or an empty store."""
+        measured = {kind: Recall(None, 0) for kind in QUERY_KINDS}
+        if len(self.store):
+            measured.update({kind: Recall(recall_on(self.store, q, self), len(q))
+                             for kind, q in self.queries(sample, seed=1, part=1).items()})
+        return measured
 
     def _reusable(self, factory: str, first: int) -> tuple[Any, int] | None:
         """(the saved index, rows it covers) when it is of `factory`, over the current rows, and sound."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .prompts import ClassEntry
+from .prompts import ClassEntry, load_labels, load_templates
 from .store import EmbeddingStore, digest
 
 if TYPE_CHECKING:
@@ -40,6 +40,24 @@ def encode_prompts(model: Backend, prompts: Sequence[str], progress: bool | None
     encoded[torch.tensor(order)] = torch.cat(chunks)
     row = {prompt: i for i, prompt in enumerate(unique)}
     return encoded[torch.tensor([row[p] for p in prompts])]
+
+
+#: the shipped vocabulary and templates text-like queries are drawn from (`vocabulary_queries`): every
+#: index of a model is tuned and checked on the same texts, with and without a template around the name
+QUERY_LABELS, QUERY_TEMPLATES = "imagenet1k", ("bare", "simple_7")
+#: disjoint parts the vocabulary's prompts are dealt into: part 0 tunes an index, part 1 checks it afresh
+QUERY_PARTS = 2
+
+
+def vocabulary_queries(model: Backend, count: int, part: int = 0) -> np.ndarray:
+    """`count` text-like queries [count, D] (float32, L2-normalised) from `model`'s text tower: prompts
+    of the shipped vocabulary (`QUERY_LABELS` names in `QUERY_TEMPLATES`), a fixed shuffle of all of them
+    dealt into `QUERY_PARTS` disjoint parts, the first `count` of `part`. Nothing is cached on disk."""
+    names = [entry.name for entry in load_labels(QUERY_LABELS)]
+    templates = [t for spec in QUERY_TEMPLATES for t in load_templates(spec)]
+    order = np.random.default_rng(0).permutation(len(names) * len(templates))[part::QUERY_PARTS][:count]
+    prompts = [templates[i % len(templates)].replace("{}", names[i // len(templates)]) for i in order.tolist()]
+    return encode_prompts(model, prompts, progress=False).numpy()
 
 
 def class_embeddings(

@@ -79,7 +79,9 @@ def test_info_is_a_report_with_its_text(photo_index):
     assert (info.images, info.factory, info.search_parameter, info.recall_at_10) == (5, "Flat", None, 1.0)
     text = info.text("idx")
     assert text.startswith("idx: 5 images, ") and "faiss factory: Flat\n" in text
-    assert text.endswith("recall@10: 1.000 against exact search on 5 stored vectors")
+    assert "\nimage recall@10: 1.000 against exact search on 5 stored vectors, measured now\n" in text
+    assert "\ntext recall@10: 1.000 against exact search on 200 prompts of the model's vocabulary" in text
+    assert text.endswith("\ntuning: exact search: nothing tuned")
 
 
 def test_add_vectors_refuses_a_bad_factory_before_any_row(tiny, tmp_path):
@@ -132,8 +134,8 @@ def test_choose_and_tune():
     v = clustered(2000)
     ivf = build_index(v, "IVF16,Flat")
     exact = build_index(v, "Flat").search(v[:100], 10)[1]
-    param, recall = tune(ivf, v[:100], exact)
-    assert recall >= TARGET_RECALL and param in (1, 2, 4, 8, 16)
+    param, recalls = tune(ivf, {"image": (v[:100], exact)})
+    assert recalls["image"] >= TARGET_RECALL and param in (1, 2, 4, 8, 16)
     if param > 1:  # the smallest that reaches the target: half of it does not
         set_search_parameter(ivf, param // 2)
         assert recall_at_k(ivf.search(v[:100], 10)[1], exact) < TARGET_RECALL
