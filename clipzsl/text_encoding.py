@@ -53,11 +53,10 @@ def vocabulary_queries(model: Backend, count: int, part: int = 0) -> np.ndarray:
     """`count` text-like queries [count, D] (float32, L2-normalised) from `model`'s text tower: prompts
     of the shipped vocabulary (`QUERY_LABELS` names in `QUERY_TEMPLATES`), a fixed shuffle of all of them
     dealt into `QUERY_PARTS` disjoint parts, the first `count` of `part`. Nothing is cached on disk."""
-    names = [entry.name for entry in load_labels(QUERY_LABELS)]
     templates = [t for spec in QUERY_TEMPLATES for t in load_templates(spec)]
-    order = np.random.default_rng(0).permutation(len(names) * len(templates))[part::QUERY_PARTS][:count]
-    prompts = [templates[i % len(templates)].replace("{}", names[i // len(templates)]) for i in order.tolist()]
-    return encode_prompts(model, prompts, progress=False).numpy()
+    prompts = [text for entry in load_labels(QUERY_LABELS) for text in ClassEntry(entry.name).texts(templates)]
+    order = np.random.default_rng(0).permutation(len(prompts))[part::QUERY_PARTS][:count]
+    return encode_prompts(model, [prompts[i] for i in order.tolist()], progress=False).numpy()
 
 
 def class_embeddings(
