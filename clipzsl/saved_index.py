@@ -301,11 +301,13 @@ def factory_within(count: int, dim: int, budget: int, factory: str = "auto") -> 
     `resident_bytes` fit `budget`: `factory` itself when given (refused if it does not fit), else the
     size's usual one (`factory_for`) when it fits, else an inverted file of `ivf_cells` cells whose codes
     are SQ8 (1 byte a dimension), SQ4 (half a byte), or PQ with the most sub-quantizers (1 byte each,
-    fewer than dim / 2) that fit. None fitting is an InputError naming the smallest's need."""
+    fewer than dim / 2) that fit, without polysemous training ("np": it only serves a Hamming pre-filter
+    clipzsl does not use, and took 5 times the rest of the training). None fitting is an InputError
+    naming the smallest's need."""
     cells = ivf_cells(count)
     candidates = [factory] if factory != "auto" else [
         factory_for(count), f"IVF{cells},SQ8", f"IVF{cells},SQ4",
-        *(f"IVF{cells},PQ{m}" for m in range(dim // 2 - 1, 0, -1) if dim % m == 0)]
+        *(f"IVF{cells},PQ{m}np" for m in range(dim // 2 - 1, 0, -1) if dim % m == 0)]
     for candidate in candidates:
         if resident_bytes(candidate, count, dim) <= budget:
             return candidate

@@ -79,7 +79,7 @@ def test_factory_within_keeps_the_usual_index_when_it_fits_and_compresses_below(
     assert all(size <= raw_float16 * share for size, share in zip(sizes, (1.0, 0.5, 0.25, 0.1, 0.05)))
     assert sizes == sorted(sizes, reverse=True) and len(set(chosen)) == 5
     assert ",SQ8" in chosen[0] and ",SQ4" in chosen[1] and all(",PQ" in f for f in chosen[2:])
-    with pytest.raises(InputError, match=r"fits a memory budget of 1,000,000 bytes: .*PQ1 needs"):
+    with pytest.raises(InputError, match=r"fits a memory budget of 1,000,000 bytes: .*PQ1np needs"):
         factory_within(count, dim, 1_000_000)
     with pytest.raises(InputError, match="IVF1024,Flat needs"):  # a factory given is checked, not replaced
         factory_within(count, dim, raw_float16, "IVF1024,Flat")
