@@ -142,12 +142,58 @@ def autofaiss_build(embeddings: str, index_path: str, infos_path: str, factory: 
     return 0
 
 
+def budget_build(shards: str, out: str, budget: str) -> int:
+    """`index_from_shards` under a memory budget, with the packaged model (bench_compressed): seconds,
+    this process's peak RSS (getrusage) and its RSS once the model was loaded, in MB."""
+    import resource
+
+    import clipzsl
+    from clipzsl.shards import index_from_shards
+
+    model = clipzsl.load_model("packaged")
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    index = index_from_shards(shards, out, model, dtype="float16", max_memory=budget)
+    print(json.dumps({"build_s": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                      / 1024, "model_loaded_rss_mb": loaded, "state": index.saved_index.state()}))
+    return 0
+
+
+def budget_search(directory: str, queries_path: str) -> int:
+    """Open an image index and search it one query at a time (bench_compressed): open + first query,
+    ms/query (median), and the RSS the open index adds (VmRSS after the queries less before the open), MB."""
+    import numpy as np
+
+    from clipzsl.image_index import ImageIndex
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as status:
+            return int(next(line.split()[1] for line in status if line.startswith("VmRSS"))) / 1024
+
+    queries = np.load(queries_path)
+    index = ImageIndex(directory)
+    before = rss_mb()
+    t = time.perf_counter()
+    index.search(queries[0], 10)
+    first = time.perf_counter() - t
+    times = []
+    for query in queries:
+        t = time.perf_counter()
+        index.search(query, 10)
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"open_first_query_s": first, "ms_per_query": 1000 * float(np.median(times)),
+                      "index_rss_mb": rss_mb() - before}))
+    return 0
+
+
 CHILDREN: dict[str, Callable[..., int]] = {
     "counting-classify": counting_classify,
     "embed-peak-rss": embed_peak_rss,
     "open-query": open_query,
     "label-cache-query": label_cache_query,
     "autofaiss-build": autofaiss_build,
+    "budget-build": budget_build,
+    "budget-search": budget_search,
 }
 
 

@@ -256,7 +256,7 @@ def index_shards(args: argparse.Namespace) -> int:
     if len(args.folders) != 1 or not args.model:
         raise InputError("`clipzsl index from-shards DIR --out INDEX --model SPEC`: one shard directory, and the "
                          "model that embedded the shards")
-    index = index_from_shards(args.folders[0], out, args.model, args.faiss_factory, args.dtype)
+    index = index_from_shards(args.folders[0], out, args.model, args.faiss_factory, args.dtype, args.max_memory)
     state = index.saved_index.state()
     print(f"{out}: {len(index)} images from {args.folders[0]} (faiss factory {state.get('factory', 'Flat')}; "
           f"{describe_tuning(state)})")
@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--faiss-factory", default="auto",
                        help="FAISS factory string for the saved index (auto: exact up to 200k images, else IVF); "
                             "checked before anything is embedded")
+    index.add_argument("--max-memory", metavar="SIZE", help="from-shards: the index's RAM budget, e.g. 2G (K, M, G, T: "
+                       "powers of 1024): a compressed index (SQ or PQ) that fits it, built in one pass over the shards")
     index.add_argument("--prune", action="store_true",
                        help="images: forget every indexed image under PATH that is not found now. Without it a PATH "
                             "that held indexed images but is now missing, unreadable or empty (an unmounted drive) "

@@ -25,7 +25,7 @@ from .backends import Backend, load_model
 from .errors import InputError, MissingExtra
 from .images import EmbeddedImages, ImageLoadError, check_output, embed_images, expand_sources
 from .prompts import query_text
-from .saved_index import SavedIndex, describe_tuning
+from .saved_index import SavedIndex, describe_tuning, save_streamed
 from .store import EmbeddingStore, StoreError
 from .text_encoding import vocabulary_queries
 
@@ -248,11 +248,16 @@ class ImageIndex:
                 self.store.add(result.sources, result.embeddings.numpy(), [stamp(f) for f in result.sources])
             yield result
 
-    def add_vectors(self, blocks: Iterable[tuple[Sequence[str], np.ndarray]], factory: str = "auto") -> dict:
+    def add_vectors(self, blocks: Iterable[tuple[Sequence[str], np.ndarray]], factory: str = "auto",
+                    training: Callable[[int], np.ndarray] | None = None) -> dict:
         """Add (paths, vectors [N, D]) blocks embedded elsewhere (e.g. by `clipzsl embed` into shards),
         then bring the saved FAISS index up to date; `factory` is refused (an InputError) before the
-        first row is written. Returns the saved index's state (`SavedIndex.state`)."""
+        first row is written. With `training` (n -> n vectors drawn from the blocks' data) the index is
+        built as the blocks come, in one pass (`save_streamed`). Returns the saved index's state
+        (`SavedIndex.state`)."""
         self.saved_index.check_factory(factory)
+        if training is not None:
+            return save_streamed(self.saved_index, factory, blocks, training)
         for paths, vectors in blocks:
             self.store.add(paths, vectors)
         return self.saved_index.save(factory)

@@ -20,14 +20,16 @@ rows) drops them together. The in-memory FAISS helpers (factories, training, bat
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .errors import InputError
 from .search import build_index, factory_for, load_index, new_index, recall_at_k, set_search_parameter, write_index
 from .search import search as faiss_search
 from .store import (COMPACT_SEGMENT_ROWS, INDEX_FILE, INDEX_STATE, VERIFY_ON_OPEN_BYTES, EmbeddingStore,
@@ -37,6 +39,8 @@ from .store import (COMPACT_SEGMENT_ROWS, INDEX_FILE, INDEX_STATE, VERIFY_ON_OPE
 TARGET_RECALL = 0.95
 #: the search parameters `tune` tries, smallest first
 SEARCH_PARAMETERS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: recall@10 within this of the best tried counts as the best, when no parameter reaches the target
+RECALL_PLATEAU = 0.005
 #: the kinds of query an index is tuned and checked on: stored vectors, and texts from its model
 QUERY_KINDS = ("image", "text")
 #: text-like queries from the index's model: (count, part) -> [count, D] unit vectors, parts 0 (tuning)
@@ -67,9 +71,10 @@ def choose_factory(count: int, factory: str = "auto", saved: str | None = None) 
 
 def tune(index: Any, kinds: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[int, dict[str, float]]:
     """(search parameter, recall@10 per kind): the smallest parameter at which the queries of every
-    kind (kind -> (queries, their `exact` ids)) reach TARGET_RECALL (the largest tried when none
-    does); (0, recalls) for an index with no knob."""
-    param, recalls = 0, {}
+    kind (kind -> (queries, their `exact` ids)) reach TARGET_RECALL; when none does, the smallest whose
+    lowest recall is within RECALL_PLATEAU of the best tried (a compressed index's recall stops growing
+    long before every cell is probed: more cells would only cost time); (0, recalls) for an index with no knob."""
+    tried: list[tuple[int, dict[str, float]]] = []
     for param in SEARCH_PARAMETERS:
         knob = set_search_parameter(index, param) is not None
         recalls = {kind: recall_at_k(index.search(queries, 10)[1], exact) for kind, (queries, exact) in kinds.items()}
@@ -77,6 +82,10 @@ def tune(index: Any, kinds: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[i
             return 0, recalls
         if min(recalls.values()) >= TARGET_RECALL:
             return param, recalls
+        tried.append((param, recalls))
+    best = max(min(recalls.values()) for _, recalls in tried)
+    param, recalls = next((p, r) for p, r in tried if min(r.values()) >= best - RECALL_PLATEAU)
+    set_search_parameter(index, param)
     return param, recalls
 
 
@@ -334,3 +343,100 @@ class SavedIndex:
         import faiss
 
         return _Loaded(faiss.IndexFlatIP(self.store.embed_dim), first, first, False)
+
+
+# -- an index under a memory budget, built in one streaming pass ------------------------------------------------
+
+#: what `parse_size` reads: a number, then K, M, G or T (powers of 1024; a trailing B or iB allowed)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
+#: PQ's 256-centroid sub-quantizers want 39 training vectors per centroid (FAISS warns below that)
+PQ_TRAINING = 39 * 256
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of a size given as `2G`, `512M`, `1.5GiB` or a plain number of bytes (K, M, G, T are powers
+    of 1024); anything else, or a size below 1 byte, is an InputError that says the format."""
+    match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+    value = int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " ")) if match else size
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"memory budget {size!r}: not a size; give a number of bytes, optionally with K, M, G or T "
+                         "(powers of 1024), for example 2G or 512M")
+    return value
+
+
+def ivf_cells(count: int) -> int:
+    """Inverted-file cells for `count` vectors: the power of 2 nearest sqrt(count), as `factory_for`'s IVF."""
+    return 2 ** round(math.log2(math.sqrt(max(count, 1))))
+
+
+def resident_bytes(factory: str, count: int, dim: int) -> int:
+    """Bytes an index of `factory` holding `count` `dim`-dimensional vectors keeps in RAM once built, which
+    is also about its saved file's size: exact search ("Flat") holds the float32 rows; an inverted file holds
+    each vector's code and 8-byte id, its cells' centroids, its quantizer's tables (at most 256 x dim
+    floats) and each cell's list headers. Other kinds (HNSW) are an InputError: their graph's size is not estimated here."""
+    import faiss
+
+    if factory == "Flat":
+        return 4 * count * dim
+    try:
+        ivf = faiss.extract_index_ivf(new_index(factory, dim, 1 << 62))
+    except RuntimeError as err:
+        raise InputError(f"a memory budget chooses among Flat and inverted-file (IVF) indexes, not {factory!r}; "
+                         "leave out the budget or the factory") from err
+    return count * (ivf.code_size + 8) + (ivf.nlist + 256) * dim * 4 + 64 * ivf.nlist + 4096  # + each list's own size
+
+
+def factory_within(count: int, dim: int, budget: int, factory: str = "auto") -> str:
+    """The factory string of the most accurate index of `count` `dim`-dimensional vectors whose
+    `resident_bytes` fit `budget`: `factory` itself when given (refused if it does not fit), else the
+    size's usual one (`factory_for`) when it fits, else an inverted file of `ivf_cells` cells whose codes
+    are SQ8 (1 byte a dimension), SQ4 (half a byte), or PQ with the most sub-quantizers (1 byte each,
+    fewer than dim / 2) that fit, without polysemous training ("np": it only serves a Hamming pre-filter
+    clipzsl does not use, and took 5 times the rest of the training). None fitting is an InputError
+    naming the smallest's need."""
+    cells = ivf_cells(count)
+    candidates = [factory] if factory != "auto" else [
+        factory_for(count), f"IVF{cells},SQ8", f"IVF{cells},SQ4",
+        *(f"IVF{cells},PQ{m}np" for m in range(dim // 2 - 1, 0, -1) if dim % m == 0)]
+    for candidate in candidates:
+        if resident_bytes(candidate, count, dim) <= budget:
+            return candidate
+    need = resident_bytes(candidates[-1], count, dim)
+    raise InputError(f"no index of {count} {dim}-dimensional vectors fits a memory budget of {budget:,} bytes: "
+                     f"{candidates[-1]} needs {need:,}; give a larger budget (--max-memory)")
+
+
+def save_streamed(saved: SavedIndex, factory: str, blocks: Iterable[tuple[Sequence[str], np.ndarray]],
+                  training: Callable[[int], np.ndarray], sample: int = 200, seed: int = 0) -> dict:
+    """Store `blocks` of (keys, vectors) and build `saved`'s index of `factory` in the same single pass:
+    trained first on `training(n)` (n vectors drawn from the same data: 64 per cell, at least PQ_TRAINING
+    for PQ codes), then each block added to the store and to the index as it comes, so only the index,
+    the training sample and one block are ever in memory. The index is written (atomically, checksum and
+    size noted in the store's state), then `SavedIndex.save` tunes and records it as it does any index it
+    finds current. Exact search ("Flat"), or a store that already held rows, takes `save`'s own path
+    (store first, then the index from the stored rows). Returns `state()`."""
+    store = saved.store
+    if factory == "Flat" or len(store):
+        for keys, vectors in blocks:
+            store.add(keys, vectors)
+        return saved.save(factory, sample, seed)
+    with store.writing():
+        _build_streamed(saved, factory, blocks, training)
+        return saved.save(factory, sample, seed)
+
+
+def _build_streamed(saved: SavedIndex, factory: str, blocks: Iterable[tuple[Sequence[str], np.ndarray]],
+                    training: Callable[[int], np.ndarray]) -> None:
+    """`save_streamed`'s one pass, under the store's write lock; the index it builds is freed on return,
+    before `save` opens the written one."""
+    store = saved.store
+    first = store.row_span[0]
+    index = build_index(training(max(train_size(factory), PQ_TRAINING if ",PQ" in factory else 0)), factory,
+                        add=False)
+    for keys, vectors in blocks:
+        store.add(keys, vectors)
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    if store.row_span == (first, first + index.ntotal):  # else compacted meanwhile: `save` builds afresh
+        atomic_write(saved.path, lambda f: write_index(index, f))
+        saved._note({"factory": factory, "base": first, "rows": first + index.ntotal,
+                     "bytes": saved.path.stat().st_size, "crc": file_crc(saved.path)})

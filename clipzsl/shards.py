@@ -32,6 +32,7 @@ from .image_index import ImageIndex
 from .images import IMAGE_SUFFIXES, ImageLoadError, each_image_once, expand_sources, load_image
 from .prompts import content_lines
 from .records import RecordError, dumps, load, rule
+from .saved_index import factory_within, parse_size
 from .store import MARKER, atomic_write, claim
 
 #: the file in a shard folder that says which embed run wrote its shards and how far it got
@@ -420,14 +421,41 @@ def _read_shards(directory: str | os.PathLike, backend: Backend) -> list[tuple[P
     return shards
 
 
+def training_sample(shards: Sequence[tuple[Path, np.ndarray, list[str]]], count: int) -> np.ndarray:
+    """`count` rows (all, when there are fewer) of checked shards (`_read_shards`) as float32 unit vectors,
+    evenly strided over the rows in shard order: deterministic, and read from the memory maps row by row,
+    never a whole shard at a time."""
+    total = sum(len(vectors) for _, vectors, _ in shards)
+    wanted = (np.arange(min(count, total), dtype=np.int64) * total) // max(count, 1)
+    out = np.empty((len(wanted), shards[0][1].shape[1] if shards else 0), np.float32)
+    offset = 0
+    for emb, vectors, _ in shards:
+        chosen = np.flatnonzero((wanted >= offset) & (wanted < offset + len(vectors)))
+        for start, block in _unit_rows(vectors[wanted[chosen] - offset], emb):
+            out[chosen[start : start + len(block)]] = block
+        offset += len(vectors)
+    return out
+
+
 def index_from_shards(directory: str | os.PathLike, out: str | os.PathLike, model: Backend | str,
-                      factory: str = "auto", dtype: str = "float32"):
+                      factory: str = "auto", dtype: str = "float32", max_memory: int | str | None = None):
     """An `ImageIndex` at `out` holding every row of the shards (keys from `image_path`), its FAISS
     index saved. `model` must be the one that embedded them: it encodes the text queries. All the
-    shards are checked before the index is opened: they are imported completely, or refused."""
+    shards are checked before the index is opened: they are imported completely, or refused.
+    `max_memory` (bytes, or a size such as "2G": `parse_size`) bounds the saved index's size in RAM:
+    the factory is chosen to fit it (`factory_within`: the usual one, else a compressed SQ or PQ
+    index), trained on a strided sample of the shards (`training_sample`), and built in one pass
+    over the shards, one block of one shard in memory at a time (`save_streamed`)."""
+    budget = None if max_memory is None else parse_size(max_memory)  # a bad budget: refused before any work
     backend = load_model(model) if isinstance(model, str) else model
     shards = _read_shards(directory, backend)
     index = ImageIndex(out, backend, dtype=dtype)
-    index.add_vectors(((paths[start : start + len(block)], block) for emb, vectors, paths in shards
-                       for start, block in _unit_rows(vectors, emb)), factory)  # a bad factory: refused first
+    blocks = ((paths[start : start + len(block)], block) for emb, vectors, paths in shards
+              for start, block in _unit_rows(vectors, emb))
+    if budget is None:
+        index.add_vectors(blocks, factory)  # a bad factory: refused first
+        return index
+    count = len(index) + sum(len(vectors) for _, vectors, _ in shards)
+    index.add_vectors(blocks, factory_within(count, backend.embed_dim, budget, factory),
+                      lambda n: training_sample(shards, n))
     return index
