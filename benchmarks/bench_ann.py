@@ -305,16 +305,16 @@ def checks(results: dict) -> list[dict]:
 
 
 #: --quick: one size, fewer queries
-QUICK = {"rows": "100000", "queries": 300}
+QUICK = {"rows": "100000", "queries": 300, "indexes": list(factories(CHUNK))}
 
 
 def options(argv: list[str] | None = None) -> argparse.Namespace:
     parser = report.parser("bench_ann", __doc__, f"{QUICK['rows']} rows, {QUICK['queries']} queries per kind")
     parser.add_argument("--rows", help="sizes, comma-separated (default 100000,1000000)")
     parser.add_argument("--queries", type=int, help="queries of each kind (default 500)")
-    parser.add_argument("--indexes", nargs="+", default=list(factories(CHUNK)), help="names of the indexes to compare")
+    parser.add_argument("--indexes", nargs="+", help=f"names of the indexes to compare (default all: {' '.join(factories(CHUNK))})")
     parser.add_argument("--name", default="ann", help="results file name under benchmarks/results/")
-    return report.fill(parser.parse_args(argv), QUICK, {"rows": "100000,1000000", "queries": 500})
+    return report.fill(parser.parse_args(argv), QUICK, {"rows": "100000,1000000", "queries": 500, "indexes": list(factories(CHUNK))})
 
 
 def measure(args: argparse.Namespace) -> dict:
