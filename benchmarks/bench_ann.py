@@ -58,6 +58,8 @@ MAX_MS = 10.0
 STOP_RECALL, STOP_MS = 0.995, 40.0
 #: queries timed one at a time, per kind and point (recall uses every query, batched)
 SINGLE = 100
+#: the real-weights check: shipped label sets whose prompts are the text queries
+REAL_LABELS = ("fashion_mnist", "cifar100")
 SWEEPS = {"nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), "efSearch": (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)}
 
 
@@ -167,24 +169,34 @@ def point(index, queries: np.ndarray, exact_ids: np.ndarray) -> dict:
             "ms_single": round(1e3 * report.median(times), 3), "ms_single_mean": round(1e3 * float(np.mean(times)), 3)}
 
 
-def sweep(index, kinds: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict]:
-    """One point per search parameter, smallest first, until both kinds reach STOP_RECALL or a text
-    query takes over STOP_MS; an exact index has one point (parameter 0)."""
+def set_parameter(index, param: int) -> str | None:
+    """`set_search_parameter`, and an HNSW coarse quantizer's efSearch to 2 x nprobe."""
     import faiss
 
     from clipzsl.search import set_search_parameter
 
+    knob = set_search_parameter(index, param)
+    if knob == "nprobe" and hasattr(faiss.extract_index_ivf(index).quantizer, "hnsw"):
+        faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch", 2 * param)
+    return knob
+
+
+def finished(p: dict) -> bool:
+    """Is a sweep done: an exact index, both kinds at STOP_RECALL, or a text query over STOP_MS?"""
+    return p["knob"] is None or p["text"]["ms_single"] > STOP_MS or min(p["text"]["recall"], p["image"]["recall"]) >= STOP_RECALL
+
+
+def sweep(index, kinds: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+    """One point per search parameter, smallest first, until `finished`; an exact index has one
+    point (parameter 0)."""
     curve: list[dict] = []
     for param in SWEEPS["efSearch" if hasattr(index, "hnsw") else "nprobe"]:
-        knob = set_search_parameter(index, param)
-        if knob == "nprobe" and hasattr(faiss.extract_index_ivf(index).quantizer, "hnsw"):
-            faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch", 2 * param)
+        knob = set_parameter(index, param)
         if knob == "nprobe" and param > getattr(index, "nlist", math.inf):
             break
         curve.append({"param": 0 if knob is None else param, "knob": knob,
                       **{kind: point(index, q, ids) for kind, (q, ids) in kinds.items()}})
-        last = curve[-1]
-        if knob is None or last["text"]["ms_single"] > STOP_MS or min(last[k]["recall"] for k in kinds) >= STOP_RECALL:
+        if finished(curve[-1]):
             break
     return curve
 
@@ -224,6 +236,31 @@ def measure_size(rows: int, queries: int, names: list[str]) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- real weights
+
+
+def real_gap(count: int, labels: tuple[str, ...] = REAL_LABELS) -> dict:
+    """The gap with real weights: the packaged model's embeddings of `count` Fashion-MNIST test images,
+    queried with its text embeddings of shipped label sets through the default templates (one query
+    per prompt) and with half the images (against the other half); each kind's cosine to its best match."""
+    import clipzsl
+    from clipzsl.images import embed_images
+
+    from .datasets import load_fashion_mnist
+
+    model = clipzsl.load_model("packaged", device="cpu")
+    images = embed_images(model, load_fashion_mnist("test", limit=count).images, progress=False).embeddings.numpy()
+    templates = clipzsl.load_templates()
+    result: dict = {"images": len(images), "model": "packaged"}
+    for name in labels:
+        prompts = [text for entry in clipzsl.load_labels(name) for text in entry.texts(templates)]
+        texts = unit_rows(model.encode_texts(prompts).numpy())
+        result[f"text: {name} ({len(texts)} prompts)"] = best_match(images, texts)
+    half = len(images) // 2
+    result["image: the other half"] = best_match(images[half:], images[:half])
+    return result
+
+
 # ---------------------------------------------------------------- page
 
 
@@ -249,6 +286,15 @@ def choice_line(size: dict) -> str:
             "per text query, one at a time")
 
 
+def real_lines(real: dict | None) -> list[str]:
+    if not real:
+        return ["", "Real weights: not measured (--real 0)."]
+    lines = ["", f"Real weights, the {real['model']} model on {real['images']} Fashion-MNIST test images "
+                 "(percentiles 10 / 25 / 50 / 75 / 90):", ""]
+    return lines + [f"- {kind}: " + " / ".join(f"{v:.3f}" for v in s.values())
+                    for kind, s in real.items() if isinstance(s, dict)]
+
+
 def summary(results: dict) -> list[str]:
     lines = [f"Synthetic clustered unit vectors, d = {results['dim']}; {results['queries']} queries of each kind; "
              f"FAISS on {results['threads']} threads (one query runs on one). Bold: the point meets the targets "
@@ -257,6 +303,7 @@ def summary(results: dict) -> list[str]:
     for size in results["sizes"]:
         for kind, s in size["best_match"].items():
             lines.append(f"- {size['rows']:,} rows, {kind}-like: " + " / ".join(f"{v:.3f}" for v in s.values()))
+    lines += real_lines(results.get("real"))
     lines += ["", "Default chosen per size (cheapest point meeting the targets):", ""]
     lines += [choice_line(size) for size in results["sizes"]]
     if results.get("plot"):
@@ -305,16 +352,18 @@ def checks(results: dict) -> list[dict]:
 
 
 #: --quick: one size, fewer queries
-QUICK = {"rows": "100000", "queries": 300, "indexes": list(factories(CHUNK))}
+QUICK = {"rows": "100000", "queries": 300, "indexes": list(factories(CHUNK)), "real": 0}
 
 
 def options(argv: list[str] | None = None) -> argparse.Namespace:
     parser = report.parser("bench_ann", __doc__, f"{QUICK['rows']} rows, {QUICK['queries']} queries per kind")
-    parser.add_argument("--rows", help="sizes, comma-separated (default 100000,1000000)")
+    parser.add_argument("--rows", help="sizes, comma-separated (default 100000,1000000; '' keeps the earlier run's)")
     parser.add_argument("--queries", type=int, help="queries of each kind (default 500)")
     parser.add_argument("--indexes", nargs="+", help=f"names of the indexes to compare (default all: {' '.join(factories(CHUNK))})")
+    parser.add_argument("--real", type=int, help="Fashion-MNIST images of the real-weights check (default 600; "
+                                                 "0: keep the earlier run's; embedding runs at about 6 images/s)")
     parser.add_argument("--name", default="ann", help="results file name under benchmarks/results/")
-    return report.fill(parser.parse_args(argv), QUICK, {"rows": "100000,1000000", "queries": 500, "indexes": list(factories(CHUNK))})
+    return report.fill(parser.parse_args(argv), QUICK, {"rows": "100000,1000000", "queries": 500, "indexes": list(factories(CHUNK)), "real": 600})
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -322,7 +371,11 @@ def measure(args: argparse.Namespace) -> dict:
     results: dict = {"quick": args.quick, "dim": DIM, "threads": THREADS, "queries": args.queries,
                      "generators": {"offset_weight": OFFSET_WEIGHT, "match_weight": MATCH_WEIGHT, "centres": CENTRES},
                      "load_average": {"before": common.load_average()}}
-    results["sizes"] = [measure_size(int(rows), args.queries, args.indexes) for rows in args.rows.split(",")]
+    earlier = report.previous(args.name)
+    sizes = [measure_size(int(rows), args.queries, args.indexes) for rows in args.rows.split(",") if rows]
+    results["sizes"] = sizes or earlier.get("sizes", [])
+    results["sizes_from_earlier_run"] = not sizes
+    results["real"] = real_gap(args.real) if args.real else earlier.get("real")
     results["load_average"]["after"] = common.load_average()
     results["checks"] = checks(results)
     results["plot"] = plot(results)

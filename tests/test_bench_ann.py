@@ -61,4 +61,17 @@ def test_quick_mode_runs_through_the_harness(tmp_path, monkeypatch):
     flat = size["indexes"][0]["curve"]
     assert len(flat) == 1 and flat[0]["text"]["recall"] == flat[0]["image"]["recall"] == 1.0  # exact
     assert len(size["indexes"][1]["curve"]) > 1 and size["indexes"][1]["curve"][0]["knob"] == "nprobe"
-    assert size["choice"] is not None and "Default chosen per size" in (tmp_path / "ann.md").read_text()
+    md = (tmp_path / "ann.md").read_text()
+    assert size["choice"] is not None and "Default chosen per size" in md and "Real weights: not measured" in md
+
+
+def test_real_gap_measures_both_kinds_with_the_packaged_model():
+    from benchmarks.datasets import DatasetUnavailable
+
+    try:
+        real = bench_ann.real_gap(8, labels=("fashion_mnist",))
+    except DatasetUnavailable as err:
+        pytest.skip(str(err))
+    text, image = real["text: fashion_mnist (98 prompts)"], real["image: the other half"]
+    assert real["images"] == 8 and 0 < text["p10"] <= text["p90"] <= 1 and 0 < image["p50"] <= 1
+    assert text["p50"] < image["p50"]  # texts sit further from the images than images from one another
