@@ -75,3 +75,15 @@ def test_real_gap_measures_both_kinds_with_the_packaged_model():
     text, image = real["text: fashion_mnist (98 prompts)"], real["image: the other half"]
     assert real["images"] == 8 and 0 < text["p10"] <= text["p90"] <= 1 and 0 < image["p50"] <= 1
     assert text["p50"] < image["p50"]  # texts sit further from the images than images from one another
+
+
+def test_factory_for_keeps_the_table_its_documentation_and_the_measurement_give():
+    from clipzsl.search import AUTO_EXACT_LIMIT, factory_for
+
+    assert factory_for(AUTO_EXACT_LIMIT) == "Flat" and factory_for(AUTO_EXACT_LIMIT + 1) == "IVF512,Flat"
+    assert factory_for(10**6) == "IVF1024,Flat" and factory_for(10**6, "HNSW32") == "HNSW32"
+    record = report.RESULTS_DIR / "ann.json"
+    sizes = {s["rows"]: s for s in json.loads(record.read_text())["results"]["sizes"]} if record.exists() else {}
+    if 10**6 in sizes:  # the default at 10^6 is what the measurement chose, or stays when nothing met the targets
+        chosen = sizes[10**6]["choice"]
+        assert chosen is None or chosen["factory"] == factory_for(10**6)
