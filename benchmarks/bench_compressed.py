@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from . import report
-from .bench_store_scale import synthetic
+from .common import synthetic
 from .children import run_json
 
 DIM = 384

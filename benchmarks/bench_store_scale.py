@@ -36,19 +36,12 @@ import numpy as np
 
 from . import report
 from .children import run_json
+from .common import synthetic
 
 DIM = 512
 BATCH = 10_000
 PARTS = ("append", "open", "labels", "shards", "images")
 MODEL_512 = "openclip:ViT-B-32/random"  # any 512-d model: from-shards needs one for text queries
-
-
-def synthetic(count: int, dim: int, seed: int, centres: int = 4096) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    c = np.random.default_rng(12345).normal(size=(centres, dim)).astype(np.float32)
-    c /= np.linalg.norm(c, axis=1, keepdims=True)
-    v = c[rng.integers(0, centres, count)] + rng.normal(scale=0.5 / np.sqrt(dim), size=(count, dim)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def peak_rss_mb() -> float:

@@ -55,6 +55,25 @@ def pct(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{100 * value:.{digits}f}"
 
 
+# ---------------------------------------------------------------- synthetic embeddings
+
+
+def cluster_centres(count: int, dim: int) -> np.ndarray:
+    """`count` random unit centres in `dim` dimensions, the same at every call (seed 12345): the
+    neighbourhoods of every synthetic collection and query set of that dimension."""
+    c = np.random.default_rng(12345).normal(size=(count, dim)).astype(np.float32)
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def synthetic(count: int, dim: int, seed: int, centres: int = 4096) -> np.ndarray:
+    """`count` unit vectors around `centres` cluster centres (noise 0.5 per unit of centre): synthetic
+    embeddings with neighbourhoods, as real ones have (a point's cosine to its centre is about 0.89)."""
+    rng = np.random.default_rng(seed)
+    c = cluster_centres(centres, dim)
+    v = c[rng.integers(0, centres, count)] + rng.normal(scale=0.5 / np.sqrt(dim), size=(count, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 # ---------------------------------------------------------------- plots
 
 
