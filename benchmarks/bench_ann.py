@@ -389,7 +389,7 @@ def measure(args: argparse.Namespace) -> dict:
     return results
 
 
-run, main = report.entry_points(options, measure, lambda results: print("\n".join(summary(results))))
+run, main = report.entry_points(options, measure, report.printer(summary))
 
 
 if __name__ == "__main__":

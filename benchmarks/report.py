@@ -130,6 +130,11 @@ def fill(args: Any, quick: dict, full: dict) -> Any:
     return args
 
 
+def printer(summary: Callable[[dict], Sequence[str]]) -> Callable[[dict], None]:
+    """`entry_points`' `show` for a benchmark whose `summary(results)` gives the lines of its page."""
+    return lambda results: print("\n".join(summary(results)))
+
+
 def entry_points(options: Callable[[Sequence[str] | None], Any], measure: Callable[[Any], dict],
                  show: Callable[[dict], object] = lambda results: None) -> tuple[Callable, Callable]:
     """A benchmark's two entry points, from its option parser and its measurement (which writes through
