@@ -46,30 +46,30 @@ def run_client(cmd: list, cwd: Path, timeout: float = 1800) -> str:
     return done.stdout
 
 
-def _apt_download(spec: str, into: Path) -> None:
+def _apt_download(package: str, into: Path) -> None:
     try:
-        run_client(["apt-get", "download", spec], into)
+        run_client(["apt-get", "download", package], into)
     except PackageUnavailable as err:  # a fresh machine has empty package lists: refresh once (root), retry
         if "Unable to locate package" not in str(err) or os.geteuid() != 0:
             raise
         run_client(["apt-get", "update", "-qq"], into)
-        run_client(["apt-get", "download", spec], into)
+        run_client(["apt-get", "download", package], into)
 
 
-def download(client: str, spec: str, into: Path) -> Path:
+def download(client: str, package: str, into: Path) -> Path:
     """The package's archive, downloaded into the empty folder `into` by the registry's own client."""
     if client == "npm":
-        run_client(["npm", "pack", spec, "--silent"], into)
+        run_client(["npm", "pack", package, "--silent"], into)
     elif client == "pip":
         run_client([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                    "--disable-pip-version-check", "-q", "-d", into, spec], into)
+                    "--disable-pip-version-check", "-q", "-d", into, package], into)
     elif client == "apt":
-        _apt_download(spec, into)
+        _apt_download(package, into)
     else:
         raise InputError(f"unknown client {client!r}; expected apt, npm or pip")
     archives = [p for p in into.iterdir() if p.is_file()]
     if len(archives) != 1:
-        raise PackageUnavailable(f"{client} {spec}: expected one archive, got {sorted(p.name for p in archives)}")
+        raise PackageUnavailable(f"{client} {package}: expected one archive, got {sorted(p.name for p in archives)}")
     return archives[0]
 
 
@@ -90,7 +90,7 @@ def extract(archive: Path, dest: Path) -> None:
         raise PackageUnavailable(f"cannot extract {archive.name}: {err}") from err
 
 
-def fetch_package(client: str, spec: str, dest: Path) -> Path:
+def fetch_package(client: str, package: str, dest: Path) -> Path:
     """`dest`, holding the unpacked package: fetched and unpacked beside it, then moved into place
     whole (an interrupted fetch leaves nothing half-made at `dest`); already there, nothing is fetched."""
     if (dest / SOURCE_FILE).exists():
@@ -99,7 +99,7 @@ def fetch_package(client: str, spec: str, dest: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".fetch-"))
     try:
         (tmp / "download").mkdir()
-        archive = download(client, spec, tmp / "download")
+        archive = download(client, package, tmp / "download")
         extract(archive, tmp / "x")
         (tmp / "x" / SOURCE_FILE).write_text(f"{client} {archive.name}\n")
         shutil.rmtree(dest, ignore_errors=True)

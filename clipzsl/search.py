@@ -19,16 +19,16 @@ from .errors import InputError
 AUTO_EXACT_LIMIT = 200_000
 
 
-def factory_for(count: int, spec: str = "auto") -> str:
-    """The factory string that `spec` means for `count` vectors.
+def factory_for(count: int, factory: str = "auto") -> str:
+    """The factory string that `factory` means for `count` vectors: itself, or for "auto" one chosen by size.
 
     "auto" is kept by measurement (benchmarks/results/ann.md, issue 21): at 10^6 rows no index compared
     (IVF-Flat, IVF-SQ8, IVF-PQ with re-ranking, HNSW32, IVF with an HNSW quantizer) reached recall@10
     0.95 on text-like queries under 10 ms per query, and IVF-Flat was on the recall/time front for
     both text-like and image-like queries (0.95 text at nprobe 256 of 1024 cells); up to
     AUTO_EXACT_LIMIT exact search costs no build and finds everything."""
-    if spec != "auto":
-        return spec
+    if factory != "auto":
+        return factory
     if count <= AUTO_EXACT_LIMIT:
         return "Flat"
     return f"IVF{2 ** round(math.log2(math.sqrt(count)))},Flat"
@@ -53,10 +53,10 @@ def new_index(factory: str, dim: int, count: int):
     return index
 
 
-def build_index(vectors: np.ndarray, spec: str = "auto", add: bool = True):
+def build_index(vectors: np.ndarray, factory: str = "auto", add: bool = True):
     """A FAISS inner-product index trained on `vectors` and (with `add`) holding them (row i has id i)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = new_index(factory_for(len(vectors), spec), vectors.shape[1], len(vectors))
+    index = new_index(factory_for(len(vectors), factory), vectors.shape[1], len(vectors))
     if not index.is_trained:
         index.train(vectors)
     if add:
