@@ -24,7 +24,8 @@ from .backends.base import CacheArg, cache_dir_of
 from .errors import ClipzslError, InputError
 from .head import Head, check_top_k, probabilities, zero_shot_head
 from .head import top_k as top_k_labels
-from .images import EmbeddedImages, ImageSource, embed_images
+from .images import EmbeddedImages, ImageSource, embed_images, expand_sources, load_image
+from .maps import HeatMap, image_maps
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_labels, load_templates
 from .store import EmbeddingStore, StoreError, atomic_write, cache_root
 from .text_encoding import cached_class_embeddings
@@ -152,6 +153,13 @@ class ZeroShotClassifier:
         embedded = self._embedded(images, batch_size)
         with torch.no_grad():
             return self.adapter.attention(self.class_embeddings, tokens_of(embedded), embedded.embeddings)
+
+    def heatmaps(self, images: ImageSource | Sequence[ImageSource], method: str | None = None) -> list[HeatMap]:
+        """Per image, where each label is: a `HeatMap` ([C, h, w] grid and the image box it covers) drawn by
+        `method` (`clipzsl.maps.METHODS`; None: the adapter's attention if there is one, else the
+        model's default)."""
+        return image_maps(self.model, [load_image(s) for s in expand_sources(images)], self.class_embeddings,
+                          method, self.adapter)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the class embeddings as safetensors, with the model fingerprint and spec, the

@@ -350,7 +350,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     model = load_model(args.model, **run_options(args))
     written = explain(model, args.images, labels_argument(args.labels), args.out, adapter=args.adapter,
-                      templates=args.templates)
+                      templates=args.templates, method=args.method)
     for path in written:
         print(path)
     return 0
@@ -510,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", default="explain", help="output directory")
     explain.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     explain.add_argument("--templates", help="template set (default: the adapter's, else the default)")
+    explain.add_argument("--method", help="heat-map method (default: the adapter's attention with --adapter, else "
+                                          "the model's default; see clipzsl.maps.METHODS)")
     add_run_options(explain)
     explain.set_defaults(run=cmd_explain)
 

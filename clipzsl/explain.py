@@ -1,110 +1,25 @@
-"""Heatmaps of where a label looks in an image.
+"""Pictures of where a label looks in an image: the maps of `clipzsl.maps` over the image.
 
-With an adapter: its attention (mean over heads, the global token left out) of the label's
-query over the image's spatial tokens. Without one: the patch-to-text cosine similarity map
-(each spatial token against the label's embedding). The token grid covers what the backbone
-was shown: the whole image squeezed to a square (the packaged default) or a centre crop
-(CLIP models, `packaged+crop`), so the map is stretched over exactly that part of the original
-image. The picture keeps the image at its own size, with the label and its probability in a
+The map is stretched over exactly the part of the image the model was shown (`HeatMap.box`). The
+picture keeps the image at its own size, with the label, its probability and the map's method in a
 strip below it and a colour scale beside it.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .adapter import CrossAttentionAdapter, tokens_of
+from .adapter import CrossAttentionAdapter
 from .backends import Backend
 from .classifier import ZeroShotClassifier
-from .errors import InputError
-from .images import EmbeddedImages, ImageSource, check_output, expand_sources, load_image
+from .images import ImageSource, check_output, expand_sources, load_image
+from .maps import HeatMap
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
-
-
-@dataclass(frozen=True)
-class View:
-    """The part of an image that a backend's input shows.
-
-    `squeeze`: the whole image resized to the input size, aspect ratio not kept; otherwise the
-    shorter side is resized and a centre square cut out. `crop`: side of the centre crop over
-    the resized side (for `squeeze`, per axis)."""
-
-    squeeze: bool
-    crop: float = 1.0
-
-    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
-        """(left, top, right, bottom) of that part in an image of this size."""
-        if self.squeeze:
-            w, h = round(width * self.crop), round(height * self.crop)
-        else:
-            w = h = round(min(width, height) * self.crop)
-        w, h = max(1, w), max(1, h)
-        left, top = (width - w) // 2, (height - h) // 2
-        return left, top, left + w, top + h
-
-
-def image_view(model: Backend, image: Image.Image | None = None) -> View:
-    """The `View` of a model's preprocessing, read from its transformers image processor (hf:)
-    or its torchvision Compose (open_clip, packaged). A preprocessing that picks its view per image
-    (the packaged default's `transform_for`) is asked for `image`'s. Anything else is taken as CLIP's
-    centre square."""
-    processor = getattr(getattr(model, "processor", None), "image_processor", None)
-    if processor is not None:
-        return _processor_view(processor)
-    transform = model.preprocess
-    if image is not None and hasattr(transform, "transform_for"):
-        transform = transform.transform_for(image)
-    return _compose_view(transform)
-
-
-def _processor_view(processor: Any) -> View:
-    """The `View` of a transformers image processor (its resize and centre-crop settings)."""
-    size = _size_fields(processor.size) if getattr(processor, "do_resize", True) else {}
-    crop = _size_fields(processor.crop_size) if getattr(processor, "do_center_crop", False) else {}
-    squeeze = "height" in size and "width" in size
-    resize = size.get("height") if squeeze else size.get("shortest_edge")
-    return View(squeeze, min(1.0, crop["height"] / resize) if resize and "height" in crop else 1.0)
-
-
-def _compose_view(transform: Any) -> View:
-    """The `View` of a torchvision Compose: its Resize and CenterCrop steps (none: CLIP's centre square)."""
-    resize = crop = None
-    squeeze = False
-    for t in getattr(transform, "transforms", []):
-        size = getattr(t, "size", None)
-        pair = isinstance(size, (list, tuple)) and len(size) == 2
-        side = size[0] if isinstance(size, (list, tuple)) else size
-        if type(t).__name__ == "Resize":
-            squeeze, resize = pair, side  # Resize((h, w)) squeezes; Resize(n) scales the shorter side to n
-        elif type(t).__name__ == "CenterCrop":
-            crop = side
-    return View(squeeze, min(1.0, crop / resize) if resize and crop else 1.0)
-
-
-def _size_fields(size: Any) -> dict:
-    """A processor's size (a dict, transformers 5's SizeDict, or a bare int) as a dict of its set fields."""
-    if isinstance(size, int):
-        return {"shortest_edge": size}
-    fields = asdict(size) if is_dataclass(size) and not isinstance(size, type) else dict(size)
-    return {k: v for k, v in fields.items() if v is not None}
-
-
-def grid_of(values: torch.Tensor) -> np.ndarray:
-    """[T] -> [h, w] (square grid; T must be a square number)."""
-    t = values.numel()
-    side = int(round(math.sqrt(t)))
-    if side * side != t:
-        raise InputError(f"cannot lay {t} tokens out on a square grid")
-    return values.reshape(side, side).float().numpy()
 
 
 def colormap(x: np.ndarray) -> np.ndarray:
@@ -116,11 +31,10 @@ def colormap(x: np.ndarray) -> np.ndarray:
     return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).astype(np.uint8)
 
 
-def overlay(image: Image.Image, heat: np.ndarray, view: View = View(squeeze=False),
-            opacity: float = 0.5) -> Image.Image:
-    """The image (its own size) with `heat` ([h, w], any range) stretched over the part `view` shows."""
+def overlay(image: Image.Image, heat: np.ndarray, box: tuple[int, int, int, int], opacity: float = 0.5) -> Image.Image:
+    """The image (its own size) with `heat` ([h, w], any range) stretched over `box` (left, top, right, bottom)."""
     image = image.convert("RGB")
-    left, top, right, bottom = view.box(*image.size)
+    left, top, right, bottom = box
     lo, hi = float(heat.min()), float(heat.max())
     norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     small = Image.fromarray((norm * 255).astype(np.uint8)).resize((right - left, bottom - top),
@@ -160,21 +74,9 @@ def annotate(picture: Image.Image, caption: str) -> Image.Image:
     return canvas
 
 
-def picture(model: Backend, image: Image.Image, heat: torch.Tensor, caption: str) -> Image.Image:
-    """One label's map `heat` ([T] tokens) over `image` where `model` looked, captioned, with its colour scale."""
-    return annotate(overlay(image, grid_of(heat), image_view(model, image)), caption)
-
-
-def heatmaps(images: EmbeddedImages, class_embeddings: torch.Tensor,
-             adapter: CrossAttentionAdapter | None = None) -> torch.Tensor:
-    """[N, C, T] maps from images embedded with their tokens: adapter attention (mean over heads,
-    without the global token) or patch-text cosine."""
-    tokens = tokens_of(images)
-    with torch.no_grad():
-        if adapter is not None:
-            attn = adapter.attention(class_embeddings, tokens, images.embeddings).mean(2)  # [N, C, T']
-            return attn[..., 1:] if adapter.config.global_token else attn
-        return torch.einsum("ntd,cd->nct", F.normalize(tokens, dim=-1), class_embeddings)
+def picture(image: Image.Image, heat_map: HeatMap, column: int, caption: str) -> Image.Image:
+    """Label `column`'s map of `heat_map` over `image`, captioned, with its colour scale and the method's name."""
+    return annotate(overlay(image, heat_map.grid[column], heat_map.box), f"{caption} ({heat_map.method})")
 
 
 def _slug(text: str) -> str:
@@ -204,10 +106,12 @@ def explain(
     out_dir: str | Path,
     adapter: CrossAttentionAdapter | str | Path | None = None,
     templates: TemplatesArg | None = None,
+    method: str | None = None,
 ) -> list[Path]:
     """Write one PNG per (image, label) into `out_dir`, `<image stem>__<label>.png` (see
-    `output_stems`): the image at its own size with the label's map over what the model saw,
-    the label and its probability (among `labels`) below, the colour scale beside it."""
+    `output_stems`): the image at its own size with the label's map (`method`, see
+    `clipzsl.maps.method_named`) over what the model saw, the label and its probability (among
+    `labels`) below, the colour scale beside it."""
     check_output(out_dir, images, writes_images=True)
     if isinstance(adapter, (str, Path)):
         adapter = CrossAttentionAdapter.load(adapter, model)
@@ -215,17 +119,17 @@ def explain(
     clf = ZeroShotClassifier(model, labels=labels, templates=templates or saved or DEFAULT_TEMPLATES, cache=False,
                              adapter=adapter)
     sources = expand_sources(images)
-    embedded = clf.embed(sources, return_tokens=True)
+    embedded = clf.embed(sources)
     probs = clf.predict_proba(embedded)
-    maps = heatmaps(embedded, clf.class_embeddings, clf.adapter)
     label_names = _distinct([_slug(name) for name in clf.labels])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, (src, stem) in enumerate(zip(sources, output_stems(sources))):
         image = load_image(src)
+        heat_map, = clf.heatmaps([image], method)
         for c, name in enumerate(clf.labels):
             path = out_dir / f"{stem}__{label_names[c]}.png"
-            picture(model, image, maps[i, c], f"{name}: {probs[i, c]:.1%}").save(path)
+            picture(image, heat_map, c, f"{name}: {probs[i, c]:.1%}").save(path)
             written.append(path)
     return written

@@ -52,7 +52,7 @@ from starlette.requests import ClientDisconnect
 from .backends import Backend, load_model
 from .classifier import ZeroShotClassifier, label_embeddings
 from .errors import ClipzslError, InputError
-from .explain import heatmaps, picture
+from .explain import picture
 from .image_index import ImageIndex, is_under, model_spec_of
 from .images import MAX_PIXELS, EmbeddedImages, ImageLoadError, TooManyPixels, decode_image, encode_pixels, load_image
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
@@ -501,7 +501,7 @@ def _thumbnail(path: str, side: int, max_pixels: int) -> bytes:
 
 
 def _explain_png(service: Service, classifier: ZeroShotClassifier, image: Image.Image, label: str | None) -> bytes:
-    embedded = classifier.embed([image], return_tokens=True, progress=False)
+    embedded = classifier.embed([image], progress=False)
     probs = classifier.predict_proba(embedded)[0]
     if label is None:
         column = int(np.argmax(probs))
@@ -509,9 +509,9 @@ def _explain_png(service: Service, classifier: ZeroShotClassifier, image: Image.
         column = classifier.labels.index(label)
     else:
         raise ServiceError(422, f"label {label!r} is not one of the labels sent; pick one of them")
-    heat = heatmaps(embedded, classifier.class_embeddings, classifier.adapter)[0, column]
+    heat_map, = classifier.heatmaps([image])
     out = io.BytesIO()
-    picture(service.model, image, heat, f"{classifier.labels[column]}: {probs[column]:.1%}").save(out, "PNG")
+    picture(image, heat_map, column, f"{classifier.labels[column]}: {probs[column]:.1%}").save(out, "PNG")
     return out.getvalue()
 
 

@@ -17,7 +17,7 @@ from clipzsl.backends.base import resolve_device, resolve_precision
 from clipzsl.backends.hub import hub_error
 from clipzsl.backends.packaged import read_cached, weights_path
 from clipzsl.errors import InputTypeError
-from clipzsl.explain import grid_of
+from clipzsl.maps import grid_of
 from clipzsl.head import probabilities, top_k, zero_shot_head
 from clipzsl.images import EmbeddedImages, check_output, embed_images
 

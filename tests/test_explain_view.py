@@ -9,7 +9,8 @@ from PIL import Image
 
 import clipzsl
 from clipzsl.backends.packaged import CROP_PADDING, image_transform
-from clipzsl.explain import View, annotate, explain, image_view, output_stems, overlay
+from clipzsl.explain import annotate, explain, output_stems, overlay
+from clipzsl.maps import View, image_view
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def right_column_peak():
 def test_squeeze_view_puts_a_right_edge_peak_at_the_right_edge_of_a_wide_image():
     image = Image.new("RGB", (1200, 300), (128, 128, 128))
     view = image_view(SimpleNamespace(preprocess=image_transform(224)))
-    out = overlay(image, right_column_peak(), view)
+    out = overlay(image, right_column_peak(), view.box(*image.size))
     assert out.size == (1200, 300)
     assert hottest_column(out, 1200, 300) >= 1200 - 1200 // 7  # the last token column spans the last 7th
     assert not np.array_equal(np.asarray(out)[:, 0], np.asarray(image)[:, 0])  # the map covers the left edge too
@@ -56,7 +57,7 @@ def test_squeeze_view_puts_a_right_edge_peak_at_the_right_edge_of_a_wide_image()
 
 def test_crop_view_puts_it_at_the_right_edge_of_the_centre_square(openclip_backend):
     image = Image.new("RGB", (1200, 300), (128, 128, 128))
-    out = np.asarray(overlay(image, right_column_peak(), image_view(openclip_backend)))
+    out = np.asarray(overlay(image, right_column_peak(), image_view(openclip_backend).box(*image.size)))
     assert 750 - 300 // 7 <= hottest_column(Image.fromarray(out), 1200, 300) < 750  # square is x in [450, 750)
     grey = np.asarray(image)
     assert np.array_equal(out[:, :450], grey[:, :450]) and np.array_equal(out[:, 750:], grey[:, 750:])

@@ -1,0 +1,165 @@
+"""Heat maps: where in an image each label is, as one [C, h, w] grid per image, by a named method.
+
+Pictures (`clipzsl.explain`), the service's /explain and the benchmarks all read maps through
+`image_maps` (or `ZeroShotClassifier.heatmaps`). A method turns a preprocessed batch and the class
+embeddings into [N, C, h, w] scores, higher where the label is (`MapMethod`); `METHODS` names them
+and `default_method` picks one for a model. The grid covers the part of the image the model was
+shown (`View`: the whole image squeezed to the input size, or a centre square), which `HeatMap.box`
+gives in the image's own pixels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .adapter import CrossAttentionAdapter
+from .backends import Backend
+from .errors import InputError
+
+#: (model, pixels [N, 3, H, W] on the model's device, class embeddings [C, D]) -> maps [N, C, h, w]
+MapMethod = Callable[[Backend, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class View:
+    """The part of an image that a backend's input shows.
+
+    `squeeze`: the whole image resized to the input size, aspect ratio not kept; otherwise the
+    shorter side is resized and a centre square cut out. `crop`: side of the centre crop over
+    the resized side (for `squeeze`, per axis)."""
+
+    squeeze: bool
+    crop: float = 1.0
+
+    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of that part in an image of this size."""
+        if self.squeeze:
+            w, h = round(width * self.crop), round(height * self.crop)
+        else:
+            w = h = round(min(width, height) * self.crop)
+        w, h = max(1, w), max(1, h)
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+
+@dataclass(frozen=True)
+class HeatMap:
+    """One image's maps. `grid`: [C, h, w] float32, one map per label in the classifier's order, higher
+    where the label is (the scale is the method's own); `box`: (left, top, right, bottom), the part of
+    the image the grid covers, in the image's pixels; `method`: the name of the method that drew it."""
+
+    grid: np.ndarray
+    box: tuple[int, int, int, int]
+    method: str
+
+
+def image_view(model: Backend, image: Image.Image | None = None) -> View:
+    """The `View` of a model's preprocessing, read from its transformers image processor (hf:)
+    or its torchvision Compose (open_clip, packaged). A preprocessing that picks its view per image
+    (the packaged default's `transform_for`) is asked for `image`'s. Anything else is taken as CLIP's
+    centre square."""
+    processor = getattr(getattr(model, "processor", None), "image_processor", None)
+    if processor is not None:
+        return _processor_view(processor)
+    transform = model.preprocess
+    if image is not None and hasattr(transform, "transform_for"):
+        transform = transform.transform_for(image)
+    return _compose_view(transform)
+
+
+def _processor_view(processor: Any) -> View:
+    """The `View` of a transformers image processor (its resize and centre-crop settings)."""
+    size = _size_fields(processor.size) if getattr(processor, "do_resize", True) else {}
+    crop = _size_fields(processor.crop_size) if getattr(processor, "do_center_crop", False) else {}
+    squeeze = "height" in size and "width" in size
+    resize = size.get("height") if squeeze else size.get("shortest_edge")
+    return View(squeeze, min(1.0, crop["height"] / resize) if resize and "height" in crop else 1.0)
+
+
+def _compose_view(transform: Any) -> View:
+    """The `View` of a torchvision Compose: its Resize and CenterCrop steps (none: CLIP's centre square)."""
+    resize = crop = None
+    squeeze = False
+    for t in getattr(transform, "transforms", []):
+        size = getattr(t, "size", None)
+        pair = isinstance(size, (list, tuple)) and len(size) == 2
+        side = size[0] if isinstance(size, (list, tuple)) else size
+        if type(t).__name__ == "Resize":
+            squeeze, resize = pair, side  # Resize((h, w)) squeezes; Resize(n) scales the shorter side to n
+        elif type(t).__name__ == "CenterCrop":
+            crop = side
+    return View(squeeze, min(1.0, crop / resize) if resize and crop else 1.0)
+
+
+def _size_fields(size: Any) -> dict:
+    """A processor's size (a dict, transformers 5's SizeDict, or a bare int) as a dict of its set fields."""
+    if isinstance(size, int):
+        return {"shortest_edge": size}
+    fields = asdict(size) if is_dataclass(size) and not isinstance(size, type) else dict(size)
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def grid_of(values: torch.Tensor) -> torch.Tensor:
+    """[..., T] -> [..., h, w] (a square grid; T must be a square number)."""
+    t = values.shape[-1]
+    side = int(round(math.sqrt(t)))
+    if side * side != t:
+        raise InputError(f"cannot lay {t} tokens out on a square grid")
+    return values.reshape(*values.shape[:-1], side, side)
+
+
+def cosine(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """Each spatial token's cosine to each label: the raw patch-to-text map."""
+    _, tokens = model.encode_images(pixels, return_tokens=True)
+    return grid_of(torch.einsum("ntd,cd->nct", F.normalize(tokens.float(), dim=-1), class_embeddings))
+
+
+def adapter_attention(adapter: CrossAttentionAdapter) -> MapMethod:
+    """The method of a trained adapter: each label's attention over the spatial tokens (mean over
+    heads, the global token left out)."""
+    def attention(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        pooled, tokens = model.encode_images(pixels, return_tokens=True)
+        attn = adapter.attention(class_embeddings, tokens.float(), pooled.float()).mean(2)  # [N, C, T']
+        return grid_of(attn[..., 1:] if adapter.config.global_token else attn)
+    return attention
+
+
+#: the training-free methods, by name
+METHODS: dict[str, MapMethod] = {"cosine": cosine}
+
+
+def default_method(model: Backend) -> str:
+    """The method a model's maps use unless another is asked for."""
+    return "cosine"
+
+
+def method_named(model: Backend, method: str | None, adapter: CrossAttentionAdapter | None = None) -> tuple[str, MapMethod]:
+    """(name, function) of `method` for `model`: None is the adapter's attention where there is an
+    adapter, else `default_method`; "adapter" needs one; an unknown name is an InputError listing the known."""
+    if method == "adapter" or (method is None and adapter is not None):
+        if adapter is None:
+            raise InputError("method 'adapter' needs a trained adapter: pass adapter=PATH_OR_OBJECT (--adapter)")
+        return "adapter", adapter_attention(adapter)
+    name = method or default_method(model)
+    if name not in METHODS:
+        raise InputError(f"unknown heat-map method {name!r}; pick one of {', '.join([*METHODS, 'adapter'])}")
+    return name, METHODS[name]
+
+
+def image_maps(model: Backend, images: Sequence[Image.Image], class_embeddings: torch.Tensor,
+               method: str | None = None, adapter: CrossAttentionAdapter | None = None) -> list[HeatMap]:
+    """One `HeatMap` per image (decoded RGB images): `method`'s maps of every label (`method_named`)."""
+    name, function = method_named(model, method, adapter)
+    maps = []
+    for image in images:
+        pixels = model.normalize_pixels(model.pixels_uint8(image)[None])
+        with torch.no_grad():
+            grid = function(model, pixels, class_embeddings.to(pixels.device))[0]
+        maps.append(HeatMap(grid.float().cpu().numpy(), image_view(model, image).box(*image.size), name))
+    return maps
