@@ -163,3 +163,34 @@ def image_maps(model: Backend, images: Sequence[Image.Image], class_embeddings: 
             grid = function(model, pixels, class_embeddings.to(pixels.device))[0]
         maps.append(HeatMap(grid.float().cpu().numpy(), image_view(model, image).box(*image.size), name))
     return maps
+
+
+def peak_region(grid: np.ndarray, share: float = 0.5) -> np.ndarray:
+    """[h, w] bool: the cells 4-connected to the map's peak whose value is at least `share` of the way from
+    the map's lowest value to its peak (the peak alone when the map is flat)."""
+    peak = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    lo, hi = float(grid.min()), float(grid[peak])
+    above = grid >= lo + share * (hi - lo) if hi > lo else np.zeros(grid.shape, bool)
+    region = np.zeros(grid.shape, bool)
+    region[peak] = True
+    frontier = [peak]
+    while frontier:
+        y, x = frontier.pop()
+        for cell in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+            if 0 <= cell[0] < grid.shape[0] and 0 <= cell[1] < grid.shape[1] and above[cell] and not region[cell]:
+                region[cell] = True
+                frontier.append(cell)
+    return region
+
+
+def peak_box(heat_map: HeatMap, column: int, share: float = 0.5) -> tuple[tuple[int, int, int, int], float]:
+    """(box, score) of label `column`'s peak: the (left, top, right, bottom) pixels of the image covered by
+    `peak_region`'s cells, and the map's value at the peak."""
+    grid = heat_map.grid[column]
+    rows, cols = np.nonzero(peak_region(grid, share))
+    left, top, right, bottom = heat_map.box
+    h, w = grid.shape
+    cell_w, cell_h = (right - left) / w, (bottom - top) / h
+    box = (left + math.floor(cols.min() * cell_w), top + math.floor(rows.min() * cell_h),
+           left + math.ceil((cols.max() + 1) * cell_w), top + math.ceil((rows.max() + 1) * cell_h))
+    return box, float(grid.max())

@@ -48,3 +48,14 @@ def test_unknown_methods_and_an_adapter_method_without_one_are_refused(classifie
         classifier.heatmaps([wide_image()], method="nope")
     with pytest.raises(InputError, match="needs a trained adapter"):
         classifier.heatmaps([wide_image()], method="adapter")
+
+
+def test_peak_box_covers_the_connected_cells_near_the_peak_in_image_pixels():
+    from clipzsl.maps import HeatMap, peak_box
+
+    grid = np.zeros((1, 4, 4), np.float32)
+    grid[0, 1, 2], grid[0, 1, 3], grid[0, 2, 2] = 1.0, 0.6, 0.7
+    grid[0, 3, 0] = 0.9  # above the threshold but not connected to the peak
+    box, score = peak_box(HeatMap(grid, (10, 0, 50, 40), "cosine"), 0)
+    assert score == 1.0
+    assert box == (30, 10, 50, 30)  # cells are 10 x 10 pixels: columns 2-3, rows 1-2, shifted by the box's left
