@@ -130,13 +130,34 @@ def adapter_attention(adapter: CrossAttentionAdapter) -> MapMethod:
     return attention
 
 
-#: the training-free methods, by name
-METHODS: dict[str, MapMethod] = {"cosine": cosine}
+@dataclass(frozen=True)
+class Method:
+    """A training-free method: `draw` makes the maps, `applies` says whether it can for a model."""
+
+    draw: MapMethod
+    applies: Callable[[Backend], bool]
+
+
+def has_tokens(model: Backend) -> bool:
+    """Whether the model gives spatial tokens in the joint space (`encode_images(return_tokens=True)`)."""
+    return model.spatial_tokens
+
+
+#: the training-free methods, by name; the first that applies to a model is its default (`default_method`)
+METHODS: dict[str, Method] = {"cosine": Method(cosine, has_tokens)}
+
+
+def methods_for(model: Backend) -> list[str]:
+    """The names of the training-free methods that can draw `model`'s maps, its default first."""
+    return [name for name, method in METHODS.items() if method.applies(model)]
 
 
 def default_method(model: Backend) -> str:
-    """The method a model's maps use unless another is asked for."""
-    return "cosine"
+    """The method a model's maps use unless another is asked for: the first of `METHODS` that applies."""
+    names = methods_for(model)
+    if not names:
+        raise InputError(f"no heat-map method draws maps for {model.spec}")
+    return names[0]
 
 
 def method_named(model: Backend, method: str | None, adapter: CrossAttentionAdapter | None = None) -> tuple[str, MapMethod]:
@@ -149,7 +170,10 @@ def method_named(model: Backend, method: str | None, adapter: CrossAttentionAdap
     name = method or default_method(model)
     if name not in METHODS:
         raise InputError(f"unknown heat-map method {name!r}; pick one of {', '.join([*METHODS, 'adapter'])}")
-    return name, METHODS[name]
+    if not METHODS[name].applies(model):
+        raise InputError(f"heat-map method {name!r} does not apply to {model.spec}; pick one of "
+                         f"{', '.join(methods_for(model))}")
+    return name, METHODS[name].draw
 
 
 def image_maps(model: Backend, images: Sequence[Image.Image], class_embeddings: torch.Tensor,

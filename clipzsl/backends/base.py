@@ -146,6 +146,9 @@ class Backend(abc.ABC):
     #: (mean, std) of the normalisation `normalize_pixels` applies to a uint8 batch; None when the
     #: backend's preprocessing cannot be split, and its workers hand over float pixels
     pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None
+    #: whether `encode_images(return_tokens=True)` gives spatial tokens in the joint space (adapters and the
+    #: cosine heat map need them)
+    spatial_tokens: bool = True
 
     @abc.abstractmethod
     def encode_images(

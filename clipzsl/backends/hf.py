@@ -24,6 +24,7 @@ class HFBackend(Backend):
         self.device = device
         config = network.config
         self.is_siglip = "siglip" in config.model_type
+        self.spatial_tokens = not self.is_siglip
         self.embed_dim = int(getattr(config, "projection_dim", 0) or config.text_config.hidden_size)
         self.logit_scale = float(network.logit_scale.exp())
         self.logit_bias = float(network.logit_bias) if self.is_siglip else 0.0
@@ -77,7 +78,7 @@ class HFBackend(Backend):
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, return_tokens: bool = False):
         pixels = pixels.to(self.device)
-        if return_tokens and self.is_siglip:
+        if return_tokens and not self.spatial_tokens:
             raise NotImplementedError(f"spatial tokens are not projected into the joint space for {self.spec}")
         with self.autocast():
             if not return_tokens:

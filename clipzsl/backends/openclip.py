@@ -29,6 +29,8 @@ class OpenClipBackend(Backend):
         self.tokenizer = tokenizer
         self.spec = spec
         self.device = device
+        visual = network.visual  # a plain ViT tower gives its patch tokens; attention-pooled ones (ResNet, CoCa) do not
+        self.spatial_tokens = hasattr(visual, "output_tokens") and getattr(visual, "attn_pool", None) is None
         self.logit_scale = float(network.logit_scale.exp())
         bias = getattr(network, "logit_bias", None)
         self.logit_bias = float(bias) if bias is not None else 0.0
@@ -81,7 +83,7 @@ class OpenClipBackend(Backend):
 
     def _image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.network.visual
-        if not hasattr(visual, "output_tokens") or getattr(visual, "attn_pool", None) is not None:
+        if not self.spatial_tokens:
             raise NotImplementedError(f"spatial tokens need a plain ViT image tower; {self.spec} has none")
         visual.output_tokens = True
         try:
