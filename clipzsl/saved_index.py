@@ -20,7 +20,6 @@ rows) drops them together. The in-memory FAISS helpers (factories, training, bat
 """
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .search import build_index, factory_for, load_index, new_index, recall_at_k, set_search_parameter, write_index
+from .search import build_index, factory_for, fast_scan_factory, fast_scan_subquantizers, load_index, new_index, recall_at_k, set_search_parameter, write_index
 from .search import search as faiss_search
 from .store import (COMPACT_SEGMENT_ROWS, INDEX_FILE, INDEX_STATE, VERIFY_ON_OPEN_BYTES, EmbeddingStore,
                     SegmentsChanged, StoreError, atomic_write, file_crc)
@@ -41,11 +40,28 @@ TARGET_RECALL = 0.95
 SEARCH_PARAMETERS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: recall@10 within this of the best tried counts as the best, when no parameter reaches the target
 RECALL_PLATEAU = 0.005
+#: candidates per query (for a top 10) that a compressed index hands to the exact re-rank, smallest first
+RERANK_CANDIDATES = (20, 50, 100, 200, 400, 800, 1600, 3200)
+#: rows re-ranked at once: bounds the float32 rows in memory (100,000 x 384 x 4 bytes = 154 MB)
+RERANK_BLOCK = 100_000
 #: the kinds of query an index is tuned and checked on: stored vectors, and texts from its model
 QUERY_KINDS = ("image", "text")
 #: text-like queries from the index's model: (count, part) -> [count, D] unit vectors, parts 0 (tuning)
 #: and 1 (checking afresh) disjoint; None where the model's text tower is not at hand
 TextQueries = Callable[[int, int], Optional[np.ndarray]]
+
+
+#: ids of the candidates [Q, R] (-1: none) of queries [Q, D] -> (similarities, ids) [Q, R], exact, best first
+Rerank = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a saved index is searched: `param` is its knob (nprobe / efSearch; 0: none), `rerank` the
+    candidates per query (for a top 10) re-ranked with the exact stored rows (0: none)."""
+
+    param: int = 0
+    rerank: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,30 +79,83 @@ def train_size(factory: str) -> int:
     return 64 * int(cells.group(1)) if cells else 100_000
 
 
-def choose_factory(count: int, factory: str = "auto", saved: str | None = None) -> str:
-    """The factory string to build for `count` vectors: `factory`, or with "auto" the `saved` one,
-    else one chosen by size (`clipzsl.search.factory_for`)."""
-    return factory_for(count, saved or "auto" if factory == "auto" else factory)
+def choose_factory(count: int, dim: int, factory: str = "auto", saved: str | None = None) -> str:
+    """The factory string to build for `count` `dim`-dimensional vectors: `factory`, or with "auto" the
+    `saved` one, else one chosen by size (`clipzsl.search.factory_for`)."""
+    return factory_for(count, dim, saved or "auto" if factory == "auto" else factory)
 
 
-def tune(index: Any, kinds: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[int, dict[str, float]]:
-    """(search parameter, recall@10 per kind): the smallest parameter at which the queries of every
-    kind (kind -> (queries, their `exact` ids)) reach TARGET_RECALL; when none does, the smallest whose
-    lowest recall is within RECALL_PLATEAU of the best tried (a compressed index's recall stops growing
-    long before every cell is probed: more cells would only cost time); (0, recalls) for an index with no knob."""
-    tried: list[tuple[int, dict[str, float]]] = []
+def compressed(factory: str) -> bool:
+    """Whether an index of `factory` keeps lossy codes (PQ, SQ), whose order the exact rows must correct."""
+    return re.search(r"(^|,)(PQ|SQ)", factory) is not None
+
+
+def tune(index: Any, kinds: dict[str, tuple[np.ndarray, np.ndarray]],
+         rerank: Rerank | None = None) -> tuple[Setting, dict[str, float]]:
+    """(setting, recall@10 per kind): the cheapest `Setting` at which the queries of every kind (kind ->
+    (queries, their `exact` ids)) reach TARGET_RECALL; when none does, the cheapest whose lowest recall
+    is within RECALL_PLATEAU of the best tried (a compressed index's recall stops growing long before
+    every cell is probed: more would only cost time). Cheapest: the smallest knob (`SEARCH_PARAMETERS`),
+    then, with `rerank`, the fewest candidates (`RERANK_CANDIDATES`) at that knob; at each knob the
+    candidates grow only while recall does. The index is left set to the setting chosen."""
+    tried: list[tuple[Setting, dict[str, float]]] = []
     for param in SEARCH_PARAMETERS:
         knob = set_search_parameter(index, param) is not None
-        recalls = {kind: recall_at_k(index.search(queries, 10)[1], exact) for kind, (queries, exact) in kinds.items()}
-        if not knob:
-            return 0, recalls
-        if min(recalls.values()) >= TARGET_RECALL:
-            return param, recalls
-        tried.append((param, recalls))
+        tried += _tune_candidates(index, kinds, Setting(param if knob else 0), rerank)
+        if min(tried[-1][1].values()) >= TARGET_RECALL or not knob:
+            break
     best = max(min(recalls.values()) for _, recalls in tried)
-    param, recalls = next((p, r) for p, r in tried if min(r.values()) >= best - RECALL_PLATEAU)
-    set_search_parameter(index, param)
-    return param, recalls
+    floor = TARGET_RECALL if best >= TARGET_RECALL else best - RECALL_PLATEAU
+    setting, recalls = next((s, r) for s, r in tried if min(r.values()) >= floor)
+    set_search_parameter(index, setting.param)
+    return setting, recalls
+
+
+def _tune_candidates(index: Any, kinds: dict[str, tuple[np.ndarray, np.ndarray]], knob: Setting,
+                     rerank: Rerank | None) -> list[tuple[Setting, dict[str, float]]]:
+    """`tune`'s tries at one knob: no re-rank, or RERANK_CANDIDATES in turn until the target is reached or
+    recall stops growing (within RECALL_PLATEAU)."""
+    tried: list[tuple[Setting, dict[str, float]]] = []
+    for count in RERANK_CANDIDATES if rerank is not None else (0,):
+        setting = Setting(knob.param, count)
+        recalls = {kind: recall_at_k(search_with(index, queries, 10, setting, rerank)[1], exact)
+                   for kind, (queries, exact) in kinds.items()}
+        grew = not tried or min(recalls.values()) > min(tried[-1][1].values()) + RECALL_PLATEAU
+        tried.append((setting, recalls))
+        if min(recalls.values()) >= TARGET_RECALL or not grew:
+            break
+    return tried
+
+
+def candidates(setting: Setting, want: int) -> int:
+    """Candidates a search for the top `want` asks the index for: the setting's re-rank count for a top
+    10, in proportion for more, at least `want`."""
+    return max(want, -(-setting.rerank * want // 10))
+
+
+def search_with(index: Any, queries: np.ndarray, want: int, setting: Setting,
+                rerank: Rerank | None) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids) [Q, want]: the index's top `want`, or with a re-rank (`setting.rerank` > 0),
+    its top `candidates` re-ordered by `rerank` and cut to `want`."""
+    if not setting.rerank or rerank is None:
+        return faiss_search(index, queries, want)
+    similarities, ids = rerank(queries, faiss_search(index, queries, candidates(setting, want))[1])
+    return similarities[:, :want], ids[:, :want]
+
+
+def reranked(store: EmbeddingStore, queries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, rows) [Q, R]: candidate global `rows` [Q, R] (-1: none, kept last) in the order of
+    their exact inner product with `queries`, read from the store RERANK_BLOCK rows at a time."""
+    sims = np.full(rows.shape, -np.inf, np.float32)
+    per_block = max(1, RERANK_BLOCK // max(1, rows.shape[1]))
+    for start in range(0, len(rows), per_block):
+        block = rows[start:start + per_block]
+        found = block >= 0
+        vectors = store.read_rows(block[found])
+        sims[start:start + per_block][found] = np.einsum("nd,nd->n", vectors, np.repeat(
+            queries[start:start + per_block], found.sum(1), axis=0))
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
 
 
 def tuning_state(recalls: dict[str, float], counts: dict[str, int]) -> dict:
@@ -118,7 +187,8 @@ def describe_tuning(state: dict) -> str:
     parts = [f"{kind} queries ({f'{r.queries}, ' if r.queries else ''}recall@10 {r.value:.3f})"
              for kind, r in tuned.items()]
     missing = "".join(f"; {kind} queries: not measured" for kind in QUERY_KINDS if kind not in tuned)
-    return f"search parameter {state.get('param', 0)} tuned on " + " and ".join(parts) + missing
+    rerank = f", {state['rerank']} candidates re-ranked with the exact rows," if state.get("rerank") else ""
+    return f"search parameter {state.get('param', 0)}{rerank} tuned on " + " and ".join(parts) + missing
 
 
 def check_file(path: Path, state: dict, full: bool = True) -> str | None:
@@ -178,6 +248,7 @@ class _Loaded:
     base: int
     covered: int
     mapped: bool
+    setting: Setting = Setting()
 
 
 class SavedIndex:
@@ -210,7 +281,7 @@ class SavedIndex:
         Called before any work (None: the count is not known yet), so a refused factory leaves the
         store and its saved index as they were."""
         saved = self.state().get("factory")
-        wanted = choose_factory(len(self.store) if count is None else count, factory, saved)
+        wanted = choose_factory(len(self.store) if count is None else count, self.store.embed_dim, factory, saved)
         if wanted not in ("Flat", saved):
             new_index(wanted, self.store.embed_dim, 1 << 62 if count is None else min(count, train_size(wanted)))
         return wanted
@@ -232,11 +303,19 @@ class SavedIndex:
             for start in range(covered, next_row, COMPACT_SEGMENT_ROWS):
                 index.add(self.store.read_range(start, min(start + COMPACT_SEGMENT_ROWS, next_row)))
             queries = self.queries(sample, seed, part=0)
-            param, recalls = tune(index, {kind: (q, exact_ids(self.store, q, 10) - first) for kind, q in queries.items()})
+            setting, recalls = tune(index, {kind: (q, exact_ids(self.store, q, 10) - first) for kind, q in queries.items()},
+                                    self.reranker(first) if compressed(wanted) else None)
             atomic_write(self.path, lambda f: write_index(index, f))
             return self._note({"factory": wanted, "base": first, "rows": next_row, "bytes": self.path.stat().st_size,
-                               "crc": file_crc(self.path), "param": param,
+                               "crc": file_crc(self.path), "param": setting.param, "rerank": setting.rerank,
                                **tuning_state(recalls, {kind: len(q) for kind, q in queries.items()})})
+
+    def reranker(self, base: int) -> Rerank:
+        """`reranked` for an index whose position 0 is global row `base`: candidates and results are positions."""
+        def rerank(queries: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            sims, rows = reranked(self.store, queries, np.where(positions >= 0, positions + base, -1))
+            return sims, np.where(rows >= 0, rows - base, -1)
+        return rerank
 
     def queries(self, sample: int, seed: int, part: int) -> dict[str, np.ndarray]:
         """Queries of each kind at hand: `sample` stored vectors chosen with `seed`, and `sample` text-like
@@ -292,7 +371,7 @@ class SavedIndex:
             return [[] for _ in queries]
         k = min(index.ntotal, want + max(16, want))
         while True:
-            similarities, ids = faiss_search(index, queries, k)
+            similarities, ids = search_with(index, queries, k, loaded.setting, self.reranker(base))
             keys = self.store.row_keys(np.unique(ids[ids >= 0]) + base)
             results = [
                 [(keys[base + i], float(s)) for i, s in zip(row_ids, row_sims) if i >= 0 and base + i in keys][:want]
@@ -336,8 +415,9 @@ class SavedIndex:
                 return self._flat(first)
         covered = int(state["rows"])
         index = load_index(self.path, mmap=covered == next_row)
-        set_search_parameter(index, int(state.get("param", 0)))
-        return _Loaded(index, first, covered, covered == next_row)
+        setting = Setting(int(state.get("param", 0)), int(state.get("rerank", 0)))
+        set_search_parameter(index, setting.param)
+        return _Loaded(index, first, covered, covered == next_row, setting)
 
     def _flat(self, first: int) -> _Loaded:
         import faiss
@@ -364,11 +444,6 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def ivf_cells(count: int) -> int:
-    """Inverted-file cells for `count` vectors: the power of 2 nearest sqrt(count), as `factory_for`'s IVF."""
-    return 2 ** round(math.log2(math.sqrt(max(count, 1))))
-
-
 def resident_bytes(factory: str, count: int, dim: int) -> int:
     """Bytes an index of `factory` holding `count` `dim`-dimensional vectors keeps in RAM once built, which
     is also about its saved file's size: exact search ("Flat") holds the float32 rows; an inverted file holds
@@ -378,26 +453,26 @@ def resident_bytes(factory: str, count: int, dim: int) -> int:
 
     if factory == "Flat":
         return 4 * count * dim
+    index: Any = new_index(factory, dim, 1 << 62)
+    if isinstance(index, faiss.IndexPQFastScan):  # one list of codes, ids implicit, and the PQ's tables
+        return count * int(index.sa_code_size()) + 16 * dim * 4 + 4096
     try:
-        ivf = faiss.extract_index_ivf(new_index(factory, dim, 1 << 62))
+        ivf = faiss.extract_index_ivf(index)
     except RuntimeError as err:
-        raise InputError(f"a memory budget chooses among Flat and inverted-file (IVF) indexes, not {factory!r}; "
-                         "leave out the budget or the factory") from err
+        raise InputError(f"a memory budget chooses among Flat, fast-scan PQ and inverted-file (IVF) indexes, not "
+                         f"{factory!r}; leave out the budget or the factory") from err
     return count * (ivf.code_size + 8) + (ivf.nlist + 256) * dim * 4 + 64 * ivf.nlist + 4096  # + each list's own size
 
 
 def factory_within(count: int, dim: int, budget: int, factory: str = "auto") -> str:
     """The factory string of the most accurate index of `count` `dim`-dimensional vectors whose
     `resident_bytes` fit `budget`: `factory` itself when given (refused if it does not fit), else the
-    size's usual one (`factory_for`) when it fits, else an inverted file of `ivf_cells` cells whose codes
-    are SQ8 (1 byte a dimension), SQ4 (half a byte), or PQ with the most sub-quantizers (1 byte each,
-    fewer than dim / 2) that fit, without polysemous training ("np": it only serves a Hamming pre-filter
-    clipzsl does not use, and took 5 times the rest of the training). None fitting is an InputError
+    size's usual one (`factory_for`) when it fits, else fast-scan PQ codes with the most sub-quantizers
+    (half a byte each) that fit (`fast_scan_factory`): the search re-ranks their best candidates with the
+    exact rows, so fewer bytes cost more candidates rather than recall. None fitting is an InputError
     naming the smallest's need."""
-    cells = ivf_cells(count)
     candidates = [factory] if factory != "auto" else [
-        factory_for(count), f"IVF{cells},SQ8", f"IVF{cells},SQ4",
-        *(f"IVF{cells},PQ{m}np" for m in range(dim // 2 - 1, 0, -1) if dim % m == 0)]
+        factory_for(count, dim), *(fast_scan_factory(count, m) for m in fast_scan_subquantizers(dim))]
     for candidate in candidates:
         if resident_bytes(candidate, count, dim) <= budget:
             return candidate

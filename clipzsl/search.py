@@ -1,10 +1,11 @@
 """FAISS indexes over embeddings: top-k labels for images, top-k images for a text.
 
-Configuration is a FAISS index factory string ("Flat" is exact; "HNSW32" and
-"IVF1024,Flat" are approximate), always with the inner-product metric, which on
-L2-normalised vectors is cosine similarity. `auto` picks exact search up to
-`AUTO_EXACT_LIMIT` vectors and an inverted file of about sqrt(N) cells above it
-(trained once, on a sample; HNSW's build is far slower at 10^6 on few cores).
+Configuration is a FAISS index factory string ("Flat" is exact; "HNSW32",
+"IVF1024,Flat" and "PQ192x4fs" are approximate), always with the inner-product metric,
+which on L2-normalised vectors is cosine similarity. `auto` (`factory_for`) picks exact
+search up to `AUTO_EXACT_LIMIT` vectors, then 4-bit fast-scan PQ codes (whose top
+candidates the saved index re-ranks with the exact rows), in an inverted file above
+`AUTO_FLAT_CODES_LIMIT`.
 """
 from __future__ import annotations
 
@@ -17,21 +18,44 @@ import numpy as np
 from .errors import InputError
 
 AUTO_EXACT_LIMIT = 200_000
+#: above this many vectors the fast-scan codes go into an inverted file, probed in part, not one list scanned whole
+AUTO_FLAT_CODES_LIMIT = 20_000_000
 
 
-def factory_for(count: int, factory: str = "auto") -> str:
-    """The factory string that `factory` means for `count` vectors: itself, or for "auto" one chosen by size.
+def factory_for(count: int, dim: int, factory: str = "auto") -> str:
+    """The factory string that `factory` means for `count` `dim`-dimensional vectors: itself, or for "auto"
+    one chosen by size.
 
-    "auto" is kept by measurement (benchmarks/results/ann.md, issue 21): at 10^6 rows no index compared
-    (IVF-Flat, IVF-SQ8, IVF-PQ with re-ranking, HNSW32, IVF with an HNSW quantizer) reached recall@10
-    0.95 on text-like queries under 10 ms per query, and IVF-Flat was on the recall/time front for
-    both text-like and image-like queries (0.95 text at nprobe 256 of 1024 cells); up to
-    AUTO_EXACT_LIMIT exact search costs no build and finds everything."""
+    "auto" is chosen by measurement (benchmarks/results/ann.md, issue 21). Text queries sit far from the
+    images they should find (the modality gap), so their true neighbours are scattered over the
+    collection's partitions: an inverted file or a graph must visit a large share of it to find them
+    (IVF-Flat needed 256 of 1,024 cells for 0.95 recall@10 at 10^6). Scanning every vector's 4-bit
+    fast-scan PQ code (2 dimensions a sub-quantizer: 1/8 of the float16 rows) and re-ranking the best few
+    hundred with the exact rows (`clipzsl.saved_index`) reaches 0.95 on both kinds of query in a few ms
+    at 10^6. Up to AUTO_EXACT_LIMIT exact search costs no build and finds everything."""
     if factory != "auto":
         return factory
     if count <= AUTO_EXACT_LIMIT:
         return "Flat"
-    return f"IVF{2 ** round(math.log2(math.sqrt(count)))},Flat"
+    return fast_scan_factory(count, fast_scan_subquantizers(dim)[0])
+
+
+def fast_scan_subquantizers(dim: int) -> list[int]:
+    """The numbers of sub-quantizers a fast-scan PQ code of `dim` dimensions can have, most first: those that
+    divide `dim` with at least 2 dimensions each (dim / 2 first for an even dim)."""
+    return [m for m in range(dim // 2, 0, -1) if dim % m == 0] or [1]
+
+
+def fast_scan_factory(count: int, subquantizers: int) -> str:
+    """4-bit fast-scan PQ codes of `subquantizers` bytes / 2 a vector for `count` vectors: one list scanned
+    whole, or above AUTO_FLAT_CODES_LIMIT in an inverted file of `ivf_cells` cells."""
+    codes = f"PQ{subquantizers}x4fs"
+    return codes if count <= AUTO_FLAT_CODES_LIMIT else f"IVF{ivf_cells(count)},{codes}"
+
+
+def ivf_cells(count: int) -> int:
+    """Inverted-file cells for `count` vectors: the power of 2 nearest sqrt(count)."""
+    return 2 ** round(math.log2(math.sqrt(max(count, 1))))
 
 
 def new_index(factory: str, dim: int, count: int):
@@ -56,7 +80,7 @@ def new_index(factory: str, dim: int, count: int):
 def build_index(vectors: np.ndarray, factory: str = "auto", add: bool = True):
     """A FAISS inner-product index trained on `vectors` and (with `add`) holding them (row i has id i)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = new_index(factory_for(len(vectors), factory), vectors.shape[1], len(vectors))
+    index = new_index(factory_for(len(vectors), vectors.shape[1], factory), vectors.shape[1], len(vectors))
     if not index.is_trained:
         index.train(vectors)
     if add:

@@ -78,12 +78,13 @@ def test_real_gap_measures_both_kinds_with_the_packaged_model():
 
 
 def test_factory_for_keeps_the_table_its_documentation_and_the_measurement_give():
-    from clipzsl.search import AUTO_EXACT_LIMIT, factory_for
+    from clipzsl.search import AUTO_EXACT_LIMIT, AUTO_FLAT_CODES_LIMIT, factory_for
 
-    assert factory_for(AUTO_EXACT_LIMIT) == "Flat" and factory_for(AUTO_EXACT_LIMIT + 1) == "IVF512,Flat"
-    assert factory_for(10**6) == "IVF1024,Flat" and factory_for(10**6, "HNSW32") == "HNSW32"
+    assert factory_for(AUTO_EXACT_LIMIT, 384) == "Flat" and factory_for(AUTO_EXACT_LIMIT + 1, 384) == "PQ192x4fs"
+    assert factory_for(10**6, 512) == "PQ256x4fs" and factory_for(10**6, 384, "HNSW32") == "HNSW32"
+    assert factory_for(AUTO_FLAT_CODES_LIMIT + 1, 384) == "IVF4096,PQ192x4fs"
     record = report.RESULTS_DIR / "ann.json"
     sizes = {s["rows"]: s for s in json.loads(record.read_text())["results"]["sizes"]} if record.exists() else {}
     if 10**6 in sizes:  # the default at 10^6 is what the measurement chose, or stays when nothing met the targets
         chosen = sizes[10**6]["choice"]
-        assert chosen is None or chosen["factory"] == factory_for(10**6)
+        assert chosen is None or chosen["factory"] == factory_for(10**6, 384)

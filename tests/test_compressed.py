@@ -73,13 +73,14 @@ def test_parse_size_refuses_nonsense_saying_the_format(size):
 def test_factory_within_keeps_the_usual_index_when_it_fits_and_compresses_below():
     count, dim = 1_000_000, 384
     raw_float16 = count * dim * 2
-    assert factory_within(count, dim, 10 * raw_float16) == factory_for(count)
-    chosen = [factory_within(count, dim, raw_float16 * share) for share in (1.0, 0.5, 0.25, 0.1, 0.05)]
+    assert factory_within(count, dim, raw_float16 // 4) == factory_for(count, dim) == "PQ192x4fs"  # 1/8 of float16
+    shares = (0.12, 0.08, 0.04, 0.02)
+    chosen = [factory_within(count, dim, int(raw_float16 * share)) for share in shares]
     sizes = [resident_bytes(f, count, dim) for f in chosen]
-    assert all(size <= raw_float16 * share for size, share in zip(sizes, (1.0, 0.5, 0.25, 0.1, 0.05)))
-    assert sizes == sorted(sizes, reverse=True) and len(set(chosen)) == 5
-    assert ",SQ8" in chosen[0] and ",SQ4" in chosen[1] and all(",PQ" in f for f in chosen[2:])
-    with pytest.raises(InputError, match=r"fits a memory budget of 1,000,000 bytes: .*PQ1np needs"):
+    assert all(size <= raw_float16 * share for size, share in zip(sizes, shares))
+    assert sizes == sorted(sizes, reverse=True) and len(set(chosen)) == 4
+    assert all(f.startswith("PQ") and f.endswith("x4fs") for f in chosen)  # fewer sub-quantizers, re-ranked
+    with pytest.raises(InputError, match=r"fits a memory budget of 1,000,000 bytes: .*PQ1x4fs needs"):
         factory_within(count, dim, 1_000_000)
     with pytest.raises(InputError, match="IVF1024,Flat needs"):  # a factory given is checked, not replaced
         factory_within(count, dim, raw_float16, "IVF1024,Flat")
@@ -96,7 +97,7 @@ def test_training_sample_is_strided_over_every_shard(shard_dir, tiny):
     assert len(training_sample(checked, 10 * ROWS)) == ROWS  # all rows when fewer than asked
 
 
-@pytest.mark.parametrize("budget, code, floor", [(700_000, ",SQ4", 0.75), (400_000, ",PQ", 0.4)])
+@pytest.mark.parametrize("budget, code, floor", [(700_000, "x4fs", 0.9), (200_000, "x4fs", 0.9)])
 def test_budgeted_index_fits_its_budget_recalls_and_searches_like_any_index(shard_dir, tiny, tmp_path, budget, code,
                                                                            floor):
     folder, vectors = shard_dir
@@ -141,8 +142,8 @@ def test_bad_max_memory_is_refused_by_the_command_with_exit_2(shard_dir, tiny_cl
     assert code == 2 and "'lots': not a size" in capsys.readouterr().err
     assert not (tmp_path / "idx").exists()
     code = main(["index", "from-shards", str(folder), "--out", str(tmp_path / "idx"), "--model", f"hf:{tiny_clip}",
-                 "--max-memory", "100K"])
-    assert code == 2 and "fits a memory budget of 102,400 bytes" in capsys.readouterr().err
+                 "--max-memory", "10K"])
+    assert code == 2 and "fits a memory budget of 10,240 bytes" in capsys.readouterr().err
     assert not (tmp_path / "idx").exists()  # refused before the index was written
     code = main(["index", "from-shards", str(folder), "--out", str(tmp_path / "idx"), "--model", f"hf:{tiny_clip}",
                  "--max-memory", "0.7M"])

@@ -128,13 +128,15 @@ def test_exact_ids_are_the_brute_force_top_k(tmp_path):
 
 
 def test_choose_and_tune():
-    assert choose_factory(1000) == "Flat" and choose_factory(10**6) == "IVF1024,Flat"
-    assert choose_factory(10, "auto", saved="HNSW32") == "HNSW32" and choose_factory(10, "IVF4,Flat", "HNSW32") == "IVF4,Flat"
+    assert choose_factory(1000, 384) == "Flat" and choose_factory(10**6, 384) == "PQ192x4fs"
+    assert choose_factory(10, 8, "auto", saved="HNSW32") == "HNSW32"
+    assert choose_factory(10, 8, "IVF4,Flat", "HNSW32") == "IVF4,Flat"
     assert train_size("IVF16,Flat") == 1024 and train_size("HNSW32") == 100_000
     v = clustered(2000)
     ivf = build_index(v, "IVF16,Flat")
     exact = build_index(v, "Flat").search(v[:100], 10)[1]
-    param, recalls = tune(ivf, {"image": (v[:100], exact)})
+    setting, recalls = tune(ivf, {"image": (v[:100], exact)})
+    param = setting.param
     assert recalls["image"] >= TARGET_RECALL and param in (1, 2, 4, 8, 16)
     if param > 1:  # the smallest that reaches the target: half of it does not
         set_search_parameter(ivf, param // 2)
@@ -185,6 +187,7 @@ def test_tune_stops_where_recall_stops_growing_when_the_target_is_out_of_reach()
     for param in SEARCH_PARAMETERS:
         set_search_parameter(index, param)
         best = max(best, recall_at_k(index.search(q, 10)[1], exact))
-    param, recalls = tune(index, {"image": (q, exact)})
+    setting, recalls = tune(index, {"image": (q, exact)})
+    param = setting.param
     assert best < TARGET_RECALL and recalls["image"] >= best - RECALL_PLATEAU
     assert param < SEARCH_PARAMETERS[-1] and faiss.extract_index_ivf(index).nprobe == param

@@ -92,8 +92,10 @@ def test_tune_meets_the_target_on_every_kind():
     ivf, flat = build_index(vectors, FACTORY), build_index(vectors, "Flat")
     kinds = {"image": vectors[:200], "text": synthetic_text(200, 0)}
     exact = {kind: (q, flat.search(q, 10)[1]) for kind, q in kinds.items()}
-    image_param, image_only = tune(ivf, {"image": exact["image"]})
-    param, recalls = tune(ivf, exact)
+    image_setting, image_only = tune(ivf, {"image": exact["image"]})
+    image_param = image_setting.param
+    setting, recalls = tune(ivf, exact)
+    param = setting.param
     assert image_only["image"] >= TARGET_RECALL and min(recalls.values()) >= TARGET_RECALL
     assert param > image_param  # text queries need more cells than stored vectors ...
     set_search_parameter(ivf, image_param)
