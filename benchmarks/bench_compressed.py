@@ -19,7 +19,7 @@ the raw float16 vectors (N x 384 x 2 bytes), or none ("auto": `factory_for`'s ch
 `--keep DIR` writes the shards into DIR and reuses them on the next run of the same size.
 
 Usage: nice python -m benchmarks.bench_compressed [--rows 1000000] [--budgets auto,0.25]
-Results: benchmarks/results/compressed.{json,md} (the page compressed.md is written by hand from it)
+Results: benchmarks/results/compressed-ROWS.json per size; the page compressed.md is written by hand from them
 """
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def measure(args: argparse.Namespace) -> dict:
         exact = {kind: ids for kind, (_, ids) in top.items()}
         results["best_match"] = {kind: spread(sims[:, 0]) for kind, (sims, _) in top.items()}
         results["budgets"] = [one_budget(tmp, args.rows, share, kinds, exact) for share in args.budgets.split(",")]
-    report.write("compressed", results, None)  # the page, compressed.md, is written by hand from the JSON
+    report.write(f"compressed-{args.rows}", results, None)  # the page, compressed.md, is written by hand from the JSONs
     return results
 
 
