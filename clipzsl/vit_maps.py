@@ -195,7 +195,8 @@ def query_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 
 def patch_cosines(tower: Tower, tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-    """Width-space tokens [N, L, W] (class token first) -> each patch token's cosine to each label [N, C, T]."""
+    """Width-space tokens [N, L, W] (class token first) -> each patch token's cosine to each label [N, C, T]
+    (in the precision of the caller's autocast, if any)."""
     patches = F.normalize(tower.head(tokens[:, 1:]).float(), dim=-1)
     return torch.einsum("ntd,cd->nct", patches, class_embeddings.float())
 
@@ -205,11 +206,12 @@ def _last_block(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Te
     """[N, C, T] cosines of the last block's tokens with attention `weights`: the whole block (`residual`),
     or its attention branch alone."""
     tower = tower_of(model)
-    with torch.no_grad(), model.autocast():
-        x = block_input(tower, pixels, -1)
-        block = tower.blocks[-1]
-        tokens = through_block(block, x, weights) if residual else attention_output(block, x, weights)
-        return patch_cosines(tower, tokens, class_embeddings)
+    with torch.no_grad():
+        with model.autocast():
+            x = block_input(tower, pixels, -1)
+            block = tower.blocks[-1]
+            tokens = through_block(block, x, weights) if residual else attention_output(block, x, weights)
+        return patch_cosines(tower, tokens.float(), class_embeddings)
 
 
 def maskclip(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
@@ -254,8 +256,9 @@ def feature_surgery(cosines: torch.Tensor, global_cosines: torch.Tensor) -> torc
 def surgery(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
     """CLIP Surgery: the value-value path's patch cosines after feature surgery."""
     tower = tower_of(model)
-    with torch.no_grad(), model.autocast():
-        tokens, _ = surgery_tokens(tower, pixels)
+    with torch.no_grad():
+        with model.autocast():
+            tokens = surgery_tokens(tower, pixels)[0].float()
         cosines = patch_cosines(tower, tokens, class_embeddings)
         global_cosines = F.normalize(tower.head(tokens[:, 0]).float(), dim=-1) @ class_embeddings.float().T
     return feature_surgery(cosines, global_cosines)
@@ -274,7 +277,7 @@ def gradcam(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor
         scores = F.normalize(pooled.float(), dim=-1) @ class_embeddings.float().clone().T  # [N, C]
         maps = [_cam(activations, torch.autograd.grad(scores[:, c].sum(), activations, retain_graph=True)[0])
                 for c in range(scores.shape[1])]
-    return torch.stack(maps, dim=1)
+    return torch.stack(maps, dim=1).float()
 
 
 def _cam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:

@@ -173,6 +173,19 @@ def test_gradcam_runs_inside_inference_mode(hf_clip):
     assert maps_.shape == (2, 3, 16) and maps_.min() >= 0 and maps_.max() > 0
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_autocast_gives_float32_maps_close_to_fp32(name, hf_clip):
+    pixels, ce = batch(), labels(hf_clip)
+    exact = vit_maps.METHODS[name](hf_clip, pixels, ce)
+    hf_clip.precision = "bf16"
+    try:
+        low = vit_maps.METHODS[name](hf_clip, pixels, ce)
+    finally:
+        hf_clip.precision = "fp32"
+    assert low.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([low.flatten(), exact.flatten()]))[0, 1] > 0.999
+
+
 # --- the hook point, and both families --------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["hf", "openclip", "vit_b32"])
