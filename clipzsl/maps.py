@@ -21,6 +21,8 @@ from PIL import Image
 from .adapter import CrossAttentionAdapter
 from .backends import Backend
 from .errors import InputError
+from .vit_maps import METHODS as VIT_METHODS
+from .vit_maps import applies as vit_applies
 
 #: (model, pixels [N, 3, H, W] on the model's device, class embeddings [C, D]) -> maps [N, C, h, w]
 MapMethod = Callable[[Backend, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -143,8 +145,15 @@ def has_tokens(model: Backend) -> bool:
     return model.spatial_tokens
 
 
-#: the training-free methods, by name; the first that applies to a model is its default (`default_method`)
-METHODS: dict[str, Method] = {"cosine": Method(cosine, has_tokens)}
+def on_grid(scores: Callable[[Backend, torch.Tensor, torch.Tensor], torch.Tensor]) -> MapMethod:
+    """A method giving [N, C, T] token scores as a `MapMethod` (its scores laid out by `grid_of`)."""
+    return lambda model, pixels, class_embeddings: grid_of(scores(model, pixels, class_embeddings))
+
+
+#: the training-free methods, by name; the first that applies to a model is its default (`default_method`).
+#: The ViT CLIP methods (`clipzsl.vit_maps`) follow "cosine" until a measure says which is best.
+METHODS: dict[str, Method] = {"cosine": Method(cosine, has_tokens),
+                              **{name: Method(on_grid(scores), vit_applies) for name, scores in VIT_METHODS.items()}}
 
 
 def methods_for(model: Backend) -> list[str]:
