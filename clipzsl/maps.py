@@ -21,6 +21,7 @@ from PIL import Image
 from .adapter import CrossAttentionAdapter
 from .backends import Backend
 from .errors import InputError
+from .family_maps import gradcam_spatial, gscorecam, has_conv_feature_map, has_feature_map, is_attention_pooled, maskclip_pooled
 
 #: (model, pixels [N, 3, H, W] on the model's device, class embeddings [C, D]) -> maps [N, C, h, w]
 MapMethod = Callable[[Backend, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -143,8 +144,20 @@ def has_tokens(model: Backend) -> bool:
     return model.spatial_tokens
 
 
+def gridded(scores: Callable[[Backend, torch.Tensor, torch.Tensor], torch.Tensor]) -> MapMethod:
+    """A method giving [N, C, T] scores over a square map's positions as a `MapMethod` (`grid_of`)."""
+    def draw(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        return grid_of(scores(model, pixels, class_embeddings))
+    return draw
+
+
 #: the training-free methods, by name; the first that applies to a model is its default (`default_method`)
-METHODS: dict[str, Method] = {"cosine": Method(cosine, has_tokens)}
+METHODS: dict[str, Method] = {
+    "cosine": Method(cosine, has_tokens),
+    "maskclip": Method(gridded(maskclip_pooled), is_attention_pooled),  # ResNet and SigLIP attention pools
+    "gradcam": Method(gridded(gradcam_spatial), has_feature_map),
+    "gscorecam": Method(gridded(gscorecam), has_conv_feature_map),
+}
 
 
 def methods_for(model: Backend) -> list[str]:
