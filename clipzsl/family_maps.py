@@ -73,7 +73,8 @@ def _openclip_tower(network: Any) -> Tower | None:
     trunk: Any = getattr(visual, "trunk", None)
     latent: Any = getattr(trunk, "attn_pool", None)
     if hasattr(latent, "kv"):
-        return Tower(latent, network.encode_image, conv=False, prefix=int(getattr(trunk, "num_prefix_tokens", 0)),
+        prefix = int(getattr(trunk, "num_prefix_tokens", 0)) if getattr(trunk, "pool_include_prefix", True) else 0
+        return Tower(latent, network.encode_image, conv=False, prefix=prefix,
                      values=lambda x: _timm_tail(visual, _latent_values(latent, x)))
     pool = getattr(getattr(trunk, "head", None), "global_pool", getattr(trunk, "global_pool", None))
     if isinstance(pool, nn.Module) and getattr(trunk, "default_cfg", {}).get("pool_size"):
