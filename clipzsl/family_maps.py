@@ -19,7 +19,12 @@ saying which models it applies to:
 - `gscorecam` / `has_conv_feature_map`: gScoreCAM (Chen, Li, Nguyen et al., "gScoreCAM: What objects is
   CLIP looking at?", ACCV 2022): Score-CAM restricted to the k channels with the largest mean gradient;
   each channel, upsampled to the input and scaled to [0, 1], masks the image, the masked image's logit for
-  the label scores the channel, and the softmax of those scores weighs the channels.
+  the label scores the channel, and the softmax of those scores weighs the channels. As in the authors' code
+  (anguyen8/gScoreCAM), channels rank by their signed mean gradient and the score is the model's logit; unlike
+  it, only the k scored channels enter the softmax (it gives the others a score of 0), and k defaults to 100,
+  not 300.
+
+Positional embeddings stay out of the value path (as in MaskCLIP); none of these methods changes the model.
 """
 from __future__ import annotations
 
