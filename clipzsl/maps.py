@@ -21,6 +21,7 @@ from PIL import Image
 from .adapter import CrossAttentionAdapter
 from .backends import Backend
 from .errors import InputError
+from .family_maps import gradcam_spatial, gscorecam, has_conv_feature_map, has_feature_map, is_attention_pooled, maskclip_pooled
 from .vit_maps import METHODS as VIT_METHODS
 from .vit_maps import applies as vit_applies
 
@@ -146,14 +147,31 @@ def has_tokens(model: Backend) -> bool:
 
 
 def on_grid(scores: Callable[[Backend, torch.Tensor, torch.Tensor], torch.Tensor]) -> MapMethod:
-    """A method giving [N, C, T] token scores as a `MapMethod` (its scores laid out by `grid_of`)."""
-    return lambda model, pixels, class_embeddings: grid_of(scores(model, pixels, class_embeddings))
+    """A method giving [N, C, T] scores over a square map's positions as a `MapMethod` (laid out by `grid_of`)."""
+    def draw(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        return grid_of(scores(model, pixels, class_embeddings))
+    return draw
 
 
-#: the training-free methods, by name; the first that applies to a model is its default (`default_method`).
-#: The ViT CLIP methods (`clipzsl.vit_maps`) follow "cosine" until a measure says which is best.
-METHODS: dict[str, Method] = {"cosine": Method(cosine, has_tokens),
-                              **{name: Method(on_grid(scores), vit_applies) for name, scores in VIT_METHODS.items()}}
+def by_family(*methods: Method) -> Method:
+    """One method's name over several model families: drawn by the first of `methods` that applies."""
+    def draw(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        return next(m for m in methods if m.applies(model)).draw(model, pixels, class_embeddings)
+    return Method(draw, lambda model: any(m.applies(model) for m in methods))
+
+
+#: per family, its implementations: ViT CLIP's last-block readings (`clipzsl.vit_maps`), and the value path
+#: and gradient maps of attention-pooled and convolutional towers (`clipzsl.family_maps`)
+_VIT = {name: Method(on_grid(scores), vit_applies) for name, scores in VIT_METHODS.items()}
+_POOLED = {"maskclip": Method(on_grid(maskclip_pooled), is_attention_pooled),
+           "gradcam": Method(on_grid(gradcam_spatial), has_feature_map),
+           "gscorecam": Method(on_grid(gscorecam), has_conv_feature_map)}
+
+#: the training-free methods, by name; the first that applies to a model is its default (`default_method`)
+METHODS: dict[str, Method] = {
+    "cosine": Method(cosine, has_tokens),
+    **{name: by_family(*(family[name] for family in (_VIT, _POOLED) if name in family)) for name in {**_VIT, **_POOLED}},
+}
 
 
 def methods_for(model: Backend) -> list[str]:
