@@ -174,7 +174,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     fmt = args.format or ("parquet" if args.output and Path(args.output).suffix == ".parquet" else "table")
     job = Classification(labels_argument(args.labels), args.model, args.templates, args.top_k,
                          cache=False if args.no_cache else (args.cache_dir or True), adapter=args.adapter,
-                         device=args.device, precision=args.precision)
+                         device=args.device, precision=args.precision, explain=args.explain, method=args.method)
     with empty_folders() as empty:
         report = classify_to_file(args.paths, args.output, job, fmt=fmt, resume=args.resume, engine=engine_of(args))
     if not report.images:
@@ -410,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--adapter", type=adapter_directory,
                           help="saved adapter directory (from train-adapter) to score through; it must have been "
                                "trained on --model (default: none, plain zero-shot)")
+    classify.add_argument("--explain", action="store_true",
+                          help="also give, per top label, where its heat map peaks: the box (left, top, right, "
+                               "bottom in the image's pixels) and the map's score there (csv: columns left,top,"
+                               "right,bottom,peak_score; json/jsonl: box, peak_score; parquet: boxes, peak_scores; "
+                               "table: @box). Costs one more forward pass per image; local engine only")
+    classify.add_argument("--method", help="heat-map method of --explain (default: the adapter's attention with "
+                                           "--adapter, else the model's default; see clipzsl.maps.METHODS)")
     add_engine_arguments(classify)
     add_run_options(classify)
     classify.set_defaults(run=cmd_classify)
@@ -522,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="label set clients may name (repeatable; by its file stem): " + LABELS_HELP)
     serve.add_argument("--model", help="model spec (default: the index's own, else packaged)")
     serve.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file, for requests that send none")
-    serve.add_argument("--adapter", type=adapter_directory, help="saved adapter directory (enables /explain)")
+    serve.add_argument("--adapter", type=adapter_directory,
+                       help="saved adapter directory: /classify scores through it and /explain draws its attention "
+                            "by default (without one, /explain draws the model's default heat-map method)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (another exposes the service)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (413 above it)")

@@ -29,8 +29,9 @@ from .backends import DEFAULT_MODEL, Backend, load_model
 from .classifier import ZeroShotClassifier
 from .errors import InputError
 from .images import ImageLoadError, check_output, each_image_once, embed_images, expand_sources, image_key, source_name
-from .predictions import (ClassifySettings, Predictions, PredictionWriter, Row, check_resumable, check_settings,
-                          classified_images, saved_settings)
+from .maps import method_named, peak_box
+from .predictions import (ClassifySettings, Explained, Peak, Predictions, PredictionWriter, Row, check_resumable,
+                          check_settings, classified_images, saved_settings)
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_labels, load_templates
 from .shards import (ImageSourceItem, ShardReport, ShardWriter, image_sources, load_sources,
                      resume_state, run_identity)
@@ -70,6 +71,7 @@ class Batch:
     errors: list[ImageLoadError | None]
     vectors: np.ndarray  # [rows read, D], the embeddings of the rows read, in order
     predictions: list[Predictions] | None = None  # of the rows read, in order (classify)
+    peaks: list[list[Peak]] | None = None  # of each prediction, of the rows read (classify --explain)
 
     def read(self) -> list[str]:
         """The names of the rows read."""
@@ -80,18 +82,22 @@ class Batch:
 
     def rows(self) -> list[Row]:
         """(image, its predictions or why it could not be read), for a `PredictionWriter`."""
-        scored = iter(self.predictions or [])
+        scored: Iterator[Predictions | Explained] = iter(
+            self.predictions or [] if self.peaks is None else
+            [Explained(preds, peaks) for preds, peaks in zip(self.predictions or [], self.peaks)])
         return [(name, error if error is not None else next(scored)) for name, error in zip(self.names, self.errors)]
 
 
 @dataclass
 class Mapper:
-    """Embeds images with `model`, and with a `classifier` scores each image's `top_k` labels."""
+    """Embeds images with `model`, and with a `classifier` scores each image's `top_k` labels (and with
+    `explain`, a heat-map method's name, finds each label's peak: one more forward pass per image)."""
 
     model: Backend
     classifier: ZeroShotClassifier | None = None
     top_k: int = 5
     cache: bool | str = True  # where a Ray actor's model keeps its caches
+    explain: str | None = None
 
     def local(self, items: Sequence[tuple[str, ImageSourceItem]], engine: Engine) -> Batch:
         """One chunk, in this process."""
@@ -108,7 +114,19 @@ class Mapper:
         predictions = None
         if self.classifier is not None:
             predictions = self.classifier.predict(embedded, self.top_k) if len(embedded) else []
-        return Batch([name for name, _ in items], errors, embedded.embeddings.numpy(), predictions)
+        batch = Batch([name for name, _ in items], errors, embedded.embeddings.numpy(), predictions)
+        source = dict(todo)
+        batch.peaks = self.peaks([source[name] for name in batch.read()], predictions)
+        return batch
+
+    def peaks(self, images: Sequence, predictions: list[Predictions] | None) -> list[list[Peak]] | None:
+        """Each image's predicted labels' `Peak`s, from its heat map by the `explain` method (None without)."""
+        if self.classifier is None or self.explain is None or predictions is None:
+            return None
+        column = {label: i for i, label in enumerate(self.classifier.labels)}
+        maps = self.classifier.heatmaps(list(images), self.explain) if images else []
+        return [[Peak(*peak_box(heat_map, column[label])) for label, _ in preds]
+                for heat_map, preds in zip(maps, predictions)]
 
     def ray(self, names: list[str], engine: Engine) -> Iterator[Batch]:
         """Every image, on Ray Data, as the cluster delivers them."""
@@ -180,7 +198,10 @@ def embed_to_shards(sources: Sequence[str | os.PathLike], out: str | os.PathLike
 class Classification:
     """What `classify_to_file` computes: each image's `top_k` of `labels` (prompted by `templates`) by
     `model` (a spec, loaded with `device` and `precision` only when there is work, or a Backend),
-    through `adapter` (a saved adapter's directory) when given. `cache`: as `ZeroShotClassifier`'s."""
+    through `adapter` (a saved adapter's directory) when given. `cache`: as `ZeroShotClassifier`'s.
+    `explain`: also give each label's peak box and score (`predictions.Peak`) from the image's heat map by
+    `method` (`clipzsl.maps`; None: the adapter's attention with an adapter, else the model's default),
+    one more forward pass per image (local engine only)."""
 
     labels: LabelsArg
     model: Backend | str = DEFAULT_MODEL
@@ -190,6 +211,8 @@ class Classification:
     adapter: str | None = None
     device: str = "auto"
     precision: str = "auto"
+    explain: bool = False
+    method: str | None = None
 
     @property
     def model_spec(self) -> str:
@@ -200,7 +223,17 @@ class Classification:
         with warnings.catch_warnings():  # read again, with its warnings, by the classifier (if it has work)
             warnings.simplefilter("ignore")
             entries, templates = load_labels(self.labels), load_templates(self.templates)
-        return ClassifySettings.of(self.model_spec, entries, templates, self.top_k, fmt)
+        return ClassifySettings.of(self.model_spec, entries, templates, self.top_k, fmt,
+                                   (self.method or "") if self.explain else None)
+
+    def map_method(self, model: Backend) -> str | None:
+        """The name of --explain's heat-map method on `model` (None without --explain); an InputError when
+        it is unknown or does not apply (`maps.method_named`)."""
+        if not self.explain:
+            return None
+        if self.adapter is not None and self.method in (None, "adapter"):
+            return "adapter"
+        return method_named(model, self.method)[0]
 
     def load_model(self) -> Backend:
         if isinstance(self.model, Backend):
@@ -234,6 +267,11 @@ def _check_request(output: str | None, fmt: str, resume: bool, job: Classificati
     check_resumable(output, fmt, resume)
     if engine.kind == "ray" and job.adapter is not None:
         raise InputError("--adapter is not supported with --engine ray; classify with the default engine")
+    if job.method is not None and not job.explain:
+        raise InputError(f"--method {job.method} chooses the heat maps of --explain; add --explain")
+    if engine.kind == "ray" and job.explain:
+        raise InputError("--explain is not supported with --engine ray (the model actors give no heat maps); "
+                         "classify with the default engine")
 
 
 def _resume_point(output: str | None, saved: ClassifySettings | None, wanted: ClassifySettings,
@@ -242,7 +280,7 @@ def _resume_point(output: str | None, saved: ClassifySettings | None, wanted: Cl
     The settings are checked before the output is read (and a torn last line cut off)."""
     if saved is None or not output:
         return set()
-    check_settings(output, saved, wanted, ("labels", "templates", "top_k", "format"))
+    check_settings(output, saved, wanted, ("labels", "templates", "top_k", "format", "explain"))
     return {image_key(name, saved.base) for name in classified_images(Path(output), wanted.format, top_k)}
 
 
@@ -251,8 +289,8 @@ def classify_to_file(sources: Sequence[str | os.PathLike], output: str | None, j
     """Classify every image of `sources` (files, folders) into `output` (None: stdout) in `fmt` (any of
     `predictions.PREDICTION_FORMATS`), rows written as they are computed, on `engine`. With `resume`
     (csv or jsonl), the images already in `output` are skipped and the rest appended, provided the file
-    was written with the same settings (`predictions.ClassifySettings`, kept next to it); the model is
-    not even loaded when nothing is left to do under the same spec."""
+    was written with the same settings (`predictions.ClassifySettings`, kept next to it, --explain and its
+    method included); the model is not even loaded when nothing is left to do under the same spec."""
     _check_request(output, fmt, resume, job, engine)
     names = classify_sources(sources)
     report = ClassifyReport(output, len(names))
@@ -265,9 +303,9 @@ def classify_to_file(sources: Sequence[str | os.PathLike], output: str | None, j
     report.already = len(names) - len(todo)
     if todo or (saved is not None and saved.model != job.model_spec):  # same spec, nothing to add: not loaded
         model = job.load_model()
-        wanted = replace(wanted, fingerprint=model.fingerprint)
+        wanted = replace(wanted, fingerprint=model.fingerprint, explain=job.map_method(model))
         if saved is not None:
-            check_settings(str(output), saved, wanted, ("fingerprint",))
+            check_settings(str(output), saved, wanted, ("fingerprint", "explain"))
     if not todo:
         log.info("all %d images are already in %s; nothing to do", len(names), output)
         return report
@@ -277,7 +315,8 @@ def classify_to_file(sources: Sequence[str | os.PathLike], output: str | None, j
     clf = job.classifier(model)
     width = max([len("image")] + [len(s) for s in todo])
     with PredictionWriter(output, fmt, wanted, append=resume, width=width) as writer:
-        for batch in run([(name, name) for name in todo], Mapper(clf.model, clf, job.top_k, job.cache), engine):
+        mapper = Mapper(clf.model, clf, job.top_k, job.cache, wanted.explain)
+        for batch in run([(name, name) for name in todo], mapper, engine):
             writer.add(batch.rows())
             report.written += len(batch.names) - len(batch.failures())
             report.failures += batch.failures()

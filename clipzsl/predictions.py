@@ -5,6 +5,12 @@ an interrupted run got (what `--resume` continues from).
     jsonl  one JSON object per image a line     json   one document, written at the end
     parquet  columns path, labels, probabilities, error (null when read): unreadable images are rows too
 
+With --explain (`Explained` rows) each label also has its `Peak`, where its heat map peaks: csv adds the
+columns left,top,right,bottom,peak_score; json and jsonl add "box": [left, top, right, bottom] and
+"peak_score" to each prediction; parquet adds the columns boxes (a [left, top, right, bottom] per label)
+and peak_scores; the table adds the box only, as "@left,top,right,bottom" after the probability (the
+score is on the method's own scale, which means nothing beside a probability to a reader).
+
 Next to `OUTPUT` the writer keeps `OUTPUT.clipzsl.json` (`ClassifySettings`): the model's weights,
 labels, templates, top k and format the rows were computed with; a resumed run appends only under
 the same ones. csv and jsonl are written as images are classified (each chunk flushed to disk, so a
@@ -20,7 +26,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import IO, Literal, Sequence, Union, cast
+from typing import IO, Literal, NamedTuple, Sequence, Union, cast
 
 from .errors import InputError
 from .images import ImageLoadError
@@ -39,41 +45,84 @@ SETTINGS_SUFFIX = ".clipzsl.json"
 
 #: per image: its top k (label, probability), best first
 Predictions = list[tuple[str, float]]
-#: a row of output: an image and its predictions, or why it could not be read
-Row = tuple[str, Union[Predictions, ImageLoadError]]
+#: the columns of a CSV output, and those --explain adds
+CSV_COLUMNS = ["image", "rank", "label", "probability"]
+PEAK_COLUMNS = ["left", "top", "right", "bottom", "peak_score"]
 
 
-def _record(image: str, preds: Predictions) -> dict:
-    return {"image": image, "predictions": [{"label": label, "probability": p} for label, p in preds]}
+@dataclass(frozen=True)
+class Peak:
+    """Where a label is in its image (`maps.peak_box`): the (left, top, right, bottom) pixels of the peak
+    region of its heat map, and the map's value at the peak (on the method's own scale)."""
+
+    box: tuple[int, int, int, int]
+    score: float
 
 
-def format_predictions(rows: Sequence[tuple[str, Predictions]], fmt: str) -> str:
+class Explained(NamedTuple):
+    """An image's predictions with each label's `Peak` (classify --explain)."""
+
+    predictions: Predictions
+    peaks: list[Peak]
+
+
+#: a row of output: an image and its predictions (with their peaks), or why it could not be read
+Row = tuple[str, Union[Predictions, Explained, ImageLoadError]]
+#: a row of an image that was read
+Scored = tuple[str, Union[Predictions, Explained]]
+
+
+def _labels(preds: Predictions | Explained) -> list[tuple[str, float, Peak | None]]:
+    """(label, probability, its peak or None), best first."""
+    if isinstance(preds, Explained):
+        return [(label, p, peak) for (label, p), peak in zip(preds.predictions, preds.peaks)]
+    return [(label, p, None) for label, p in preds]
+
+
+def _record(image: str, preds: Predictions | Explained) -> dict:
+    return {"image": image, "predictions": [
+        {"label": label, "probability": p, **({"box": list(peak.box), "peak_score": peak.score} if peak else {})}
+        for label, p, peak in _labels(preds)]}
+
+
+def format_predictions(rows: Sequence[Scored], fmt: str) -> str:
     """The whole output of `rows` in a text format (table, csv, json or jsonl)."""
     if fmt == "json":
         return json.dumps([_record(image, preds) for image, preds in rows], indent=2) + "\n"
     width = max([len("image")] + [len(image) for image, _ in rows])
-    return prediction_header(fmt, width) + prediction_rows(rows, fmt, width)
+    explained = any(isinstance(preds, Explained) for _, preds in rows)
+    return prediction_header(fmt, width, explained) + prediction_rows(rows, fmt, width)
 
 
-def prediction_header(fmt: str, width: int) -> str:
-    """The first line of a table or CSV output (none for JSON lines); `width`: the table's image column."""
+def prediction_header(fmt: str, width: int, explained: bool = False) -> str:
+    """The first line of a table or CSV output (none for JSON lines); `width`: the table's image column;
+    `explained`: the rows have peaks (--explain)."""
     if fmt == "csv":
-        return "image,rank,label,probability\n"
+        return ",".join(CSV_COLUMNS + (PEAK_COLUMNS if explained else [])) + "\n"
     return f"{'image':<{width}}  predictions\n" if fmt == "table" else ""
 
 
-def prediction_rows(rows: Sequence[tuple[str, Predictions]], fmt: str, width: int) -> str:
+def _csv_rows(rows: Sequence[Scored]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for image, preds in rows:
+        writer.writerows([image, rank, label, f"{p:.6f}", *([*peak.box, f"{peak.score:.6f}"] if peak else [])]
+                         for rank, (label, p, peak) in enumerate(_labels(preds), 1))
+    return out.getvalue()
+
+
+def _table_label(label: str, p: float, peak: Peak | None) -> str:
+    return f"{label} ({p:.1%})" + (" @" + ",".join(map(str, peak.box)) if peak else "")
+
+
+def prediction_rows(rows: Sequence[Scored], fmt: str, width: int) -> str:
     """Rows of a table, CSV or JSON-lines output, one image (CSV: one label) per line, so they can be
     written as they are computed."""
     if fmt == "jsonl":
         return "".join(json.dumps(_record(image, preds)) + "\n" for image, preds in rows)
     if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        for image, preds in rows:
-            writer.writerows([image, rank, label, f"{p:.6f}"] for rank, (label, p) in enumerate(preds, 1))
-        return out.getvalue()
-    return "".join(f"{image:<{width}}  " + "  ".join(f"{label} ({p:.1%})" for label, p in preds) + "\n"
+        return _csv_rows(rows)
+    return "".join(f"{image:<{width}}  " + "  ".join(_table_label(*scored) for scored in _labels(preds)) + "\n"
                    for image, preds in rows)
 
 
@@ -121,13 +170,16 @@ def _csv_images(path: Path, top_k: int) -> set[str]:
     offset, last_start = 0, 0
     counts: list[int] = []
     row: list[str] = []
+    header: list[str] = []
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             row = next(csv.reader([line.decode("utf-8")]), [])
-            if row != ["image", "rank", "label", "probability"] if number == 1 else (
-                    len(row) != 4 or not row[1].isdigit() or not (counts or row[1] == "1")):
-                raise InputError(f"{path}:{number}: not a classify CSV row (image,rank,label,probability); give the "
-                                 "--format it was written in, or another --output")
+            header = row if number == 1 else header
+            if row not in (CSV_COLUMNS, CSV_COLUMNS + PEAK_COLUMNS) if number == 1 else (
+                    len(row) != len(header) or not row[1].isdigit() or not (counts or row[1] == "1")):
+                raise InputError(f"{path}:{number}: not a classify CSV row ({','.join(CSV_COLUMNS)}[,"
+                                 f"{','.join(PEAK_COLUMNS)}]); give the --format it was written in, or another "
+                                 "--output")
             if number > 1 and row[1] == "1":
                 last_start = offset
                 counts.append(0)
@@ -156,14 +208,17 @@ class ClassifySettings:
     format: Format
     base: str  # the folder relative image paths in the output are relative to
     record_sha256: str = ""
+    #: --explain's heat-map method (None: no peaks; "": the model's default, until the model is loaded)
+    explain: str | None = None
 
     @classmethod
     def of(cls, model_spec: str, entries: Sequence[ClassEntry], templates: Sequence[str], top_k: int,
-           fmt: str) -> "ClassifySettings":
+           fmt: str, explain: str | None = None) -> "ClassifySettings":
         """This run's settings; the model's weights (`fingerprint`) are filled in once it is loaded."""
         entries_text = canonical([asdict(e) for e in entries]).decode()
         return cls(model_spec, "", len(entries), digest(entries_text, 64), len(templates),
-                   digest(canonical(list(templates)).decode(), 64), top_k, cast(Format, fmt), os.getcwd())
+                   digest(canonical(list(templates)).decode(), 64), top_k, cast(Format, fmt), os.getcwd(),
+                   explain=explain)
 
 
 def settings_path(output: str | os.PathLike) -> Path:
@@ -173,7 +228,7 @@ def settings_path(output: str | os.PathLike) -> Path:
 
 #: the settings a resumed run compares, and the option that sets each
 RESUME_FLAGS = {"labels": "--labels", "templates": "--templates", "top_k": "--top-k", "format": "--format",
-                "fingerprint": "--model"}
+                "fingerprint": "--model", "explain": "--explain/--method"}
 
 
 def saved_settings(output: str | os.PathLike) -> ClassifySettings | None:
@@ -194,14 +249,23 @@ def saved_settings(output: str | os.PathLike) -> ClassifySettings | None:
         raise InputError(f"{err}; {again}") from err
 
 
-def check_settings(output: str, saved: ClassifySettings, wanted: ClassifySettings, fields: Sequence[str]) -> None:
-    """Refuse to append rows computed with other settings than the output's (the first that differs is named)."""
-    def describe(settings: ClassifySettings, field: str) -> str:
-        if field in ("labels", "templates"):
-            return f"{getattr(settings, field)} {field} (sha256 {getattr(settings, field + '_sha256')[:12]})"
-        return f"{settings.model} (weights {settings.fingerprint})" if field == "fingerprint" else \
-            str(getattr(settings, field))
+def _describe(settings: ClassifySettings, field: str) -> str:
+    """A setting as a message names it."""
+    if field in ("labels", "templates"):
+        return f"{getattr(settings, field)} {field} (sha256 {getattr(settings, field + '_sha256')[:12]})"
+    if field == "explain":
+        return "no --explain" if settings.explain is None else f"--explain by heat-map method {settings.explain!r}"
+    return f"{settings.model} (weights {settings.fingerprint})" if field == "fingerprint" else \
+        str(getattr(settings, field))
 
+
+def check_settings(output: str, saved: ClassifySettings, wanted: ClassifySettings, fields: Sequence[str]) -> None:
+    """Refuse to append rows computed with other settings than the output's (the first that differs is named).
+    A wanted `explain` of "" (the model's default method, not yet known) is taken to be the saved one's: it is
+    checked again once the model is loaded."""
+    if wanted.explain == "" and saved.explain is not None:
+        wanted = replace(wanted, explain=saved.explain)
+    describe = _describe
     for field in fields:  # a model is its weights: the same ones under another spec are the same model
         if describe(saved, field) != describe(replace(wanted, model=saved.model), field):
             flag = RESUME_FLAGS[field]
@@ -244,7 +308,7 @@ class PredictionWriter:
             return
         out = self._open()
         if self.fresh:  # the header just before the first row
-            out.write(prediction_header(self.fmt, self.width))
+            out.write(prediction_header(self.fmt, self.width, self.settings.explain is not None))
             self.fresh = False
         out.write(prediction_rows(read, self.fmt, self.width))
         out.flush()
@@ -266,7 +330,7 @@ class PredictionWriter:
     def _write_whole(self) -> None:
         if self.fmt == "parquet":
             self._save_settings()
-            atomic_write(Path(str(self.output)), lambda f: _write_parquet(f, self.whole))
+            atomic_write(Path(str(self.output)), lambda f: _write_parquet(f, self.whole, self.settings.explain is not None))
             return
         read = [(image, p) for image, p in self.whole if not isinstance(p, ImageLoadError)]
         if self.fmt != "json" or not read:  # json: nothing when no image could be read
@@ -294,22 +358,30 @@ class PredictionWriter:
             atomic_write(settings_path(self.output), lambda f: f.write(record))
 
 
-def _write_parquet(file: IO[bytes], rows: Sequence[Row]) -> None:
-    """Rows as parquet: path, labels, probabilities, error (null when read; the image's reason when not)."""
+def _parquet_row(image: str, preds: Predictions | Explained | ImageLoadError, explained: bool) -> dict:
+    """One image's parquet columns (`_write_parquet`)."""
+    row: dict
+    if isinstance(preds, ImageLoadError):
+        row = {"path": image, "labels": [], "probabilities": None, "error": preds.reason}
+        return {**row, "boxes": None, "peak_scores": None} if explained else row
+    labels = _labels(preds)
+    row = {"path": image, "labels": [label for label, _, _ in labels], "probabilities": [p for _, p, _ in labels],
+           "error": None}
+    if explained:
+        row["boxes"] = [list(peak.box) for _, _, peak in labels if peak]
+        row["peak_scores"] = [peak.score for _, _, peak in labels if peak]
+    return row
+
+
+def _write_parquet(file: IO[bytes], rows: Sequence[Row], explained: bool = False) -> None:
+    """Rows as parquet: path, labels, probabilities, error (null when read; the image's reason when not), and
+    with `explained` (--explain) boxes ([left, top, right, bottom] per label) and peak_scores."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("path", pa.string()), ("labels", pa.list_(pa.string())),
-                        ("probabilities", pa.list_(pa.float32())), ("error", pa.string())])
-    columns: dict[str, list] = {"path": [], "labels": [], "probabilities": [], "error": []}
-    for image, preds in rows:
-        columns["path"].append(image)
-        if isinstance(preds, ImageLoadError):
-            columns["labels"].append([])
-            columns["probabilities"].append(None)
-            columns["error"].append(preds.reason)
-        else:
-            columns["labels"].append([label for label, _ in preds])
-            columns["probabilities"].append([p for _, p in preds])
-            columns["error"].append(None)
-    pq.write_table(pa.table(columns, schema=schema), file)
+    fields = [("path", pa.string()), ("labels", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float32())),
+              ("error", pa.string())]
+    if explained:
+        fields += [("boxes", pa.list_(pa.list_(pa.int32(), 4))), ("peak_scores", pa.list_(pa.float32()))]
+    found = [_parquet_row(image, preds, explained) for image, preds in rows]
+    pq.write_table(pa.Table.from_pylist(found, schema=pa.schema(fields)), file)

@@ -1,4 +1,5 @@
-"""The HTTP service behind `clipzsl serve`: search an image index and classify uploads.
+"""The HTTP service behind `clipzsl serve`: search an image index, classify uploads and show where a
+label is in them (/explain: a heat map of `clipzsl.maps`, by the model's default method or one asked for).
 
 One process keeps the model loaded, keeps recently used label sets' classifiers in an LRU
 (`Limits.classifiers` of them), and batches concurrent /classify and /search requests: uploads
@@ -37,7 +38,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Sequence, cast
+from typing import Annotated, Any, Callable, Iterator, Literal, Sequence, cast
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ from .errors import ClipzslError, InputError
 from .explain import picture
 from .image_index import ImageIndex, is_under, model_spec_of
 from .images import MAX_PIXELS, EmbeddedImages, ImageLoadError, TooManyPixels, decode_image, encode_pixels, load_image
+from .maps import HeatMap, methods_for, peak_box
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
                       available, content_lines, load_labels, load_templates, normalise_text, parse_label_list,
                       query_text)
@@ -104,6 +106,21 @@ class Prediction(BaseModel):
 
 class Predictions(BaseModel):
     predictions: list[Prediction]
+
+
+class HeatMapData(BaseModel):
+    """/explain's `format=json` answer: one label's heat map as data, for a client to draw."""
+
+    label: str
+    probability: float
+    method: str = Field(description="the heat-map method that drew it")
+    width: int = Field(description="the image's width in pixels")
+    height: int = Field(description="the image's height in pixels")
+    box: list[int] = Field(description="left, top, right, bottom: the part of the image the grid covers")
+    grid: list[list[float]] = Field(description="rows of the map over `box`, higher where the label is "
+                                                "(on the method's own scale)")
+    peak_box: list[int] = Field(description="left, top, right, bottom of the map's peak region (maps.peak_box)")
+    peak_score: float = Field(description="the map's value at its peak")
 
 
 class ServiceError(ClipzslError):
@@ -456,6 +473,16 @@ class Service:
         for collection in self.collections.values():
             collection.index.close()
 
+    def map_method(self, method: str | None) -> str | None:
+        """A heat-map method a request may name (`maps.methods_for` the model, and "adapter" with one loaded;
+        None: the default, the adapter's attention or the model's default); otherwise 422 naming the choices."""
+        choices = methods_for(self.model) + (["adapter"] if self.adapter is not None else [])
+        if not choices:
+            raise ServiceError(422, f"no heat-map method draws maps for {self.model.spec}")
+        if method and method not in choices:
+            raise ServiceError(422, f"method {method[:40]!r}: pick one of {', '.join(choices)}")
+        return method or None
+
     def check_top_k(self, top_k: int) -> int:
         if not 1 <= top_k <= self.limits.max_top_k:
             raise ServiceError(422, f"top_k must be 1..{self.limits.max_top_k}, got {top_k}")
@@ -500,19 +527,43 @@ def _thumbnail(path: str, side: int, max_pixels: int) -> bytes:
     return out.getvalue()
 
 
-def _explain_png(service: Service, classifier: ZeroShotClassifier, image: Image.Image, label: str | None) -> bytes:
-    embedded = classifier.embed([image], progress=False)
-    probs = classifier.predict_proba(embedded)[0]
+@dataclass(frozen=True)
+class _Explained:
+    """One label's heat map over an uploaded image (what /explain draws or sends)."""
+
+    image: Image.Image
+    label: str
+    column: int
+    probability: float
+    heat_map: HeatMap
+
+    def png(self) -> bytes:
+        out = io.BytesIO()
+        picture(self.image, self.heat_map, self.column, f"{self.label}: {self.probability:.1%}").save(out, "PNG")
+        return out.getvalue()
+
+    def data(self) -> HeatMapData:
+        box, score = peak_box(self.heat_map, self.column)
+        return HeatMapData(label=self.label, probability=self.probability, method=self.heat_map.method,
+                           width=self.image.width, height=self.image.height, box=list(self.heat_map.box),
+                           grid=self.heat_map.grid[self.column].tolist(), peak_box=list(box), peak_score=score)
+
+
+def _explained(classifier: ZeroShotClassifier, image: Image.Image, label: str | None, method: str | None
+               ) -> _Explained:
+    """`label`'s (None: the top label's) heat map by `method` (`Service.map_method`) over `image`."""
+    probs = classifier.predict_proba(classifier.embed([image], progress=False))[0]
     if label is None:
         column = int(np.argmax(probs))
     elif (label := normalise_text(label)) in classifier.labels:  # as the labels were
         column = classifier.labels.index(label)
     else:
         raise ServiceError(422, f"label {label!r} is not one of the labels sent; pick one of them")
-    heat_map, = classifier.heatmaps([image])
-    out = io.BytesIO()
-    picture(image, heat_map, column, f"{classifier.labels[column]}: {probs[column]:.1%}").save(out, "PNG")
-    return out.getvalue()
+    try:
+        heat_map, = classifier.heatmaps([image], method)
+    except InputError as err:  # e.g. a method that needs more than this model gives
+        raise ServiceError(422, str(err)) from err
+    return _Explained(image, classifier.labels[column], column, float(probs[column]), heat_map)
 
 
 class BodyLimit:
@@ -554,7 +605,8 @@ def create_app(
 ) -> FastAPI:
     """The service over explicit state: the model, named index directories (built with this model), named label
     sets the page and clients may ask for by name, the default templates, an optional adapter
-    (a `CrossAttentionAdapter` or its directory: /explain needs one), the label cache (as
+    (a `CrossAttentionAdapter` or its directory: /classify scores through it, /explain draws its attention
+    unless asked for another method), the label cache (as
     `ZeroShotClassifier` takes it) and the limits."""
     service = Service(model, indexes or {}, label_sets or {}, load_templates(templates), adapter, cache, limits)
     app = FastAPI(title="clipzsl", description="Search an image collection and classify images, zero-shot.",
@@ -588,6 +640,7 @@ def create_app(
         """The model, what is loaded, and the sizes of recent batches."""
         recent = service.batcher.batches[-100:]
         return {"status": "ok", "model": model.spec, "adapter": adapter is not None,
+                "map_methods": (["adapter"] if adapter is not None else []) + methods_for(model),
                 "indexes": {name: c.size for name, c in service.collections.items()},
                 "label_sets": sorted(service.label_sets), "shipped_label_sets": service.shipped_labels,
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_labels": limits.max_labels,
@@ -654,21 +707,31 @@ def create_app(
         return Predictions(predictions=[Prediction(label=label, probability=p) for label, p in found])
 
     @app.post("/explain", response_class=Response,
-              responses={200: {"content": {"image/png": {}}, "description": "heat map"},
-                         404: {"description": "no adapter loaded, or unknown label set"}})
+              responses={200: {"content": {"image/png": {},
+                                           "application/json": {"schema": HeatMapData.model_json_schema()}},
+                               "description": "the heat map: a PNG, or with format=json the map as data"},
+                         404: {"description": "unknown label or template set"},
+                         422: {"description": "not an image, bad labels, or a method this model has not"}})
     async def explain(
         image: Annotated[UploadFile, File(description="the image")],
         labels: Annotated[str, Form(description="a comma list (cat,dog) or a label set's name")],
         label: Annotated[str | None, Form(description="the label to show (default: the top one)")] = None,
         templates: Annotated[str | None, Form()] = None,
+        method: Annotated[str | None, Form(description="heat-map method (default: the adapter's attention with "
+                                                       "--adapter, else the model's default; /health lists them)")
+                          ] = None,
+        format: Annotated[Literal["png", "json"], Form(description="png: the picture, with its colour scale "
+                                                                   "and the method's name; json: the map as data")
+                          ] = "png",
     ) -> Response:
-        """A PNG of where the adapter looks for `label` in the image (needs `--adapter`)."""
-        if adapter is None:
-            raise ServiceError(404, "no adapter loaded, so no heat map; start the service with --adapter DIR")
+        """Where `label` is in the image: its heat map over the image (a PNG), or the map as data."""
+        chosen = service.map_method(method)
         classifier = await service.classifier(labels, templates)
         decoded = await service.image(image)
-        png = await service.batcher.call(_explain_png, service, classifier, decoded, label or None)
-        return Response(png, media_type="image/png")
+        explained = await service.batcher.call(_explained, classifier, decoded, label or None, chosen)
+        if format == "json":
+            return JSONResponse(explained.data().model_dump())
+        return Response(await asyncio.to_thread(explained.png), media_type="image/png")
 
     @app.get("/images/{image_id}", response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}, "description": "thumbnail"},

@@ -166,20 +166,58 @@ def test_concurrent_requests_share_a_forward_pass(model, collection, tmp_path):
         assert [r["path"] for r in a.json()["results"]] == [p for p, _ in index.search(f"query {i}", 2)]
 
 
-def test_explain_needs_an_adapter(client):
-    response = client.post("/explain", files={"image": ("r.png", png_bytes(), "image/png")}, data={"labels": "a,b"})
-    assert response.status_code == 404 and "--adapter" in response.json()["detail"]
+def test_explain_without_an_adapter_draws_the_models_default_method(client, model):
+    from clipzsl.maps import default_method, methods_for
+
+    assert client.get("/health").json()["map_methods"] == methods_for(model)
+    image = ("r.png", png_bytes(size=(64, 48)), "image/png")
+    response = client.post("/explain", files={"image": image}, data={"labels": "red,green", "label": "green"})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    heat = Image.open(io.BytesIO(response.content))
+    assert heat.width > 64 and heat.height > 48  # the image, the scale beside it, the caption below
+    body = client.post("/explain", files={"image": image},
+                       data={"labels": "red,green", "label": "green", "format": "json"}).json()
+    clf = clipzsl.ZeroShotClassifier(model, labels=["red", "green"], cache=False)
+    expected, = clf.heatmaps([Image.open(io.BytesIO(image[1]))])
+    assert (body["label"], body["method"], body["width"], body["height"]) == ("green", default_method(model), 64, 48)
+    assert body["box"] == list(expected.box)
+    np.testing.assert_allclose(body["grid"], expected.grid[1], atol=1e-5)
+    assert body["probability"] == pytest.approx(clf.predict_proba(image_of(image))[0, 1], abs=1e-5)
+    left, top, right, bottom = body["peak_box"]
+    assert 0 <= left < right <= 64 and 0 <= top < bottom <= 48
+    assert body["peak_score"] == pytest.approx(float(expected.grid[1].max()), abs=1e-5)
 
 
-def test_explain_returns_a_heat_map_png(model, tmp_path):
+def image_of(upload) -> Image.Image:
+    return Image.open(io.BytesIO(upload[1])).convert("RGB")
+
+
+@pytest.mark.parametrize("method", ["nope", "adapter"])
+def test_explain_refuses_a_method_the_model_has_not_naming_the_choices(client, model, method):
+    from clipzsl.maps import methods_for
+
+    response = client.post("/explain", files={"image": ("r.png", png_bytes(), "image/png")},
+                           data={"labels": "a,b", "method": method})
+    assert response.status_code == 422
+    assert response.json()["detail"] == f"method {method!r}: pick one of {', '.join(methods_for(model))}"
+    response = client.post("/explain", files={"image": ("r.png", png_bytes(), "image/png")},
+                           data={"labels": "a,b", "format": "gif"})
+    assert response.status_code == 422
+
+
+def test_explain_with_an_adapter_draws_its_attention(model, tmp_path):
     adapter = clipzsl.CrossAttentionAdapter(model.embed_dim, heads=4)
     with TestClient(create_app(model, adapter=adapter, cache=tmp_path)) as c:
         response = c.post("/explain", files={"image": ("r.png", png_bytes(size=(64, 48)), "image/png")},
                           data={"labels": "red,green", "label": "green"})
         assert c.get("/health").json()["adapter"] is True
+        assert c.get("/health").json()["map_methods"][0] == "adapter"
+        data = c.post("/explain", files={"image": ("r.png", png_bytes(size=(64, 48)), "image/png")},
+                      data={"labels": "red,green", "format": "json"}).json()
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     heat = Image.open(io.BytesIO(response.content))
     assert heat.width > 64 and heat.height > 48  # the image, the scale beside it, the caption below
+    assert data["method"] == "adapter"
 
 
 def test_page_and_openapi(client):

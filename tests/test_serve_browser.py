@@ -50,3 +50,22 @@ def test_docs_render_in_chromium_with_nothing_from_another_host(tiny_clip, tmp_p
                 browser.close()
     assert {"POST/search", "POST/classify", "GET/health", "GET/images/{image_id}"} <= set(headings)
     assert requested and all(u.startswith(url) for u in requested), requested
+
+
+def test_clicking_a_label_shows_its_heat_map_in_chromium(tiny_clip, tmp_path):
+    from benchmarks.explain_page import drive_explain
+    from clipzsl.maps import default_method
+
+    upload = tmp_path / "photo.png"
+    Image.new("RGB", (120, 90), (220, 20, 20)).save(upload)
+    method = default_method(clipzsl.load_model(f"hf:{tiny_clip}"))
+    args = ["--model", f"hf:{tiny_clip}", "--cache-dir", str(tmp_path / "cache")]
+    with running_server(args, timeout=120) as (url, _):
+        seen = drive_explain(url, upload, "cat,dog,bird", click=1)
+    assert seen["error"] == "" and len(seen["labels"]) == 3
+    second = seen["labels"][1]
+    assert seen["clicked"] == second and seen["chosen"] == [second]
+    assert seen["src_before"].startswith("blob:") and seen["src_after"].startswith("blob:")
+    assert seen["src_after"] != seen["src_before"]  # the top label's map was shown first, then the clicked one's
+    assert second in seen["caption"] and method in seen["caption"]
+    assert seen["map_size"][0] > 120 and seen["map_size"][1] > 90  # the image, its colour scale and caption

@@ -16,7 +16,7 @@ import clipzsl  # noqa: E402
 from clipzsl.serve import Limits, create_app  # noqa: E402
 
 #: the service's routes that take input (the page, /health and the docs take none)
-FUZZED = {"POST /search", "POST /classify", "GET /images/{image_id}"}
+FUZZED = {"POST /search", "POST /classify", "POST /explain", "GET /images/{image_id}"}
 
 
 @pytest.fixture(scope="module")
