@@ -86,7 +86,7 @@ def rerank_curve(out: Path, kinds: dict[str, np.ndarray], exact: dict[str, np.nd
     """recall@10 (every query) and ms/query (CURVE_QUERIES one at a time, median) per kind over the
     re-rank candidates, through clipzsl's own re-rank of the saved file's candidates with the store's rows."""
     from clipzsl.image_index import ImageIndex
-    from clipzsl.saved_index import RERANK_CANDIDATES, Setting, search_with
+    from clipzsl.saved_index import RERANK_CANDIDATES, Setting, candidates, search_with
     from clipzsl.search import load_index, set_search_parameter
 
     image_index = ImageIndex(out)
@@ -100,8 +100,9 @@ def rerank_curve(out: Path, kinds: dict[str, np.ndarray], exact: dict[str, np.nd
         setting = Setting(int(state.get("param", 0)), count)
         point: dict = {"rerank": count}
         for kind, queries in kinds.items():
-            rows = search_with(index, queries, 10, setting, rerank)[1]
-            times = report.timed(lambda q=iter(queries): search_with(index, next(q)[None], 10, setting, rerank),
+            pool = candidates(setting, 10)
+            rows = search_with(index, queries, 10, setting, rerank, pool)[1]
+            times = report.timed(lambda q=iter(queries): search_with(index, next(q)[None], 10, setting, rerank, pool),
                                  CURVE_QUERIES)[0]
             point[kind] = {"recall_at_10": recall(rows, exact[kind]), "ms_per_query": 1000 * report.median(times)}
         points.append(point)
@@ -137,7 +138,8 @@ def summary(results: dict) -> list[str]:
         lines.append(
             f"- budget {r['share_of_float16']} ({r['budget_bytes'] / 1e6:.0f} MB): **{r['factory']}**, file "
             f"{r['index_file_bytes'] / 1e6:.1f} MB = {r['index_file_bytes'] / (r['rows'] * DIM * 2):.1%} of float16 "
-            f"(estimate {r['resident_estimate_bytes'] / 1e6:.1f} MB), RSS added by the open index {r['index_rss_mb']:.0f} MB; "
+            f"(estimate {r['resident_estimate_bytes'] / 1e6:.1f} MB), RSS added by the open index {r['index_rss_mb']:.0f} MB "
+            f"(anonymous {r.get('index_anon_mb', 0):.0f} MB, file pages {r.get('index_file_mb', 0):.0f} MB); "
             f"build {r['build_s']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB ({r['model_loaded_rss_mb']:.0f} MB with only "
             f"the model); tuned: param {state.get('param')}, re-rank {state.get('rerank')}; open + first query "
             f"{r['open_first_query_s']:.2f} s")

@@ -169,15 +169,15 @@ def budget_search(directory: str, queries_path: str) -> int:
     import clipzsl
     from clipzsl.image_index import ImageIndex
 
-    def rss_mb() -> float:
+    def rss_mb(field: str = "VmRSS") -> float:
         with open("/proc/self/status") as status:
-            return int(next(line.split()[1] for line in status if line.startswith("VmRSS"))) / 1024
+            return int(next(line.split()[1] for line in status if line.startswith(field))) / 1024
 
     kinds = np.load(queries_path)
     t = time.perf_counter()
     model = clipzsl.load_model("packaged")  # loaded once by a service or a Ray actor, before any index
     loaded = time.perf_counter() - t
-    before = rss_mb()
+    before = {field: rss_mb(field) for field in ("VmRSS", "RssAnon", "RssFile")}
     t = time.perf_counter()
     index = ImageIndex(directory, model)
     index.search(kinds["text"][0], 10)
@@ -190,7 +190,8 @@ def budget_search(directory: str, queries_path: str) -> int:
             times.append(time.perf_counter() - t)
             found.append([int(Path(path).stem) for path, _ in hits])
         result[kind] = {"ms_per_query": 1000 * float(np.median(times)), "found": found}
-    print(json.dumps({**result, "index_rss_mb": rss_mb() - before}))
+    print(json.dumps({**result, "index_rss_mb": rss_mb() - before["VmRSS"], "index_anon_mb": rss_mb("RssAnon")
+                      - before["RssAnon"], "index_file_mb": rss_mb("RssFile") - before["RssFile"]}))
     return 0
 
 

@@ -118,7 +118,7 @@ def _tune_candidates(index: Any, kinds: dict[str, tuple[np.ndarray, np.ndarray]]
     tried: list[tuple[Setting, dict[str, float]]] = []
     for count in RERANK_CANDIDATES if rerank is not None else (0,):
         setting = Setting(knob.param, count)
-        recalls = {kind: recall_at_k(search_with(index, queries, 10, setting, rerank)[1], exact)
+        recalls = {kind: recall_at_k(search_with(index, queries, 10, setting, rerank, candidates(setting, 10))[1], exact)
                    for kind, (queries, exact) in kinds.items()}
         grew = not tried or min(recalls.values()) > min(tried[-1][1].values()) + RECALL_PLATEAU
         tried.append((setting, recalls))
@@ -133,14 +133,14 @@ def candidates(setting: Setting, want: int) -> int:
     return max(want, -(-setting.rerank * want // 10))
 
 
-def search_with(index: Any, queries: np.ndarray, want: int, setting: Setting,
-                rerank: Rerank | None) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, ids) [Q, want]: the index's top `want`, or with a re-rank (`setting.rerank` > 0),
-    its top `candidates` re-ordered by `rerank` and cut to `want`."""
+def search_with(index: Any, queries: np.ndarray, k: int, setting: Setting, rerank: Rerank | None,
+                pool: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids) [Q, k]: the index's top `k`, or with a re-rank (`setting.rerank` > 0), its top
+    `pool` (at least k) re-ordered by `rerank` and cut to `k`."""
     if not setting.rerank or rerank is None:
-        return faiss_search(index, queries, want)
-    similarities, ids = rerank(queries, faiss_search(index, queries, candidates(setting, want))[1])
-    return similarities[:, :want], ids[:, :want]
+        return faiss_search(index, queries, k)
+    similarities, ids = rerank(queries, faiss_search(index, queries, max(pool, k))[1])
+    return similarities[:, :k], ids[:, :k]
 
 
 def reranked(store: EmbeddingStore, queries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -369,9 +369,10 @@ class SavedIndex:
         index, base = loaded.index, loaded.base
         if index.ntotal == 0:
             return [[] for _ in queries]
-        k = min(index.ntotal, want + max(16, want))
+        k = min(index.ntotal, want + max(16, want))  # a few more than wanted: some may be replaced rows
+        pool = candidates(loaded.setting, want)  # what tuning measured for a top `want`, re-ranked before any key is read
         while True:
-            similarities, ids = search_with(index, queries, k, loaded.setting, self.reranker(base))
+            similarities, ids = search_with(index, queries, k, loaded.setting, self.reranker(base), pool)
             keys = self.store.row_keys(np.unique(ids[ids >= 0]) + base)
             results = [
                 [(keys[base + i], float(s)) for i, s in zip(row_ids, row_sims) if i >= 0 and base + i in keys][:want]

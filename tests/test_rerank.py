@@ -59,7 +59,7 @@ def test_tune_chooses_the_fewest_candidates_that_reach_the_target_on_both_kinds(
     assert setting.param == 0 and setting.rerank in RERANK_CANDIDATES and min(recalls.values()) >= TARGET_RECALL
     fewer = Setting(0, RERANK_CANDIDATES[RERANK_CANDIDATES.index(setting.rerank) - 1])
     if setting.rerank > RERANK_CANDIDATES[0]:  # the fewest: the step below misses the target on some kind
-        assert min(recall_at_k(search_with(index, q, 10, fewer, rerank)[1], exact) for q, exact in kinds.values()) \
+        assert min(recall_at_k(search_with(index, q, 10, fewer, rerank, fewer.rerank)[1], exact) for q, exact in kinds.values()) \
             < TARGET_RECALL
 
 
