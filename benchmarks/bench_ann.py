@@ -13,7 +13,9 @@ Data: synthetic clustered unit vectors, d = 384 (the packaged model's space), fr
   0.24 at 10^6 (0.21 at 2 x 10^4: fewer points, lower maxima); the measured quartiles are reported.
 Indexes at each size (N rows, nlist = sqrt(N) to a power of two, as `clipzsl.search.factory_for`):
 Flat (exact), IVF-Flat, IVF-SQ8, IVF-PQ with exact re-ranking of K_FACTOR x 10 candidates (RFlat),
-HNSW32 and IVF with an HNSW coarse quantizer (2 x nlist cells), each built by `clipzsl.search.build_index`
+HNSW32, IVF with an HNSW coarse quantizer (2 x nlist cells), and 4-bit fast-scan PQ codes of every
+vector (d / 2 sub-quantizers, scanned whole) whose top k_factor x 10 are re-ranked exactly (RFlat: the
+float32 rows in RAM, where clipzsl's saved index reads its stored rows instead; the knob is k_factor), each built by `clipzsl.search.build_index`
 (trained on `clipzsl.saved_index.train_size` rows, then every row added), swept over its search
 parameter (`set_search_parameter`: nprobe / efSearch). Per point: recall@10 against exact search
 (`recall_at_k`) and ms per query, batched (THREADS threads) and one query at a time (median), for
@@ -60,7 +62,8 @@ STOP_RECALL, STOP_MS = 0.995, 40.0
 SINGLE = 100
 #: the real-weights check: shipped label sets whose prompts are the text queries
 REAL_LABELS = ("fashion_mnist", "cifar100")
-SWEEPS = {"nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), "efSearch": (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)}
+SWEEPS = {"nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), "efSearch": (16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+          "k_factor": (2, 5, 10, 20, 40, 80, 160, 320)}
 
 
 # ---------------------------------------------------------------- data
@@ -114,16 +117,15 @@ def best_match(vectors: np.ndarray, queries: np.ndarray) -> dict:
 # ---------------------------------------------------------------- indexes
 
 
-def cells(rows: int) -> int:
-    return 2 ** round(math.log2(math.sqrt(rows)))
-
-
 def factories(rows: int, dim: int = DIM) -> dict[str, str]:
     """The indexes compared at `rows` rows: name -> FAISS factory string."""
-    nlist = cells(rows)
+    from clipzsl.search import fast_scan_subquantizers, ivf_cells
+
+    nlist = ivf_cells(rows)
     return {"Flat": "Flat", "IVF-Flat": f"IVF{nlist},Flat", "IVF-SQ8": f"IVF{nlist},SQ8",
             "IVF-PQ+refine": f"IVF{nlist},PQ{dim // 8}np,RFlat", "HNSW": "HNSW32",
-            "IVF-HNSW": f"IVF{2 * nlist}_HNSW32,Flat"}
+            "IVF-HNSW": f"IVF{2 * nlist}_HNSW32,Flat",
+            "PQ-fastscan+re-rank": f"PQ{fast_scan_subquantizers(dim)[0]}x4fs,RFlat"}
 
 
 def ram_mb(index) -> float:
@@ -169,12 +171,24 @@ def point(index, queries: np.ndarray, exact_ids: np.ndarray) -> dict:
             "ms_single": round(1e3 * report.median(times), 3), "ms_single_mean": round(1e3 * float(np.mean(times)), 3)}
 
 
+def codes_refined(index) -> bool:
+    """Is it fast-scan codes scanned whole with a refine step (whose knob is the refine's k_factor)?"""
+    import faiss
+
+    return isinstance(index, faiss.IndexRefine) and isinstance(faiss.downcast_index(index.base_index),
+                                                               faiss.IndexPQFastScan)
+
+
 def set_parameter(index, param: int) -> str | None:
-    """`set_search_parameter`, and an HNSW coarse quantizer's efSearch to 2 x nprobe."""
+    """`set_search_parameter`, and an HNSW coarse quantizer's efSearch to 2 x nprobe; fast-scan codes with a
+    refine step: their re-rank's k_factor."""
     import faiss
 
     from clipzsl.search import set_search_parameter
 
+    if codes_refined(index):
+        index.k_factor = param  # one list of codes: the re-rank's candidates (k_factor x 10) are the knob
+        return "k_factor"
     knob = set_search_parameter(index, param)
     if knob == "nprobe" and hasattr(faiss.extract_index_ivf(index).quantizer, "hnsw"):
         faiss.ParameterSpace().set_index_parameter(index, "quantizer_efSearch", 2 * param)
@@ -190,7 +204,7 @@ def sweep(index, kinds: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict]:
     """One point per search parameter, smallest first, until `finished`; an exact index has one
     point (parameter 0)."""
     curve: list[dict] = []
-    for param in SWEEPS["efSearch" if hasattr(index, "hnsw") else "nprobe"]:
+    for param in SWEEPS["efSearch" if hasattr(index, "hnsw") else "k_factor" if codes_refined(index) else "nprobe"]:
         knob = set_parameter(index, param)
         if knob == "nprobe" and param > getattr(index, "nlist", math.inf):
             break

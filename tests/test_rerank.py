@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipzsl.saved_index import (RERANK_CANDIDATES, TARGET_RECALL, SavedIndex, Setting, candidates, compressed,
-                                 recall_on, reranked, search_with, tune)
+                                 describe_tuning, recall_on, reranked, search_with, tune)
 from clipzsl.search import build_index, recall_at_k
 from clipzsl.store import EmbeddingStore
 
@@ -67,6 +67,7 @@ def test_a_saved_compressed_index_searches_with_the_re_rank_it_was_tuned_with(st
     saved = SavedIndex(store, synthetic_text)
     state = saved.save(CODES)
     assert state["rerank"] in RERANK_CANDIDATES and state["param"] == 0
+    assert f"{state['rerank']} candidates re-ranked with the exact rows" in describe_tuning(state)  # index info says it
     assert min(state["text_recall"], state["image_recall"]) >= TARGET_RECALL
     queries = synthetic_text(100, 1)  # new text queries: the recall holds, and the scores are the exact ones
     assert recall_on(store, queries, SavedIndex(store, synthetic_text)) >= TARGET_RECALL - 0.03
