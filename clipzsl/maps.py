@@ -148,7 +148,7 @@ def has_tokens(model: Backend) -> bool:
 #: (the packaged model's maps that keep each cell's confidence come first: they point at the object
 #: far more often than its cosine, benchmarks/results/localisation.md)
 METHODS: dict[str, Method] = {
-    "confident_cosine": Method(confident_cosine, is_packaged), "conse_dot": Method(conse_dot, is_packaged),
+    "conse_dot": Method(conse_dot, is_packaged), "confident_cosine": Method(confident_cosine, is_packaged),
     "cam": Method(cam, is_packaged), "cosine": Method(cosine, has_tokens)}
 
 
