@@ -37,6 +37,7 @@ BENCHMARKS = {
     "default": "The packaged default, chosen by measurement: each direction's gain, calibration, cost",
     "head": "Top-k labels with probabilities: the old FAISS path of `predict` against `clipzsl.head.top_k`",
     "view_rule": "The packaged default's view per image: the whole image, or a crop for photos",
+    "localisation": "Heat maps against ground truth: pointing, label sensitivity, bias checks; the zoom",
     "adapter": "Cross-attention adapter vs zero-shot, linear probe, CLIP-Adapter and Tip-Adapter-F",
     "store": "Label store and label search at scale",
     "store_scale": "The embedding store at scale: append, open, label cache, from-shards, index images",

@@ -25,7 +25,7 @@ from .errors import ClipzslError, InputError
 from .head import Head, check_top_k, probabilities, zero_shot_head
 from .head import top_k as top_k_labels
 from .images import EmbeddedImages, ImageSource, embed_images, expand_sources, load_image
-from .maps import HeatMap, image_maps
+from .maps import HeatMap, image_maps, peak_box
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_labels, load_templates
 from .store import EmbeddingStore, StoreError, atomic_write, cache_root
 from .text_encoding import cached_class_embeddings
@@ -160,6 +160,20 @@ class ZeroShotClassifier:
         model's default)."""
         return image_maps(self.model, [load_image(s) for s in expand_sources(images)], self.class_embeddings,
                           method, self.adapter)
+
+    def zoomed_proba(self, images: ImageSource | Sequence[ImageSource], top: int = 5, method: str | None = None,
+                     batch_size: int | None = None) -> np.ndarray:
+        """Probabilities [N, C] with an attention-guided zoom: each image's `top` labels are scored again
+        on the crop around their own peak (`maps.peak_box` of `heatmaps(method)`), and each of them gets
+        the mean of its probabilities on the whole image and on its crop; the other labels keep theirs."""
+        pictures = [load_image(s) for s in expand_sources(images)]
+        probs = self.predict_proba(pictures, batch_size)
+        zoomed = probs.copy()
+        for i, (picture, heat_map) in enumerate(zip(pictures, self.heatmaps(pictures, method))):
+            columns = np.argsort(-probs[i], kind="stable")[:top]
+            crops = self.predict_proba([picture.crop(peak_box(heat_map, int(c))[0]) for c in columns], batch_size)
+            zoomed[i, columns] = (probs[i, columns] + crops[np.arange(len(columns)), columns]) / 2
+        return zoomed
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the class embeddings as safetensors, with the model fingerprint and spec, the

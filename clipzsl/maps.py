@@ -22,6 +22,7 @@ from .adapter import CrossAttentionAdapter
 from .backends import Backend
 from .errors import InputError
 from .family_maps import gradcam_spatial, gscorecam, has_conv_feature_map, has_feature_map, is_attention_pooled, maskclip_pooled
+from .packaged_maps import cam, confident_cosine, conse_dot, is_packaged
 from .vit_maps import METHODS as VIT_METHODS
 from .vit_maps import applies as vit_applies
 
@@ -168,8 +169,11 @@ _POOLED = {"maskclip": Method(on_grid(maskclip_pooled), is_attention_pooled),
            "gscorecam": Method(on_grid(gscorecam), has_conv_feature_map)}
 
 #: the training-free methods, by name; the first that applies to a model is its default (`default_method`)
+#: (the packaged model's maps that keep each cell's confidence come first: they point at the object far more
+#: often than its cosine, benchmarks/results/localisation.md)
 METHODS: dict[str, Method] = {
-    "cosine": Method(cosine, has_tokens),
+    "conse_dot": Method(conse_dot, is_packaged), "confident_cosine": Method(confident_cosine, is_packaged),
+    "cam": Method(cam, is_packaged), "cosine": Method(cosine, has_tokens),
     **{name: by_family(*(family[name] for family in (_VIT, _POOLED) if name in family)) for name in {**_VIT, **_POOLED}},
 }
 
@@ -245,3 +249,26 @@ def peak_box(heat_map: HeatMap, column: int, share: float = 0.5) -> tuple[tuple[
     box = (left + math.floor(cols.min() * cell_w), top + math.floor(rows.min() * cell_h),
            left + math.ceil((cols.max() + 1) * cell_w), top + math.ceil((rows.max() + 1) * cell_h))
     return box, float(grid.max())
+
+
+def positive_share(grid: np.ndarray, weights: np.ndarray) -> float:
+    """The share of a map's positive energy (its values clipped at 0) on a region given per cell as the
+    share of the cell it covers (`weights`, the grid's shape, in [0, 1]); 0 for a map with no positive value."""
+    positive = np.clip(grid, 0, None)
+    total = float(positive.sum())
+    return float((positive * weights).sum()) / total if total > 0 else 0.0
+
+
+def border_share(heat_map: HeatMap, column: int, band: float = 0.1) -> float:
+    """A bias check: the share of label `column`'s positive energy on the border of the part of the image
+    the map covers (`HeatMap.box`), the outer `band` of each side, the grid laid over the box cell by cell.
+    An even map gives 1 - (1 - 2 band)^2 (0.36 at 0.1); much more says the label rests on the edges."""
+    grid = heat_map.grid[column]
+    inner = _inner_share(grid.shape[0], band)[:, None] * _inner_share(grid.shape[1], band)[None, :]
+    return positive_share(grid, 1 - inner)
+
+
+def _inner_share(cells: int, band: float) -> np.ndarray:
+    """[cells]: the share of each of `cells` equal cells of [0, 1] that lies inside [band, 1 - band]."""
+    low = np.arange(cells) / cells
+    return np.clip(np.minimum(low + 1 / cells, 1 - band) - np.maximum(low, band), 0, None) * cells

@@ -44,7 +44,7 @@ def test_an_adapter_draws_its_attention_unless_another_method_is_asked_for(class
 
 
 def test_unknown_methods_and_an_adapter_method_without_one_are_refused(classifier):
-    with pytest.raises(InputError, match="pick one of cosine"):
+    with pytest.raises(InputError, match="unknown heat-map method 'nope'; pick one of .*cosine"):
         classifier.heatmaps([wide_image()], method="nope")
     with pytest.raises(InputError, match="needs a trained adapter"):
         classifier.heatmaps([wide_image()], method="adapter")

@@ -1,0 +1,105 @@
+"""Heat maps of the packaged default model that keep each location's confidence.
+
+The packaged model (`clipzsl.backends.packaged`) carries an image into the text space with ConSE: each
+cell of EfficientNet's last feature map, put through the ImageNet classifier, gives class
+probabilities, and the cell's token is their top-k sum of the classes' text embeddings (concepts).
+The raw cosine (`maps.cosine`) L2-normalises that token, which throws the cell's confidence away: an
+uncertain background cell, whose probabilities are spread, sits near the middle of the label space and
+can score above the object. Each method here keeps it, in its own way (benchmarks/bench_localisation.py
+measures them):
+
+- `conse_dot`: the token left unnormalised (its norm is the probability its top-k classes hold) dotted
+  with the label;
+- `cam`: class activation maps (the classifier's logits per cell, a softmax over the cells per class),
+  summed over the image's top classes with weights (the image's probability of the class) x (the class
+  concept's cosine to the label, kept positive);
+- `confident_cosine`: the cosine, times each cell's top class probability.
+
+Every method reads the input at UPSCALE times its size (the network is convolutional): the grid is finer
+(21 x 21 rather than 7 x 7 at 3) and each cell sees a part of the scene at about the scale ImageNet's
+objects had: on 24 scenes, the pointing score of `confident_cosine` went from 0.15 (1x) to 0.40 (2x),
+0.50 (3x) and 0.48 (4x) (bench_localisation, scenes of seed 0; its table uses other scenes). Every
+method takes (model, pixels [N, 3, H, W], class embeddings [C, D]) and gives [N, C, h, w].
+"""
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, cast
+
+import torch
+import torch.nn.functional as F
+
+from .backends import Backend
+from .errors import InputError
+
+#: how much larger than the model's input the methods read the pixels (bilinear)
+UPSCALE = 3
+
+if TYPE_CHECKING:
+    from .backends.packaged import PackagedBackend
+
+
+def is_packaged(model: Backend) -> bool:
+    """Whether `model` is the packaged default (EfficientNet-Lite + MiniLM by ConSE). Its module is loaded
+    only with such a model, so nothing is imported to answer."""
+    packaged = sys.modules.get("clipzsl.backends.packaged")
+    return packaged is not None and isinstance(model, packaged.PackagedBackend)
+
+
+def _packaged(model: Backend) -> "PackagedBackend":
+    if not is_packaged(model):
+        raise InputError(f"this heat-map method draws only the packaged model's maps, not {model.spec}'s")
+    return cast("PackagedBackend", model)
+
+
+def cell_logits(model: "PackagedBackend", pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+    """(image logits [N, K], per-cell logits [N, T, K], the grid's (h, w)) of the ImageNet classifier, on
+    the pixels read at UPSCALE times their size."""
+    pixels = F.interpolate(pixels.to(model.device).float(), scale_factor=UPSCALE, mode="bilinear", align_corners=False)
+    pixels = pixels.contiguous(memory_format=torch.channels_last)
+    features = model.image_model.forward_features(pixels)
+    image = model.image_model.forward_head(features)
+    cells = model.image_model.classifier(features.flatten(2).transpose(1, 2))
+    return image.float(), cells.float(), features.shape[-2:]
+
+
+def _grid(values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """[..., T] -> [..., h, w], the feature map's shape."""
+    return values.reshape(*values.shape[:-1], *shape)
+
+
+def _conse(model: "PackagedBackend", probs: torch.Tensor) -> torch.Tensor:
+    """The model's ConSE of class probabilities [..., K] -> [..., D], not normalised."""
+    from .backends.packaged import conse
+
+    return conse(probs, model.concepts, model.top_k)
+
+
+def conse_dot(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """Each cell's ConSE embedding, not normalised, dotted with each label."""
+    model = _packaged(model)
+    _, cells, shape = cell_logits(model, pixels)
+    tokens = _conse(model, cells.softmax(-1))  # [N, T, D]
+    return _grid(torch.einsum("ntd,cd->nct", tokens, class_embeddings.float()), shape)
+
+
+def confident_cosine(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """Each cell's cosine to each label (`maps.cosine`'s), times the cell's top ImageNet class probability."""
+    model = _packaged(model)
+    _, cells, shape = cell_logits(model, pixels)
+    probs = cells.softmax(-1)
+    tokens = F.normalize(_conse(model, probs), dim=-1)
+    cosine = torch.einsum("ntd,cd->nct", tokens, class_embeddings.float())
+    return _grid(cosine * probs.max(-1).values[:, None, :], shape)
+
+
+def cam(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """Class activation maps of the image's top-k ImageNet classes, as spatial distributions (softmax over the
+    cells), summed with weights P(class | image) x max(0, cos(concept, label))."""
+    model = _packaged(model)
+    image, cells, shape = cell_logits(model, pixels)
+    probs, top = image.softmax(-1).topk(model.top_k, dim=-1)  # [N, k]
+    relevance = (model.concepts[top] @ class_embeddings.float().T).clamp_min(0)  # [N, k, C]
+    weights = probs[..., None] * relevance  # [N, k, C]
+    activation = torch.gather(cells, 2, top[:, None, :].expand(-1, cells.shape[1], -1)).softmax(1)  # [N, T, k]
+    return _grid(torch.einsum("ntk,nkc->nct", activation, weights), shape)

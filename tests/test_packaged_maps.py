@@ -1,0 +1,153 @@
+"""The packaged model's confidence-keeping heat maps, the bias check `maps.border_share`, the zoom, and the
+localisation benchmark's measures on hand-made masks and maps."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from skimage import data as skimage_data
+
+import clipzsl
+from benchmarks import bench_localisation as bench
+from clipzsl import ZeroShotClassifier, maps, packaged_maps
+from clipzsl.errors import InputError
+
+LABELS = ["cat", "cup of coffee", "rocket"]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return ZeroShotClassifier(clipzsl.load_model("packaged"), LABELS, cache=False)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray(skimage_data.chelsea()).resize((150, 100))
+
+
+@pytest.fixture(scope="module")
+def network(classifier, image):
+    """The ImageNet classifier read by hand on the input at UPSCALE times its size: (image probabilities [1000],
+    per-cell logits [T, 1000], the grid's side)."""
+    model = classifier.model
+    pixels = model.normalize_pixels(model.pixels_uint8(image)[None]).float()
+    pixels = F.interpolate(pixels, scale_factor=packaged_maps.UPSCALE, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        features = model.image_model.forward_features(pixels)[0]  # [channels, h, w]
+        fc = model.image_model.classifier
+        cells = features.flatten(1).T @ fc.weight.T + fc.bias
+        image_probs = (features.mean((1, 2)) @ fc.weight.T + fc.bias).softmax(-1)
+    return image_probs, cells, features.shape[-1]
+
+
+def top10_conse(model, probs):
+    p, idx = probs.topk(10, dim=-1)
+    return torch.einsum("tk,tkd->td", p, model.concepts[idx])
+
+
+def drawn(classifier, image, method):
+    heat_map, = classifier.heatmaps([image], method=method)
+    assert heat_map.method == method and heat_map.box == maps.image_view(classifier.model, image).box(150, 100)
+    return heat_map.grid
+
+
+def test_conse_dot_is_each_cells_unnormalised_conse_embedding_dotted_with_each_label(classifier, image, network):
+    _, cells, side = network
+    expected = top10_conse(classifier.model, cells.softmax(-1)) @ classifier.class_embeddings.T  # [T, C]
+    grid = drawn(classifier, image, "conse_dot")
+    assert grid.shape == (3, side, side) and side == 7 * packaged_maps.UPSCALE
+    assert np.allclose(grid, expected.T.reshape(3, side, side).numpy(), atol=1e-4)
+
+
+def test_confident_cosine_is_the_cosine_times_the_cells_top_class_probability(classifier, image, network):
+    _, cells, side = network
+    probs = cells.softmax(-1)
+    cosine = F.normalize(top10_conse(classifier.model, probs), dim=-1) @ classifier.class_embeddings.T
+    expected = cosine * probs.max(-1).values[:, None]
+    assert np.allclose(drawn(classifier, image, "confident_cosine"), expected.T.reshape(3, side, side).numpy(),
+                       atol=1e-5)
+
+
+def test_cam_sums_the_top_classes_spatial_softmax_weighted_by_probability_and_relevance(classifier, image, network):
+    image_probs, cells, side = network
+    p, top = image_probs.topk(10)
+    relevance = (classifier.model.concepts[top] @ classifier.class_embeddings.T).clamp_min(0)  # [10, C]
+    activation = cells[:, top].softmax(0)  # [T, 10]
+    expected = activation @ (p[:, None] * relevance)  # [T, C]
+    assert np.allclose(drawn(classifier, image, "cam"), expected.T.reshape(3, side, side).numpy(), atol=1e-6)
+
+
+def test_the_packaged_methods_apply_to_the_packaged_model_only_and_come_first(classifier, tiny_clip):
+    tiny = clipzsl.load_model(f"hf:{tiny_clip}")
+    packaged = maps.methods_for(classifier.model)
+    assert packaged[:3] == ["conse_dot", "confident_cosine", "cam"] and "cosine" in packaged
+    assert maps.default_method(classifier.model) == packaged[0]
+    assert not {"confident_cosine", "conse_dot", "cam"} & set(maps.methods_for(tiny))
+    with pytest.raises(InputError, match="does not apply"):
+        maps.method_named(tiny, "conse_dot")
+    with pytest.raises(InputError, match="only the packaged model"):
+        packaged_maps.conse_dot(tiny, torch.zeros(1, 3, 64, 64), torch.zeros(3, tiny.embed_dim))
+
+
+def ring_map(side=10):
+    grid = np.full((1, side, side), -1.0, np.float32)  # negative values are no energy
+    grid[0, 0, :] = grid[0, -1, :] = grid[0, :, 0] = grid[0, :, -1] = 2.0
+    return maps.HeatMap(grid, (0, 0, 100, 100), "test")
+
+
+def test_border_share_is_the_positive_energy_in_the_outer_band():
+    assert maps.border_share(ring_map(), 0, band=0.1) == pytest.approx(1.0)
+    # half of each ring cell is in the band, three quarters of each corner cell
+    assert maps.border_share(ring_map(), 0, band=0.05) == pytest.approx((32 * 0.5 + 4 * 0.75) / 36)
+    even = maps.HeatMap(np.ones((1, 7, 7), np.float32), (0, 0, 70, 70), "test")
+    assert maps.border_share(even, 0, band=0.1) == pytest.approx(1 - 0.8 ** 2)
+    assert maps.border_share(maps.HeatMap(-even.grid, even.box, "test"), 0) == 0.0
+
+
+def test_cell_shares_lays_the_grid_over_its_box():
+    mask = np.zeros((40, 60), bool)
+    mask[:, :30] = True  # the left half of the image
+    heat_map = maps.HeatMap(np.zeros((1, 2, 2), np.float32), (10, 0, 50, 40), "test")  # a centre square
+    assert np.allclose(bench.cell_shares(mask, heat_map), [[1.0, 0.0], [1.0, 0.0]])
+    mask[:20, 10:20] = False  # a quarter of the top-left cell
+    assert np.allclose(bench.cell_shares(mask, heat_map), [[0.5, 0.0], [1.0, 0.0]])
+
+
+def hand_scene():
+    """Two objects: 0 fills the top-left quadrant of a 40 x 40 image, 1 the bottom-right one."""
+    masks = np.zeros((2, 40, 40), bool)
+    masks[0, :20, :20] = masks[1, 20:, 20:] = True
+    return bench.Scene(Image.new("RGB", (40, 40)), ["a", "b"], masks)
+
+
+def test_scene_scores_point_share_and_compare_the_labels():
+    grid = np.zeros((2, 2, 2), np.float32)
+    grid[0, 0, 0], grid[0, 1, 1] = 3.0, 1.0  # label a: peak on a, a quarter of its energy on b
+    grid[1, 0, 0] = 1.0  # label b: peaks on a
+    scores = bench.scene_scores(hand_scene(), maps.HeatMap(grid, (0, 0, 40, 40), "test"))
+    assert scores["pointing"] == [1.0, 0.0] and scores["own"] == [1.0, 0.0] and scores["other"] == [0.0, 1.0]
+    assert scores["inside"] == pytest.approx([0.75, 0.0]) and scores["background"] == pytest.approx([0.0, 0.0])
+    summary = bench.summary_of([scores])
+    assert summary["sensitivity"] == pytest.approx(0.5 - 0.5) and summary["pointing"] == 0.5
+
+
+def test_the_baselines():
+    scene = hand_scene()
+    centre = bench.scene_scores(scene, bench.centre_prior(scene))
+    assert bench.summary_of([centre])["sensitivity"] == 0.0  # the same map for every label
+    random = bench.random_point([scene])
+    assert random["pointing"] == pytest.approx(0.25) and random["background"] == pytest.approx(0.5)
+
+
+def test_the_zoom_averages_each_top_labels_probability_with_its_own_crops(tiny_clip):
+    clf = ZeroShotClassifier(clipzsl.load_model(f"hf:{tiny_clip}"), ["cat", "red car", "tree", "boat"], cache=False)
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (60, 80, 3), dtype=np.uint8)) for i in (0, 1)]
+    probs, zoomed = clf.predict_proba(images), clf.zoomed_proba(images, top=2)
+    assert not np.allclose(zoomed, probs)
+    for i, (picture, heat_map) in enumerate(zip(images, clf.heatmaps(images))):
+        top = np.argsort(-probs[i])[:2]
+        rest = np.setdiff1d(np.arange(4), top)
+        assert np.allclose(zoomed[i, rest], probs[i, rest])
+        for c in top:
+            crop = clf.predict_proba([picture.crop(maps.peak_box(heat_map, int(c))[0])])[0, c]
+            assert zoomed[i, c] == pytest.approx((probs[i, c] + crop) / 2, abs=1e-6)
