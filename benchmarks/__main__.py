@@ -38,6 +38,7 @@ BENCHMARKS = {
     "head": "Top-k labels with probabilities: the old FAISS path of `predict` against `clipzsl.head.top_k`",
     "view_rule": "The packaged default's view per image: the whole image, or a crop for photos",
     "adapter": "Cross-attention adapter vs zero-shot, linear probe, CLIP-Adapter and Tip-Adapter-F",
+    "retrieval": "Zero-shot retrieval (CLIP_benchmark's recall@k) on Tux Paint stamps and emoji with their captions",
     "store": "Label store and label search at scale",
     "store_scale": "The embedding store at scale: append, open, label cache, from-shards, index images",
     "compressed": "An index under a memory budget (--max-memory), built in one pass over shards",
