@@ -11,13 +11,15 @@ captions come, normalised at the boundary into images and their captions (`Capti
 Image names in a captions file are paths relative to the folder (or absolute). The collection is what
 the captions name: a listed image that is not there, an empty caption, an image without a caption or
 a caption file without an image is refused (InputError naming the file, the line and the fix), never
-evaluated on part of the data. Captions are normalised as labels are (`prompts.normalise_text`).
+evaluated on part of the data; images under the folder that a captions file does not name are left out,
+with a notice saying how many. Captions are normalised as labels are (`prompts.normalise_text`).
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,8 @@ __all__ = ["CAPTION_SUFFIXES", "CaptionedImages"]
 CAPTION_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 #: one caption: (image as written, caption, where: "file:line")
 _Row = tuple[str, str, str]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,20 @@ class CaptionedImages:
         or, without one, every image with its `.txt` beside it. Checked before any model is loaded."""
         if not Path(root).is_dir():
             raise InputError(f"{root}: not a folder; give the folder the captions' image paths are relative to")
-        rows = _file_rows(Path(captions)) if captions else _sidecar_rows(Path(root))
-        return _collected(str(root), rows, str(captions or root))
+        if not captions:
+            return _collected(str(root), _sidecar_rows(Path(root)), str(root))
+        collection = _collected(str(root), _file_rows(Path(captions)), str(captions))
+        _note_uncaptioned(collection, captions)
+        return collection
+
+
+def _note_uncaptioned(collection: CaptionedImages, captions: str | os.PathLike) -> None:
+    """A notice naming how many images under the folder `captions` leaves out, if any."""
+    named = {os.path.realpath(p) for p in collection.paths}
+    left = [p for p in folder_images(collection.root) if os.path.realpath(p) not in named]
+    if left:
+        log.info("%d images under %s have no caption in %s and are not evaluated (the first: %s)", len(left),
+                 collection.root, captions, left[0])
 
 
 def _collected(root: str, rows: Iterator[_Row], source: str) -> CaptionedImages:

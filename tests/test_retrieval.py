@@ -185,6 +185,15 @@ def test_csv_jsonl_and_sidecar_captions_read_to_the_same_collection(tmp_path):
     assert read[0].subset([str(data / "sub/b.png")]).captions == [["a dog, running"]]
 
 
+def test_images_a_captions_file_does_not_name_are_left_out_with_a_notice(tmp_path, caplog):
+    data = write_images(tmp_path / "data", ["a.png", "b.png", "c.png"])
+    (tmp_path / "c.csv").write_text("image,caption\nb.png,a dog\n", encoding="utf-8")
+    with caplog.at_level("INFO", logger="clipzsl"):
+        collection = CaptionedImages.read(data, tmp_path / "c.csv")
+    assert collection.paths == [str(data / "b.png")]
+    assert f"2 images under {data} have no caption in {tmp_path / 'c.csv'} and are not evaluated" in caplog.text
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("c.csv", "image,caption\na.png,a car\nmissing.png,a cat\n",
      r"c.csv:3: image 'missing.png' is not a file under .*; fix the path .* or remove the line"),
