@@ -39,6 +39,7 @@ BENCHMARKS = {
     "view_rule": "The packaged default's view per image: the whole image, or a crop for photos",
     "localisation": "Heat maps against ground truth: pointing, label sensitivity, bias checks; the zoom",
     "adapter": "Cross-attention adapter vs zero-shot, linear probe, CLIP-Adapter and Tip-Adapter-F",
+    "retrieval": "Zero-shot retrieval (CLIP_benchmark's recall@k) on Tux Paint stamps and emoji with their captions",
     "store": "Label store and label search at scale",
     "store_scale": "The embedding store at scale: append, open, label cache, from-shards, index images",
     "compressed": "An index under a memory budget (--max-memory), built in one pass over shards",

@@ -312,30 +312,36 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     return 1 if info["untrained"] else 0
 
 
-def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
-    """`eval --protocol zeroshot`: `evaluation.zeroshot_evaluation`, a CLIP_benchmark-style record."""
+def cmd_eval_record(args: argparse.Namespace) -> int:
+    """`eval --protocol zeroshot|retrieval`: a CLIP_benchmark-style record; exit 1 when images are left out."""
     if args.test:
-        raise InputError("--test does not apply to --protocol zeroshot: it evaluates every image of DATA")
-    data = ClassFolders.read(args.data)  # refuses a DATA without images, before the model loads
+        raise InputError(f"--test does not apply to --protocol {args.protocol}: it evaluates every image of DATA")
+    # read before the model loads: a DATA without images or a wrong captions file is refused at once
+    data = ev.CaptionedImages.read(args.data, args.captions) if args.protocol == "retrieval" else ClassFolders.read(args.data)
     model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
-    result = ev.zeroshot_evaluation(data, model, templates=args.templates, load_classifier=args.load_classifier,
-                                    save_classifier=args.save_classifier, cache_dir=args.cache_dir,
-                                    batch_size=args.batch_size)
-    if not result.record["n_images"]:
+    if isinstance(data, ev.CaptionedImages):
+        record = ev.retrieval_evaluation(data, model, batch_size=args.batch_size)
+    else:
+        record = ev.zeroshot_evaluation(data, model, templates=args.templates, load_classifier=args.load_classifier,
+                                        save_classifier=args.save_classifier, cache_dir=args.cache_dir,
+                                        batch_size=args.batch_size).record
+    if not record["n_images"]:
         print("clipzsl: error: no image could be read; nothing to evaluate", file=sys.stderr)
         return 1
-    sys.stdout.write(ev.format_zeroshot(result.record))
+    sys.stdout.write(ev.format_record(record))
     if args.output:
-        Path(args.output).write_text(json.dumps(result.record, indent=2) + "\n", encoding="utf-8")
-    return 1 if result.failures else 0
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 1 if record["n_unreadable"] else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """`evaluation.class_split` and `run_protocols`: the tables, and the results as JSON with --output."""
-    if args.protocol == "zeroshot":
-        return cmd_eval_zeroshot(args)
-    if args.save_classifier or args.load_classifier:
+    if args.protocol != "zeroshot" and (args.save_classifier or args.load_classifier):
         raise InputError("--save-classifier and --load-classifier apply to --protocol zeroshot only")
+    if args.protocol != "retrieval" and args.captions:
+        raise InputError("--captions applies to --protocol retrieval only")
+    if args.protocol in ("zeroshot", "retrieval"):
+        return cmd_eval_record(args)
     split = ev.class_split(args.data, args.test)  # checked before the model loads
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
@@ -492,9 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="base-to-novel and GZSL protocols, adapters vs baselines")
     evaluate.add_argument("data", help="training folder (one sub-folder per class)")
     evaluate.add_argument("--test", help="test folder with the same class sub-folders (default: half of DATA per class)")
-    evaluate.add_argument("--protocol", choices=("b2n", "gzsl", "both", "zeroshot"), default="both",
-                          help="b2n: base-to-novel; gzsl: generalised zero-shot; both; "
-                               "zeroshot: plain zero-shot accuracy on every image of DATA, no training")
+    evaluate.add_argument("--protocol", choices=("b2n", "gzsl", "both", "zeroshot", "retrieval"), default="both",
+                          help="b2n: base-to-novel; gzsl: generalised zero-shot; both; zeroshot: plain zero-shot "
+                               "accuracy on every image of DATA, no training; retrieval: caption<->image recall@k")
+    evaluate.add_argument("--captions", help="retrieval: a .csv (image,caption) or .jsonl captions file, image paths "
+                                             "relative to DATA (default: a .txt beside each image)")
     evaluate.add_argument("--methods", default="zero-shot,linear probe,CLIP-Adapter,Tip-Adapter-F,ours",
                           help="comma-separated methods to compare")
     evaluate.add_argument("--seeds", type=positive_int, default=3, help="runs per method, seeds 0, 1, ...")
@@ -554,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: are folders it writes images into); `check_outputs` refuses an output that would replace an input
 OUTPUTS = {
     "classify": (("paths",), ("output",), False),
-    "eval": (("data", "test"), ("output", "save_classifier"), False),
+    "eval": (("data", "test", "captions"), ("output", "save_classifier"), False),
     "explain": (("images",), ("out",), True),
     "embed": (("paths",), ("out",), False),
     "index": (("folders",), ("out",), False),

@@ -10,6 +10,9 @@
   as unseen), never on test data or real unseen classes.
 - plain zero-shot (as CLIP_benchmark reports it): every class of a labelled set scored,
   no training; top-1, top-5 accuracy and the mean per-class recall.
+- zero-shot retrieval (CLIP_benchmark's zeroshot_retrieval): a captioned collection
+  (`clipzsl.captions.CaptionedImages`), each caption finding its image and each image one of its
+  captions; recall@1/5/10 both ways (`metrics.retrieval_recalls`).
 
 The methods compared (`METHODS`, `Problem`, `Fitted`) are in `clipzsl.baselines`; the metrics
 in `clipzsl.metrics`. What `clipzsl eval` runs, callable from Python:
@@ -18,7 +21,8 @@ in `clipzsl.metrics`. What `clipzsl eval` runs, callable from Python:
     results = run_protocols(split, load_model(), methods=["zero-shot", "ours"], seeds=3)
     print(split.summary()); print(format_results(results, "both"))
 
-and `zeroshot_evaluation(ClassFolders.read("data/"), model)` for the CLIP_benchmark-style record.
+and `zeroshot_evaluation(ClassFolders.read("data/"), model)` for the CLIP_benchmark-style record,
+`retrieval_evaluation(CaptionedImages.read("data/", "captions.csv"), model)` for retrieval's.
 """
 from __future__ import annotations
 
@@ -33,19 +37,20 @@ import torch
 
 from .backends import Backend
 from .baselines import METHODS, Fitted, Problem
+from .captions import CaptionedImages
 from .classifier import ZeroShotClassifier
 from .errors import InputError
-from .images import EmbeddedImages, ImageLoadError, embed_images_cached
-from .metrics import accuracy, harmonic_mean, per_class_recall, reported_top_k_accuracy
+from .images import EmbeddedImages, ImageLoadError, embed_images, embed_images_cached
+from .metrics import accuracy, harmonic_mean, per_class_recall, reported_top_k_accuracy, retrieval_recalls
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, TemplatesArg, load_templates
 from .store import cache_root
-from .text_encoding import class_embeddings
+from .text_encoding import class_embeddings, encode_prompts
 from .training import ClassFolders, seen_split
 
-__all__ = ["METHODS", "PROTOCOLS", "ClassFolders", "EvalSplit", "Fitted", "Problem", "ZeroShotResult",
-           "base_novel_split", "base_to_novel", "calibrated_stacking", "choose_gamma", "class_split",
-           "format_results", "format_zeroshot", "gzsl", "gzsl_metrics", "mean_std", "run_protocols",
-           "zeroshot_classification", "zeroshot_evaluation"]
+__all__ = ["METHODS", "PROTOCOLS", "CaptionedImages", "ClassFolders", "EvalSplit", "Fitted", "Problem",
+           "ZeroShotResult", "base_novel_split", "base_to_novel", "calibrated_stacking", "choose_gamma",
+           "class_split", "format_record", "format_results", "format_zeroshot", "gzsl", "gzsl_metrics",
+           "mean_std", "retrieval_evaluation", "run_protocols", "zeroshot_classification", "zeroshot_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -349,12 +354,8 @@ def zeroshot_evaluation(data: ClassFolders, model: Backend, *, templates: Templa
     if save_classifier:
         clf.save(save_classifier)
     metrics, failures = zeroshot_classification(clf, data.paths, data.targets, batch_size=batch_size)
-    for failure in failures:
-        log.info("skipped %s", failure)
+    _log_failures(failures, len(data.paths), "")
     scored = len(data.paths) - len(failures)
-    if failures:
-        log.info("%d of %d images could not be read; the metrics are over the other %d", len(failures),
-                 len(data.paths), scored)
     record = {
         "dataset": data.root,
         "model": model.spec,
@@ -375,5 +376,52 @@ def format_zeroshot(record: dict) -> str:
     lines = [f"zero-shot classification: {record['dataset']}, {record['n_classes']} classes, "
              f"{record['n_images']} images, model {record['model']}"]
     lines += [f"{key:<22} {'n/a (fewer than 5 classes)' if value is None else f'{100 * value:.2f}%'}"
+              for key, value in record["metrics"].items()]
+    return "".join(line + "\n" for line in lines)
+
+
+# ------------------------------------------------------------------ `clipzsl eval --protocol retrieval`
+
+
+def _log_failures(failures: Sequence[ImageLoadError], total: int, what: str) -> None:
+    """Each unreadable image, then how many the metrics leave out."""
+    for failure in failures:
+        log.info("skipped %s", failure)
+    if failures:
+        log.info("%d of %d images could not be read; the metrics are over the other %d%s", len(failures), total,
+                 total - len(failures), what)
+
+
+def retrieval_evaluation(data: CaptionedImages, model: Backend, *, batch_size: int | None = None) -> dict:
+    """`clipzsl eval --protocol retrieval`: CLIP_benchmark's zeroshot_retrieval record of `model` on a
+    captioned collection (`CaptionedImages.read`): `metrics.retrieval_recalls` of every caption against
+    every image, recall@1/5/10 of image retrieval (caption -> image) and text retrieval (image -> caption).
+
+    Unreadable images are logged and left out with their captions (`n_unreadable` counts them; none
+    readable: `n_images` is 0 and no metric is computed)."""
+    embedded = embed_images(model, data.paths, batch_size=batch_size, skip_errors=True)
+    _log_failures(embedded.failures, len(data.paths), " and their captions")
+    kept = data.subset(embedded.sources)
+    texts = encode_prompts(model, kept.texts) if kept.paths else torch.empty(0, model.embed_dim)
+    return {
+        "dataset": data.root,
+        "model": model.spec,
+        "pretrained": model.fingerprint,
+        "task": "zeroshot_retrieval",
+        "metrics": retrieval_recalls(texts @ embedded.embeddings.T, kept.text_image),
+        "language": "en",
+        "n_images": len(kept.paths),
+        "n_captions": len(kept.text_image),
+        "n_unreadable": len(embedded.failures),
+    }
+
+
+def format_record(record: dict) -> str:
+    """The report `clipzsl eval --protocol zeroshot` or `retrieval` prints for its record."""
+    if record["task"] == "zeroshot_classification":
+        return format_zeroshot(record)
+    lines = [f"zero-shot retrieval: {record['dataset']}, {record['n_images']} images, {record['n_captions']} "
+             f"captions, model {record['model']}"]
+    lines += [f"{key:<28} {'n/a (fewer candidates than k)' if value is None else f'{100 * value:.2f}%'}"
               for key, value in record["metrics"].items()]
     return "".join(line + "\n" for line in lines)

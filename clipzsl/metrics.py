@@ -1,5 +1,6 @@
 """Scores of predictions against integer class ids (`targets`): one copy of each, used by the
-evaluation protocols, the training's model selection and the benchmarks."""
+evaluation protocols, the training's model selection and the benchmarks; and retrieval's recall@k
+over a caption-image score matrix (`retrieval_recalls`, CLIP_benchmark's zeroshot_retrieval metrics)."""
 from __future__ import annotations
 
 import math
@@ -87,3 +88,45 @@ def fit_logit_scale(cosines: torch.Tensor, targets: Targets) -> float:
 
     opt.step(closure)
     return float(log_scale.detach().exp())
+
+
+#: the recall@k that `retrieval_recalls` reports, CLIP_benchmark's
+RETRIEVAL_KS = (1, 5, 10)
+
+
+def positive_ranks(scores: torch.Tensor, positive: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Per query (row of `scores` [Q, C]), the 0-based rank of its best-scored positive candidate
+    (`positive` [Q, C] bool): how many negatives score at least as high. A tie ranks the negative first,
+    so ties never raise a recall; a query without a positive gets C (found at no k). Rows are taken
+    `chunk` at a time, so the temporaries stay [chunk, C]."""
+    ranks = []
+    for s, p in zip(scores.split(chunk), positive.split(chunk)):
+        best = s.masked_fill(~p, -math.inf).max(1, keepdim=True).values
+        ranks.append(((s >= best) & ~p).sum(1))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+def recall_at_k(ranks: torch.Tensor, k: int, candidates: int) -> float | None:
+    """Share of queries with a positive among their top `k` (`positive_ranks` below k): recall@k as CLIP-like
+    papers and CLIP_benchmark report it. None with fewer than `k` candidates, where CLIP_benchmark's top-k
+    fails and any ranking would find every positive; NaN without queries."""
+    if candidates < k:
+        return None
+    return float((ranks < k).float().mean()) if len(ranks) else math.nan
+
+
+def retrieval_recalls(scores: torch.Tensor, text_image: Targets, ks: Sequence[int] = RETRIEVAL_KS
+                      ) -> dict[str, float | None]:
+    """CLIP_benchmark's zeroshot_retrieval metrics of `scores` [texts, images] (cosine of each caption with
+    each image), where caption t describes image `text_image[t]`: `image_retrieval_recall@k` (each caption
+    finds its image among the top k images) and `text_retrieval_recall@k` (each image finds one of its
+    captions among the top k captions), for each k of `ks`. Ties: `positive_ranks`."""
+    owner = torch.as_tensor(text_image, dtype=torch.long)
+    positive = owner[:, None] == torch.arange(scores.shape[1])[None]
+    by_text = positive_ranks(scores, positive)
+    by_image = positive_ranks(scores.T, positive.T)
+    metrics: dict[str, float | None] = {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = recall_at_k(by_text, k, scores.shape[1])
+        metrics[f"text_retrieval_recall@{k}"] = recall_at_k(by_image, k, scores.shape[0])
+    return metrics
