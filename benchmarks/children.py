@@ -18,6 +18,13 @@ from typing import Callable
 REPO = Path(__file__).resolve().parent.parent
 
 
+def status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status, in MB: VmRSS (now), VmHWM (its peak; reset at
+    exec, where getrusage's ru_maxrss keeps the forking parent's), RssAnon, RssFile."""
+    with open("/proc/self/status") as status:
+        return int(next(line.split()[1] for line in status if line.startswith(field))) / 1024
+
+
 def run_json(name: str, *args: str, python: str = sys.executable) -> dict:
     """Run child `name` in a fresh `python` (from the repository root); its last stdout line, as JSON."""
     out = subprocess.run([python, "-m", "benchmarks.children", name, *args], capture_output=True, text=True, cwd=REPO)
@@ -60,8 +67,7 @@ def embed_peak_rss(mode: str, spec: str, *files: str) -> int:
         pixels = [model.preprocess(load_image(f)) for f in files]
         for i in range(0, len(pixels), model.batch_size):
             model.encode_images(torch.stack(pixels[i:i + model.batch_size]))
-    with open("/proc/self/status") as status:  # VmHWM: reset at exec, so this process's own peak
-        print(next(line.split()[1] for line in status if line.startswith("VmHWM")))
+    print(round(status_mb("VmHWM") * 1024))  # kB
     return 0
 
 
@@ -145,18 +151,16 @@ def autofaiss_build(embeddings: str, index_path: str, infos_path: str, factory: 
 
 def budget_build(shards: str, out: str, budget: str) -> int:
     """`index_from_shards` under a memory budget ("": none), with the packaged model (bench_compressed): seconds,
-    this process's peak RSS (getrusage) and its RSS once the model was loaded, in MB."""
-    import resource
-
+    this process's peak RSS (VmHWM) and its peak once the model was loaded, in MB."""
     import clipzsl
     from clipzsl.shards import index_from_shards
 
     model = clipzsl.load_model("packaged")
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = status_mb("VmHWM")
     t = time.perf_counter()
     index = index_from_shards(shards, out, model, dtype="float16", max_memory=budget or None)
-    print(json.dumps({"build_s": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                      / 1024, "model_loaded_rss_mb": loaded, "state": index.saved_index.state()}))
+    print(json.dumps({"build_s": time.perf_counter() - t, "peak_rss_mb": status_mb("VmHWM"),
+                      "model_loaded_rss_mb": loaded, "state": index.saved_index.state()}))
     return 0
 
 
@@ -169,15 +173,11 @@ def budget_search(directory: str, queries_path: str) -> int:
     import clipzsl
     from clipzsl.image_index import ImageIndex
 
-    def rss_mb(field: str = "VmRSS") -> float:
-        with open("/proc/self/status") as status:
-            return int(next(line.split()[1] for line in status if line.startswith(field))) / 1024
-
     kinds = np.load(queries_path)
     t = time.perf_counter()
     model = clipzsl.load_model("packaged")  # loaded once by a service or a Ray actor, before any index
     loaded = time.perf_counter() - t
-    before = {field: rss_mb(field) for field in ("VmRSS", "RssAnon", "RssFile")}
+    before = {field: status_mb(field) for field in ("VmRSS", "RssAnon", "RssFile")}
     t = time.perf_counter()
     index = ImageIndex(directory, model)
     index.search(kinds["text"][0], 10)
@@ -190,8 +190,8 @@ def budget_search(directory: str, queries_path: str) -> int:
             times.append(time.perf_counter() - t)
             found.append([int(Path(path).stem) for path, _ in hits])
         result[kind] = {"ms_per_query": 1000 * float(np.median(times)), "found": found}
-    print(json.dumps({**result, "index_rss_mb": rss_mb() - before["VmRSS"], "index_anon_mb": rss_mb("RssAnon")
-                      - before["RssAnon"], "index_file_mb": rss_mb("RssFile") - before["RssFile"]}))
+    print(json.dumps({**result, **{f"index_{name}_mb": status_mb(field) - before[field] for name, field in
+                                   (("rss", "VmRSS"), ("anon", "RssAnon"), ("file", "RssFile"))}}))
     return 0
 
 
