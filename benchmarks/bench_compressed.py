@@ -7,7 +7,8 @@ Queries: QUERIES text-like ones (bench_ann's `text_like`: cosine to their best m
 modality gap) and QUERIES image-like ones (new points near the same centres). For each budget, a share of
 the raw float16 vectors (N x 384 x 2 bytes), or none ("auto": `factory_for`'s choice):
 1. build: `index_from_shards(..., max_memory=budget)` in a fresh process with the packaged model:
-   seconds, peak RSS (getrusage) and the RSS the loaded model alone takes; the factory chosen, its
+   seconds, peak RSS (VmHWM, which counts the mapped shards and store segments' file pages), peak anonymous
+   memory (what the build itself holds) and the peak with the loaded model alone; the factory chosen, its
    size on disk and its estimated resident size (`resident_bytes`); the search setting tuning chose
    (knob and re-rank candidates) and the recall it noted per kind (tuned on the model's vocabulary prompts);
 2. search, in a fresh process through `ImageIndex`, one query at a time (FAISS's default threads: 2 here):
@@ -140,8 +141,8 @@ def summary(results: dict) -> list[str]:
             f"{r['index_file_bytes'] / 1e6:.1f} MB = {r['index_file_bytes'] / (r['rows'] * DIM * 2):.1%} of float16 "
             f"(estimate {r['resident_estimate_bytes'] / 1e6:.1f} MB), RSS added by the open index {r['index_rss_mb']:.0f} MB "
             f"(anonymous {r.get('index_anon_mb', 0):.0f} MB, file pages {r.get('index_file_mb', 0):.0f} MB); "
-            f"build {r['build_s']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB ({r['model_loaded_rss_mb']:.0f} MB with only "
-            f"the model); tuned: param {state.get('param')}, re-rank {state.get('rerank')}; open + first query "
+            f"build {r['build_s']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB with mapped file pages, peak anonymous "
+            f"{r.get('peak_anon_mb', 0):.0f} MB ({r['model_loaded_rss_mb']:.0f} MB with only the model); tuned: param {state.get('param')}, re-rank {state.get('rerank')}; open + first query "
             f"{r['open_first_query_s']:.2f} s")
         lines.append("  - through ImageIndex, one query at a time: " + "; ".join(
             f"{kind} recall@10 {r[kind]['recall_at_10']:.3f} at {r[kind]['ms_per_query']:.2f} ms" for kind in ("text", "image")))
