@@ -165,7 +165,10 @@ class ZeroShotClassifier:
                      batch_size: int | None = None) -> np.ndarray:
         """Probabilities [N, C] with an attention-guided zoom: each image's `top` labels are scored again
         on the crop around their own peak (`maps.peak_box` of `heatmaps(method)`), and each of them gets
-        the mean of its probabilities on the whole image and on its crop; the other labels keep theirs."""
+        the mean of its probabilities on the whole image and on its crop; the other labels keep theirs
+        (so a row sums to 1 only when the zoom leaves those labels' share unchanged)."""
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+            raise InputError(f"top must be a whole number of labels to zoom on, 0 or more, not {top!r}")
         pictures = [load_image(s) for s in expand_sources(images)]
         probs = self.predict_proba(pictures, batch_size)
         zoomed = probs.copy()

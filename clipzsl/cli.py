@@ -355,11 +355,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     model = load_model(args.model, **run_options(args))
-    written = explain(model, args.images, labels_argument(args.labels), args.out, adapter=args.adapter,
-                      templates=args.templates, method=args.method)
-    for path in written:
+    done = explain(model, args.images, labels_argument(args.labels), args.out, adapter=args.adapter,
+                   templates=args.templates, method=args.method)
+    for path in done.written:
         print(path)
-    return 0
+    return 1 if done.failures else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -6,8 +6,10 @@ strip below it and a colour scale beside it.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +19,10 @@ from PIL import Image, ImageDraw, ImageFont
 from .adapter import CrossAttentionAdapter
 from .backends import Backend
 from .classifier import ZeroShotClassifier
-from .images import ImageSource, check_output, expand_sources, load_image
+from .images import ImageLoadError, ImageSource, check_output, expand_sources, load_image
 from .maps import HeatMap
+
+logger = logging.getLogger(__name__)
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
 
 
@@ -99,6 +103,14 @@ def output_stems(sources: Sequence[ImageSource]) -> list[str]:
                       for p, s in zip(paths, stems)])
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """What `explain` did: the pictures it wrote, and the images it could not read (skipped, with why)."""
+
+    written: list[Path]
+    failures: list[ImageLoadError]
+
+
 def explain(
     model: Backend,
     images: ImageSource | Sequence[ImageSource],
@@ -107,11 +119,12 @@ def explain(
     adapter: CrossAttentionAdapter | str | Path | None = None,
     templates: TemplatesArg | None = None,
     method: str | None = None,
-) -> list[Path]:
+) -> Explanation:
     """Write one PNG per (image, label) into `out_dir`, `<image stem>__<label>.png` (see
     `output_stems`): the image at its own size with the label's map (`method`, see
     `clipzsl.maps.method_named`) over what the model saw, the label and its probability (among
-    `labels`) below, the colour scale beside it."""
+    `labels`) below, the colour scale beside it. Unreadable images are skipped (logged, and listed in the
+    `Explanation`), as `classify` skips them."""
     check_output(out_dir, images, writes_images=True)
     if isinstance(adapter, (str, Path)):
         adapter = CrossAttentionAdapter.load(adapter, model)
@@ -119,17 +132,23 @@ def explain(
     clf = ZeroShotClassifier(model, labels=labels, templates=templates or saved or DEFAULT_TEMPLATES, cache=False,
                              adapter=adapter)
     sources = expand_sources(images)
-    embedded = clf.embed(sources)
-    probs = clf.predict_proba(embedded)
+    stems = output_stems(sources)
+    pictures, failures = [], []
+    for i, source in enumerate(sources):
+        try:
+            pictures.append((i, load_image(source)))
+        except ImageLoadError as err:
+            logger.warning("skipped %s", err)
+            failures.append(err)
+    probs = clf.predict_proba([picture for _, picture in pictures]) if pictures else np.zeros((0, len(clf.labels)))
     label_names = _distinct([_slug(name) for name in clf.labels])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, (src, stem) in enumerate(zip(sources, output_stems(sources))):
-        image = load_image(src)
+    for (i, image), row in zip(pictures, probs):
         heat_map, = clf.heatmaps([image], method)
         for c, name in enumerate(clf.labels):
-            path = out_dir / f"{stem}__{label_names[c]}.png"
-            picture(image, heat_map, c, f"{name}: {probs[i, c]:.1%}").save(path)
+            path = out_dir / f"{stems[i]}__{label_names[c]}.png"
+            picture(image, heat_map, c, f"{name}: {row[c]:.1%}").save(path)
             written.append(path)
-    return written
+    return Explanation(written, failures)

@@ -254,7 +254,10 @@ def _describe(settings: ClassifySettings, field: str) -> str:
     if field in ("labels", "templates"):
         return f"{getattr(settings, field)} {field} (sha256 {getattr(settings, field + '_sha256')[:12]})"
     if field == "explain":
-        return "no --explain" if settings.explain is None else f"--explain by heat-map method {settings.explain!r}"
+        if settings.explain is None:
+            return "no --explain"
+        return f"--explain by heat-map method {settings.explain!r}" if settings.explain else \
+            "--explain by the model's default heat-map method"
     return f"{settings.model} (weights {settings.fingerprint})" if field == "fingerprint" else \
         str(getattr(settings, field))
 

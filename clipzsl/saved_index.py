@@ -291,9 +291,13 @@ class SavedIndex:
         (trained once, on a sample, when first built). `factory` "auto" keeps the saved one, else
         chooses by size (`choose_factory`); another factory string builds afresh. The search
         parameter is the smallest at which `sample` stored vectors and `sample` text-like queries
-        (part 0 of `text_queries`, where there are any) both reach TARGET_RECALL@10 (`tune`).
+        (part 0 of `text_queries`, where there are any) both reach TARGET_RECALL@10 (`tune`). A store
+        whose replaced or removed rows exceed a tenth of its live ones is compacted first.
         Returns `state()`."""
         self.check_factory(factory, len(self.store))  # a bad one is refused before the lock, with nothing written
+        if self.store.dead_rows() > len(self.store) // 10:
+            self.store.compact()  # replaced rows stay in a FAISS index built over them: its search and tuning would waste
+            # candidates on them (half of each top 10 after a collection was imported twice)
         with self.store.writing():
             wanted = self.check_factory(factory, len(self.store))
             if wanted == "Flat":  # exact search reads the segments themselves: no second copy

@@ -259,13 +259,13 @@ def test_explain_writes_pngs_of_image_size_plus_scale_and_caption(tiny_clip, pic
     from clipzsl.explain import explain
 
     backend = clipzsl.load_model(f"hf:{tiny_clip}")
-    out = explain(backend, pictures[:2], ["cat", "red car"], tmp_path / "sim")
+    out = explain(backend, pictures[:2], ["cat", "red car"], tmp_path / "sim").written
     assert len(out) == 4
     for path in out:
         with Image.open(path) as im, Image.open(pictures[0 if path.name.startswith("a__") else 1]) as src:
             assert im.width > src.width and im.height > src.height and im.format == "PNG"
     adapter = CrossAttentionAdapter(backend.embed_dim)
-    out2 = explain(backend, pictures[2:], ["cat", "dog"], tmp_path / "att", adapter=adapter)
+    out2 = explain(backend, pictures[2:], ["cat", "dog"], tmp_path / "att", adapter=adapter).written
     with Image.open(out2[0]) as im:
         assert im.width > 64 and im.height > 64
 

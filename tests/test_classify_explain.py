@@ -110,8 +110,9 @@ def test_resume_continues_an_explained_csv_and_refuses_a_mismatch(tiny, tmp_path
     with pytest.raises(InputError, match="written with --explain/--method giving --explain by heat-map method"):
         classify_to_file([folder], out, plain, fmt="csv", resume=True)
     classify_to_file([folder / "0.png"], str(tmp_path / "plain.csv"), plain, fmt="csv")
-    with pytest.raises(InputError, match="giving no --explain"):
+    with pytest.raises(InputError, match="giving no --explain") as refused:
         classify_to_file([folder], str(tmp_path / "plain.csv"), job(tiny), fmt="csv", resume=True)
+    assert "method ''" not in str(refused.value)  # the default method is named as such, not as an empty name
 
 
 def test_a_method_that_is_unknown_or_without_explain_is_refused(tiny, tmp_path):

@@ -82,7 +82,7 @@ def test_explain_writes_one_annotated_file_per_image_even_with_the_same_stem(tin
         (tmp_path / folder).mkdir()
         Image.new("RGB", (80, 60), colour).save(tmp_path / folder / "cat.png")
     out = explain(tiny_backend, [tmp_path / "a" / "cat.png", tmp_path / "b" / "cat.png"], ["cat", "dog"],
-                  tmp_path / "out")
+                  tmp_path / "out").written
     assert len(out) == len(set(out)) == 4 == len(list((tmp_path / "out").glob("*.png")))
     for path in out:
         with Image.open(path) as im:
@@ -114,3 +114,19 @@ def test_per_image_view_of_the_packaged_default_follows_the_image():
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 1200, 3), dtype=np.uint8))
     assert image_view(backend, cutout) == View(squeeze=True)
     assert image_view(backend, photo) == View(squeeze=False)
+
+
+def test_explain_skips_an_unreadable_image_and_the_command_exits_1(tiny_clip, tmp_path, capsys):
+    """As classify does: the readable images get their pictures, the unreadable one is named (found by a probe:
+    one bad file in a folder wrote nothing)."""
+    from clipzsl.cli import main
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("a", "c"):
+        Image.new("RGB", (40, 30), (120, 60, 30)).save(folder / f"{name}.png")
+    (folder / "b.png").write_bytes(b"not an image")
+    code = main(["explain", str(folder), "--labels", "cat,dog", "--model", f"hf:{tiny_clip}", "--out", str(tmp_path / "o")])
+    printed = capsys.readouterr()
+    assert code == 1 and "b.png" in printed.err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a__cat.png", "a__dog.png", "c__cat.png", "c__dog.png"]

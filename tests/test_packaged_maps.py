@@ -151,3 +151,6 @@ def test_the_zoom_averages_each_top_labels_probability_with_its_own_crops(tiny_c
         for c in top:
             crop = clf.predict_proba([picture.crop(maps.peak_box(heat_map, int(c))[0])])[0, c]
             assert zoomed[i, c] == pytest.approx((probs[i, c] + crop) / 2, abs=1e-6)
+    for top in (-1, 2.5, True):
+        with pytest.raises(InputError, match="whole number of labels"):
+            clf.zoomed_proba(images, top=top)
