@@ -12,7 +12,8 @@ the raw float16 vectors (N x 384 x 2 bytes), or none ("auto": `factory_for`'s ch
    size on disk and its estimated resident size (`resident_bytes`); the search setting tuning chose
    (knob and re-rank candidates) and the recall it noted per kind (tuned on the model's vocabulary prompts);
 2. search, in a fresh process through `ImageIndex`, one query at a time (FAISS's default threads: 2 here):
-   open + first query, ms/query per kind, recall@10 against exact search per kind, the RSS the open index adds;
+   open + first query, ms/query per kind (and again with the stored rows in the page cache), recall@10 against
+   exact search per kind, the RSS the open index adds;
 3. the re-rank curve: recall@10 and ms/query per kind over the re-rank candidates (`RERANK_CANDIDATES`),
    through `saved_index.search_with` on the saved file and the store's rows;
 4. `index info`, in a fresh process with the packaged model: recall measured on new queries of each kind,
@@ -145,7 +146,8 @@ def summary(results: dict) -> list[str]:
             f"{r.get('peak_anon_mb', 0):.0f} MB ({r['model_loaded_rss_mb']:.0f} MB with only the model); tuned: param {state.get('param')}, re-rank {state.get('rerank')}; open + first query "
             f"{r['open_first_query_s']:.2f} s")
         lines.append("  - through ImageIndex, one query at a time: " + "; ".join(
-            f"{kind} recall@10 {r[kind]['recall_at_10']:.3f} at {r[kind]['ms_per_query']:.2f} ms" for kind in ("text", "image")))
+            f"{kind} recall@10 {r[kind]['recall_at_10']:.3f} at {r[kind]['ms_per_query']:.2f} ms "
+            f"({r[kind].get('ms_per_query_warm', float('nan')):.2f} ms warm)" for kind in ("text", "image")))
         lines.append(f"  - index info ({r['info']['info_s']:.0f} s): image {info['recall_at_10']} (noted "
                      f"{state.get('image_recall')}), model-vocabulary text {info['text_recall_at_10']} (noted "
                      f"{state.get('text_recall')})")
