@@ -301,7 +301,7 @@ class ImageIndex:
     def search(self, query: Query, top_k: int = 10) -> list[tuple[str, float]]:
         """The `top_k` (path, cosine similarity) pairs, best first, for a text query, an image
         file (as a `pathlib.Path`) or a query embedding."""
-        if len(self.store) == 0:
+        if not self.store:
             return []
         return self.saved_index.search(self.query_vector(query), top_k)[0]
 
@@ -309,7 +309,7 @@ class ImageIndex:
                     top_k: int = 10) -> list[list[tuple[str, float]]]:
         """Per query, what `search` returns for it, in one call: the queries are embedded together
         (`query_vectors`) and searched as one batch (a FAISS matrix product, not one scan each)."""
-        if len(self.store) == 0:
+        if not self.store:
             return [[] for _ in range(len(queries))]
         return self.saved_index.search(self.query_vectors(queries), top_k)
 
