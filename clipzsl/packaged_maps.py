@@ -13,7 +13,9 @@ measures them):
 - `cam`: class activation maps (the classifier's logits per cell, a softmax over the cells per class),
   summed over the image's top classes with weights (the image's probability of the class) x (the class
   concept's cosine to the label, kept positive);
-- `confident_cosine`: the cosine, times each cell's top class probability.
+- `confident_cosine`: the cosine, times each cell's top class probability;
+- `conse_centred`: `conse_dot` less each cell's mean over the labels (a label-contrastive map: what every
+  label shares, such as a confident cell's pull towards the labels' common direction, cancels out).
 
 Every method reads the input at UPSCALE times its size (the network is convolutional): the grid is finer
 (21 x 21 rather than 7 x 7 at 3) and each cell sees a part of the scene at about the scale ImageNet's
@@ -81,6 +83,13 @@ def conse_dot(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tens
     _, cells, shape = cell_logits(model, pixels)
     tokens = _conse(model, cells.softmax(-1))  # [N, T, D]
     return _grid(torch.einsum("ntd,cd->nct", tokens, class_embeddings.float()), shape)
+
+
+def conse_centred(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """`conse_dot` less each cell's mean over the labels (the same as dotting with the labels less their mean);
+    with a single label, `conse_dot` (it would be zero)."""
+    scores = conse_dot(model, pixels, class_embeddings)
+    return scores - scores.mean(1, keepdim=True) if scores.shape[1] > 1 else scores
 
 
 def confident_cosine(model: Backend, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:

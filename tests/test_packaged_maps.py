@@ -59,6 +59,20 @@ def test_conse_dot_is_each_cells_unnormalised_conse_embedding_dotted_with_each_l
     assert np.allclose(grid, expected.T.reshape(3, side, side).numpy(), atol=1e-4)
 
 
+def test_conse_centred_is_conse_dot_less_each_cells_mean_over_the_labels(classifier, image, network):
+    _, cells, side = network
+    tokens = top10_conse(classifier.model, cells.softmax(-1))
+    centred = classifier.class_embeddings - classifier.class_embeddings.mean(0)  # the labels less their mean
+    expected = (tokens @ centred.T).T.reshape(3, side, side).numpy()
+    grid = drawn(classifier, image, "conse_centred")
+    assert np.allclose(grid, expected, atol=1e-4) and np.allclose(grid.sum(0), 0, atol=1e-4)
+    one = classifier.class_embeddings[:1]  # a single label keeps its conse_dot map
+    pixels = classifier.model.normalize_pixels(classifier.model.pixels_uint8(image)[None])
+    with torch.no_grad():
+        assert torch.allclose(packaged_maps.conse_centred(classifier.model, pixels, one),
+                              packaged_maps.conse_dot(classifier.model, pixels, one))
+
+
 def test_confident_cosine_is_the_cosine_times_the_cells_top_class_probability(classifier, image, network):
     _, cells, side = network
     probs = cells.softmax(-1)
@@ -80,9 +94,9 @@ def test_cam_sums_the_top_classes_spatial_softmax_weighted_by_probability_and_re
 def test_the_packaged_methods_apply_to_the_packaged_model_only_and_come_first(classifier, tiny_clip):
     tiny = clipzsl.load_model(f"hf:{tiny_clip}")
     packaged = maps.methods_for(classifier.model)
-    assert packaged[:3] == ["conse_dot", "confident_cosine", "cam"] and "cosine" in packaged
+    assert packaged[:4] == ["conse_dot", "conse_centred", "confident_cosine", "cam"] and "cosine" in packaged
     assert maps.default_method(classifier.model) == packaged[0]
-    assert not {"confident_cosine", "conse_dot", "cam"} & set(maps.methods_for(tiny))
+    assert not {"confident_cosine", "conse_dot", "conse_centred", "cam"} & set(maps.methods_for(tiny))
     with pytest.raises(InputError, match="does not apply"):
         maps.method_named(tiny, "conse_dot")
     with pytest.raises(InputError, match="only the packaged model"):
