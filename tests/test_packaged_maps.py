@@ -165,3 +165,26 @@ def test_the_zoom_averages_each_top_labels_probability_with_its_own_crops(tiny_c
         for c in top:
             crop = clf.predict_proba([picture.crop(maps.peak_box(heat_map, int(c))[0])])[0, c]
             assert zoomed[i, c] == pytest.approx((probs[i, c] + crop) / 2, abs=1e-6)
+
+
+def test_the_adapters_row_scores_its_attention(tiny_clip):
+    model = clipzsl.load_model(f"hf:{tiny_clip}")
+    scene = hand_scene()
+    scene.labels = ["cat", "dog"]
+    adapter = clipzsl.CrossAttentionAdapter(model.embed_dim, heads=2).eval()
+    row, drawn_maps = bench.method_scores(model, [scene], None, adapter)
+    embeddings = torch.stack(list(bench.label_embeddings(model, [scene]).values()))
+    expected, = maps.image_maps(model, [scene.image], embeddings, "adapter", adapter)
+    assert drawn_maps[0].method == "adapter" and np.allclose(drawn_maps[0].grid, expected.grid)
+    assert row["labels"] == 2 and row["pairs"] == 2 and row["grid"] == "4x4"
+
+
+def test_the_pictures_are_palette_sheets_of_smaller_tiles(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench.report, "RESULTS_DIR", tmp_path)
+    scene = hand_scene()
+    heat_map = maps.HeatMap(np.random.default_rng(0).random((2, 4, 4)).astype(np.float32), (0, 0, 40, 40), "test")
+    name, = bench.pictures([scene], {"a": [heat_map], "b": [heat_map]}, count=1, scale=0.5, colours=16)
+    tile = clipzsl.explain.picture(scene.image, heat_map, 0, "a")
+    with Image.open(tmp_path / name) as sheet:
+        assert sheet.mode == "P" and len(sheet.getcolors()) <= 16
+        assert sheet.size == (2 * round(tile.width / 2), 2 * round(tile.height / 2))
