@@ -59,6 +59,20 @@ def test_conse_dot_is_each_cells_unnormalised_conse_embedding_dotted_with_each_l
     assert np.allclose(grid, expected.T.reshape(3, side, side).numpy(), atol=1e-4)
 
 
+def test_conse_centred_is_conse_dot_less_each_cells_mean_over_the_labels(classifier, image, network):
+    _, cells, side = network
+    tokens = top10_conse(classifier.model, cells.softmax(-1))
+    centred = classifier.class_embeddings - classifier.class_embeddings.mean(0)  # the labels less their mean
+    expected = (tokens @ centred.T).T.reshape(3, side, side).numpy()
+    grid = drawn(classifier, image, "conse_centred")
+    assert np.allclose(grid, expected, atol=1e-4) and np.allclose(grid.sum(0), 0, atol=1e-4)
+    one = classifier.class_embeddings[:1]  # a single label keeps its conse_dot map
+    pixels = classifier.model.normalize_pixels(classifier.model.pixels_uint8(image)[None])
+    with torch.no_grad():
+        assert torch.allclose(packaged_maps.conse_centred(classifier.model, pixels, one),
+                              packaged_maps.conse_dot(classifier.model, pixels, one))
+
+
 def test_confident_cosine_is_the_cosine_times_the_cells_top_class_probability(classifier, image, network):
     _, cells, side = network
     probs = cells.softmax(-1)
@@ -80,9 +94,9 @@ def test_cam_sums_the_top_classes_spatial_softmax_weighted_by_probability_and_re
 def test_the_packaged_methods_apply_to_the_packaged_model_only_and_come_first(classifier, tiny_clip):
     tiny = clipzsl.load_model(f"hf:{tiny_clip}")
     packaged = maps.methods_for(classifier.model)
-    assert packaged[:3] == ["conse_dot", "confident_cosine", "cam"] and "cosine" in packaged
+    assert packaged[:4] == ["conse_dot", "conse_centred", "confident_cosine", "cam"] and "cosine" in packaged
     assert maps.default_method(classifier.model) == packaged[0]
-    assert not {"confident_cosine", "conse_dot", "cam"} & set(maps.methods_for(tiny))
+    assert not {"confident_cosine", "conse_dot", "conse_centred", "cam"} & set(maps.methods_for(tiny))
     with pytest.raises(InputError, match="does not apply"):
         maps.method_named(tiny, "conse_dot")
     with pytest.raises(InputError, match="only the packaged model"):
@@ -154,3 +168,26 @@ def test_the_zoom_averages_each_top_labels_probability_with_its_own_crops(tiny_c
     for top in (-1, 2.5, True):
         with pytest.raises(InputError, match="whole number of labels"):
             clf.zoomed_proba(images, top=top)
+
+
+def test_the_adapters_row_scores_its_attention(tiny_clip):
+    model = clipzsl.load_model(f"hf:{tiny_clip}")
+    scene = hand_scene()
+    scene.labels = ["cat", "dog"]
+    adapter = clipzsl.CrossAttentionAdapter(model.embed_dim, heads=2).eval()
+    row, drawn_maps = bench.method_scores(model, [scene], None, adapter)
+    embeddings = torch.stack(list(bench.label_embeddings(model, [scene]).values()))
+    expected, = maps.image_maps(model, [scene.image], embeddings, "adapter", adapter)
+    assert drawn_maps[0].method == "adapter" and np.allclose(drawn_maps[0].grid, expected.grid)
+    assert row["labels"] == 2 and row["pairs"] == 2 and row["grid"] == "4x4"
+
+
+def test_the_pictures_are_palette_sheets_of_smaller_tiles(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench.report, "RESULTS_DIR", tmp_path)
+    scene = hand_scene()
+    heat_map = maps.HeatMap(np.random.default_rng(0).random((2, 4, 4)).astype(np.float32), (0, 0, 40, 40), "test")
+    name, = bench.pictures([scene], {"a": [heat_map], "b": [heat_map]}, count=1, scale=0.5, colours=16)
+    tile = clipzsl.explain.picture(scene.image, heat_map, 0, "a")
+    with Image.open(tmp_path / name) as sheet:
+        assert sheet.mode == "P" and len(sheet.getcolors()) <= 16
+        assert sheet.size == (2 * round(tile.width / 2), 2 * round(tile.height / 2))
