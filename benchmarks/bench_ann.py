@@ -327,16 +327,16 @@ def summary(results: dict) -> list[str]:
     lines += ["", "Default chosen per size (cheapest point meeting the targets):", ""]
     lines += [choice_line(size) for size in results["sizes"]]
     if results.get("plot"):
-        lines += ["", f"![recall against ms per query]({results['plot']})" if results["plot"] == "ann.png"
+        lines += ["", f"![recall against ms per query]({results['plot']})" if results["plot"].endswith(".png")
                   else f"_Plot: {results['plot']}_"]
     for size in results["sizes"]:
         lines += ["", f"### {size['rows']:,} rows", "", *table(size)]
     return lines
 
 
-def plot(results: dict) -> str:
+def plot(results: dict, name: str) -> str:
     """Recall@10 against ms per query (single, text-like and image-like), one panel per size and kind:
-    "ann.png", or why there is no plot."""
+    the picture's file name (`name`.png), or why there is no plot."""
     try:
         plt = common.pyplot()
     except ImportError as err:
@@ -356,8 +356,8 @@ def plot(results: dict) -> str:
             ax.set_title(f"{size['rows']:,} rows, {kind}-like queries", fontsize=9)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
-    common.save(fig, report.RESULTS_DIR / "ann.png")
-    return "ann.png"
+    common.save(fig, report.RESULTS_DIR / f"{name}.png")
+    return f"{name}.png"
 
 
 def checks(results: dict) -> list[dict]:
@@ -398,7 +398,7 @@ def measure(args: argparse.Namespace) -> dict:
     results["real"] = real_gap(args.real) if args.real else earlier.get("real")
     results["load_average"]["after"] = common.load_average()
     results["checks"] = checks(results)
-    results["plot"] = plot(results)
+    results["plot"] = plot(results, args.name)
     report.write(args.name, results, summary(results))
     return results
 
