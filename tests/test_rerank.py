@@ -100,3 +100,18 @@ def test_a_collection_imported_twice_is_compacted_before_its_index_is_built(tmp_
     state = SavedIndex(store, synthetic_text).save(CODES)
     assert store.dead_rows() == 0 and state["rows"] - state["base"] == ROWS
     assert min(state["text_recall"], state["image_recall"]) >= TARGET_RECALL
+
+
+def test_searching_never_counts_every_entry(tiny_clip, tmp_path, monkeypatch):
+    """`len(store)` is a count over every entry (44 ms a query at 10^7): a search asks only whether one exists."""
+    import clipzsl
+    from clipzsl.image_index import ImageIndex
+
+    tiny = clipzsl.load_model(f"hf:{tiny_clip}")
+    index = ImageIndex(tmp_path / "idx", tiny)
+    assert not index.store and index.search(np.ones(tiny.embed_dim, np.float32), 3) == []  # empty: no hits
+    vectors = gap_vectors(TEXT_MEAN[: tiny.embed_dim], n=50)
+    index.add_vectors([([f"/p{i}" for i in range(50)], vectors)])
+    monkeypatch.setattr(EmbeddingStore, "__len__", lambda self: pytest.fail("a search counted every entry"))
+    assert index.store and [k for k, _ in index.search(vectors[4], 1)] == ["/p4"]
+    assert len(index.search_many(vectors[:3], 2)) == 3
