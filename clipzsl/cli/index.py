@@ -74,7 +74,7 @@ def index_update(args: argparse.Namespace) -> int:
                        precision=args.precision)
     with empty_folders() as empty:
         report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory,
-                              workers=args.workers, prune=args.prune)
+                              workers=args.workers, prune=args.prune, max_memory=args.max_memory)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(report.summary(args.out, len(index)))
@@ -118,8 +118,9 @@ def register(commands: Any) -> None:
     index.add_argument("--faiss-factory", default="auto",
                        help="FAISS factory string for the saved index (auto: exact up to 200k images, else IVF); "
                             "checked before anything is embedded")
-    index.add_argument("--max-memory", metavar="SIZE", help="from-shards: the index's RAM budget, e.g. 2G (K, M, G, T: "
-                       "powers of 1024): a compressed index (SQ or PQ) that fits it, built in one pass over the shards")
+    index.add_argument("--max-memory", metavar="SIZE", help="images, from-shards: the index's RAM budget, e.g. 2G (K, M, "
+                       "G, T: powers of 1024): the usual index if it fits, else compressed codes that do (from-shards "
+                       "builds it in one pass over the shards)")
     index.add_argument("--prune", action="store_true",
                        help="images: forget every indexed image under PATH that is not found now. Without it a PATH "
                             "that held indexed images but is now missing, unreadable or empty (an unmounted drive) "
