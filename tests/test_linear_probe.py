@@ -233,3 +233,50 @@ def test_evaluation_refuses_shots_a_class_cannot_give_before_embedding(tmp_path,
     with pytest.raises(InputError, match=r"3-shot probe .*'black cat' has [0-2]"):
         linear_probe_evaluation(data, Unused(), shots=[1, 3], config=CONFIG)  # type: ignore[arg-type]
     assert not (cache_dir / "image-features").exists()
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def run_probe(data, model_dir, *extra):
+    from clipzsl.cli import main
+    return main(["eval", str(data), "--protocol", "linear-probe", "--model", f"hf:{model_dir}",
+                 "--templates", "photo_1", *extra])
+
+
+def test_cli_prints_the_table_and_writes_the_records(tmp_path, tiny_clip, cache_dir, capsys):
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "probe.json"
+    assert run_probe(data, tiny_clip, "--shots", "2", "full", "--output", str(out)) == 0
+    stdout = capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert [r["task"] for r in records] == ["zeroshot_classification", "linear_probe", "linear_probe"]
+    assert [r["metrics"]["fewshot_k"] for r in records[1:]] == [2, -1]
+    assert set(records[1]["metrics"]) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "weight_decay",
+                                          "epochs", "seed", "fewshot_k", "normalized"}  # CLIP_benchmark's keys
+    assert stdout == lp.format_linear_probe(records)
+    assert [line.split()[0] for line in stdout.splitlines()[2:]] == ["zero-shot", "2-shot", "full"]
+    assert f"{100 * records[2]['metrics']['lp_acc1']:.2f}%" in stdout.splitlines()[-1]
+
+
+def test_cli_refuses_more_shots_than_a_class_has(tmp_path, tiny_clip, cache_dir, capsys):
+    data = make_dataset(tmp_path / "data", per_class=6)  # 3 training images per class, 2 after the validation split
+    assert run_probe(data, tiny_clip, "--shots", "1", "4") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipzsl: error: a 4-shot probe needs 4 training images of every class")
+    assert "ask for fewer shots, or add images" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, message", [(["--shots", "0"], "must be at least 1"),
+                                            (["--shots", "two"], "invalid shots value")])
+def test_cli_refuses_shots_that_are_no_count(tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_probe(tmp_path, "unused", *extra)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_shots_belong_to_the_linear_probe(tmp_path, capsys):
+    from clipzsl.cli import main
+    data = make_dataset(tmp_path / "data", classes=4, per_class=2)
+    assert main(["eval", str(data), "--protocol", "zeroshot", "--shots", "2"]) == 2
+    assert "--shots applies to --protocol linear-probe only" in capsys.readouterr().err
