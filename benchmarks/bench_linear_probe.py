@@ -12,9 +12,9 @@ Few-shot draws are seeded; mean ± std over `--seeds` seeds for the probe, seed 
 Data (packaged default model):
 - Fashion-MNIST: a class-balanced sample of the train split trains, of the test split tests.
 - Tux Paint stamps: bench_adapter's classes (category folders), half of each class's images train.
-- emoji: twemoji + noto train, openmoji (a held-out drawing style) tests, the first 250 images of each
-  style (the classes all three draw); 2 training images per class, so only the full probe (shots that a
-  class cannot give are refused, and reported as such).
+- emoji: twemoji + noto train, openmoji (else fluent3d: openmoji's SVGs need cairosvg) tests, a held-out
+  drawing style; the first 250 images of each style (the classes all three draw). 2 training images per
+  class, so only the full probe (shots that a class cannot give are refused, and reported as such).
 
 Usage: python -m benchmarks.bench_linear_probe [--quick] [--datasets fashion_mnist,tuxpaint,emoji]
 """
@@ -55,28 +55,34 @@ class Split:
     y: list[int]
     test: EmbeddedImages
     y_test: list[int]
+    test_set: str
 
 
 def fashion_split(model: clipzsl.Backend, quick: bool) -> Split:
     n_train, n_test = FASHION["quick" if quick else "full"]
     train, test = load("fashion_mnist", "train", limit=n_train), load("fashion_mnist", "test", limit=n_test)
     embed = lambda ds: embed_images_cached(model, ds.images, cache_root(), progress=True)  # noqa: E731
-    return Split(train.classnames, train.templates, embed(train), train.labels, embed(test), test.labels)
+    return Split(train.classnames, train.templates, embed(train), train.labels, embed(test), test.labels,
+                 "the test split")
 
 
 def adapter_split(name: str, model: clipzsl.Backend, quick: bool) -> Split:
     """bench_adapter's data, every class kept: its first test set."""
     prepared = bench_adapter.prepare_tux(model) if name == "tuxpaint" else emoji_features(model, quick)
     names, templates, train, y, tests = bench_adapter.build_runs(name, prepared)
-    test, y_test = next(iter(tests.values()))
-    return Split(names, templates, train, y, test, y_test)
+    test_set, (test, y_test) = next(iter(tests.items()))
+    return Split(names, templates, train, y, test, y_test, test_set)
 
 
 def emoji_features(model: clipzsl.Backend, quick: bool):
-    """bench_adapter.prepare_emoji's (class names, features, labels) of the training styles and openmoji."""
+    """bench_adapter.prepare_emoji's (class names, features, labels) of the training styles and the first
+    held-out style that can be had (openmoji, else fluent3d)."""
     ds = load("emoji")
+    tested = next((s for s in bench_adapter.TEST_STYLES if s in ds.groups), None)  # openmoji needs cairosvg
+    if tested is None:
+        raise DatasetUnavailable(f"no held-out emoji style ({', '.join(bench_adapter.TEST_STYLES)}) could be had")
     feats, labels = {}, {}
-    for style in bench_adapter.TRAIN_STYLES + bench_adapter.TEST_STYLES[:1]:
+    for style in bench_adapter.TRAIN_STYLES + (tested,):
         idx = [i for i, g in enumerate(ds.groups) if g == style][: EMOJI['quick' if quick else 'full']]
         feats[style] = embed_images_cached(model, [ds.images[i] for i in idx], cache_root(), progress=True)
         labels[style] = [ds.labels[i] for i in idx]
@@ -97,7 +103,7 @@ def probe_row(split: Split, shots: int | None, seed: int) -> dict:
 def adapter_row(split: Split, text: torch.Tensor, model: clipzsl.Backend, shots: int | None) -> dict:
     """The adapter on the k-shot images `few_shot_indices` draws (seed 0) from every training image."""
     try:
-        rows = lp.few_shot_indices(split.y, shots, 0)
+        rows = lp.few_shot_indices(split.y, shots, 0, len(split.names))
     except InputError as err:
         return {"skipped": str(err)}
     start = time.perf_counter()
@@ -115,6 +121,7 @@ def measure_split(model: clipzsl.Backend, split: Split, seeds: int) -> dict:
     zero_shot = classification_metrics(zero_shot_head(split.test, text, model.logit_scale, model.logit_bias),
                                        split.y_test)
     out: dict = {"classes": len(split.names), "train_images": len(split.y), "test_images": len(split.y_test),
+                 "test_set": split.test_set,
                  "templates": split.templates, "zero_shot": zero_shot, "shots": {}}
     for shots in SHOTS:
         key = "full" if shots is None else str(shots)
@@ -129,16 +136,19 @@ def _cell(rows: list[dict], key: str) -> str:
     values = [r[key] for r in rows if key in r and r[key] is not None]
     if not values:
         return "n/a"
-    return common.pct(values[0]) if len(values) == 1 else f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+    cell = common.pct(values[0]) if len(values) == 1 else f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+    return cell + (f" ({len(values)} of {len(rows)} draws)" if len(values) < len(rows) else "")
 
 
 def summary(results: dict) -> list[str]:
     lines = [f"Model: `{results['model']}`. Top-1 accuracy (%) on the test images among every class; the probe's "
              "few-shot rows are mean ± std over seeds, the adapter's seed 0. n/a: a class has fewer training "
-             "images than the shots (the probe's count is after its 20% validation split).", ""]
+             "images than the shots (the probe's count is after its 20% validation split, which each seed draws anew: "
+             "\"1 of 3 draws\" is the mean over the seeds whose draw every class could give).", ""]
     for name, res in results["datasets"].items():
         lines += [f"## {name}", "", f"{res['classes']} classes, {res['train_images']} training images, "
-                  f"{res['test_images']} test images, templates `{res['templates']}`. Zero-shot: top-1 "
+                  f"{res['test_images']} test images ({res['test_set']}), templates `{res['templates']}`. "
+                  "Zero-shot: top-1 "
                   f"{common.pct(res['zero_shot']['acc1'])}, mean per-class recall "
                   f"{common.pct(res['zero_shot']['mean_per_class_recall'])}.", "",
                   "| shots | linear probe top-1 | probe mean recall | weight decay (seed 0) | adapter top-1 "

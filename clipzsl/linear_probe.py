@@ -101,8 +101,10 @@ def validation_split(count: int, proportion: float, seed: int) -> tuple[list[int
     return list(train.indices), list(val.indices)
 
 
-def _sample(targets: Targets, shots: int | None, seed: int) -> tuple[list[int], dict[int, int]]:
-    """`few_shot_indices`' rows, and the classes that have fewer than `shots` rows with how many they have."""
+def _sample(targets: Targets, shots: int | None, seed: int, classes: int | None = None
+            ) -> tuple[list[int], dict[int, int]]:
+    """`few_shot_indices`' rows, and the classes (of `range(classes)`; None: those in `targets`) that have
+    fewer than `shots` rows, with how many they have."""
     target = torch.as_tensor(targets).tolist()
     if shots is not None and shots < 1:
         raise InputError(f"shots must be at least 1 image per class (or None for every image), got {shots}")
@@ -113,7 +115,8 @@ def _sample(targets: Targets, shots: int | None, seed: int) -> tuple[list[int], 
         if shots is None or taken[target[row]] < shots:
             taken[target[row]] += 1
             rows.append(row)
-    return rows, {c: n for c, n in sorted(taken.items()) if shots is not None and n < shots}
+    wanted = sorted(taken) if classes is None else range(classes)
+    return rows, {c: taken[c] for c in wanted if shots is not None and taken[c] < shots}
 
 
 def _too_few(shots: int | None, short: dict) -> InputError:
@@ -123,12 +126,13 @@ def _too_few(shots: int | None, short: dict) -> InputError:
                       "ask for fewer shots, or add images to those classes")
 
 
-def few_shot_indices(targets: Targets, shots: int | None, seed: int) -> list[int]:
+def few_shot_indices(targets: Targets, shots: int | None, seed: int, classes: int | None = None) -> list[int]:
     """The rows a `shots`-shot probe trains on: the first `shots` of each class in a permutation of the
     rows seeded by `seed` (CLIP_benchmark's sampling), in that permutation's order; None: every row, in it.
 
-    A class with fewer than `shots` rows is refused, naming it."""
-    rows, short = _sample(targets, shots, seed)
+    A class with fewer than `shots` rows is refused, naming it: each of `range(classes)` (a class without
+    a row too, which CLIP_benchmark lets through), or with `classes` None each class `targets` holds."""
+    rows, short = _sample(targets, shots, seed, classes)
     if short:
         raise _too_few(shots, short)
     return rows
@@ -137,11 +141,11 @@ def few_shot_indices(targets: Targets, shots: int | None, seed: int) -> list[int
 def check_shots(targets: Targets, shots: Sequence[int | None], config: ProbeConfig = ProbeConfig(),
                 names: Sequence[str] | None = None) -> None:
     """Refuse, before anything is embedded, shots that `fit_linear_probe` could not sample from these targets
-    (the validation split is drawn from their count alone, so this is the split the fit will use); the
-    error names the classes by `names` (the targets index them) when given."""
+    (the validation split is drawn from their count alone, so this is the split the fit will use). With
+    `names` (the targets index them), every one of them must give the shots, and the error names them."""
     part, _ = validation_split(len(torch.as_tensor(targets)), config.val_proportion, config.seed)
     for k in shots:
-        _, short = _sample(torch.as_tensor(targets)[part], k, config.seed)
+        _, short = _sample(torch.as_tensor(targets)[part], k, config.seed, len(names) if names else None)
         if short:
             raise _too_few(k, {names[c] if names else c: n for c, n in short.items()})
 
@@ -217,7 +221,7 @@ def fit_linear_probe(x: torch.Tensor, targets: Targets, n_classes: int, shots: i
     if not val:
         raise InputError(f"{len(y)} training images leave none for the validation split that chooses the weight "
                          f"decay (proportion {config.val_proportion}); add images")
-    train = torch.tensor(part)[few_shot_indices(y[part], shots, config.seed)]
+    train = torch.tensor(part)[few_shot_indices(y[part], shots, config.seed, n_classes)]
     wd, searched = choose_weight_decay((x[train], y[train]), (x[val], y[val]), n_classes, config)
     final = train if shots is not None else torch.cat([train, torch.tensor(val)])
     linear = train_probe(x[final], y[final], n_classes, wd, config)

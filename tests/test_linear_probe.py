@@ -160,6 +160,19 @@ def test_few_shot_takes_k_of_every_class_or_names_those_short(targets, shots, se
     assert sorted(lp.few_shot_indices(targets, None, seed)) == list(range(len(targets)))
 
 
+def test_a_class_without_a_training_image_is_short_of_any_shots():
+    rows = lp.few_shot_indices([0, 0, 2], 1, 0)  # the classes present: one image each
+    assert len(rows) == 2 and 2 in rows
+    with pytest.raises(InputError, match="1 has 0"):
+        lp.few_shot_indices([0, 0, 2], 1, 0, classes=3)
+    x, y = features(40, classes=4)
+    part, val = lp.validation_split(40, CONFIG.val_proportion, CONFIG.seed)
+    y[val[0]] = 4  # class 4's one image is in the validation split: none trains
+    with pytest.raises(InputError, match="4 has 0"):
+        lp.fit_linear_probe(x, y, 5, 1, CONFIG)
+    assert lp.fit_linear_probe(x, y, 5, None, CONFIG).n_train == 40  # the full probe takes what there is
+
+
 def test_check_shots_names_the_classes_before_anything_is_embedded():
     targets = [0] * 10 + [1] * 3
     lp.check_shots(targets, [None, 1, 2], CONFIG, ["cat", "dog"])
