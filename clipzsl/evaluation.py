@@ -10,6 +10,9 @@
   as unseen), never on test data or real unseen classes.
 - plain zero-shot (as CLIP_benchmark reports it): every class of a labelled set scored,
   no training; top-1, top-5 accuracy and the mean per-class recall.
+- linear probe (CLIP_benchmark's linear_probe, `clipzsl.linear_probe`): logistic regression on the
+  frozen embeddings of a training split, full and k-shot, weight decay chosen on a validation split;
+  scored with zero-shot on the same test images.
 - zero-shot retrieval (CLIP_benchmark's zeroshot_retrieval): a captioned collection
   (`clipzsl.captions.CaptionedImages`), each caption finding its image and each image one of its
   captions; recall@1/5/10 both ways (`metrics.retrieval_recalls`).
@@ -41,7 +44,8 @@ from .captions import CaptionedImages
 from .classifier import ZeroShotClassifier
 from .errors import InputError
 from .images import EmbeddedImages, ImageLoadError, embed_images, embed_images_cached
-from .metrics import accuracy, harmonic_mean, per_class_recall, reported_top_k_accuracy, retrieval_recalls
+from .linear_probe import ProbeConfig, check_shots, fit_linear_probe, probe_metrics
+from .metrics import accuracy, classification_metrics, harmonic_mean, per_class_recall, retrieval_recalls
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, TemplatesArg, load_templates
 from .store import cache_root
 from .text_encoding import class_embeddings, encode_prompts
@@ -50,7 +54,8 @@ from .training import ClassFolders, seen_split
 __all__ = ["METHODS", "PROTOCOLS", "CaptionedImages", "ClassFolders", "EvalSplit", "Fitted", "Problem",
            "ZeroShotResult", "base_novel_split", "base_to_novel", "calibrated_stacking", "choose_gamma",
            "class_split", "format_record", "format_results", "format_zeroshot", "gzsl", "gzsl_metrics",
-           "mean_std", "retrieval_evaluation", "run_protocols", "zeroshot_classification", "zeroshot_evaluation"]
+           "linear_probe_evaluation", "mean_std", "retrieval_evaluation", "run_protocols", "zeroshot_classification",
+           "zeroshot_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +164,7 @@ def zeroshot_classification(clf: ZeroShotClassifier, paths: Sequence[str], targe
     embedded = clf.embed(list(paths), batch_size=batch_size, skip_errors=True)
     target_of = dict(zip(map(str, paths), targets))
     y = [target_of[source] for source in embedded.sources]
-    logits = clf.logits(embedded)
-    metrics = {
-        "acc1": accuracy(logits, y),
-        "acc5": reported_top_k_accuracy(logits, y, 5),
-        "mean_per_class_recall": per_class_recall(logits.argmax(1).numpy(), y),
-    }
-    return metrics, embedded.failures
+    return classification_metrics(clf.logits(embedded), y), embedded.failures
 
 
 # ------------------------------------------------------------------ `clipzsl eval`: data, protocols, reports
@@ -425,3 +424,35 @@ def format_record(record: dict) -> str:
     lines += [f"{key:<28} {'n/a (fewer candidates than k)' if value is None else f'{100 * value:.2f}%'}"
               for key, value in record["metrics"].items()]
     return "".join(line + "\n" for line in lines)
+
+
+# ------------------------------------------------------------------ `clipzsl eval --protocol linear-probe`
+
+
+def linear_probe_evaluation(data: ClassFolders, model: Backend, *, test: ClassFolders | None = None,
+                            shots: Sequence[int | None] = (None,), config: ProbeConfig = ProbeConfig(),
+                            templates: TemplatesArg = DEFAULT_TEMPLATES, cache_dir: str | os.PathLike | None = None,
+                            progress: bool | None = True) -> list[dict]:
+    """`clipzsl eval --protocol linear-probe`: CLIP_benchmark-style records of zero-shot and of a linear probe
+    per entry of `shots` (None: every training image; k: k per class), all on the same test images.
+
+    DATA trains and `test` tests (the classes both have); without `test`, half of each class's images
+    (seed 0) on either side, as the base-to-novel split cuts them. The probe (`fit_linear_probe`) chooses
+    its weight decay on a validation split of the training images. Shots some class cannot give are refused
+    before anything is embedded; image features (cached under `cache_dir`) and label embeddings are shared
+    with the other protocols. Returns [zero-shot record, probe record per shots]."""
+    names, train, tested = _shared_classes(data, test) if test else (data.names, *_halves(data))
+    targets, test_targets = [y for _, y in train], [y for _, y in tested]
+    check_shots(targets, shots, config, names)
+    x = embed_images_cached(model, [p for p, _ in train], cache_root(cache_dir), progress=progress)
+    x_test = embed_images_cached(model, [p for p, _ in tested], cache_root(cache_dir), progress=progress)
+    clf = ZeroShotClassifier(model, labels=[ClassEntry(n) for n in names], templates=templates, cache=cache_dir or True)
+    common = {"dataset": data.root, "model": model.spec, "pretrained": model.fingerprint, "language": "en",
+              "n_classes": len(names), "n_test": len(tested)}
+    records = [{**common, "task": "zeroshot_classification", "templates": clf.templates,
+                "metrics": classification_metrics(clf.logits(x_test), test_targets)}]
+    for k in shots:
+        probe = fit_linear_probe(x.embeddings, targets, len(names), k, config)
+        metrics = probe_metrics(probe, x_test.embeddings, test_targets)
+        records.append({**common, "task": "linear_probe", "metrics": metrics, **probe.settings()})
+    return records

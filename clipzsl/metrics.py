@@ -55,6 +55,13 @@ def reported_top_k_accuracy(logits: torch.Tensor, targets: Targets, k: int) -> f
     return top_k_accuracy(logits, targets, k) if logits.shape[1] >= k else None
 
 
+def classification_metrics(logits: torch.Tensor, targets: Targets) -> dict[str, float | None]:
+    """CLIP_benchmark's classification metrics of `logits` [N, C]: acc1, acc5 (`reported_top_k_accuracy`)
+    and mean_per_class_recall (`per_class_recall` of the top-1 predictions)."""
+    return {"acc1": accuracy(logits, targets), "acc5": reported_top_k_accuracy(logits, targets, 5),
+            "mean_per_class_recall": per_class_recall(logits.argmax(1).numpy(), targets)}
+
+
 def per_class_recall(predictions: Targets, targets: Targets) -> float:
     """Mean over the classes present in `targets` of the share of that class's images predicted as it."""
     predicted, target = np.asarray(predictions), np.asarray(targets)

@@ -10,6 +10,7 @@ from typing import Any
 from .. import evaluation as ev
 from ..backends import load_model
 from ..errors import InputError
+from ..linear_probe import format_linear_probe
 from ..prompts import DEFAULT_TEMPLATES
 from ..training import ClassFolders, adapter_grid, describe_training, train_adapter_from_folder, training_set
 from .options import add_run_options, output_file, positive_int, run_options
@@ -48,12 +49,33 @@ def cmd_eval_record(args: argparse.Namespace) -> int:
     return 1 if record["n_unreadable"] else 0
 
 
+def shots(value: str) -> int | None:
+    """A `--shots` entry: images per class, or `full` (None: every training image)."""
+    return None if value == "full" else positive_int(value)
+
+
+def cmd_eval_probe(args: argparse.Namespace) -> int:
+    """`eval --protocol linear-probe`: `evaluation.linear_probe_evaluation`, its table, its records as JSON."""
+    data, test = ClassFolders.read(args.data), ClassFolders.read(args.test) if args.test else None
+    model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
+    records = ev.linear_probe_evaluation(data, model, test=test, shots=args.shots or [None],
+                                         templates=args.templates, cache_dir=args.cache_dir)
+    sys.stdout.write(format_linear_probe(records))
+    if args.output:
+        Path(args.output).write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """`evaluation.class_split` and `run_protocols`: the tables, and the results as JSON with --output."""
     if args.protocol != "zeroshot" and (args.save_classifier or args.load_classifier):
         raise InputError("--save-classifier and --load-classifier apply to --protocol zeroshot only")
     if args.protocol != "retrieval" and args.captions:
         raise InputError("--captions applies to --protocol retrieval only")
+    if args.protocol != "linear-probe" and args.shots:
+        raise InputError("--shots applies to --protocol linear-probe only")
+    if args.protocol == "linear-probe":
+        return cmd_eval_probe(args)
     if args.protocol in ("zeroshot", "retrieval"):
         return cmd_eval_record(args)
     split = ev.class_split(args.data, args.test)  # checked before the model loads
@@ -87,11 +109,16 @@ def register(commands: Any) -> None:
     evaluate = commands.add_parser("eval", help="base-to-novel and GZSL protocols, adapters vs baselines")
     evaluate.add_argument("data", help="training folder (one sub-folder per class)")
     evaluate.add_argument("--test", help="test folder with the same class sub-folders (default: half of DATA per class)")
-    evaluate.add_argument("--protocol", choices=("b2n", "gzsl", "both", "zeroshot", "retrieval"), default="both",
+    evaluate.add_argument("--protocol", choices=("b2n", "gzsl", "both", "zeroshot", "retrieval", "linear-probe"),
+                          default="both",
                           help="b2n: base-to-novel; gzsl: generalised zero-shot; both; zeroshot: plain zero-shot "
-                               "accuracy on every image of DATA, no training; retrieval: caption<->image recall@k")
+                               "accuracy on every image of DATA, no training; retrieval: caption<->image recall@k; "
+                               "linear-probe: logistic regression on the image embeddings (CLIP_benchmark's), "
+                               "next to zero-shot on the same test images")
     evaluate.add_argument("--captions", help="retrieval: a .csv (image,caption) or .jsonl captions file, image paths "
                                              "relative to DATA (default: a .txt beside each image)")
+    evaluate.add_argument("--shots", type=shots, nargs="+", metavar="K",
+                          help="linear-probe: images per class (1 2 4 8 16 ...) and/or `full` (default: full)")
     evaluate.add_argument("--methods", default="zero-shot,linear probe,CLIP-Adapter,Tip-Adapter-F,ours",
                           help="comma-separated methods to compare")
     evaluate.add_argument("--seeds", type=positive_int, default=3, help="runs per method, seeds 0, 1, ...")
