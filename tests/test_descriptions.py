@@ -203,3 +203,22 @@ def test_saved_classifier_keeps_its_descriptions(tiny, tmp_path):
     loaded = ZeroShotClassifier.load(clf.save(tmp_path / "clf.safetensors"), tiny, cache=False)
     assert loaded.entries == clf.entries and loaded.templates == []
     torch.testing.assert_close(loaded.class_embeddings, clf.class_embeddings)
+
+
+def test_classify_command_takes_descriptions_as_labels_or_templates(tmp_path, tiny_clip, capsys):
+    from PIL import Image
+
+    from clipzsl.cli import main
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    path = write(tmp_path, "cupl.json", DESCRIBED)
+    for options in (["--labels", str(path)], ["--labels", "espresso,tabby", "--templates", str(path)]):
+        code = main(["classify", str(image), *options, "--model", f"hf:{tiny_clip}", "--no-cache", "--format",
+                     "json", "--top-k", "3"])
+        assert code == 0
+        [result] = json.loads(capsys.readouterr().out)
+        assert {p["label"] for p in result["predictions"]} <= set(DESCRIBED)
+    assert main(["classify", str(image), "--labels", "dog,cat", "--templates", str(path), "--model",
+                 f"hf:{tiny_clip}", "--no-cache"]) == 2
+    assert "no descriptions for 2 of the 2 classes: 'dog', 'cat'" in capsys.readouterr().err
