@@ -31,6 +31,7 @@ from . import common, report
 #: every benchmark, in page order: name (benchmarks/bench_<name>.py) -> title
 BENCHMARKS = {
     "accuracy": "Zero-shot accuracy per data set and template set",
+    "descriptions": "WordNet descriptions (`clipzsl labels wordnet`) against templates, and both ensembled",
     "classifier_build": "Speed 1: classifier building, clipzsl vs open_clip.build_zero_shot_classifier",
     "pipeline": "Speed 2: classification, clipzsl `hf:` backend vs transformers' zero-shot pipeline",
     "image_encoding": "Speed 3: image encoding, clipzsl vs a plain loop, and faster modes",

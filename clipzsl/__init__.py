@@ -12,7 +12,7 @@ from .classifier import ZeroShotClassifier
 from .errors import ClipzslError, InputError, MissingExtra
 from .image_index import ImageIndex
 from .images import EmbeddedImages, ImageLoadError, embed_images, load_image
-from .prompts import ClassEntry, PromptFileError, load_labels, load_templates
+from .prompts import ClassEntry, PromptFileError, load_labels, load_prompts, load_templates
 from .store import StoreError
 from .text_encoding import class_embeddings, encode_prompts
 from .training import TrainConfig, fit_adapter, train_adapter, train_adapter_from_folder
@@ -49,6 +49,7 @@ __all__ = [
     "load_image",
     "load_labels",
     "load_model",
+    "load_prompts",
     "load_templates",
     "train_adapter",
     "train_adapter_from_folder",

@@ -26,7 +26,7 @@ from .head import Head, check_top_k, probabilities, zero_shot_head
 from .head import top_k as top_k_labels
 from .images import EmbeddedImages, ImageSource, embed_images, expand_sources, load_image
 from .maps import HeatMap, image_maps, peak_box
-from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_labels, load_templates
+from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_prompts
 from .store import EmbeddingStore, StoreError, atomic_write, cache_root
 from .text_encoding import cached_class_embeddings
 from .text_encoding import class_embeddings as class_embeddings_of
@@ -86,8 +86,7 @@ class ZeroShotClassifier:
         an [N, D] x [D, C] product, or a small adapter over the cached tokens, costs less than
         moving them back to the device."""
         # labels and templates before the model: a bad file fails at once, not after a model load
-        self.entries = load_labels(labels)
-        self.templates = load_templates(templates)
+        self.entries, self.templates = load_prompts(labels, templates)
         self.model = model if isinstance(model, Backend) else load_model(model or DEFAULT_MODEL, device, precision,
                                                                           cache=cache)
         if len(self.entries) == 1 and self.model.probability == "softmax":

@@ -32,7 +32,7 @@ from .images import ImageLoadError, check_output, each_image_once, embed_images,
 from .maps import method_named, peak_box
 from .predictions import (ClassifySettings, Explained, Peak, Predictions, PredictionWriter, Row, check_resumable,
                           check_settings, classified_images, saved_settings)
-from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_labels, load_templates
+from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_prompts
 from .shards import (ImageSourceItem, ShardReport, ShardWriter, image_sources, load_sources,
                      resume_state, run_identity)
 
@@ -222,7 +222,7 @@ class Classification:
         """The settings the rows depend on, the model's weights not yet known."""
         with warnings.catch_warnings():  # read again, with its warnings, by the classifier (if it has work)
             warnings.simplefilter("ignore")
-            entries, templates = load_labels(self.labels), load_templates(self.templates)
+            entries, templates = load_prompts(self.labels, self.templates)
         return ClassifySettings.of(self.model_spec, entries, templates, self.top_k, fmt,
                                    (self.method or "") if self.explain else None)
 

@@ -3,12 +3,15 @@
 Templates are strings with one ``{}`` placeholder (``{c}``, CLIP_benchmark's spelling,
 is read as ``{}``). A label set is a list of `ClassEntry`: a name, optional synonyms
 (ensembled under every template) and optional free-text prompts (CuPL-style
-descriptions, used verbatim). Every file error names the file and the line (or entry)
+descriptions, used verbatim). A label file may also map class names to descriptions (CuPL's
+format, CLIP_benchmark's cupl_prompts.json), and such a file given as the templates gives each class
+its descriptions in place of templates (`load_prompts`). Every file error names the file and the line (or entry)
 and says how to fix it; a string that names no file and no shipped set is an error,
 never a one-class label set.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import itertools
@@ -212,7 +215,9 @@ def load_templates(spec: TemplatesArg = DEFAULT_TEMPLATES) -> list[str]:
     else:
         path, key = _located(cast("str | Path", spec), TEMPLATES_DIR, (".txt",), "template set", _TEMPLATES_INSTEAD)
         if path.suffix.lower() in STRUCTURED_SUFFIXES:
-            located, source = _structured_items(path, key, "templates")
+            data, source = _picked(path, key)
+            _refuse_descriptions(data, source, spec, picked=key is not None)
+            located, source = _listed(data, source, path, "templates")
         else:
             located, source = [(text, f"{path}:{number}") for number, text in _content_lines(path)], str(path)
     templates = [_check_template(template, where) for template, where in located]
@@ -241,14 +246,72 @@ def load_labels(spec: LabelsArg) -> list[ClassEntry]:
         located = [(_entry_from_line(text), f"{path}:{number}") for number, text in _content_lines(path)]
         source = str(path)
     elif suffix in STRUCTURED_SUFFIXES:
-        items, source = _structured_items(path, key, "classes")
-        located = [(_entry_from_item(item, where), where) for item, where in items]
+        located, source = _structured_entries(path, key)
     else:
         raise PromptFileError(
             f"{path}: a label file must end in {', '.join(LABEL_SUFFIXES)} (one class a line in .txt; "
             "a list in .json/.yaml); rename it."
         )
     return _validated(located, source, repeats_allowed=key is not None)
+
+
+def load_prompts(labels: LabelsArg, templates: TemplatesArg = DEFAULT_TEMPLATES) -> tuple[list[ClassEntry], list[str]]:
+    """(class entries, templates): what a classifier encodes for `labels` and `templates`.
+
+    Each class's texts are its names and synonyms in every template, and its descriptions (`prompts`),
+    all averaged (`ClassEntry.texts`). `templates` may also be a file of per-class descriptions (CuPL's
+    format, as CLIP_benchmark's --custom_template_file takes it): each class's texts are then its
+    descriptions only, found by its name, and no templates come back. An empty template list is allowed
+    when every class has descriptions: they are its only texts (CuPL without the template ensemble).
+    """
+    entries = load_labels(labels)
+    described = _descriptions_given(templates)
+    if described is not None:
+        return _with_descriptions(entries, *described), []
+    if not (isinstance(templates, (list, tuple)) and not templates):
+        return entries, load_templates(templates)
+    bare = [entry.name for entry in entries if not entry.prompts]
+    if bare:
+        raise PromptFileError(
+            f"no templates, and no descriptions for {len(bare)} class(es) ({_few(bare)}), which would have no "
+            "text at all; give a template set, or descriptions for every class."
+        )
+    return entries, []
+
+
+def _descriptions_given(templates: TemplatesArg) -> tuple[list[ClassEntry], str] | None:
+    """The described classes of a description file given as templates, with its name; None for templates."""
+    if not isinstance(templates, (str, Path)):
+        return None
+    path, key = _located(templates, TEMPLATES_DIR, (".txt",), "template set", _TEMPLATES_INSTEAD)
+    if path.suffix.lower() not in STRUCTURED_SUFFIXES:
+        return None
+    data, source = _picked(path, key)
+    mapping = description_mapping(data, picked=key is not None)
+    if mapping is None:
+        return None
+    return _validated(_described_entries(mapping, source), source, repeats_allowed=False), source
+
+
+def _with_descriptions(entries: list[ClassEntry], described: list[ClassEntry], source: str) -> list[ClassEntry]:
+    """`entries`, each with the descriptions `described` has for its name (case-insensitively) as its prompts."""
+    by_name = {_folded(entry.name): entry.prompts for entry in described}
+    missing = [entry.name for entry in entries if _folded(entry.name) not in by_name]
+    if missing:
+        close = difflib.get_close_matches(missing[0], [entry.name for entry in described], n=3)
+        hint = f" (for {missing[0]!r}, did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise PromptFileError(
+            f"{source}: no descriptions for {len(missing)} of the {len(entries)} classes: {_few(missing)}{hint}; "
+            "add them to the file (each class is looked up by its name, as CLIP_benchmark does), or give a "
+            "template set instead."
+        )
+    return [dataclasses.replace(entry, prompts=by_name[_folded(entry.name)]) for entry in entries]
+
+
+def _few(names: list[str], count: int = 10) -> str:
+    """Up to `count` names, quoted, and how many more."""
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(map(repr, names[:count])) + more
 
 
 def _read_text(path: Path) -> str:
@@ -297,19 +360,24 @@ def _entry_from_line(text: str) -> ClassEntry:
     return ClassEntry(name, tuple(synonyms))
 
 
-def _structured_items(path: Path, key: str | None, field: str) -> tuple[list[tuple[Any, str]], str]:
-    """The items of a .json/.yaml list with where each is, and the name of the list.
+def _picked(path: Path, key: str | None) -> tuple[Any, str]:
+    """(the decoded file, or with `key` the data set it picks; its name for messages)."""
+    return _data_set(path, _structured_data(path), key)
 
-    The list is the file itself, its `field` ("classes", "templates") or, with `key`,
-    one data set of a mapping from data-set names to lists (CLIP_benchmark's files).
-    """
-    data, source = _data_set(path, _structured_data(path), key)
+
+def _listed(data: Any, source: str, path: Path, field: str) -> tuple[list[tuple[Any, str]], str]:
+    """The list `data` holds, with where each item is: the data itself, or its `field` ("classes",
+    "templates"); a data set picked with `key` is a list of a mapping from data-set names to lists
+    (CLIP_benchmark's files)."""
     if isinstance(data, dict) and field in data:
         data = data[field]
     if isinstance(data, dict):
+        described = (f" If it maps class names to descriptions (CuPL's format), write it as "
+                     f'{{"classes": {{NAME: [DESCRIPTION, ...]}}}} (read unwrapped only when a description names '
+                     "its class)." if field == "classes" else "")
         raise PromptFileError(
             f"{source}: a mapping without {field!r}. If it maps data-set names to lists of {field} "
-            f"(CLIP_benchmark's format), pick one as {path}:KEY. {_keys_line(data)}"
+            f"(CLIP_benchmark's format), pick one as {path}:KEY.{described} {_keys_line(data)}"
         )
     if not isinstance(data, list):
         raise PromptFileError(
@@ -318,6 +386,72 @@ def _structured_items(path: Path, key: str | None, field: str) -> tuple[list[tup
                else "each template a string such as 'a photo of a {}.'")
         )
     return [(item, f"{source}, entry {i + 1}") for i, item in enumerate(data)], source
+
+
+def _structured_entries(path: Path, key: str | None) -> tuple[list[tuple[ClassEntry, str]], str]:
+    """The class entries of a .json/.yaml label file, with where each is, and the name of the list: a list
+    of classes, or a mapping of class names to descriptions (`description_mapping`)."""
+    data, source = _picked(path, key)
+    mapping = description_mapping(data, picked=key is not None)
+    if mapping is not None:
+        return _described_entries(mapping, source), source
+    items, source = _listed(data, source, path, "classes")
+    return [(_entry_from_item(item, where), where) for item, where in items], source
+
+
+def description_mapping(data: Any, picked: bool = False) -> dict | None:
+    """The class -> descriptions mapping that decoded JSON/YAML `data` holds (CuPL's format, as in
+    CLIP_benchmark's cupl_prompts.json), or None when it holds none.
+
+    ``{"classes": {...}}``, and a mapping picked from a file with ``file.json:KEY`` (`picked`), are
+    descriptions by their place. A whole file mapping names to lists is read as descriptions only when
+    some description names its class, as CuPL's do: CLIP_benchmark's en_classnames.json has the same
+    shape (data-set names to class names) and never names the data set in its lists."""
+    if not isinstance(data, dict):
+        return None
+    if "classes" in data or "templates" in data:
+        return data["classes"] if isinstance(data.get("classes"), dict) else None
+    if picked or any(_mentions(name, texts) for name, texts in data.items()):
+        return data
+    return None
+
+
+def _mentions(name: Any, texts: Any) -> bool:
+    """Whether one of `texts` (a list of strings) contains `name`, case-insensitively."""
+    if not isinstance(name, str) or not isinstance(texts, list):
+        return False
+    folded = _folded(normalise_text(name))
+    return bool(folded) and any(isinstance(t, str) and folded in _folded(t) for t in texts)
+
+
+def _described_entries(mapping: dict, source: str) -> list[tuple[ClassEntry, str]]:
+    """One class entry per name of a description mapping, its descriptions as its prompts."""
+    located = []
+    for name, texts in mapping.items():
+        where = f"{source}, class {_shown(name)}"
+        if not isinstance(name, str):
+            raise PromptFileError(f"{where}: a class name must be a string, got {type(name).__name__}{_QUOTE_HINT}.")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            empty = "an empty list" if texts == [] else _shown(texts)
+            raise PromptFileError(
+                f"{where}: the descriptions must be a non-empty list of strings, such as "
+                f'["a {name} has ..."], got {empty}; fix them or remove the class.'
+            )
+        # a description is prose, line breaks included (CuPL's GPT-3 answers have them): each run of
+        # whitespace is one space, as CLIP's tokenizers read it; other control characters stay refused
+        located.append((ClassEntry(name.strip(), prompts=tuple(" ".join(t.split()) for t in texts)), where))
+    return located
+
+
+def _refuse_descriptions(data: Any, source: str, spec: Any, picked: bool) -> None:
+    """A description file given where only templates are read: say where it goes instead."""
+    if description_mapping(data, picked) is not None:
+        raise PromptFileError(
+            f"{source}: per-class descriptions (CuPL's format), not templates. Give it as the labels "
+            f"(--labels {spec}: each class's descriptions ensembled with the templates), or as the templates of "
+            "a classifier (ZeroShotClassifier(labels=..., templates=FILE), clipzsl classify --templates FILE: each "
+            "class's descriptions in place of templates, as CLIP_benchmark's --custom_template_file)."
+        )
 
 
 def _structured_data(path: Path) -> Any:
