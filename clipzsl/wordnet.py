@@ -6,8 +6,8 @@ definition and one or two hypernyms, and a few fixed patterns turn them into des
 ``{"tabby": ["...", ...], ...}``, is a label file (`prompts.load_labels`) whose descriptions are
 ensembled with or without templates (`prompts.load_prompts`).
 
-The dictionary is Debian's wordnet-base (/usr/share/wordnet, or $WNSEARCHDIR, WordNet's own setting),
-read through nltk (the `wordnet` extra). Two differences from nltk's own data are bridged without
+The dictionary is Debian's wordnet-base ($WNSEARCHDIR, WordNet's own setting, else the one `vocab`
+finds: the system's, or the package fetched once into the cache), read through nltk (the `wordnet` extra). Two differences from nltk's own data are bridged without
 writing anywhere: the dictionary lacks the `lexnames` file nltk reads first, so its 45 entries come
 from WordNet's documentation (`man 5 lexnames`); and nltk reads only corpora under its data roots, so
 the dictionary folder is registered on `nltk.data.path` (nltk's own way to authorise a corpus in a
@@ -28,11 +28,10 @@ from typing import Any, Sequence
 from .errors import InputError, MissingExtra
 from .prompts import LabelsArg, load_labels
 from .store import atomic_write
+from .vocab import fetch_wordnet
 
 __all__ = ["Sense", "WordNetLabels", "wordnet_dir", "wordnet_labels", "write_wordnet_labels"]
 
-#: where Debian's wordnet-base puts the dictionary (WordNet's tools read $WNSEARCHDIR first)
-DEFAULT_DIR = "/usr/share/wordnet"
 #: WordNet 3.0's lexicographer files in file-number order (`man 5 lexnames`), the file Debian leaves out
 LEXNAMES = (
     "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
@@ -54,9 +53,10 @@ def lexnames_text() -> str:
 
 
 def wordnet_dir(directory: str | os.PathLike | None = None) -> Path:
-    """The dictionary folder: `directory`, else $WNSEARCHDIR, else /usr/share/wordnet; an InputError that
-    says how to install it when it holds no noun dictionary."""
-    path = Path(directory or os.environ.get("WNSEARCHDIR") or DEFAULT_DIR)
+    """The dictionary folder: `directory`, else $WNSEARCHDIR, else the one of `vocab.fetch_wordnet` (the
+    system's wordnet-base, else the package fetched into the cache); an InputError that says how to
+    install it when it holds no noun dictionary."""
+    path = Path(directory or os.environ.get("WNSEARCHDIR") or fetch_wordnet().parent)
     missing = [name for name in ("index.noun", "data.noun") if not (path / name).is_file()]
     if missing:
         raise InputError(f"WordNet's dictionary is not in {path} (no {' or '.join(missing)}); {_INSTALL}.")

@@ -89,6 +89,13 @@ def test_missing_dictionary_says_how_to_install_it(tmp_path):
     assert wordnet_dir(DICT) == DICT.resolve()
 
 
+def test_without_a_folder_the_dictionary_is_the_one_vocab_finds(monkeypatch):
+    from clipzsl import vocab
+
+    monkeypatch.delenv("WNSEARCHDIR", raising=False)
+    assert wordnet_dir() == vocab.fetch_wordnet().parent.resolve()  # one place finds (or fetches) WordNet
+
+
 def test_written_file_is_a_label_set_and_a_templates_source(tmp_path):
     out = tmp_path / "wn.json"
     found = write_wordnet_labels(["tabby", "espresso", "sneaker"], out)

@@ -32,5 +32,5 @@ def register(commands: Any) -> None:
                          help="read the names from a label file (one a line; .json/.yaml lists too)")
     wordnet.add_argument("--out", required=True, type=output_file, help="the JSON description file to write")
     wordnet.add_argument("--skip-unknown", action="store_true", help="leave out names WordNet lacks (else an error)")
-    wordnet.add_argument("--wordnet-dir", help="WordNet's dictionary folder (default $WNSEARCHDIR or /usr/share/wordnet)")
+    wordnet.add_argument("--wordnet-dir", help="WordNet's dictionary folder (default $WNSEARCHDIR, else the system's wordnet-base, else that package fetched into the cache)")
     wordnet.set_defaults(outputs=(("from_file",), ("out",), False), run=cmd_wordnet)
