@@ -46,7 +46,7 @@ from .errors import InputError
 from .images import EmbeddedImages, ImageLoadError, embed_images, embed_images_cached
 from .linear_probe import ProbeConfig, check_shots, fit_linear_probe, probe_metrics
 from .metrics import accuracy, classification_metrics, harmonic_mean, per_class_recall, retrieval_recalls
-from .prompts import DEFAULT_TEMPLATES, ClassEntry, TemplatesArg, load_templates
+from .prompts import DEFAULT_TEMPLATES, ClassEntry, TemplatesArg, load_prompts
 from .store import cache_root
 from .text_encoding import class_embeddings, encode_prompts
 from .training import ClassFolders, seen_split
@@ -264,7 +264,7 @@ def run_protocols(split: EvalSplit, model: Backend, *, methods: Sequence[str] = 
     check_methods(methods)
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; known: {list(PROTOCOLS)}")
-    text = class_embeddings(model, [ClassEntry(n) for n in split.names], load_templates(templates))
+    text = class_embeddings(model, *load_prompts([ClassEntry(n) for n in split.names], templates))
     root = cache_root(cache_dir)
     train_images = embed_images_cached(model, [p for p, _ in split.train], root, progress=progress)
     test_images = embed_images_cached(model, [p for p, _ in split.test], root, progress=progress)
@@ -344,12 +344,11 @@ def zeroshot_evaluation(data: ClassFolders, model: Backend, *, templates: Templa
     `load_classifier`: class embeddings saved by an earlier `save_classifier` (same model, classes and
     templates; no text is encoded). Label embeddings are cached under `cache_dir` (None: the default
     folder). Unreadable images are logged and left out (`failures`); none readable: `n_images` is 0."""
-    template_list = load_templates(templates)
+    entries, template_list = load_prompts([ClassEntry(n) for n in data.names], templates)  # or CuPL descriptions
     if load_classifier:
         clf = _loaded_classifier(load_classifier, model, data, template_list, templates)
     else:
-        clf = ZeroShotClassifier(model, labels=[ClassEntry(n) for n in data.names], templates=template_list,
-                                 cache=cache_dir or True)
+        clf = ZeroShotClassifier(model, labels=entries, templates=template_list, cache=cache_dir or True)
     if save_classifier:
         clf.save(save_classifier)
     metrics, failures = zeroshot_classification(clf, data.paths, data.targets, batch_size=batch_size)

@@ -84,7 +84,11 @@ class ClassEntry:
     def texts(self, templates: Sequence[str]) -> list[str]:
         """Every prompt whose embeddings are averaged into this class's embedding."""
         names = (self.name, *self.synonyms)
-        return [t.replace("{}", n) for n in names for t in templates] + list(self.prompts)
+        texts = [t.replace("{}", n) for n in names for t in templates] + list(self.prompts)
+        if not texts:
+            raise PromptFileError(f"class {self.name!r} has no text to encode: no templates and no descriptions; "
+                                  "give a template set, or descriptions for it")
+        return texts
 
 
 def available(directory: Path, suffixes: Iterable[str]) -> list[str]:

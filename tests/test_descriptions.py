@@ -222,3 +222,27 @@ def test_classify_command_takes_descriptions_as_labels_or_templates(tmp_path, ti
     assert main(["classify", str(image), "--labels", "dog,cat", "--templates", str(path), "--model",
                  f"hf:{tiny_clip}", "--no-cache"]) == 2
     assert "no descriptions for 2 of the 2 classes: 'dog', 'cat'" in capsys.readouterr().err
+
+
+def test_eval_zeroshot_takes_descriptions_as_templates(tmp_path, tiny):
+    from PIL import Image
+
+    from clipzsl.evaluation import zeroshot_evaluation
+    from clipzsl.training import ClassFolders
+
+    for k, name in enumerate(DESCRIBED):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (32, 32), (60 * k + 20 * j, 90, 40)).save(tmp_path / "data" / name / f"{j}.png")
+    path = write(tmp_path, "cupl.json", DESCRIBED)
+    result = zeroshot_evaluation(ClassFolders.read(tmp_path / "data"), tiny, templates=str(path), cache_dir=False)
+    clf = ZeroShotClassifier(tiny, labels=sorted(DESCRIBED), templates=str(path), cache=False)
+    probs = clf.predict_proba(sorted(str(p) for p in (tmp_path / "data").rglob("*.png")))
+    targets = [sorted(DESCRIBED).index(p.parent.name) for p in sorted((tmp_path / "data").rglob("*.png"))]
+    assert result.record["metrics"]["acc1"] == pytest.approx(float((probs.argmax(1) == torch.tensor(targets)).float().mean()))
+    assert clf.templates == [] and all(e.prompts for e in clf.entries)  # scored by the descriptions alone
+
+
+def test_a_class_with_no_text_at_all_is_an_error_not_a_division_by_zero():
+    with pytest.raises(PromptFileError, match="class 'dog' has no text to encode"):
+        ClassEntry("dog").texts([])
