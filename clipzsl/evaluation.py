@@ -40,6 +40,7 @@ from .baselines import METHODS, Fitted, Problem
 from .captions import CaptionedImages
 from .classifier import ZeroShotClassifier
 from .errors import InputError
+from .head import calibrated_stacking
 from .images import EmbeddedImages, ImageLoadError, embed_images, embed_images_cached
 from .metrics import accuracy, harmonic_mean, per_class_recall, reported_top_k_accuracy, retrieval_recalls
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, TemplatesArg, load_templates
@@ -50,7 +51,8 @@ from .training import ClassFolders, seen_split
 __all__ = ["METHODS", "PROTOCOLS", "CaptionedImages", "ClassFolders", "EvalSplit", "Fitted", "Problem",
            "ZeroShotResult", "base_novel_split", "base_to_novel", "calibrated_stacking", "choose_gamma",
            "class_split", "format_record", "format_results", "format_zeroshot", "gzsl", "gzsl_metrics",
-           "mean_std", "retrieval_evaluation", "run_protocols", "zeroshot_classification", "zeroshot_evaluation"]
+           "mean_std", "retrieval_evaluation", "run_protocols", "validation_logits", "zeroshot_classification",
+           "zeroshot_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,6 @@ def base_novel_split(classnames: Sequence[str]) -> tuple[list[int], list[int]]:
     order = sorted(range(len(classnames)), key=lambda i: (classnames[i].lower(), i))
     half = len(order) // 2
     return sorted(order[:half]), sorted(order[half:])
-
-
-def calibrated_stacking(logits: torch.Tensor, seen_mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Subtract gamma from the seen-class columns."""
-    return logits - gamma * seen_mask.to(logits.dtype)[None]
 
 
 def gzsl_metrics(logits: torch.Tensor, targets: Sequence[int], seen_mask: torch.Tensor, gamma: float = 0.0) -> dict:
@@ -131,19 +128,26 @@ def gzsl(fitted: Fitted, p: Problem, test: EmbeddedImages, test_targets: Sequenc
     logits = fitted.score(test, classes)
     y = [col[int(c)] for c in test_targets]
     plain = gzsl_metrics(logits, y, seen_mask, 0.0)
-    # gamma on the seen-class validation split: val-base images + held-out seen classes as "unseen"
-    tr, vb, vn, tr_classes, val_classes = seen_split(p.targets, p.seen, seed)
-    if not val_classes or not vb:
-        gamma = 0.0
-    else:
-        vclasses = sorted(tr_classes + val_classes)
-        vcol = {c: i for i, c in enumerate(vclasses)}
-        vmask = torch.tensor([c in set(tr_classes) for c in vclasses])
-        vidx = vb + vn
-        vlogits = fitted.score(p.images.subset(vidx), vclasses)
-        gamma = choose_gamma(vlogits, [vcol[p.targets[i]] for i in vidx], vmask)
+    validation = validation_logits(fitted, p, seed)
+    gamma = choose_gamma(*validation) if validation is not None else 0.0
     calibrated = gzsl_metrics(logits, y, seen_mask, gamma)
     return {"plain": plain, "calibrated": calibrated}
+
+
+def validation_logits(fitted: Fitted, p: Problem, seed: int) -> tuple[torch.Tensor, list[int], torch.Tensor] | None:
+    """(logits, targets, seen mask) of the seen-class validation split (`seen_split` at `seed`) that gamma is
+    chosen on: val-base images and the held-out seen classes' images (as "unseen"), scored among both sets
+    of classes by `fitted`, which trained on the split's training classes only. None when the split has no
+    held-out class or no val-base image."""
+    tr, vb, vn, tr_classes, val_classes = seen_split(p.targets, p.seen, seed)
+    if not val_classes or not vb:
+        return None
+    vclasses = sorted(tr_classes + val_classes)
+    vcol = {c: i for i, c in enumerate(vclasses)}
+    vmask = torch.tensor([c in set(tr_classes) for c in vclasses])
+    vidx = vb + vn
+    vlogits = fitted.score(p.images.subset(vidx), vclasses)
+    return vlogits, [vcol[p.targets[i]] for i in vidx], vmask
 
 
 def zeroshot_classification(clf: ZeroShotClassifier, paths: Sequence[str], targets: Sequence[int],
