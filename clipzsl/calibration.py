@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Sequence
 
 import torch
@@ -25,24 +26,24 @@ from .images import EmbeddedImages, embed_images_cached
 from .prompts import ClassEntry, normalise_text
 from .store import cache_root
 from .text_encoding import class_embeddings
-from .tip_adapter import Adapter, TipAdapter, load_adapter, write_calibration
+from .tip_adapter import Adapter, Kind, TipAdapter, load_adapter, write_calibration
 from .tip_training import TipConfig, fit_tip
 from .training import DEFAULT_GRID, ClassFolders, TrainConfig, seen_split
 
 log = logging.getLogger(__name__)
 
 
-def tip_proxy(adapter: TipAdapter, p: Problem, seed: int) -> Fitted:
-    """A Tip adapter of `adapter`'s kind, alpha and beta built on the training rows of the seen split."""
+def tip_proxy(kind: Kind, alpha: float, beta: float, p: Problem, seed: int) -> Fitted:
+    """A Tip adapter of this kind, alpha and beta built on the training rows of the seen split at `seed`."""
     tr, _, _, tr_classes, _ = seen_split(p.targets, p.seen, seed)
     column = {c: k for k, c in enumerate(tr_classes)}
-    config = TipConfig(kind=adapter.kind, alpha=adapter.alpha, beta=adapter.beta, search=False, seed=seed)
+    config = TipConfig(kind=kind, alpha=alpha, beta=beta, search=False, seed=seed)
     proxy, _ = fit_tip(p.images.subset(tr), [column[p.targets[i]] for i in tr], p.class_embeddings[tr_classes],
                        config)
 
     def score(images: EmbeddedImages, classes: Sequence[int]) -> torch.Tensor:
         return proxy.head(images, p.class_embeddings[list(classes)], p.logit_scale, p.logit_bias)
-    return Fitted(f"Tip proxy ({adapter.kind})", score)
+    return Fitted(f"Tip proxy ({kind})", score)
 
 
 def attention_proxy(adapter: CrossAttentionAdapter, p: Problem, seed: int) -> Fitted:
@@ -76,7 +77,8 @@ def fit_gamma(directory: str | os.PathLike, data: ClassFolders, model: Backend, 
     adapter.json (atomically: `tip_adapter.write_calibration`). Returns what was stored."""
     adapter = load_adapter(directory, model)
     problem = seen_problem(adapter, data, model, cache_dir, progress)
-    proxy = tip_proxy(adapter, problem, seed) if isinstance(adapter, TipAdapter) else \
+    proxy = tip_proxy(adapter.kind, adapter.alpha, adapter.beta, problem, seed) \
+        if isinstance(adapter, TipAdapter) else \
         attention_proxy(adapter, problem, seed)
     validation = validation_logits(proxy, problem, seed)
     if validation is None:
@@ -90,3 +92,17 @@ def fit_gamma(directory: str | os.PathLike, data: ClassFolders, model: Backend, 
     log.info("%s: gamma %.4g stored (validation H %.3f without it, %.3f with it)", directory, gamma, plain,
              calibrated)
     return calibration
+
+
+def tip_method(p: Problem, seed: int = 0, kind: Kind = "tip") -> Fitted:
+    """A Tip adapter (or Tip-Adapter-F) over every seen training image of `p`, as a method of the protocols
+    (`clipzsl.baselines.Fitted`); its gamma comes from `tip_proxy`, since its cache holds the validation split."""
+    column = {c: k for k, c in enumerate(p.seen)}
+    start = time.perf_counter()
+    adapter, info = fit_tip(p.images, [column[t] for t in p.targets], p.class_embeddings[p.seen],
+                            TipConfig(kind=kind, seed=seed))
+    info = {**info, "fit_seconds": time.perf_counter() - start}
+
+    def score(images: EmbeddedImages, classes: Sequence[int]) -> torch.Tensor:
+        return adapter.head(images, p.class_embeddings[list(classes)], p.logit_scale, p.logit_bias)
+    return Fitted("Tip-Adapter" if kind == "tip" else "Tip-Adapter-F (clipzsl.tip_training)", score, info=info)

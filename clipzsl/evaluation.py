@@ -120,15 +120,16 @@ def base_to_novel(fitted: Fitted, test: EmbeddedImages, test_targets: Sequence[i
 
 
 def gzsl(fitted: Fitted, p: Problem, test: EmbeddedImages, test_targets: Sequence[int], seen: Sequence[int],
-         unseen: Sequence[int], seed: int) -> dict:
-    """GZSL over seen ∪ unseen, without and with calibrated stacking (gamma from seen validation)."""
+         unseen: Sequence[int], seed: int, proxy: Fitted | None = None) -> dict:
+    """GZSL over seen ∪ unseen, without and with calibrated stacking (gamma from seen validation, scored by
+    `proxy` when `fitted` trained on the validation split too, as a Tip cache of every image does)."""
     classes = sorted(list(seen) + list(unseen))
     col = {c: i for i, c in enumerate(classes)}
     seen_mask = torch.tensor([c in set(seen) for c in classes])
     logits = fitted.score(test, classes)
     y = [col[int(c)] for c in test_targets]
     plain = gzsl_metrics(logits, y, seen_mask, 0.0)
-    validation = validation_logits(fitted, p, seed)
+    validation = validation_logits(proxy or fitted, p, seed)
     gamma = choose_gamma(*validation) if validation is not None else 0.0
     calibrated = gzsl_metrics(logits, y, seen_mask, gamma)
     return {"plain": plain, "calibrated": calibrated}

@@ -3,7 +3,7 @@
 
 - Tip-Adapter: the keys are the images' embeddings, the values their one-hot classes. alpha and beta are
   searched as `search_hp` does, on a grid (beta: `SEARCH_STEPS[0]` values from 0.1 to `SEARCH_SCALE[0]`,
-  alpha: `SEARCH_STEPS[1]` from 0.1 to `SEARCH_SCALE[1]`, the official ranges of ImageNet, 200 x 20),
+  alpha: `SEARCH_STEPS[1]` from 0.1 to `SEARCH_SCALE[1]`, the widest official ranges, 200 x 20),
   keeping the first best validation accuracy. The validation images are held out of the cache while
   searching (one in five of each class with two images or more, at least one); the saved cache then holds
   every image. With no validation image (one shot), alpha and beta keep the official defaults.
@@ -41,8 +41,9 @@ from .training import TrainingSet, train_loop, training_set
 
 log = logging.getLogger(__name__)
 
-#: the search's upper ends (beta, alpha) and numbers of values: configs/imagenet.yaml's search_scale, search_step
-SEARCH_SCALE = (7.0, 3.0)
+#: the search's upper ends (beta, alpha) and numbers of values: the widest of the official configs' search_scale
+#: (oxford_flowers.yaml; ImageNet's 7 and 3 leave the packaged model's cache no weight) and their search_step
+SEARCH_SCALE = (50.0, 50.0)
 SEARCH_STEPS = (200, 20)
 
 
