@@ -94,6 +94,14 @@ def fit_gamma(directory: str | os.PathLike, data: ClassFolders, model: Backend, 
     return calibration
 
 
+def describe_calibration(directory: str | os.PathLike, calibration: Calibration) -> str:
+    """One line: the gamma stored and what it did on validation (what `clipzsl eval --calibrate` prints)."""
+    return (f"{directory}: gamma {calibration.gamma:.4g} stored in adapter.json, fitted on "
+            f"{calibration.val_images} held-out images of {len(calibration.seen_labels)} seen classes of "
+            f"{calibration.data} (seed {calibration.seed}); validation H {calibration.val_h_plain:.3f} without it, "
+            f"{calibration.val_h_calibrated:.3f} with it")
+
+
 def tip_method(p: Problem, seed: int = 0, kind: Kind = "tip") -> Fitted:
     """A Tip adapter (or Tip-Adapter-F) over every seen training image of `p`, as a method of the protocols
     (`clipzsl.baselines.Fitted`); its gamma comes from `tip_proxy`, since its cache holds the validation split."""

@@ -249,6 +249,14 @@ def attending(adapter: Adapter | None) -> CrossAttentionAdapter | None:
     return adapter if isinstance(adapter, CrossAttentionAdapter) else None
 
 
+def draws_attention(adapter: Adapter | str | os.PathLike | None) -> bool:
+    """Whether `adapter` (an object, a saved directory, or None) attends over spatial tokens, so that it has a
+    heat-map method ("adapter") and needs the tokens; a Tip adapter does not."""
+    if isinstance(adapter, (str, os.PathLike)):
+        return adapter_format(adapter) != TIP_FORMAT
+    return attending(adapter) is not None
+
+
 @dataclass
 class BoundHead:
     """An adapter's head over one label set (`bind_head`): `rows` [K, D] are the label set's embeddings of
@@ -314,5 +322,5 @@ def write_calibration(directory: str | os.PathLike, calibration: Calibration) ->
 
 
 __all__ = ["AdapterMismatch", "BoundHead", "Calibration", "FORMAT_NAME", "KINDS", "TIP_FORMAT", "TipAdapter",
-           "TipRecord", "attending", "bind_head", "load_adapter", "matching_rows", "resolve_any_adapter",
-           "write_calibration"]
+           "TipRecord", "attending", "bind_head", "draws_attention", "load_adapter", "matching_rows",
+           "resolve_any_adapter", "write_calibration"]
