@@ -72,19 +72,19 @@ def search_values(scale: float, steps: int) -> list[float]:
 def search_alpha_beta(adapter: TipAdapter, features: torch.Tensor, targets: Sequence[int],
                       config: TipConfig) -> tuple[float, float, float]:
     """(alpha, beta, accuracy): the first best validation accuracy over the grid, as `search_hp`; `targets`
-    index the adapter's classes, which are all scored."""
+    index the adapter's classes, which are all scored. Every alpha of a beta is scored at once."""
+    target = torch.as_tensor(list(targets), dtype=torch.long)
+    alpha_values = search_values(config.search_scale[1], config.search_steps[1])
+    alphas, betas = torch.tensor(alpha_values), search_values(config.search_scale[0], config.search_steps[0])
     with torch.no_grad():
         zero_shot = PAPER_SCALE * features @ adapter.class_embeddings.T
         affinity = features @ adapter.keys.T
         values = adapter.values()
-        best = (-1.0, adapter.alpha, adapter.beta)
-        for beta in search_values(config.search_scale[0], config.search_steps[0]):
-            cache = torch.exp(-(beta - beta * affinity)) @ values
-            for alpha in search_values(config.search_scale[1], config.search_steps[1]):
-                score = accuracy(zero_shot + alpha * cache, targets)
-                if score > best[0]:
-                    best = (score, alpha, beta)
-    return best[1], best[2], best[0]
+        correct = torch.stack([((zero_shot + alphas[:, None, None] * (torch.exp(-(beta - beta * affinity)) @ values))
+                                .argmax(2) == target).sum(1) for beta in betas])  # [betas, alphas]
+    first = int(correct.flatten().argmax())  # the first best, beta outer and alpha inner as search_hp loops
+    best_beta, best_alpha = divmod(first, len(alphas))
+    return alpha_values[best_alpha], betas[best_beta], int(correct.flatten()[first]) / len(target)
 
 
 def hold_out(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
