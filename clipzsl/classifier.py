@@ -161,7 +161,10 @@ class ZeroShotClassifier:
     def heatmaps(self, images: ImageSource | Sequence[ImageSource], method: str | None = None) -> list[HeatMap]:
         """Per image, where each label is: a `HeatMap` ([C, h, w] grid and the image box it covers) drawn by
         `method` (`clipzsl.maps.METHODS`; None: the adapter's attention if there is one, else the
-        model's default)."""
+        model's default; a Tip adapter has no attention)."""
+        if method == "adapter" and self.adapter is not None and attending(self.adapter) is None:
+            raise InputError("method 'adapter' draws a cross-attention adapter's attention, and a Tip adapter has "
+                             "none: pick another method (the default is the model's)")
         return image_maps(self.model, [load_image(s) for s in expand_sources(images)], self.class_embeddings,
                           method, attending(self.adapter))
 

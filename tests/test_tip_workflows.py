@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import clipzsl
@@ -231,3 +233,39 @@ def test_explain_method_of_classify_with_either_adapter(model, tip_dir, tmp_path
     assert Classification(LABELS, model, explain=True, adapter=str(attention)).map_method(model) == "adapter"
     with pytest.raises(InputError, match="is a Tip adapter, which has no attention to draw"):
         Classification(LABELS, model, explain=True, adapter=str(tip_dir), method="adapter").map_method(model)
+
+
+def test_explain_with_a_tip_adapter_draws_the_models_default_method(model, tip_dir, data, tmp_path):
+    from clipzsl.explain import explain
+    image = str(data / "cat" / "5.png")
+    written = explain(model, [image], ["cat", "whale"], tmp_path / "maps", adapter=tip_dir).written
+    assert sorted(p.name for p in written) == ["5__cat.png", "5__whale.png"]
+    clf = clipzsl.ZeroShotClassifier(model, labels=["cat", "whale"], cache=False, adapter=tip_dir)
+    plain = clipzsl.ZeroShotClassifier(model, labels=["cat", "whale"], cache=False)
+    heat, = clf.heatmaps([image])
+    expected, = plain.heatmaps([image])
+    assert heat.method == default_method(model) and np.array_equal(heat.grid, expected.grid)
+    with pytest.raises(InputError, match="a Tip adapter has none"):
+        clf.heatmaps([image], method="adapter")
+
+
+@pytest.fixture(scope="module")
+def calibrated(tip_dir, tmp_path_factory):
+    from clipzsl.adapter import Calibration
+    from clipzsl.tip_adapter import write_calibration
+    directory = copy_adapter(tip_dir, tmp_path_factory.mktemp("calibrated") / "tip")
+    write_calibration(directory, Calibration(0.5, NAMES, "data", 0, 6, 0.2, 0.3))
+    return directory, (directory / "adapter.json").read_bytes()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fraction=st.floats(0.0, 0.999))
+def test_any_truncation_of_a_calibrated_adapter_json_is_refused(model, calibrated, fraction):
+    directory, whole = calibrated
+    try:
+        (directory / "adapter.json").write_bytes(whole[: int(fraction * len(whole))])
+        with pytest.raises(AdapterError, match=r"adapter\.json: .*the saved adapter is damaged"):
+            load_adapter(directory, model)
+    finally:
+        (directory / "adapter.json").write_bytes(whole)
+    assert load_adapter(directory, model).meta["calibration"]["gamma"] == 0.5
