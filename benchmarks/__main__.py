@@ -40,6 +40,7 @@ BENCHMARKS = {
     "view_rule": "The packaged default's view per image: the whole image, or a crop for photos",
     "localisation": "Heat maps against ground truth: pointing, label sensitivity, bias checks; the zoom",
     "adapter": "Cross-attention adapter vs zero-shot, linear probe, CLIP-Adapter and Tip-Adapter-F",
+    "tip": "Few-shot without training: zero-shot vs Tip-Adapter, Tip-Adapter-F and the cross-attention adapter",
     "retrieval": "Zero-shot retrieval (CLIP_benchmark's recall@k) on Tux Paint stamps and emoji with their captions",
     "linear_probe": "Linear probe (CLIP_benchmark's) at 1-16 shots and full, next to zero-shot and the adapter",
     "store": "Label store and label search at scale",
@@ -53,6 +54,7 @@ BENCHMARKS = {
 #: run only when named (--only), and why: the plain run stays about an hour on 2 cores
 BY_NAME_ONLY = {
     "adapter": "trains every method over 3 seeds on two data sets",
+    "tip": "fits four methods at 1/4/16 shots over 2 seeds (a few minutes)",
     "store": "encodes 100k labels (25-50 min)",
     "store_scale": "a million rows, autofaiss in its own venv",
     "compressed": "a million rows, built under two budgets (about 15 min on 2 cores)",

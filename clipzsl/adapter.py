@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -41,12 +41,16 @@ from .images import EmbeddedImages
 from .records import RecordError, canonical, load, parse
 from .store import atomic_write
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 CONFIG_NAME = "adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT_NAME = "clipzsl-cross-attention-adapter"
 #: 2: the weights' header holds a copy of adapter.json (RECORD_KEY), which it must match on load
 FORMAT_VERSION = 2
 RECORD_KEY = "clipzsl_record"
+R = TypeVar("R", bound="DataclassInstance")
 
 
 class AdapterError(ClipzslError, ValueError):
@@ -93,6 +97,21 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """Calibrated stacking (Chao et al. 2016) fitted for a saved adapter (`clipzsl.calibration.fit_gamma`):
+    `gamma` is subtracted from the logits of the labels it was fitted on (`seen_labels`) when a label set
+    mixes them with others. Added to adapter.json after the weights were written (not in their header's copy)."""
+
+    gamma: float
+    seen_labels: list[str]
+    data: str  # the class folders the seen-class validation split was drawn from
+    seed: int
+    val_images: int
+    val_h_plain: float  # H of seen / pseudo-unseen validation accuracy without gamma
+    val_h_calibrated: float  # ... and with it
+
+
+@dataclass(frozen=True)
 class AdapterRecord:
     """The schema of adapter.json (read through `clipzsl.records`)."""
 
@@ -105,6 +124,7 @@ class AdapterRecord:
     trained_labels: list[str] | None = None
     weights_sha256: str | None = None  # adapters saved before checksums have none
     training: dict | None = None  # what train-adapter chose (`clipzsl.training.fit_with_selection`'s info)
+    calibration: Calibration | None = None
 
 
 class CrossAttentionAdapter(nn.Module):
@@ -226,14 +246,7 @@ class CrossAttentionAdapter(nn.Module):
             "trained_labels": list(labels) if labels is not None else None,
             **(extra or {}),
         }
-        parse(AdapterRecord, meta, directory / CONFIG_NAME)  # never write what load() would refuse
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        weights = safetensors_bytes(state, metadata={"fingerprint": fp, RECORD_KEY: canonical(meta).decode()})
-        meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(weights))
-        atomic_write(directory / CONFIG_NAME, lambda f: f.write(json.dumps(meta, indent=2).encode()))
-        return directory
+        return write_adapter(directory, AdapterRecord, meta, self.state_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: Backend | None = None) -> "CrossAttentionAdapter":
@@ -243,29 +256,78 @@ class CrossAttentionAdapter(nn.Module):
         against its schema and against the copy in the weights' header, the weights against their
         recorded sha256, the config's tensor shapes, and finiteness.
         """
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        try:
-            record = load(AdapterRecord, config_path)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; not a saved clipzsl adapter") from err
-        except RecordError as err:
-            raise _damaged(config_path, err.detail) from err
-        meta = asdict(record)
-        blob = _weights_blob(weights_path, record.weights_sha256)
-        _check_record(config_path, meta, _header_metadata(weights_path, blob))
-        if model is not None:
-            if record.backbone_fingerprint != model.fingerprint:
-                raise AdapterMismatch(
-                    f"adapter {directory} was trained on backbone {record.backbone_fingerprint!r} (spec "
-                    f"{record.backbone_spec!r}), but the model in use is {model.fingerprint!r} (spec {model.spec!r}); "
-                    "train an adapter for this backbone or load the one it was trained on")
-            if record.config.dim != model.embed_dim:
-                raise AdapterMismatch(f"adapter {directory} has dim {record.config.dim}, "
-                                      f"model {model.spec!r} has {model.embed_dim}")
-        adapter = cls(**asdict(record.config), meta=meta)
-        adapter.load_state_dict(_tensors(weights_path, blob, adapter.state_dict()))
+        record, blob = read_record(directory, AdapterRecord)
+        check_backbone(directory, record.backbone_fingerprint, record.backbone_spec, record.config.dim, model)
+        adapter = cls(**asdict(record.config), meta=asdict(record))
+        adapter.load_state_dict(_tensors(Path(directory) / WEIGHTS_NAME, blob, adapter.state_dict()))
         return adapter.eval()
+
+
+# ------------------------------------------------------------------ saved adapters of any kind
+
+#: fields of adapter.json written after the weights (so not in the copy their header holds)
+LATER_FIELDS = ("weights_sha256", "calibration")
+
+
+def write_adapter(directory: str | os.PathLike, schema: type, meta: dict, state: dict[str, torch.Tensor]) -> Path:
+    """`state` as adapter.safetensors (its header holding a copy of `meta`) and `meta`, with the weights'
+    sha256, as adapter.json, each written atomically; `meta` is checked against `schema` first (never
+    write what the loader would refuse)."""
+    directory = Path(directory)
+    parse(schema, meta, directory / CONFIG_NAME)
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    weights = safetensors_bytes(tensors, metadata={"fingerprint": meta["backbone_fingerprint"],
+                                                   RECORD_KEY: canonical(meta).decode()})
+    meta = {**meta, "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(weights))
+    atomic_write(directory / CONFIG_NAME, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return directory
+
+
+def read_record(directory: str | os.PathLike, schema: type[R]) -> tuple[R, bytes]:
+    """adapter.json as `schema` and the bytes of adapter.safetensors, checked against each other (the copy
+    of adapter.json in the weights' header, their sha256): an AdapterError naming the file and field."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    try:
+        record = load(schema, config_path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; not a saved clipzsl adapter") from err
+    except RecordError as err:
+        raise _damaged(config_path, err.detail) from err
+    blob = _weights_blob(weights_path, getattr(record, "weights_sha256"))
+    _check_record(config_path, asdict(record), _header_metadata(weights_path, blob), schema)
+    return record, blob
+
+
+def check_backbone(directory: str | os.PathLike, fingerprint: str, spec: str | None, dim: int,
+                   model: Backend | None) -> None:
+    """An AdapterMismatch unless the adapter saved in `directory` was made with `model` (None: no check)."""
+    if model is None:
+        return
+    if fingerprint != model.fingerprint:
+        raise AdapterMismatch(
+            f"adapter {directory} was trained on backbone {fingerprint!r} (spec {spec!r}), but the model in use is "
+            f"{model.fingerprint!r} (spec {model.spec!r}); train an adapter for this backbone or load the one it "
+            "was trained on")
+    if dim != model.embed_dim:
+        raise AdapterMismatch(f"adapter {directory} has dim {dim}, model {model.spec!r} has {model.embed_dim}")
+
+
+def rewrite_record(directory: str | os.PathLike, schema: type, **later: object) -> dict:
+    """adapter.json again with `later` fields (of `LATER_FIELDS`, such as "calibration") replaced: read and
+    checked as loading does, validated against `schema`, then written atomically in one rename, so a killed
+    run leaves the previous file. The weights are not touched. Returns the new record as a dict."""
+    unknown = sorted(set(later) - set(LATER_FIELDS))
+    if unknown:
+        raise InputError(f"only {LATER_FIELDS} may change after an adapter is saved, not {unknown}")
+    record: DataclassInstance = read_record(directory, schema)[0]
+    meta = {**asdict(record), **later}
+    path = Path(directory) / CONFIG_NAME
+    parse(schema, meta, path)
+    atomic_write(path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return meta
 
 
 def tokens_of(images: EmbeddedImages) -> torch.Tensor:
@@ -299,18 +361,18 @@ def _header_metadata(path: Path, blob: bytes) -> dict:
     return header.get("__metadata__") or {}
 
 
-def _check_record(config_path: Path, meta: dict, header: dict) -> None:
+def _check_record(config_path: Path, meta: dict, header: dict, schema: type) -> None:
     """adapter.json must say what the weights were saved with: the copy of it in their header (version
-    2), or at least the backbone fingerprint (version 1)."""
+    2 and every Tip adapter), or at least the backbone fingerprint (version 1)."""
     weights_path = config_path.with_name(WEIGHTS_NAME)
-    ours = {k: v for k, v in meta.items() if k != "weights_sha256"}
+    ours = {k: v for k, v in meta.items() if k not in LATER_FIELDS}
     if RECORD_KEY in header:
         try:
-            saved = asdict(parse(AdapterRecord, json.loads(header[RECORD_KEY]), weights_path))
+            saved = asdict(parse(schema, json.loads(header[RECORD_KEY]), weights_path))
         except (json.JSONDecodeError, RecordError) as err:
             raise _damaged(weights_path, f"unreadable copy of {CONFIG_NAME} in its header ({err})") from err
-        saved.pop("weights_sha256")
-    elif meta["version"] >= 2:
+        saved = {k: v for k, v in saved.items() if k not in LATER_FIELDS}
+    elif meta["format"] != FORMAT_NAME or meta["version"] >= 2:
         raise _damaged(weights_path, f"no copy of {CONFIG_NAME} in its header")
     else:
         saved = {"backbone_fingerprint": header.get("fingerprint", meta["backbone_fingerprint"])}

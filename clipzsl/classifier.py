@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .adapter import CrossAttentionAdapter, resolve_adapter, tokens_of
+from .adapter import CrossAttentionAdapter, tokens_of
 from .backends import DEFAULT_MODEL, Backend, load_model
 from .backends.base import CacheArg, cache_dir_of
 from .errors import ClipzslError, InputError
@@ -30,6 +30,7 @@ from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, loa
 from .store import EmbeddingStore, StoreError, atomic_write, cache_root
 from .text_encoding import cached_class_embeddings
 from .text_encoding import class_embeddings as class_embeddings_of
+from .tip_adapter import Adapter, attending, bind_head, resolve_any_adapter
 
 #: the "format" metadata entry of a classifier file written by `ZeroShotClassifier.save`
 CLASSIFIER_FORMAT = "clipzsl-zero-shot-classifier"
@@ -70,7 +71,7 @@ class ZeroShotClassifier:
         templates: TemplatesArg = DEFAULT_TEMPLATES,
         cache: CacheArg = True,
         progress: bool | None = None,
-        adapter: CrossAttentionAdapter | str | os.PathLike | None = None,
+        adapter: Adapter | str | os.PathLike | None = None,
         class_embeddings: torch.Tensor | None = None,
         device: str = "auto",
         precision: str = "auto",
@@ -103,7 +104,9 @@ class ZeroShotClassifier:
             self.class_embeddings = class_embeddings.float()
         else:
             self.class_embeddings = label_embeddings(self.model, self.entries, self.templates, cache, progress)
-        self.adapter = resolve_adapter(adapter, self.model) if adapter is not None else None
+        self.adapter = resolve_any_adapter(adapter, self.model) if adapter is not None else None
+        self._head = bind_head(self.adapter, self.labels, self.class_embeddings) \
+            if self.adapter is not None else zero_shot_head
 
     @property
     def labels(self) -> list[str]:
@@ -113,12 +116,12 @@ class ZeroShotClassifier:
     @property
     def head(self) -> Head:
         """The adapter's head when there is one, else the zero-shot head."""
-        return self.adapter.head if self.adapter is not None else zero_shot_head
+        return self._head
 
     def embed(self, images: ImageSource | Sequence[ImageSource], **kwargs) -> EmbeddedImages:
         """Image embeddings (with the spatial tokens when an adapter needs them); keyword
         arguments go to `clipzsl.images.embed_images`."""
-        kwargs.setdefault("return_tokens", self.adapter is not None)
+        kwargs.setdefault("return_tokens", attending(self.adapter) is not None)
         return embed_images(self.model, images, **kwargs)
 
     def _embedded(self, images: Images, batch_size: int | None) -> EmbeddedImages:
@@ -147,18 +150,22 @@ class ZeroShotClassifier:
 
     def attention(self, images: Images, batch_size: int | None = None) -> torch.Tensor:
         """The adapter's attention [N, C, heads, 1 + T] (global token first) over each image's tokens."""
-        if self.adapter is None:
-            raise InputError("attention needs an adapter: ZeroShotClassifier(..., adapter=PATH_OR_OBJECT)")
+        adapter = attending(self.adapter)
+        if adapter is None:
+            raise InputError("attention needs a cross-attention adapter: ZeroShotClassifier(..., adapter=PATH_OR_OBJECT)")
         embedded = self._embedded(images, batch_size)
         with torch.no_grad():
-            return self.adapter.attention(self.class_embeddings, tokens_of(embedded), embedded.embeddings)
+            return adapter.attention(self.class_embeddings, tokens_of(embedded), embedded.embeddings)
 
     def heatmaps(self, images: ImageSource | Sequence[ImageSource], method: str | None = None) -> list[HeatMap]:
         """Per image, where each label is: a `HeatMap` ([C, h, w] grid and the image box it covers) drawn by
         `method` (`clipzsl.maps.METHODS`; None: the adapter's attention if there is one, else the
-        model's default)."""
+        model's default; a Tip adapter has no attention)."""
+        if method == "adapter" and self.adapter is not None and attending(self.adapter) is None:
+            raise InputError("method 'adapter' draws a cross-attention adapter's attention, and a Tip adapter has "
+                             "none: pick another method (the default is the model's)")
         return image_maps(self.model, [load_image(s) for s in expand_sources(images)], self.class_embeddings,
-                          method, self.adapter)
+                          method, attending(self.adapter))
 
     def zoomed_proba(self, images: ImageSource | Sequence[ImageSource], top: int = 5, method: str | None = None,
                      batch_size: int | None = None) -> np.ndarray:

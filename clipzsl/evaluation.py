@@ -43,6 +43,7 @@ from .baselines import METHODS, Fitted, Problem
 from .captions import CaptionedImages
 from .classifier import ZeroShotClassifier
 from .errors import InputError
+from .head import calibrated_stacking
 from .images import EmbeddedImages, ImageLoadError, embed_images, embed_images_cached
 from .linear_probe import ProbeConfig, check_shots, fit_linear_probe, probe_metrics
 from .metrics import accuracy, classification_metrics, harmonic_mean, per_class_recall, retrieval_recalls
@@ -54,7 +55,8 @@ from .training import ClassFolders, seen_split
 __all__ = ["METHODS", "PROTOCOLS", "CaptionedImages", "ClassFolders", "EvalSplit", "Fitted", "Problem",
            "ZeroShotResult", "base_novel_split", "base_to_novel", "calibrated_stacking", "choose_gamma",
            "class_split", "format_record", "format_results", "format_zeroshot", "gzsl", "gzsl_metrics",
-           "linear_probe_evaluation", "mean_std", "retrieval_evaluation", "run_protocols", "zeroshot_classification",
+           "linear_probe_evaluation", "mean_std", "retrieval_evaluation", "run_protocols", "validation_logits",
+           "zeroshot_classification",
            "zeroshot_evaluation"]
 
 log = logging.getLogger(__name__)
@@ -70,11 +72,6 @@ def base_novel_split(classnames: Sequence[str]) -> tuple[list[int], list[int]]:
     order = sorted(range(len(classnames)), key=lambda i: (classnames[i].lower(), i))
     half = len(order) // 2
     return sorted(order[:half]), sorted(order[half:])
-
-
-def calibrated_stacking(logits: torch.Tensor, seen_mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Subtract gamma from the seen-class columns."""
-    return logits - gamma * seen_mask.to(logits.dtype)[None]
 
 
 def gzsl_metrics(logits: torch.Tensor, targets: Sequence[int], seen_mask: torch.Tensor, gamma: float = 0.0) -> dict:
@@ -128,27 +125,35 @@ def base_to_novel(fitted: Fitted, test: EmbeddedImages, test_targets: Sequence[i
 
 
 def gzsl(fitted: Fitted, p: Problem, test: EmbeddedImages, test_targets: Sequence[int], seen: Sequence[int],
-         unseen: Sequence[int], seed: int) -> dict:
-    """GZSL over seen ∪ unseen, without and with calibrated stacking (gamma from seen validation)."""
+         unseen: Sequence[int], seed: int, proxy: Fitted | None = None) -> dict:
+    """GZSL over seen ∪ unseen, without and with calibrated stacking (gamma from seen validation, scored by
+    `proxy` when `fitted` trained on the validation split too, as a Tip cache of every image does)."""
     classes = sorted(list(seen) + list(unseen))
     col = {c: i for i, c in enumerate(classes)}
     seen_mask = torch.tensor([c in set(seen) for c in classes])
     logits = fitted.score(test, classes)
     y = [col[int(c)] for c in test_targets]
     plain = gzsl_metrics(logits, y, seen_mask, 0.0)
-    # gamma on the seen-class validation split: val-base images + held-out seen classes as "unseen"
-    tr, vb, vn, tr_classes, val_classes = seen_split(p.targets, p.seen, seed)
-    if not val_classes or not vb:
-        gamma = 0.0
-    else:
-        vclasses = sorted(tr_classes + val_classes)
-        vcol = {c: i for i, c in enumerate(vclasses)}
-        vmask = torch.tensor([c in set(tr_classes) for c in vclasses])
-        vidx = vb + vn
-        vlogits = fitted.score(p.images.subset(vidx), vclasses)
-        gamma = choose_gamma(vlogits, [vcol[p.targets[i]] for i in vidx], vmask)
+    validation = validation_logits(proxy or fitted, p, seed)
+    gamma = choose_gamma(*validation) if validation is not None else 0.0
     calibrated = gzsl_metrics(logits, y, seen_mask, gamma)
     return {"plain": plain, "calibrated": calibrated}
+
+
+def validation_logits(fitted: Fitted, p: Problem, seed: int) -> tuple[torch.Tensor, list[int], torch.Tensor] | None:
+    """(logits, targets, seen mask) of the seen-class validation split (`seen_split` at `seed`) that gamma is
+    chosen on: val-base images and the held-out seen classes' images (as "unseen"), scored among both sets
+    of classes by `fitted`, which trained on the split's training classes only. None when the split has no
+    held-out class or no val-base image."""
+    tr, vb, vn, tr_classes, val_classes = seen_split(p.targets, p.seen, seed)
+    if not val_classes or not vb:
+        return None
+    vclasses = sorted(tr_classes + val_classes)
+    vcol = {c: i for i, c in enumerate(vclasses)}
+    vmask = torch.tensor([c in set(tr_classes) for c in vclasses])
+    vidx = vb + vn
+    vlogits = fitted.score(p.images.subset(vidx), vclasses)
+    return vlogits, [vcol[p.targets[i]] for i in vidx], vmask
 
 
 def zeroshot_classification(clf: ZeroShotClassifier, paths: Sequence[str], targets: Sequence[int],

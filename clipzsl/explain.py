@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .adapter import CrossAttentionAdapter
+from .tip_adapter import TipAdapter, load_adapter
 from .backends import Backend
 from .classifier import ZeroShotClassifier
 from .images import ImageLoadError, ImageSource, check_output, expand_sources, load_image
@@ -129,7 +130,7 @@ def explain(
     images: ImageSource | Sequence[ImageSource],
     labels: LabelsArg,
     out_dir: str | Path,
-    adapter: CrossAttentionAdapter | str | Path | None = None,
+    adapter: CrossAttentionAdapter | TipAdapter | str | Path | None = None,
     templates: TemplatesArg | None = None,
     method: str | None = None,
 ) -> Explanation:
@@ -140,7 +141,7 @@ def explain(
     `Explanation`), as `classify` skips them."""
     check_output(out_dir, images, writes_images=True)
     if isinstance(adapter, (str, Path)):
-        adapter = CrossAttentionAdapter.load(adapter, model)
+        adapter = load_adapter(adapter, model)
     saved = adapter.meta.get("templates") if adapter is not None else None
     clf = ZeroShotClassifier(model, labels=labels, templates=templates or saved or DEFAULT_TEMPLATES, cache=False,
                              adapter=adapter)

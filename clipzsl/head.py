@@ -42,6 +42,11 @@ def zero_shot_head(images: EmbeddedImages, class_embeddings: torch.Tensor, logit
     return cosine_logits(images.embeddings, class_embeddings, logit_scale, logit_bias)
 
 
+def calibrated_stacking(logits: torch.Tensor, seen_mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Calibrated stacking (Chao et al. 2016): gamma subtracted from the seen-class columns of logits [N, C]."""
+    return logits - gamma * seen_mask.to(logits.dtype)[None]
+
+
 def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """Softmax over the classes (CLIP) or a sigmoid per class (SigLIP), as the model was trained."""
     if kind == "sigmoid":

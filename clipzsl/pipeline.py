@@ -35,6 +35,7 @@ from .predictions import (ClassifySettings, Explained, Peak, Predictions, Predic
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_prompts
 from .shards import (ImageSourceItem, ShardReport, ShardWriter, image_sources, load_sources,
                      resume_state, run_identity)
+from .tip_adapter import draws_attention
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +201,8 @@ class Classification:
     `model` (a spec, loaded with `device` and `precision` only when there is work, or a Backend),
     through `adapter` (a saved adapter's directory) when given. `cache`: as `ZeroShotClassifier`'s.
     `explain`: also give each label's peak box and score (`predictions.Peak`) from the image's heat map by
-    `method` (`clipzsl.maps`; None: the adapter's attention with an adapter, else the model's default),
-    one more forward pass per image (local engine only)."""
+    `method` (`clipzsl.maps`; None: the adapter's attention with a cross-attention adapter, else the model's
+    default; a Tip adapter has no attention), one more forward pass per image (local engine only)."""
 
     labels: LabelsArg
     model: Backend | str = DEFAULT_MODEL
@@ -231,8 +232,11 @@ class Classification:
         it is unknown or does not apply (`maps.method_named`)."""
         if not self.explain:
             return None
-        if self.adapter is not None and self.method in (None, "adapter"):
+        if draws_attention(self.adapter) and self.method in (None, "adapter"):
             return "adapter"
+        if self.adapter is not None and self.method == "adapter":
+            raise InputError(f"{self.adapter} is a Tip adapter, which has no attention to draw; pick another --method "
+                             "(the default is the model's)")
         return method_named(model, self.method)[0]
 
     def load_model(self) -> Backend:

@@ -60,6 +60,7 @@ from .maps import HeatMap, methods_for, peak_box
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
                       available, content_lines, load_labels, load_templates, normalise_text, parse_label_list,
                       query_text)
+from .tip_adapter import draws_attention
 
 MB = 1 << 20
 #: the hosts that only this machine reaches (any other is warned about: `run_service`)
@@ -355,7 +356,8 @@ class Service:
     def __init__(self, model: Backend, indexes: dict[str, str | os.PathLike], label_sets: dict[str, list[ClassEntry]],
                  templates: Sequence[str], adapter, cache, limits: Limits):
         self.model = model
-        self.batcher = Batcher(model, limits, adapter is not None)
+        self.attends = draws_attention(adapter)  # a cross-attention adapter: it needs tokens and draws maps
+        self.batcher = Batcher(model, limits, self.attends)
         # an index's SQLite table may only be used by the thread that opened it: the model's thread
         self.collections = self.batcher.worker.submit(
             lambda: {name: Collection(name, ImageIndex(path, model)) for name, path in indexes.items()}).result()
@@ -474,9 +476,10 @@ class Service:
             collection.index.close()
 
     def map_method(self, method: str | None) -> str | None:
-        """A heat-map method a request may name (`maps.methods_for` the model, and "adapter" with one loaded;
-        None: the default, the adapter's attention or the model's default); otherwise 422 naming the choices."""
-        choices = methods_for(self.model) + (["adapter"] if self.adapter is not None else [])
+        """A heat-map method a request may name (`maps.methods_for` the model, and "adapter" with a
+        cross-attention adapter loaded (a Tip adapter has no attention); None: the default, the adapter's attention
+        or the model's default); otherwise 422 naming the choices."""
+        choices = methods_for(self.model) + (["adapter"] if self.attends else [])
         if not choices:
             raise ServiceError(422, f"no heat-map method draws maps for {self.model.spec}")
         if method and method not in choices:
@@ -640,7 +643,7 @@ def create_app(
         """The model, what is loaded, and the sizes of recent batches."""
         recent = service.batcher.batches[-100:]
         return {"status": "ok", "model": model.spec, "adapter": adapter is not None,
-                "map_methods": (["adapter"] if adapter is not None else []) + methods_for(model),
+                "map_methods": (["adapter"] if service.attends else []) + methods_for(model),
                 "indexes": {name: c.size for name, c in service.collections.items()},
                 "label_sets": sorted(service.label_sets), "shipped_label_sets": service.shipped_labels,
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_labels": limits.max_labels,

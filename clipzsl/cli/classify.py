@@ -64,7 +64,8 @@ def register(commands: Any) -> None:
                                "right,bottom,peak_score; json/jsonl: box, peak_score; parquet: boxes, peak_scores; "
                                "table: @box). Costs one more forward pass per image; local engine only")
     classify.add_argument("--method", help="heat-map method of --explain (default: the adapter's attention with "
-                                           "--adapter, else the model's default; see clipzsl.maps.METHODS)")
+                                           "a cross-attention --adapter, else the model's default; see "
+                                           "clipzsl.maps.METHODS)")
     add_engine_arguments(classify)
     add_run_options(classify)
     classify.set_defaults(outputs=(("paths",), ("output",), False), run=cmd_classify)

@@ -4,27 +4,74 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .. import evaluation as ev
 from ..backends import load_model
+from ..calibration import describe_calibration, fit_gamma
 from ..errors import InputError
 from ..linear_probe import format_linear_probe
 from ..prompts import DEFAULT_TEMPLATES
+from ..tip_training import build_tip_from_folder, describe_tip
 from ..training import ClassFolders, adapter_grid, describe_training, train_adapter_from_folder, training_set
-from .options import add_run_options, output_file, positive_int, run_options
+from .options import adapter_directory, add_run_options, output_file, positive_int, run_options
+
+EPOCHS = 15
+METHODS = "zero-shot,linear probe,CLIP-Adapter,Tip-Adapter-F,ours"
+SEEDS = 3
+
+
+def refuse(given: dict[str, bool], why: str) -> None:
+    """An InputError naming the options given (`given`: option -> whether it was given) that do not apply."""
+    named = [option for option, value in given.items() if value]
+    if named:
+        raise InputError(f"{', '.join(named)} {'does' if len(named) == 1 else 'do'} not apply {why}")
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
-    """`training.train_adapter_from_folder`; exit 1 when the adapter saved is untrained (it warned)."""
+    """`training.train_adapter_from_folder` (`--kind tip|tip-f`: `cmd_build_tip`); exit 1 when the adapter saved
+    is untrained (it warned)."""
+    if args.kind != "cross-attention":
+        return cmd_build_tip(args)
     data = training_set(args.data, args.seen)  # checked before the model loads
     model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
-    _, info = train_adapter_from_folder(data, model, args.out, templates=args.templates, epochs=args.epochs,
+    _, info = train_adapter_from_folder(data, model, args.out, templates=args.templates, epochs=args.epochs or EPOCHS,
                                         grid=adapter_grid(args.lr, args.consistency), seed=args.seed,
                                         cache_dir=args.cache_dir)
     print(describe_training(args.out, info))
     return 1 if info["untrained"] else 0
+
+
+def cmd_build_tip(args: argparse.Namespace) -> int:
+    """`train-adapter --kind tip|tip-f`: `tip_training.build_tip_from_folder`."""
+    refuse({"--epochs": args.epochs is not None, "--lr": args.lr is not None,
+            "--consistency": args.consistency is not None},
+           f"to --kind {args.kind}: its alpha and beta are searched on held-out images of DATA (Tip-Adapter-F's "
+           "training is the official one): drop the option or use --kind cross-attention")
+    data = training_set(args.data, args.seen)  # checked before the model loads
+    model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
+    _, info = build_tip_from_folder(data, model, args.out, kind=args.kind, templates=args.templates, seed=args.seed,
+                                    cache_dir=args.cache_dir)
+    print(describe_tip(args.out, info))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """`eval DATA --calibrate DIR`: `calibration.fit_gamma`, gamma stored in the adapter and printed."""
+    refuse({"--test": bool(args.test), "--captions": bool(args.captions), "--protocol": args.protocol != "both",
+            "--methods": args.methods != METHODS, "--seeds": args.seeds != SEEDS,
+            "--templates": args.templates != DEFAULT_TEMPLATES, "--save-classifier": bool(args.save_classifier),
+            "--load-classifier": bool(args.load_classifier)},
+           "to --calibrate: gamma is fitted on a seen-class split of DATA with the adapter's own templates")
+    data = ClassFolders.read(args.data)  # checked before the model loads
+    model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
+    calibration = fit_gamma(args.calibrate, data, model, cache_dir=args.cache_dir)
+    print(describe_calibration(args.calibrate, calibration))
+    if args.output:
+        Path(args.output).write_text(json.dumps(asdict(calibration), indent=2) + "\n", encoding="utf-8")
+    return 0
 
 
 def cmd_eval_record(args: argparse.Namespace) -> int:
@@ -68,6 +115,8 @@ def cmd_eval_probe(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """`evaluation.class_split` and `run_protocols`: the tables, and the results as JSON with --output."""
+    if args.calibrate:
+        return cmd_calibrate(args)
     if args.protocol != "zeroshot" and (args.save_classifier or args.load_classifier):
         raise InputError("--save-classifier and --load-classifier apply to --protocol zeroshot only")
     if args.protocol != "retrieval" and args.captions:
@@ -90,17 +139,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(commands: Any) -> None:
-    train = commands.add_parser("train-adapter", help="train a cross-attention adapter on a class-folder data set",
-                                description="Exit status 1: the adapter was saved but is untrained (no epoch beat "
-                                            "epoch 0 on the validation split, so it scores exactly as zero-shot).")
+    train = commands.add_parser("train-adapter", help="train an adapter (cross-attention, Tip-Adapter or "
+                                                      "Tip-Adapter-F) on a class-folder data set",
+                                description="Exit status 1: the cross-attention adapter was saved but is untrained "
+                                            "(no epoch beat epoch 0 on the validation split, so it scores exactly as "
+                                            "zero-shot).")
     train.add_argument("data", help="folder with one sub-folder of images per class")
     train.add_argument("--out", required=True, help="directory for adapter.safetensors + adapter.json")
+    train.add_argument("--kind", choices=("cross-attention", "tip", "tip-f"), default="cross-attention",
+                       help="cross-attention: trained over the spatial tokens (draws heat maps); tip: Tip-Adapter's "
+                            "training-free cache of DATA's images, alpha and beta searched on held-out ones (seconds); "
+                            "tip-f: Tip-Adapter-F, its keys trained")
     train.add_argument("--seen", help="file listing the classes to train on (one per line); default all")
     train.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     train.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file")
-    train.add_argument("--epochs", type=positive_int, default=15, help="most training epochs (stops early)")
-    train.add_argument("--lr", type=float, help="learning rate (default: chosen on the seen validation split)")
-    train.add_argument("--consistency", type=float, help="KL-to-zero-shot weight (default: chosen on validation)")
+    train.add_argument("--epochs", type=positive_int,
+                       help=f"cross-attention: most training epochs (stops early; default {EPOCHS})")
+    train.add_argument("--lr", type=float,
+                       help="cross-attention: learning rate (default: chosen on the seen validation split)")
+    train.add_argument("--consistency", type=float,
+                       help="cross-attention: KL-to-zero-shot weight (default: chosen on validation)")
     train.add_argument("--seed", type=int, default=0, help="random seed (splits, initialisation)")
     train.add_argument("--cache-dir", help="feature cache (default $CLIPZSL_CACHE_DIR or ~/.cache/clipzsl)")
     add_run_options(train)
@@ -119,9 +177,13 @@ def register(commands: Any) -> None:
                                              "relative to DATA (default: a .txt beside each image)")
     evaluate.add_argument("--shots", type=shots, nargs="+", metavar="K",
                           help="linear-probe: images per class (1 2 4 8 16 ...) and/or `full` (default: full)")
-    evaluate.add_argument("--methods", default="zero-shot,linear probe,CLIP-Adapter,Tip-Adapter-F,ours",
-                          help="comma-separated methods to compare")
-    evaluate.add_argument("--seeds", type=positive_int, default=3, help="runs per method, seeds 0, 1, ...")
+    evaluate.add_argument("--methods", default=METHODS, help="comma-separated methods to compare")
+    evaluate.add_argument("--seeds", type=positive_int, default=SEEDS, help="runs per method, seeds 0, 1, ...")
+    evaluate.add_argument("--calibrate", metavar="ADAPTER_DIR", type=adapter_directory,
+                          help="instead of the protocols: fit calibrated stacking's gamma for this saved adapter "
+                               "(either kind) on DATA's images of its classes, store it in its adapter.json "
+                               "(classify and serve subtract it from the seen labels when a label set mixes seen "
+                               "and unseen ones) and print it; --output: the calibration as JSON")
     evaluate.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     evaluate.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file")
     evaluate.add_argument("--output", type=output_file, help="also write the results as JSON here")

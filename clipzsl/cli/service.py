@@ -37,7 +37,8 @@ def register(commands: Any) -> None:
     serve.add_argument("--templates", default=DEFAULT_TEMPLATES, help="template set name or .txt file, for requests that send none")
     serve.add_argument("--adapter", type=adapter_directory,
                        help="saved adapter directory: /classify scores through it and /explain draws its attention "
-                            "by default (without one, /explain draws the model's default heat-map method)")
+                            "by default (without one, or with a Tip adapter, which has none, /explain draws the "
+                            "model's default heat-map method)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (another exposes the service)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (413 above it)")
