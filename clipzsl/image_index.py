@@ -25,6 +25,7 @@ from .backends import Backend, load_model
 from .errors import InputError, MissingExtra
 from .images import EmbeddedImages, ImageLoadError, check_output, embed_images, expand_sources
 from .prompts import query_text
+from .records import RecordError, dumps, parse, rule
 from .saved_index import SavedIndex, describe_tuning, save_streamed
 from .store import EmbeddingStore, StoreError
 from .text_encoding import vocabulary_queries
@@ -95,6 +96,19 @@ class IndexInfo:
         if recall is not None:
             return f"{recall:.3f} against exact search on {queries} {what}, measured now"
         return "n/a (empty)" if not self.images else "not measured (the model's text tower is not at hand)"
+
+
+#: the prefix in the store's state table of the images hidden from search (`ImageIndex.hide`)
+HIDDEN_STATE = "hidden_"
+
+
+@dataclass(frozen=True)
+class HiddenImages:
+    """The schema of what `ImageIndex.hide` keeps out of search results (a JSON record in the store's
+    state table, read through `clipzsl.records`): the images' paths, and why."""
+
+    paths: list[str] = field(metadata=rule(lambda v: len(set(v)) == len(v) > 0, "a list of paths without repeats"))
+    reason: str
 
 
 #: what the text-like queries are, as `index info` names them (`text_encoding.vocabulary_queries`)
@@ -174,6 +188,7 @@ class ImageIndex:
             precision=self.model.precision,
         )
         self.saved_index = SavedIndex(self.store, self.text_queries)
+        self._hidden: tuple[object, frozenset[str]] = (None, frozenset())  # (the record as stored, its paths)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -300,10 +315,10 @@ class ImageIndex:
 
     def search(self, query: Query, top_k: int = 10) -> list[tuple[str, float]]:
         """The `top_k` (path, cosine similarity) pairs, best first, for a text query, an image
-        file (as a `pathlib.Path`) or a query embedding."""
+        file (as a `pathlib.Path`) or a query embedding; the `hidden` images are left out."""
         if not self.store:
             return []
-        return self.saved_index.search(self.query_vector(query), top_k)[0]
+        return self.saved_index.search(self.query_vector(query), top_k, self.hidden())[0]
 
     def search_many(self, queries: Sequence[Query] | np.ndarray | torch.Tensor,
                     top_k: int = 10) -> list[list[tuple[str, float]]]:
@@ -311,7 +326,40 @@ class ImageIndex:
         (`query_vectors`) and searched as one batch (a FAISS matrix product, not one scan each)."""
         if not self.store:
             return [[] for _ in range(len(queries))]
-        return self.saved_index.search(self.query_vectors(queries), top_k)
+        return self.saved_index.search(self.query_vectors(queries), top_k, self.hidden())
+
+    def hide(self, paths: Sequence[str], reason: str = "") -> None:
+        """Keep the images `paths` out of every search from now on, in place of those hidden before (none:
+        every image is found again), noting `reason`; written in one transaction of the index's table."""
+        record = HiddenImages(sorted(set(paths)), reason)
+        with self.store.writing():
+            self.store.set_state(HIDDEN_STATE, {"record": dumps(record).decode()} if record.paths else {})
+
+    def hidden(self) -> frozenset[str]:
+        """The images `hide` keeps out of search results; a damaged record is a StoreError that says how to
+        write it again."""
+        value = self.store.state(HIDDEN_STATE).get("record")
+        if value is None:
+            return frozenset()
+        if value != self._hidden[0]:
+            self._hidden = (value, frozenset(self._hidden_record(value).paths))
+        return self._hidden[1]
+
+    def _hidden_record(self, value: object) -> HiddenImages:
+        where = f"{self.store.directory / 'table.sqlite'} (hidden images)"
+        try:
+            return parse(HiddenImages, json.loads(value) if isinstance(value, str) else value, where)
+        except (ValueError, RecordError) as err:
+            raise StoreError(f"{where}: damaged ({err}); run `clipzsl index dedup {self.directory} --show` to "
+                             "show every image again (or --hide to hide the duplicates afresh)") from err
+
+    def vectors(self) -> tuple[list[str], np.ndarray]:
+        """Every indexed image's path and vector [N, D], in index order, read as one consistent state."""
+        def read() -> tuple[list[str], np.ndarray]:
+            rows = np.sort(self.store.live_rows())
+            keys = self.store.row_keys(rows)
+            return [keys[int(r)] for r in rows], self.store.read_rows(rows)
+        return self.store.consistent(read)
 
     def text_queries(self, count: int, part: int = 0) -> np.ndarray | None:
         """`count` text-like queries from the model's text tower (`vocabulary_queries`: part 0 tunes the
