@@ -33,8 +33,8 @@ from .maps import method_named, peak_box
 from .predictions import (ClassifySettings, Explained, Peak, Predictions, PredictionWriter, Row, check_resumable,
                           check_settings, classified_images, saved_settings)
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_labels, load_templates
-from .shards import (ImageSourceItem, ShardReport, ShardWriter, image_sources, load_sources,
-                     resume_state, run_identity)
+from .shards import ShardReport, ShardWriter, image_sources, resume_state, run_identity
+from .tars import ImageSourceItem, load_sources
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,11 @@ class Mapper:
         return [[Peak(*peak_box(heat_map, column[label])) for label, _ in preds]
                 for heat_map, preds in zip(maps, predictions)]
 
-    def ray(self, names: list[str], engine: Engine) -> Iterator[Batch]:
+    def ray(self, items: Sequence[tuple[str, ImageSourceItem]], engine: Engine) -> Iterator[Batch]:
         """Every image, on Ray Data, as the cluster delivers them."""
         batch_size = engine.batch_size or self.model.batch_size
         with distributed.ray_runtime(engine.address):
-            ds = distributed.paths_dataset(names)
+            ds = distributed.sources_dataset(items)
             if self.classifier is not None:
                 ds = distributed.classifier_dataset(ds, self.classifier, self.top_k, batch_size, engine.actors,
                                                     engine.gpus_per_actor, self.cache)
@@ -158,7 +158,7 @@ def _ray_batch(rows: dict[str, np.ndarray]) -> Batch:
 def run(items: Sequence[tuple[str, ImageSourceItem]], mapper: Mapper, engine: Engine) -> Iterator[Batch]:
     """The mapper's batches over `items`, on `engine`, in order, with a progress bar."""
     if engine.kind == "ray":
-        batches = mapper.ray(distributed.file_paths(items), engine)
+        batches = mapper.ray(items, engine)
     else:
         chunk = (engine.batch_size or mapper.model.batch_size) * CHUNK_BATCHES
         batches = (mapper.local(items[start : start + chunk], engine) for start in range(0, len(items), chunk))
@@ -179,7 +179,7 @@ def embed_to_shards(sources: Sequence[str | os.PathLike], out: str | os.PathLike
     `on_shard` sees the report after each shard written."""
     check_output(out, [str(s) for s in sources])
     items = list(image_sources(sources))
-    if engine.kind == "ray" and not distributed.file_paths(items):  # a .tar refused before anything is written
+    if engine.kind == "ray" and not items:
         raise InputError(f"no images in {', '.join(map(str, sources))}; check the paths")
     state = resume_state(out, run_identity(model, [name for name, _ in items], shard_size), resume)
     seen = state.seen()

@@ -10,30 +10,28 @@ embeds images into it on either engine); `index_from_shards` turns such shards,
 whoever wrote them, into a searchable `ImageIndex`. Inputs beyond folders and files: a
 `.txt` file listing image paths (one a line, relative to the list) and webdataset `.tar`
 shards (what img2dataset writes), whose images are named `SHARD.tar/MEMBER` (listed first, read
-when their turn comes: `load_sources`).
+when their turn comes: `clipzsl.tars`).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from .backends import Backend, load_model
 from .errors import InputError
 from .image_index import ImageIndex
-from .images import IMAGE_SUFFIXES, ImageLoadError, each_image_once, expand_sources, load_image
+from .images import ImageLoadError, each_image_once, expand_sources
 from .prompts import content_lines
 from .records import RecordError, dumps, load, rule
 from .saved_index import factory_within, parse_size
 from .store import MARKER, atomic_write, claim
+from .tars import ImageSourceItem, tar_members
 
 #: the file in a shard folder that says which embed run wrote its shards and how far it got
 MANIFEST = "clipzsl-run.json"
@@ -50,18 +48,6 @@ class ShardReport:
     shards: list[str] = field(default_factory=list)
     failures: list[ImageLoadError] = field(default_factory=list)
     complete_before: bool = False  # the run was already complete: nothing was done
-
-
-@dataclass(frozen=True)
-class TarMember:
-    """An image inside a webdataset .tar shard, listed but not yet read (its header says where it is)."""
-
-    tar: Path
-    info: tarfile.TarInfo
-
-
-#: what `image_sources` names an image by: a file path, a .tar member, or why it cannot be read
-ImageSourceItem = Union[str, TarMember, ImageLoadError]
 
 
 def image_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, ImageSourceItem]]:
@@ -81,41 +67,9 @@ def _named_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, Im
                 target = str((path.parent / line) if not os.path.isabs(line) else Path(line))
                 yield target, target
         elif path.suffix == ".tar":
-            yield from _tar_members(path)
+            yield from tar_members(path)
         else:
             yield str(path), str(path)
-
-
-def _tar_members(path: Path) -> Iterator[tuple[str, TarMember]]:
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                    yield f"{path}/{member.name}", TarMember(path, member)
-    except tarfile.TarError as err:
-        raise InputError(f"{path}: not a readable webdataset .tar shard ({err})") from err
-
-
-def load_sources(items: Sequence[tuple[str, ImageSourceItem]]) -> list[str | Image.Image | ImageLoadError]:
-    """Each item's image as `embed_images` takes it: a path stays a path, a .tar member is decoded (each
-    .tar opened once), an unreadable one is its `ImageLoadError`."""
-    tars: dict[Path, tarfile.TarFile] = {}
-    try:
-        return [_member_image(name, source, tars) if isinstance(source, TarMember) else source
-                for name, source in items]
-    finally:
-        for tar in tars.values():
-            tar.close()
-
-
-def _member_image(name: str, member: TarMember, tars: dict[Path, tarfile.TarFile]) -> Image.Image | ImageLoadError:
-    try:
-        tar = tars.get(member.tar) or tars.setdefault(member.tar, tarfile.open(member.tar))
-        data = tar.extractfile(member.info)
-        with Image.open(io.BytesIO(data.read() if data is not None else b"")) as image:
-            return load_image(image)
-    except (OSError, SyntaxError, ValueError, tarfile.TarError) as err:
-        return ImageLoadError(name, f"corrupt or truncated image ({err})")
 
 
 def _write_shard(out: Path, number: int, vectors: np.ndarray, names: list[str]) -> str:
