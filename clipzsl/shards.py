@@ -3,6 +3,9 @@
     DIR/img_emb/img_emb_{i}.npy          float16 [n_i, D], L2-normalised rows
     DIR/metadata/metadata_{i}.parquet    columns `image_path` (as given) and `resolved_path` (absolute,
                                          symlinks resolved), row j describing row j of img_emb_{i}
+    DIR/text_emb/text_emb_{i}.npy        of a captioned collection (`ShardCaptions`): float16 [n_i, D], row j the
+                                         L2-normalised text embedding of row j's image's caption, which
+                                         the metadata's `caption` column holds (clip-retrieval's --enable_text)
     DIR/.clipzsl.json                    the ownership marker (`clipzsl.store.claim`), kind "shards"
 
 `ShardWriter` writes that layout (with a run manifest, so a run resumes; `clipzsl.pipeline.embed_to_shards`
@@ -24,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .backends import Backend, load_model
+from .captions import CaptionedImages
 from .errors import InputError
 from .image_index import ImageIndex
 from .images import ImageLoadError, each_image_once, expand_sources
@@ -32,6 +36,7 @@ from .records import RecordError, dumps, load, rule
 from .saved_index import factory_within, parse_size
 from .store import MARKER, atomic_write, claim
 from .tars import ImageSourceItem, tar_members
+from .text_encoding import encode_prompts
 
 #: the file in a shard folder that says which embed run wrote its shards and how far it got
 MANIFEST = "clipzsl-run.json"
@@ -72,22 +77,56 @@ def _named_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, Im
             yield str(path), str(path)
 
 
-def _write_shard(out: Path, number: int, vectors: np.ndarray, names: list[str]) -> str:
+@dataclass(frozen=True)
+class ShardCaptions:
+    """The captions of the images an embed run writes, as clip-retrieval's inference writes them with
+    --enable_text: each shard gets text_emb/text_emb_N.npy (float16 [n, D], row j `model`'s L2-normalised
+    embedding of row j's caption) and a `caption` column in its metadata. A row is one image and one text,
+    as clip-retrieval's are: an image with several captions is written with its first."""
+
+    model: Backend
+    by_path: dict[str, str]  # resolved image path -> its caption
+
+    @classmethod
+    def of(cls, collection: CaptionedImages, model: Backend) -> "ShardCaptions":
+        """The first caption of each image of `collection` (`CaptionedImages.read`), encoded by `model`."""
+        return cls(model, {os.path.realpath(p): c[0] for p, c in zip(collection.paths, collection.captions)})
+
+    def texts(self, names: Sequence[str]) -> list[str]:
+        """The caption of each image of `names` (as written in the shards); one without is an InputError."""
+        missing = [name for name in names if os.path.realpath(name) not in self.by_path]
+        if missing:
+            raise InputError(f"{missing[0]}: no caption ({len(missing)} such images); give every image a caption, or "
+                             "leave out --captions")
+        return [self.by_path[os.path.realpath(name)] for name in names]
+
+    def digest(self) -> str:
+        """What identifies the captions in a run's identity (`run_identity`)."""
+        return hashlib.sha256("\n".join(f"{p}\t{c}" for p, c in sorted(self.by_path.items())).encode()).hexdigest()
+
+
+def _write_shard(out: Path, number: int, vectors: np.ndarray, names: list[str],
+                 captions: ShardCaptions | None = None) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    columns = {"image_path": pa.array(names, pa.string()),
+               "resolved_path": pa.array([os.path.realpath(n) for n in names], pa.string())}
+    if captions is not None:
+        texts = captions.texts(names)
+        text_vectors = encode_prompts(captions.model, texts).numpy().astype(np.float16)
+        atomic_write(out / "text_emb" / f"text_emb_{number}.npy", lambda f: np.save(f, text_vectors, allow_pickle=False))
+        columns["caption"] = pa.array(texts, pa.string())
     emb = out / "img_emb" / f"img_emb_{number}.npy"
     atomic_write(emb, lambda f: np.save(f, vectors.astype(np.float16), allow_pickle=False))
-    table = pa.table({"image_path": pa.array(names, pa.string()),
-                      "resolved_path": pa.array([os.path.realpath(n) for n in names], pa.string())})
-    atomic_write(out / "metadata" / f"metadata_{number}.parquet", lambda f: pq.write_table(table, f))
+    atomic_write(out / "metadata" / f"metadata_{number}.parquet", lambda f: pq.write_table(pa.table(columns), f))
     return str(emb)
 
 
 def is_shard_folder(directory: Path) -> bool:
     """Whether a folder is recognisably one an older clipzsl wrote shards into (no marker yet):
-    nothing but img_emb/img_emb_*.npy, metadata/metadata_*.parquet and a run manifest."""
-    layout = {"img_emb": "img_emb_*.npy", "metadata": "metadata_*.parquet"}
+    nothing but img_emb/img_emb_*.npy, text_emb/text_emb_*.npy, metadata/metadata_*.parquet and a run manifest."""
+    layout = {"img_emb": "img_emb_*.npy", "text_emb": "text_emb_*.npy", "metadata": "metadata_*.parquet"}
     names = {p.name for p in directory.iterdir()}
     return bool(names & set(layout)) and names <= {*layout, MANIFEST, MARKER, UNFINISHED} and all(
         p.match(pattern) or p.name.endswith(".tmp")
@@ -96,7 +135,8 @@ def is_shard_folder(directory: Path) -> bool:
 
 def has_shards(directory: Path) -> bool:
     """Whether a folder already holds shard files (of some run)."""
-    return any((directory / "img_emb").glob("*.npy")) or any((directory / "metadata").glob("*.parquet"))
+    return any(any((directory / sub).glob(pattern))
+               for sub, pattern in (("img_emb", "*.npy"), ("text_emb", "*.npy"), ("metadata", "*.parquet")))
 
 
 def claim_shard_folder(out: str | os.PathLike) -> Path:
@@ -145,11 +185,12 @@ class Manifest:
     record_sha256: str
 
 
-def run_identity(model: Backend, paths: Sequence[str], shard_size: int) -> dict:
-    """What makes two runs the same run: the model's weights, the image list and the shard size."""
+def run_identity(model: Backend, paths: Sequence[str], shard_size: int, captions: ShardCaptions | None = None) -> dict:
+    """What makes two runs the same run: the model's weights, the image list, the shard size and the captions."""
     digest = hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
-    return {"model": model.spec, "fingerprint": model.fingerprint, "images": len(paths), "paths_sha256": digest,
-            "shard_size": shard_size}
+    identity = {"model": model.spec, "fingerprint": model.fingerprint, "images": len(paths), "paths_sha256": digest,
+                "shard_size": shard_size}
+    return identity if captions is None else {**identity, "captions_sha256": captions.digest()}
 
 
 def resume_state(out: str | os.PathLike, identity: dict, resume: bool = True) -> RunState:
@@ -198,9 +239,9 @@ class ShardWriter:
     `on_shard` sees the report after each shard. A folder clipzsl did not make is refused."""
 
     def __init__(self, out: str | os.PathLike, state: RunState, shard_size: int = 100_000,
-                 on_shard: Callable[[ShardReport], None] | None = None):
+                 on_shard: Callable[[ShardReport], None] | None = None, captions: ShardCaptions | None = None):
         self.out = claim_shard_folder(out)
-        self.state, self.shard_size, self.on_shard = state, shard_size, on_shard
+        self.state, self.shard_size, self.on_shard, self.captions = state, shard_size, on_shard, captions
         self.report = state.report()
         self.vectors: list[np.ndarray] = []
         self.names: list[str] = []
@@ -231,7 +272,7 @@ class ShardWriter:
         stacked = np.concatenate(self.vectors)
         report = self.report
         report.shards.append(_write_shard(self.out, len(report.shards), stacked[: self.shard_size],
-                                          self.names[: self.shard_size]))
+                                          self.names[: self.shard_size], self.captions))
         report.rows += len(stacked[: self.shard_size])
         rest = stacked[self.shard_size :]
         del self.names[: self.shard_size]

@@ -12,17 +12,11 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-import clipzsl
 from clipzsl.dedup import (DuplicateGroup, check_threshold, connected_groups, deduplicate, find_duplicates,
                            format_groups, similar_pairs)
 from clipzsl.errors import InputError
 from clipzsl.image_index import ImageIndex
 from clipzsl.store import StoreError
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_clip):
-    return clipzsl.load_model(f"hf:{tiny_clip}")
 
 
 def unit(rows):

@@ -19,11 +19,6 @@ PHOTOS = Path(np.__file__).parents[1] / "skimage" / "data"
 NAMES = ["astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "rocket.jpg"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_clip):
-    return clipzsl.load_model(f"hf:{tiny_clip}")
-
-
 @pytest.fixture
 def photos(tmp_path):
     """(a folder of real photos, a webdataset shard in it of the same files, a caption and a corrupt member)."""
