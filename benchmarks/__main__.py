@@ -40,6 +40,7 @@ BENCHMARKS = {
     "localisation": "Heat maps against ground truth: pointing, label sensitivity, bias checks; the zoom",
     "adapter": "Cross-attention adapter vs zero-shot, linear probe, CLIP-Adapter and Tip-Adapter-F",
     "retrieval": "Zero-shot retrieval (CLIP_benchmark's recall@k) on Tux Paint stamps and emoji with their captions",
+    "dedup": "Near-duplicate detection: precision and recall on planted copies of real images, cost at 10^5",
     "store": "Label store and label search at scale",
     "store_scale": "The embedding store at scale: append, open, label cache, from-shards, index images",
     "compressed": "An index under a memory budget (--max-memory), built in one pass over shards",
