@@ -26,7 +26,7 @@ from .errors import InputError, MissingExtra
 from .images import EmbeddedImages, ImageLoadError, check_output, embed_images, expand_sources
 from .prompts import query_text
 from .records import RecordError, dumps, parse, rule
-from .saved_index import SavedIndex, describe_tuning, save_streamed
+from .saved_index import SavedIndex, describe_tuning, factory_within, parse_size, save_streamed
 from .store import EmbeddingStore, StoreError
 from .tars import TarMember, embed_named, is_tar, tar_members
 from .text_encoding import vocabulary_queries
@@ -235,6 +235,7 @@ class ImageIndex:
         factory: str = "auto",
         workers: int | None = None,
         prune: bool = False,
+        max_memory: int | str | None = None,
     ) -> UpdateReport:
         """Embed new and changed images under `folders`; forget indexed files that are gone.
         `factory`: FAISS factory string of the saved index ("auto": the saved one, else by size),
@@ -244,10 +245,14 @@ class ImageIndex:
         holds indexed images but now yields none (missing, unreadable, empty: an unmounted drive, a
         permission change) refuses the update with nothing changed, and an indexed file is forgotten
         only once it is confirmed gone (a file in a folder that cannot be read is kept). With it,
-        every indexed file under `folders` that was not found now is forgotten."""
+        every indexed file under `folders` that was not found now is forgotten.
+        `max_memory` (bytes, or a size such as "2G") bounds the saved index's size in RAM, as in
+        `index_from_shards`: the factory is chosen to fit the collection's size after the update."""
         plan = self._plan(folders, prune)
-        self.saved_index.check_factory(factory, len(plan.stored) - len(plan.gone)
-                                       + sum(f not in plan.stored for f in plan.todo))
+        count = len(plan.stored) - len(plan.gone) + sum(f not in plan.stored for f in plan.todo)
+        if max_memory is not None:  # a bad budget, or none that fits: refused before anything is embedded
+            factory = factory_within(count, self.model.embed_dim, parse_size(max_memory), factory)
+        self.saved_index.check_factory(factory, count)
         self.store.claim()  # a folder clipzsl did not make is refused before the first write
         self.store.note("roots", sorted(set(self.roots) | set(plan.roots)))  # what each image is served from
         self.store.remove(plan.gone)

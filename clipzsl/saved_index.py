@@ -188,7 +188,9 @@ def describe_tuning(state: dict) -> str:
     parts = [f"{kind} queries ({f'{r.queries}, ' if r.queries else ''}recall@10 {r.value:.3f})"
              for kind, r in tuned.items()]
     missing = "".join(f"; {kind} queries: not measured" for kind in QUERY_KINDS if kind not in tuned)
-    rerank = f", {state['rerank']} candidates re-ranked with the exact rows," if state.get("rerank") else ""
+    pool, rows = int(state.get("rerank") or 0), int(state.get("rows") or 0) - int(state.get("base") or 0)
+    rerank = "" if not pool else (f", every row ({rows}) re-ranked with the exact rows (an exact scan)," if pool >= rows
+                                  else f", {pool} candidates re-ranked with the exact rows,")
     return f"search parameter {state.get('param', 0)}{rerank} tuned on " + " and ".join(parts) + missing
 
 

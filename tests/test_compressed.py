@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 import clipzsl
 from clipzsl import shards as shards_module
@@ -149,3 +150,21 @@ def test_bad_max_memory_is_refused_by_the_command_with_exit_2(shard_dir, tiny_cl
                  "--max-memory", "0.7M"])
     assert code == 0 and f"{ROWS} images" in capsys.readouterr().out
     assert (tmp_path / "idx" / "index.faiss").stat().st_size <= 0.7 * 2**20
+
+
+def test_index_images_fits_max_memory_and_refuses_a_budget_nothing_fits(tiny_clip, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(200):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    args = ["index", "images", str(tmp_path / "imgs"), "--model", f"hf:{tiny_clip}", "--out"]
+    assert main([*args, str(tmp_path / "none"), "--max-memory", "100"]) == 2
+    assert "fits a memory budget of 100 bytes" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()  # refused before anything was embedded or written
+    flat = resident_bytes("Flat", 200, 32)
+    assert main([*args, str(tmp_path / "idx"), "--max-memory", str(flat - 1)]) == 0
+    index = ImageIndex(tmp_path / "idx")
+    factory = index.saved_index.state()["factory"]
+    assert "x4fs" in factory and resident_bytes(factory, 200, 32) < flat  # the exact index did not fit
+    hits = index.search(tmp_path / "imgs" / "7.png", top_k=1)
+    assert hits[0][0].endswith("7.png")  # re-ranked with the exact rows: an image finds itself

@@ -68,6 +68,8 @@ def test_a_saved_compressed_index_searches_with_the_re_rank_it_was_tuned_with(st
     state = saved.save(CODES)
     assert state["rerank"] in RERANK_CANDIDATES and state["param"] == 0
     assert f"{state['rerank']} candidates re-ranked with the exact rows" in describe_tuning(state)  # index info says it
+    small = {**state, "rows": state["base"] + state["rerank"]}  # a pool as large as the index: an exact scan
+    assert f"every row ({state['rerank']}) re-ranked with the exact rows (an exact scan)" in describe_tuning(small)
     assert min(state["text_recall"], state["image_recall"]) >= TARGET_RECALL
     queries = synthetic_text(100, 1)  # new text queries: the recall holds, and the scores are the exact ones
     assert recall_on(store, queries, SavedIndex(store, synthetic_text)) >= TARGET_RECALL - 0.03
