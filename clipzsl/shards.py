@@ -92,6 +92,16 @@ class ShardCaptions:
         """The first caption of each image of `collection` (`CaptionedImages.read`), encoded by `model`."""
         return cls(model, {os.path.realpath(p): c[0] for p, c in zip(collection.paths, collection.captions)})
 
+    @classmethod
+    def read(cls, paths: Sequence[str | os.PathLike], captions: str | os.PathLike | None,
+             model: Backend) -> "ShardCaptions":
+        """`of` the collection of the one folder `paths` names, with `captions` (a .csv or .jsonl file) or a
+        .txt beside each image (`CaptionedImages.read`)."""
+        if len(paths) != 1:
+            raise InputError(f"captions go with one folder (the one their image paths are relative to), not "
+                             f"{len(paths)} inputs; embed each captioned folder into its own --out")
+        return cls.of(CaptionedImages.read(paths[0], captions), model)
+
     def texts(self, names: Sequence[str]) -> list[str]:
         """The caption of each image of `names` (as written in the shards); one without is an InputError."""
         missing = [name for name in names if os.path.realpath(name) not in self.by_path]

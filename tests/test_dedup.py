@@ -150,3 +150,30 @@ def test_format_groups_text_json_csv():
     assert format_groups(groups) == "group 1\n  kept  /a.png\n  0.9750  /b.png\ngroup 2\n  kept  /c,d.png\n  0.9500  /e.png\n"
     with pytest.raises(InputError, match="choose one of text, json, csv"):
         format_groups(groups, "xml")
+
+
+def test_index_dedup_command_lists_hides_and_shows(tmp_path, tiny_clip, capsys):
+    from clipzsl.cli import main
+
+    photos = tmp_path / "photos"
+    (photos / "copy").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(photos / f"p{i}.png")
+    shutil.copy(photos / "p1.png", photos / "copy" / "p1.png")
+    idx = str(tmp_path / "idx")
+    assert main(["index", "images", str(photos), "--out", idx, "--model", f"hf:{tiny_clip}"]) == 0
+    capsys.readouterr()
+    assert main(["index", "dedup", idx, "--threshold", "0.999", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    rows = out.splitlines()
+    assert rows[0] == "group,path,similarity,kept" and len(rows) == 3 and {r.split(",")[0] for r in rows[1:]} == {"1"}
+    assert "1 groups of near-duplicates at cosine similarity >= 0.999; --hide keeps" in err
+    assert main(["index", "dedup", idx, "--threshold", "0.999", "--hide"]) == 0
+    assert "1 images hidden from search" in capsys.readouterr().err
+    assert main(["search", idx, "--image", str(photos / "p1.png"), "--top-k", "4", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 4 and sum("p1.png" in line for line in lines) == 1  # 5 images, one hidden
+    assert main(["index", "dedup", idx, "--show"]) == 0 and not ImageIndex(idx).hidden()
+    assert main(["index", "dedup", idx, "--threshold", "1.5"]) == 2
+    assert "above 0 and at most 1" in capsys.readouterr().err

@@ -101,3 +101,16 @@ def test_an_image_without_a_caption_is_refused_before_anything_is_written(tiny, 
     with pytest.raises(InputError, match=r"camera.png: no caption \(1 such images\)"):
         embed_to_shards([folder], tmp_path / "emb", tiny, captions=captions)
     assert not (tmp_path / "emb").exists()
+
+
+def test_embed_command_with_captions_writes_text_emb(tiny_clip, collection, tmp_path, capsys):
+    from clipzsl.cli import main
+
+    folder, captions_file = collection
+    assert main(["embed", str(folder), "--captions", str(captions_file), "--out", str(tmp_path / "emb"),
+                 "--model", f"hf:{tiny_clip}"]) == 0
+    assert "5 embeddings in 1 shard(s) (img_emb/, text_emb/, metadata/)" in capsys.readouterr().out
+    assert np.load(tmp_path / "emb" / "text_emb" / "text_emb_0.npy").shape[0] == 5
+    assert main(["embed", str(folder), str(folder), "--captions", "--out", str(tmp_path / "two"),
+                 "--model", f"hf:{tiny_clip}"]) == 2
+    assert "captions go with one folder" in capsys.readouterr().err

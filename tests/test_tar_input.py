@@ -116,3 +116,10 @@ def test_ray_engine_embeds_a_tar_as_the_local_engine_embeds_the_folder(tiny_clip
     assert sorted(ray) == sorted(f"{shard}/{n:05d}/{name}" for n, name in enumerate(NAMES))
     for path, vector in ray.items():  # float16 casts of the same float32 rows
         np.testing.assert_allclose(vector, local[Path(path).name], atol=np.spacing(np.float16(1)))
+
+
+def test_index_images_command_takes_a_tar(tiny_clip, photos, tmp_path, capsys):
+    _, shard = photos
+    assert main(["index", "images", str(shard), "--out", str(tmp_path / "idx"), "--model", f"hf:{tiny_clip}"]) == 1
+    out, err = capsys.readouterr()
+    assert f"{len(NAMES)} images ({len(NAMES)} added" in out and f"{shard}/broken.jpg" in err
