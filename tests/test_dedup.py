@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -123,21 +122,30 @@ def test_a_damaged_hidden_record_is_refused_by_name_and_unhide_repairs_it(tmp_pa
     assert len(ImageIndex(tmp_path / "idx").search(np.ones(tiny.embed_dim), top_k=3)) == 3
 
 
-def test_the_same_photo_indexed_twice_is_one_group_and_comes_back_once_when_hidden(tmp_path, tiny):
+PHOTOS = Path(np.__file__).parents[1] / "skimage" / "data"
+
+
+def photos_with_a_copy(tmp_path, names, copied):
+    """A folder of scikit-image's photos `names`, and in copy/ a second copy of the photo `copied`."""
     photos = tmp_path / "photos"
     (photos / "copy").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(photos / f"p{i}.png")
-    shutil.copy(photos / "p3.png", photos / "copy" / "p3.png")
+    for name in names:
+        shutil.copy(PHOTOS / name, photos / name)
+    shutil.copy(PHOTOS / copied, photos / "copy" / copied)
+    return photos
+
+
+def test_the_same_photo_indexed_twice_is_one_group_and_comes_back_once_when_hidden(tmp_path, tiny):
+    photos = photos_with_a_copy(tmp_path, ["astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg",
+                                           "hubble_deep_field.jpg"], "chelsea.png")
     index = ImageIndex(tmp_path / "idx", tiny)
     index.update(photos)
-    query = photos / "p3.png"
-    assert sum(Path(p).name == "p3.png" for p, _ in index.search(query, top_k=3)) == 2  # today: twice
+    query = photos / "chelsea.png"
+    assert sum(Path(p).name == "chelsea.png" for p, _ in index.search(query, top_k=3)) == 2  # today: twice
     groups = deduplicate(index, 0.999, hide=True, progress=False)
     assert [sorted(Path(p).parent.name for p in g.paths) for g in groups] == [["copy", "photos"]]
     hits = index.search(query, top_k=3)
-    assert len(hits) == 3 and sum(Path(p).name == "p3.png" for p, _ in hits) == 1
+    assert len(hits) == 3 and sum(Path(p).name == "chelsea.png" for p, _ in hits) == 1
 
 
 def test_format_groups_text_json_csv():
@@ -155,12 +163,7 @@ def test_format_groups_text_json_csv():
 def test_index_dedup_command_lists_hides_and_shows(tmp_path, tiny_clip, capsys):
     from clipzsl.cli import main
 
-    photos = tmp_path / "photos"
-    (photos / "copy").mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(photos / f"p{i}.png")
-    shutil.copy(photos / "p1.png", photos / "copy" / "p1.png")
+    photos = photos_with_a_copy(tmp_path, ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"], "chelsea.png")
     idx = str(tmp_path / "idx")
     assert main(["index", "images", str(photos), "--out", idx, "--model", f"hf:{tiny_clip}"]) == 0
     capsys.readouterr()
@@ -171,9 +174,9 @@ def test_index_dedup_command_lists_hides_and_shows(tmp_path, tiny_clip, capsys):
     assert "1 groups of near-duplicates at cosine similarity >= 0.999; --hide keeps" in err
     assert main(["index", "dedup", idx, "--threshold", "0.999", "--hide"]) == 0
     assert "1 images hidden from search" in capsys.readouterr().err
-    assert main(["search", idx, "--image", str(photos / "p1.png"), "--top-k", "4", "--format", "csv"]) == 0
+    assert main(["search", idx, "--image", str(photos / "chelsea.png"), "--top-k", "4", "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
-    assert len(lines) == 4 and sum("p1.png" in line for line in lines) == 1  # 5 images, one hidden
+    assert len(lines) == 4 and sum("chelsea.png" in line for line in lines) == 1  # 5 images, one hidden
     assert main(["index", "dedup", idx, "--show"]) == 0 and not ImageIndex(idx).hidden()
     assert main(["index", "dedup", idx, "--threshold", "1.5"]) == 2
     assert "above 0 and at most 1" in capsys.readouterr().err
