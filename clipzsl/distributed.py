@@ -36,7 +36,8 @@ from .head import zero_shot_head
 from .images import EmbeddedImages, ImageLoadError, load_image
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
 from .errors import ClipzslError, InputError
-from .shards import ImageSourceItem, TarMember, image_sources
+from .shards import image_sources
+from .tars import ImageSourceItem, TarMember, member_bytes
 
 if TYPE_CHECKING:
     import ray.data
@@ -112,19 +113,23 @@ def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def file_paths(items: Sequence[tuple[str, ImageSourceItem]]) -> list[str]:
-    """The image files of `shards.image_sources` items, which Ray's decoding tasks read. A webdataset
-    .tar member is refused: such shards are read with `ray.data.read_webdataset` in Python instead."""
-    for _, source in items:
-        if isinstance(source, TarMember):
-            raise InputError(f"{source.tar}: webdataset .tar input is not read by --engine ray; pass image folders "
-                             "or a .txt list, or build the dataset with ray.data.read_webdataset and call "
-                             "embed_dataset")
+    """The names of `shards.image_sources` items (image files, and webdataset .tar members as `SHARD.tar/MEMBER`)."""
     return [name for name, _ in items]
 
 
 def paths_dataset(paths: Sequence[str]) -> "ray.data.Dataset":
     """A dataset of `path` rows, one per image file, for `embed_dataset` / `classify_dataset`."""
     return require_ray().data.from_items([{"path": path} for path in paths])
+
+
+def sources_dataset(items: Sequence[tuple[str, ImageSourceItem]]) -> "ray.data.Dataset":
+    """`paths_dataset` of `shards.image_sources` items: a webdataset .tar member's row also names its shard
+    (`tar`) and where its data lies in it (`offset`, `size`), which the decoding task reads (`member_bytes`)."""
+    def row(name: str, source: ImageSourceItem) -> dict:
+        if isinstance(source, TarMember):
+            return {"path": name, "tar": str(source.tar), "offset": source.info.offset_data, "size": source.info.size}
+        return {"path": name, "tar": "", "offset": 0, "size": 0}
+    return require_ray().data.from_items([row(name, source) for name, source in items])
 
 
 def _decoded(row_image: Any, path: str) -> Image.Image:
@@ -145,7 +150,10 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocess: Callable[[Image.Imag
     """The CPU stage: decode and preprocess; a row that fails keeps its place with zero pixels and
     its reason in `error`, so the reason reaches the output."""
     paths = [str(p) for p in batch["path"]]
-    images = batch.get("bytes", batch.get("image", [None] * len(paths)))
+    images: Any = batch.get("bytes", batch.get("image", [None] * len(paths)))
+    if "tar" in batch:  # `sources_dataset`'s rows: a .tar member's data read from its shard
+        images = [member_bytes(tar, offset, size) if tar else None
+                  for tar, offset, size in zip(batch["tar"], batch["offset"].tolist(), batch["size"].tolist())]
     pixels: list[torch.Tensor | None] = []
     errors: list[str] = []
     for path, image in zip(paths, images):

@@ -25,8 +25,10 @@ from .backends import Backend, load_model
 from .errors import InputError, MissingExtra
 from .images import EmbeddedImages, ImageLoadError, check_output, embed_images, expand_sources
 from .prompts import query_text
+from .records import RecordError, dumps, parse, rule
 from .saved_index import SavedIndex, describe_tuning, factory_within, parse_size, save_streamed
 from .store import EmbeddingStore, StoreError
+from .tars import TarMember, embed_named, is_tar, tar_members
 from .text_encoding import vocabulary_queries
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,19 @@ class IndexInfo:
         return "n/a (empty)" if not self.images else "not measured (the model's text tower is not at hand)"
 
 
+#: the prefix in the store's state table of the images hidden from search (`ImageIndex.hide`)
+HIDDEN_STATE = "hidden_"
+
+
+@dataclass(frozen=True)
+class HiddenImages:
+    """The schema of what `ImageIndex.hide` keeps out of search results (a JSON record in the store's
+    state table, read through `clipzsl.records`): the images' paths, and why."""
+
+    paths: list[str] = field(metadata=rule(lambda v: len(set(v)) == len(v) > 0, "a list of paths without repeats"))
+    reason: str
+
+
 #: what the text-like queries are, as `index info` names them (`text_encoding.vocabulary_queries`)
 VOCABULARY = "prompts of the model's vocabulary"
 
@@ -111,6 +126,7 @@ class _Plan:
     todo: list[str]
     stamps: dict[str, str]
     gone: list[str]
+    members: dict[str, TarMember]  # the webdataset .tar members among `files`
 
 
 def file_stamp(path: str) -> str:
@@ -123,8 +139,12 @@ def is_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
 
-def _gone(path: str) -> bool:
-    """Whether an indexed file is confirmed missing (not merely unreadable where it is)."""
+def _gone(path: str, shards: Sequence[str] = ()) -> bool:
+    """Whether an indexed file is confirmed missing (not merely unreadable where it is). A webdataset .tar
+    member is when its shard is: read now (one of `shards`) without it, or itself gone."""
+    shard = _shard_of(path)
+    if shard is not None:
+        return shard in shards
     try:
         os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -132,6 +152,20 @@ def _gone(path: str) -> bool:
     except OSError:
         pass  # permission denied on the way: still there, as far as anyone can tell
     return False
+
+
+def _gone_keys(stored: dict[str, str], present: set[str], roots: Sequence[str], prune: bool) -> list[str]:
+    """The indexed images under `roots` not `present` now that are to be forgotten: every one with `prune`,
+    else those confirmed gone (`_gone`)."""
+    shards = [r for r in roots if is_tar(r)]
+    return [k for k in stored if k not in present and any(is_under(k, r) for r in roots)
+            and (prune or _gone(k, shards))]
+
+
+def _shard_of(path: str) -> str | None:
+    """The webdataset .tar shard a `SHARD.tar/MEMBER` path names an image of, while that file exists."""
+    cut = path.find(".tar" + os.sep)
+    return path[:cut + 4] if cut >= 0 and os.path.isfile(path[:cut + 4]) else None
 
 
 def check_roots(roots: Sequence[str], files: Sequence[str], stored: dict[str, str], prune: bool) -> None:
@@ -174,6 +208,7 @@ class ImageIndex:
             precision=self.model.precision,
         )
         self.saved_index = SavedIndex(self.store, self.text_queries)
+        self._hidden: tuple[object, frozenset[str]] = (None, frozenset())  # (the record as stored, its paths)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -222,8 +257,8 @@ class ImageIndex:
         self.store.note("roots", sorted(set(self.roots) | set(plan.roots)))  # what each image is served from
         self.store.remove(plan.gone)
         report = UpdateReport(removed=len(plan.gone), unchanged=len(plan.files) - len(plan.todo))
-        for result in self._embed(plan.todo, plan.stamps.__getitem__, checkpoint_every, batch_size=batch_size,
-                                  progress=progress, workers=workers):
+        for result in self._embed(plan.todo, plan.stamps.__getitem__, checkpoint_every, plan.members,
+                                  batch_size=batch_size, progress=progress, workers=workers):
             report.failures += result.failures
             report.updated += sum(1 for f in result.sources if f in plan.stored)
             report.added += sum(1 for f in result.sources if f not in plan.stored)
@@ -235,20 +270,22 @@ class ImageIndex:
         given = [os.fspath(p) for p in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
         check_output(self.directory, given)
         roots = [str(Path(p).resolve()) for p in given]
-        files = _files_under(roots)
+        files, members = _files_under(roots)
         stored = self.store.infos()
         check_roots(roots, files, stored, prune)
-        present = set(files)
-        gone = [k for k in stored if k not in present and any(is_under(k, r) for r in roots) and (prune or _gone(k))]
-        stamps = {f: file_stamp(f) for f in files}
+        gone = _gone_keys(stored, set(files), roots, prune)
+        stamps = {f: file_stamp(str(members[f].tar) if f in members else f) for f in files}  # a member: its shard's
         todo = [f for f in files if stored.get(f) != stamps[f]]
-        return _Plan(roots, files, stored, todo, stamps, gone)
+        return _Plan(roots, files, stored, todo, stamps, gone, members)
 
-    def _embed(self, files: list[str], stamp: Callable[[str], str], chunk: int, **options) -> Iterator[EmbeddedImages]:
-        """Embed `files` `chunk` at a time (unreadable ones reported back), each chunk added as it comes,
-        with its files' `stamp`s: an interrupted run loses at most one chunk."""
+    def _embed(self, files: list[str], stamp: Callable[[str], str], chunk: int,
+               members: dict[str, TarMember] | None = None, **options) -> Iterator[EmbeddedImages]:
+        """Embed `files` (webdataset .tar `members` among them) `chunk` at a time (unreadable ones reported
+        back), each chunk added as it comes, with its files' `stamp`s: an interrupted run loses at most one chunk."""
+        members = members or {}
         for start in range(0, len(files), chunk):
-            result = embed_images(self.model, files[start : start + chunk], skip_errors=True, **options)
+            result = embed_named([(f, members.get(f, f)) for f in files[start : start + chunk]],
+                                 lambda images, **kw: embed_images(self.model, images, **kw), **options)
             if result.sources:
                 self.store.add(result.sources, result.embeddings.numpy(), [stamp(f) for f in result.sources])
             yield result
@@ -305,10 +342,10 @@ class ImageIndex:
 
     def search(self, query: Query, top_k: int = 10) -> list[tuple[str, float]]:
         """The `top_k` (path, cosine similarity) pairs, best first, for a text query, an image
-        file (as a `pathlib.Path`) or a query embedding."""
+        file (as a `pathlib.Path`) or a query embedding; the `hidden` images are left out."""
         if not self.store:
             return []
-        return self.saved_index.search(self.query_vector(query), top_k)[0]
+        return self.saved_index.search(self.query_vector(query), top_k, self.hidden())[0]
 
     def search_many(self, queries: Sequence[Query] | np.ndarray | torch.Tensor,
                     top_k: int = 10) -> list[list[tuple[str, float]]]:
@@ -316,7 +353,40 @@ class ImageIndex:
         (`query_vectors`) and searched as one batch (a FAISS matrix product, not one scan each)."""
         if not self.store:
             return [[] for _ in range(len(queries))]
-        return self.saved_index.search(self.query_vectors(queries), top_k)
+        return self.saved_index.search(self.query_vectors(queries), top_k, self.hidden())
+
+    def hide(self, paths: Sequence[str], reason: str = "") -> None:
+        """Keep the images `paths` out of every search from now on, in place of those hidden before (none:
+        every image is found again), noting `reason`; written in one transaction of the index's table."""
+        record = HiddenImages(sorted(set(paths)), reason)
+        with self.store.writing():
+            self.store.set_state(HIDDEN_STATE, {"record": dumps(record).decode()} if record.paths else {})
+
+    def hidden(self) -> frozenset[str]:
+        """The images `hide` keeps out of search results; a damaged record is a StoreError that says how to
+        write it again."""
+        value = self.store.state(HIDDEN_STATE).get("record")
+        if value is None:
+            return frozenset()
+        if value != self._hidden[0]:
+            self._hidden = (value, frozenset(self._hidden_record(value).paths))
+        return self._hidden[1]
+
+    def _hidden_record(self, value: object) -> HiddenImages:
+        where = f"{self.store.directory / 'table.sqlite'} (hidden images)"
+        try:
+            return parse(HiddenImages, json.loads(value) if isinstance(value, str) else value, where)
+        except (ValueError, RecordError) as err:
+            raise StoreError(f"{where}: damaged ({err}); run `clipzsl index dedup {self.directory} --show` to "
+                             "show every image again (or --hide to hide the duplicates afresh)") from err
+
+    def vectors(self) -> tuple[list[str], np.ndarray]:
+        """Every indexed image's path and vector [N, D], in index order, read as one consistent state."""
+        def read() -> tuple[list[str], np.ndarray]:
+            rows = np.sort(self.store.live_rows())
+            keys = self.store.row_keys(rows)
+            return [keys[int(r)] for r in rows], self.store.read_rows(rows)
+        return self.store.consistent(read)
 
     def text_queries(self, count: int, part: int = 0) -> np.ndarray | None:
         """`count` text-like queries from the model's text tower (`vocabulary_queries`: part 0 tunes the
@@ -363,10 +433,12 @@ class ImageIndex:
         return report
 
 
-def _files_under(roots: list[str]) -> list[str]:
-    """The image files under `roots` (a root that is a file: itself, while it exists), each once."""
-    found = [str(f) for f in expand_sources(roots)]  # paths: roots are no PIL images
-    return list(dict.fromkeys(f for f in found if f not in roots or os.path.exists(f)))
+def _files_under(roots: list[str]) -> tuple[list[str], dict[str, TarMember]]:
+    """The image files under `roots` (a root that is a file: itself, while it exists; a webdataset .tar: its
+    image members, `SHARD.tar/MEMBER`), each once, and the .tar members among them."""
+    members = {name: member for root in roots if is_tar(root) for name, member in tar_members(Path(root))}
+    found = [str(f) for f in expand_sources([r for r in roots if not is_tar(r)])]  # paths: roots are no PIL images
+    return list(dict.fromkeys([*(f for f in found if f not in roots or os.path.exists(f)), *members])), members
 
 
 def format_hits(hits: Sequence[tuple[str, float]], fmt: str = "table") -> str:

@@ -33,8 +33,8 @@ from .maps import method_named, peak_box
 from .predictions import (ClassifySettings, Explained, Peak, Predictions, PredictionWriter, Row, check_resumable,
                           check_settings, classified_images, saved_settings)
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_prompts
-from .shards import (ImageSourceItem, ShardReport, ShardWriter, image_sources, load_sources,
-                     resume_state, run_identity)
+from .shards import ShardCaptions, ShardReport, ShardWriter, image_sources, resume_state, run_identity
+from .tars import ImageSourceItem, load_sources
 from .tip_adapter import draws_attention
 
 log = logging.getLogger(__name__)
@@ -129,11 +129,11 @@ class Mapper:
         return [[Peak(*peak_box(heat_map, column[label])) for label, _ in preds]
                 for heat_map, preds in zip(maps, predictions)]
 
-    def ray(self, names: list[str], engine: Engine) -> Iterator[Batch]:
+    def ray(self, items: Sequence[tuple[str, ImageSourceItem]], engine: Engine) -> Iterator[Batch]:
         """Every image, on Ray Data, as the cluster delivers them."""
         batch_size = engine.batch_size or self.model.batch_size
         with distributed.ray_runtime(engine.address):
-            ds = distributed.paths_dataset(names)
+            ds = distributed.sources_dataset(items)
             if self.classifier is not None:
                 ds = distributed.classifier_dataset(ds, self.classifier, self.top_k, batch_size, engine.actors,
                                                     engine.gpus_per_actor, self.cache)
@@ -159,7 +159,7 @@ def _ray_batch(rows: dict[str, np.ndarray]) -> Batch:
 def run(items: Sequence[tuple[str, ImageSourceItem]], mapper: Mapper, engine: Engine) -> Iterator[Batch]:
     """The mapper's batches over `items`, on `engine`, in order, with a progress bar."""
     if engine.kind == "ray":
-        batches = mapper.ray(distributed.file_paths(items), engine)
+        batches = mapper.ray(items, engine)
     else:
         chunk = (engine.batch_size or mapper.model.batch_size) * CHUNK_BATCHES
         batches = (mapper.local(items[start : start + chunk], engine) for start in range(0, len(items), chunk))
@@ -171,25 +171,30 @@ def run(items: Sequence[tuple[str, ImageSourceItem]], mapper: Mapper, engine: En
 
 def embed_to_shards(sources: Sequence[str | os.PathLike], out: str | os.PathLike, model: Backend, *,
                     shard_size: int = 100_000, resume: bool = False, engine: Engine = Engine(),
-                    on_shard: Callable[[ShardReport], None] | None = None) -> ShardReport:
+                    on_shard: Callable[[ShardReport], None] | None = None,
+                    captions: ShardCaptions | None = None) -> ShardReport:
     """Embed every image the inputs name (`shards.image_sources`) into clip-retrieval shards of
     `shard_size` rows under `out`, on `engine`; unreadable images are skipped and reported. Memory holds
     one shard's vectors, never all. `out` must be new or empty (or an empty folder clipzsl made); with
     `resume`, it may hold this same run (model, images, shard size) interrupted, which is continued
     from its manifest: a rerun writes no image twice and ends with the same rows as an uninterrupted run.
-    `on_shard` sees the report after each shard written."""
+    `on_shard` sees the report after each shard written. With `captions`, every image must have one, and
+    each shard also gets its text embeddings and a caption column (`shards.ShardCaptions`)."""
     check_output(out, [str(s) for s in sources])
     items = list(image_sources(sources))
-    if engine.kind == "ray" and not distributed.file_paths(items):  # a .tar refused before anything is written
+    if engine.kind == "ray" and not items:
         raise InputError(f"no images in {', '.join(map(str, sources))}; check the paths")
-    state = resume_state(out, run_identity(model, [name for name, _ in items], shard_size), resume)
+    names = [name for name, _ in items]
+    if captions is not None:
+        captions.texts(names)  # an image without a caption: refused before anything is written
+    state = resume_state(out, run_identity(model, names, shard_size, captions), resume)
     seen = state.seen()
     todo = [item for item in items if item[0] not in seen]
     if state.complete or (seen and not todo):
         return replace(state.report(), complete_before=True)
     if seen:
         log.info("%s: resuming: %d of %d images already done", out, len(seen), len(items))
-    writer = ShardWriter(out, state, shard_size, on_shard)
+    writer = ShardWriter(out, state, shard_size, on_shard, captions)
     for batch in run(todo, Mapper(model), engine):
         writer.add(batch.read(), batch.vectors, batch.failures())
     return writer.close()

@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .search import build_index, factory_for, fast_scan_factory, fast_scan_subquantizers, load_index, new_index, recall_at_k, set_search_parameter, write_index
+from .search import (build_index, excluding, factory_for, fast_scan_factory, fast_scan_subquantizers, load_index,
+                     new_index, recall_at_k, set_search_parameter, write_index)
 from .search import search as faiss_search
 from .store import (COMPACT_SEGMENT_ROWS, INDEX_FILE, INDEX_STATE, VERIFY_ON_OPEN_BYTES, EmbeddingStore,
                     SegmentsChanged, StoreError, atomic_write, file_crc)
@@ -134,12 +135,12 @@ def candidates(setting: Setting, want: int) -> int:
 
 
 def search_with(index: Any, queries: np.ndarray, k: int, setting: Setting, rerank: Rerank | None,
-                pool: int) -> tuple[np.ndarray, np.ndarray]:
+                pool: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, ids) [Q, k]: the index's top `k`, or with a re-rank (`setting.rerank` > 0), its top
-    `pool` (at least k) re-ordered by `rerank` and cut to `k`."""
+    `pool` (at least k) re-ordered by `rerank` and cut to `k`. `params`: FAISS's (`search.excluding`)."""
     if not setting.rerank or rerank is None:
-        return faiss_search(index, queries, k)
-    similarities, ids = rerank(queries, faiss_search(index, queries, max(pool, k))[1])
+        return faiss_search(index, queries, k, params)
+    similarities, ids = rerank(queries, faiss_search(index, queries, max(pool, k), params)[1])
     return similarities[:, :k], ids[:, :k]
 
 
@@ -262,6 +263,7 @@ class SavedIndex:
         self.store = store
         self.text_queries = text_queries
         self._loaded: _Loaded | None = None
+        self._hidden_rows: tuple[Any, np.ndarray] | None = None  # ((row span, hidden keys), their positions)
 
     @property
     def path(self) -> Path:
@@ -363,23 +365,37 @@ class SavedIndex:
         self._loaded = None
         return self.state()
 
-    def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+    def search(self, queries: np.ndarray, top_k: int,
+               hidden: frozenset[str] = frozenset()) -> list[list[tuple[str, float]]]:
         """Per query, the `top_k` (key, inner product) pairs, best first, through the saved index
         (exact search over the segments when none was saved); rows added since it was saved are
-        searched too. Never rebuilds or trains an index."""
+        searched too; the keys `hidden` never come back (`_excluded`). Never rebuilds or trains an index."""
         queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.store.embed_dim))
-        return self.store.consistent(lambda: self._search(queries, top_k))
+        return self.store.consistent(lambda: self._search(queries, top_k, hidden))
 
-    def _search(self, queries: np.ndarray, want: int) -> list[list[tuple[str, float]]]:
+    def _excluded(self, loaded: _Loaded, hidden: frozenset[str]) -> Any:
+        """FAISS search parameters that leave out the rows of the `hidden` keys (None: none hidden, or an index
+        that takes no selector, whose results `_search` filters by key instead); cached per rows and set."""
+        if not hidden:
+            return None
+        span = (self.store.row_span, hidden)
+        if self._hidden_rows is None or self._hidden_rows[0] != span:
+            rows = np.fromiter(self.store.rows_of(list(hidden)).values(), np.int64)
+            self._hidden_rows = (span, rows - loaded.base)
+        return excluding(loaded.index, self._hidden_rows[1])
+
+    def _search(self, queries: np.ndarray, want: int, hidden: frozenset[str]) -> list[list[tuple[str, float]]]:
         loaded = self._current()
         index, base = loaded.index, loaded.base
         if index.ntotal == 0:
             return [[] for _ in queries]
         k = min(index.ntotal, want + max(16, want))  # a few more than wanted: some may be replaced rows
         pool = candidates(loaded.setting, want)  # what tuning measured for a top `want`, re-ranked before any key is read
+        params = self._excluded(loaded, hidden)
         while True:
-            similarities, ids = search_with(index, queries, k, loaded.setting, self.reranker(base), pool)
-            keys = self.store.row_keys(np.unique(ids[ids >= 0]) + base)
+            similarities, ids = search_with(index, queries, k, loaded.setting, self.reranker(base), pool, params)
+            keys = {row: key for row, key in self.store.row_keys(np.unique(ids[ids >= 0]) + base).items()
+                    if key not in hidden}
             results = [
                 [(keys[base + i], float(s)) for i, s in zip(row_ids, row_sims) if i >= 0 and base + i in keys][:want]
                 for row_ids, row_sims in zip(ids.tolist(), similarities.tolist())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -129,8 +130,26 @@ def load_index(path: os.PathLike, mmap: bool = False):
     return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
 
 
-def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, ids), each [N, k], best first; k is capped at the index size.
+def excluding(index, ids: np.ndarray):
+    """FAISS search parameters that leave out the ids `ids` (an IDSelectorNot over an IDSelectorBatch),
+    keeping the index's nprobe / efSearch; None for an index whose search takes no selector (fast-scan
+    codes), whose caller must drop those ids from the results itself."""
+    import faiss as faiss_module
+
+    faiss: Any = faiss_module  # the Python wrapper's keyword arguments (sel=, nprobe=) are not in the stubs
+    if isinstance(index, (faiss.IndexFastScan, faiss.IndexIVFFastScan)):
+        return None
+    selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=index.nprobe)
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=index.hnsw.efSearch)
+    return faiss.SearchParameters(sel=selector)
+
+
+def search(index, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids), each [N, k], best first; k is capped at the index size. `params`: FAISS
+    search parameters (`excluding`).
 
     A batch of queries is scored as one matrix product: below `distance_compute_blas_threshold`
     queries (128,000 in FAISS 1.15) FAISS reads a flat index once per query, so 64 queries on
@@ -141,14 +160,14 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, index.ntotal)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if len(queries) < 2:
-        return index.search(queries, k)
+        return index.search(queries, k, params=params)
     import faiss
 
     with _FAISS_SETTING:
         saved = faiss.cvar.distance_compute_blas_threshold
         faiss.cvar.distance_compute_blas_threshold = 2
         try:
-            return index.search(queries, k)
+            return index.search(queries, k, params=params)
         finally:
             faiss.cvar.distance_compute_blas_threshold = saved
 

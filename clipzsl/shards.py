@@ -3,6 +3,9 @@
     DIR/img_emb/img_emb_{i}.npy          float16 [n_i, D], L2-normalised rows
     DIR/metadata/metadata_{i}.parquet    columns `image_path` (as given) and `resolved_path` (absolute,
                                          symlinks resolved), row j describing row j of img_emb_{i}
+    DIR/text_emb/text_emb_{i}.npy        of a captioned collection (`ShardCaptions`): float16 [n_i, D], row j the
+                                         L2-normalised text embedding of row j's image's caption, which
+                                         the metadata's `caption` column holds (clip-retrieval's --enable_text)
     DIR/.clipzsl.json                    the ownership marker (`clipzsl.store.claim`), kind "shards"
 
 `ShardWriter` writes that layout (with a run manifest, so a run resumes; `clipzsl.pipeline.embed_to_shards`
@@ -10,30 +13,30 @@ embeds images into it on either engine); `index_from_shards` turns such shards,
 whoever wrote them, into a searchable `ImageIndex`. Inputs beyond folders and files: a
 `.txt` file listing image paths (one a line, relative to the list) and webdataset `.tar`
 shards (what img2dataset writes), whose images are named `SHARD.tar/MEMBER` (listed first, read
-when their turn comes: `load_sources`).
+when their turn comes: `clipzsl.tars`).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from .backends import Backend, load_model
+from .captions import CaptionedImages
 from .errors import InputError
 from .image_index import ImageIndex
-from .images import IMAGE_SUFFIXES, ImageLoadError, each_image_once, expand_sources, load_image
+from .images import ImageLoadError, each_image_once, expand_sources
 from .prompts import content_lines
 from .records import RecordError, dumps, load, rule
 from .saved_index import factory_within, parse_size
 from .store import MARKER, atomic_write, claim
+from .tars import ImageSourceItem, tar_members
+from .text_encoding import encode_prompts
 
 #: the file in a shard folder that says which embed run wrote its shards and how far it got
 MANIFEST = "clipzsl-run.json"
@@ -50,18 +53,6 @@ class ShardReport:
     shards: list[str] = field(default_factory=list)
     failures: list[ImageLoadError] = field(default_factory=list)
     complete_before: bool = False  # the run was already complete: nothing was done
-
-
-@dataclass(frozen=True)
-class TarMember:
-    """An image inside a webdataset .tar shard, listed but not yet read (its header says where it is)."""
-
-    tar: Path
-    info: tarfile.TarInfo
-
-
-#: what `image_sources` names an image by: a file path, a .tar member, or why it cannot be read
-ImageSourceItem = Union[str, TarMember, ImageLoadError]
 
 
 def image_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, ImageSourceItem]]:
@@ -81,59 +72,71 @@ def _named_sources(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, Im
                 target = str((path.parent / line) if not os.path.isabs(line) else Path(line))
                 yield target, target
         elif path.suffix == ".tar":
-            yield from _tar_members(path)
+            yield from tar_members(path)
         else:
             yield str(path), str(path)
 
 
-def _tar_members(path: Path) -> Iterator[tuple[str, TarMember]]:
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                    yield f"{path}/{member.name}", TarMember(path, member)
-    except tarfile.TarError as err:
-        raise InputError(f"{path}: not a readable webdataset .tar shard ({err})") from err
+@dataclass(frozen=True)
+class ShardCaptions:
+    """The captions of the images an embed run writes, as clip-retrieval's inference writes them with
+    --enable_text: each shard gets text_emb/text_emb_N.npy (float16 [n, D], row j `model`'s L2-normalised
+    embedding of row j's caption) and a `caption` column in its metadata. A row is one image and one text,
+    as clip-retrieval's are: an image with several captions is written with its first."""
+
+    model: Backend
+    by_path: dict[str, str]  # resolved image path -> its caption
+
+    @classmethod
+    def of(cls, collection: CaptionedImages, model: Backend) -> "ShardCaptions":
+        """The first caption of each image of `collection` (`CaptionedImages.read`), encoded by `model`."""
+        return cls(model, {os.path.realpath(p): c[0] for p, c in zip(collection.paths, collection.captions)})
+
+    @classmethod
+    def read(cls, paths: Sequence[str | os.PathLike], captions: str | os.PathLike | None,
+             model: Backend) -> "ShardCaptions":
+        """`of` the collection of the one folder `paths` names, with `captions` (a .csv or .jsonl file) or a
+        .txt beside each image (`CaptionedImages.read`)."""
+        if len(paths) != 1:
+            raise InputError(f"captions go with one folder (the one their image paths are relative to), not "
+                             f"{len(paths)} inputs; embed each captioned folder into its own --out")
+        return cls.of(CaptionedImages.read(paths[0], captions), model)
+
+    def texts(self, names: Sequence[str]) -> list[str]:
+        """The caption of each image of `names` (as written in the shards); one without is an InputError."""
+        missing = [name for name in names if os.path.realpath(name) not in self.by_path]
+        if missing:
+            raise InputError(f"{missing[0]}: no caption ({len(missing)} such images); give every image a caption, or "
+                             "leave out --captions")
+        return [self.by_path[os.path.realpath(name)] for name in names]
+
+    def digest(self) -> str:
+        """What identifies the captions in a run's identity (`run_identity`)."""
+        return hashlib.sha256("\n".join(f"{p}\t{c}" for p, c in sorted(self.by_path.items())).encode()).hexdigest()
 
 
-def load_sources(items: Sequence[tuple[str, ImageSourceItem]]) -> list[str | Image.Image | ImageLoadError]:
-    """Each item's image as `embed_images` takes it: a path stays a path, a .tar member is decoded (each
-    .tar opened once), an unreadable one is its `ImageLoadError`."""
-    tars: dict[Path, tarfile.TarFile] = {}
-    try:
-        return [_member_image(name, source, tars) if isinstance(source, TarMember) else source
-                for name, source in items]
-    finally:
-        for tar in tars.values():
-            tar.close()
-
-
-def _member_image(name: str, member: TarMember, tars: dict[Path, tarfile.TarFile]) -> Image.Image | ImageLoadError:
-    try:
-        tar = tars.get(member.tar) or tars.setdefault(member.tar, tarfile.open(member.tar))
-        data = tar.extractfile(member.info)
-        with Image.open(io.BytesIO(data.read() if data is not None else b"")) as image:
-            return load_image(image)
-    except (OSError, SyntaxError, ValueError, tarfile.TarError) as err:
-        return ImageLoadError(name, f"corrupt or truncated image ({err})")
-
-
-def _write_shard(out: Path, number: int, vectors: np.ndarray, names: list[str]) -> str:
+def _write_shard(out: Path, number: int, vectors: np.ndarray, names: list[str],
+                 captions: ShardCaptions | None = None) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    columns = {"image_path": pa.array(names, pa.string()),
+               "resolved_path": pa.array([os.path.realpath(n) for n in names], pa.string())}
+    if captions is not None:
+        texts = captions.texts(names)
+        text_vectors = encode_prompts(captions.model, texts).numpy().astype(np.float16)
+        atomic_write(out / "text_emb" / f"text_emb_{number}.npy", lambda f: np.save(f, text_vectors, allow_pickle=False))
+        columns["caption"] = pa.array(texts, pa.string())
     emb = out / "img_emb" / f"img_emb_{number}.npy"
     atomic_write(emb, lambda f: np.save(f, vectors.astype(np.float16), allow_pickle=False))
-    table = pa.table({"image_path": pa.array(names, pa.string()),
-                      "resolved_path": pa.array([os.path.realpath(n) for n in names], pa.string())})
-    atomic_write(out / "metadata" / f"metadata_{number}.parquet", lambda f: pq.write_table(table, f))
+    atomic_write(out / "metadata" / f"metadata_{number}.parquet", lambda f: pq.write_table(pa.table(columns), f))
     return str(emb)
 
 
 def is_shard_folder(directory: Path) -> bool:
     """Whether a folder is recognisably one an older clipzsl wrote shards into (no marker yet):
-    nothing but img_emb/img_emb_*.npy, metadata/metadata_*.parquet and a run manifest."""
-    layout = {"img_emb": "img_emb_*.npy", "metadata": "metadata_*.parquet"}
+    nothing but img_emb/img_emb_*.npy, text_emb/text_emb_*.npy, metadata/metadata_*.parquet and a run manifest."""
+    layout = {"img_emb": "img_emb_*.npy", "text_emb": "text_emb_*.npy", "metadata": "metadata_*.parquet"}
     names = {p.name for p in directory.iterdir()}
     return bool(names & set(layout)) and names <= {*layout, MANIFEST, MARKER, UNFINISHED} and all(
         p.match(pattern) or p.name.endswith(".tmp")
@@ -142,7 +145,8 @@ def is_shard_folder(directory: Path) -> bool:
 
 def has_shards(directory: Path) -> bool:
     """Whether a folder already holds shard files (of some run)."""
-    return any((directory / "img_emb").glob("*.npy")) or any((directory / "metadata").glob("*.parquet"))
+    return any(any((directory / sub).glob(pattern))
+               for sub, pattern in (("img_emb", "*.npy"), ("text_emb", "*.npy"), ("metadata", "*.parquet")))
 
 
 def claim_shard_folder(out: str | os.PathLike) -> Path:
@@ -191,11 +195,12 @@ class Manifest:
     record_sha256: str
 
 
-def run_identity(model: Backend, paths: Sequence[str], shard_size: int) -> dict:
-    """What makes two runs the same run: the model's weights, the image list and the shard size."""
+def run_identity(model: Backend, paths: Sequence[str], shard_size: int, captions: ShardCaptions | None = None) -> dict:
+    """What makes two runs the same run: the model's weights, the image list, the shard size and the captions."""
     digest = hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
-    return {"model": model.spec, "fingerprint": model.fingerprint, "images": len(paths), "paths_sha256": digest,
-            "shard_size": shard_size}
+    identity = {"model": model.spec, "fingerprint": model.fingerprint, "images": len(paths), "paths_sha256": digest,
+                "shard_size": shard_size}
+    return identity if captions is None else {**identity, "captions_sha256": captions.digest()}
 
 
 def resume_state(out: str | os.PathLike, identity: dict, resume: bool = True) -> RunState:
@@ -244,9 +249,9 @@ class ShardWriter:
     `on_shard` sees the report after each shard. A folder clipzsl did not make is refused."""
 
     def __init__(self, out: str | os.PathLike, state: RunState, shard_size: int = 100_000,
-                 on_shard: Callable[[ShardReport], None] | None = None):
+                 on_shard: Callable[[ShardReport], None] | None = None, captions: ShardCaptions | None = None):
         self.out = claim_shard_folder(out)
-        self.state, self.shard_size, self.on_shard = state, shard_size, on_shard
+        self.state, self.shard_size, self.on_shard, self.captions = state, shard_size, on_shard, captions
         self.report = state.report()
         self.vectors: list[np.ndarray] = []
         self.names: list[str] = []
@@ -277,7 +282,7 @@ class ShardWriter:
         stacked = np.concatenate(self.vectors)
         report = self.report
         report.shards.append(_write_shard(self.out, len(report.shards), stacked[: self.shard_size],
-                                          self.names[: self.shard_size]))
+                                          self.names[: self.shard_size], self.captions))
         report.rows += len(stacked[: self.shard_size])
         rest = stacked[self.shard_size :]
         del self.names[: self.shard_size]

@@ -648,6 +648,10 @@ class EmbeddingStore:
         """Every present key's info string, in one query (what an incremental update compares)."""
         return dict(self._sql("SELECT key, info FROM entries"))
 
+    def rows_of(self, keys: Sequence[str]) -> dict[str, int]:
+        """The global row of each present key among `keys`."""
+        return self._rows_of(keys)
+
     def _rows_of(self, keys: Sequence[str]) -> dict[str, int]:
         found: dict[str, int] = {}
         keys = list(keys)

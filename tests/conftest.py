@@ -49,3 +49,11 @@ def tiny_clip(tmp_path_factory):
     from clipzsl.backends.hf import save_random_clip
 
     return save_random_clip(tmp_path_factory.mktemp("tiny_clip"), seed=1, **TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_clip):
+    """`tiny_clip` loaded as clipzsl loads a model spec (`hf:DIR`)."""
+    import clipzsl
+
+    return clipzsl.load_model(f"hf:{tiny_clip}")

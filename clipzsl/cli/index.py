@@ -7,18 +7,37 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import load_model
+from ..dedup import DEFAULT_THRESHOLD, GROUP_FORMATS, deduplicate, format_groups
 from ..errors import InputError
 from ..image_index import ImageIndex, format_hits
 from ..pipeline import embed_to_shards
 from ..saved_index import describe_tuning
-from ..shards import index_from_shards
+from ..shards import ShardCaptions, index_from_shards
 from .options import (FORMATS, add_engine_arguments, add_run_options, empty_folders, engine_of, positive_int,
                       run_options)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    run = {"info": index_info, "repair": index_repair, "from-shards": index_shards}.get(args.kind, index_update)
+    run = {"info": index_info, "repair": index_repair, "from-shards": index_shards, "dedup": index_dedup}.get(
+        args.kind, index_update)
     return run(args)
+
+
+def index_dedup(args: argparse.Namespace) -> int:
+    """`index dedup DIR`: the groups of near-duplicate images (`dedup.deduplicate`); with --hide only the first
+    of each group is found by search from now on; --show finds every image again (`ImageIndex.hide([])`)."""
+    index = existing_index(args)
+    if args.show:
+        index.hide([])
+        print(f"{args.folders[0]}: every image is found by search again", file=sys.stderr)
+        return 0
+    groups = deduplicate(index, args.threshold, hide=args.hide)
+    sys.stdout.write(format_groups(groups, args.dedup_format))
+    hidden = sum(len(g.paths) - 1 for g in groups)
+    print(f"{args.folders[0]}: {len(groups)} groups of near-duplicates at cosine similarity >= {args.threshold:g}; "
+          + (f"{hidden} images hidden from search (--show: found again)" if args.hide else
+             f"--hide keeps the first of each group in search results ({hidden} hidden)"), file=sys.stderr)
+    return 0
 
 
 def index_info(args: argparse.Namespace) -> int:
@@ -44,6 +63,8 @@ def existing_index(args: argparse.Namespace) -> ImageIndex:
     """The one index directory `index info` and `index repair` take, opened."""
     if len(args.folders) != 1:
         raise InputError(f"`clipzsl index {args.kind}` takes one index directory, got {len(args.folders)}")
+    if args.kind != "dedup" and (args.hide or args.show):
+        raise InputError("--hide and --show are options of `clipzsl index dedup`")
     return ImageIndex(args.folders[0], args.model, device=args.device, precision=args.precision)
 
 
@@ -84,11 +105,13 @@ def index_update(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     """`embed`: clip-retrieval shards of every image, on either engine, resumable (`embed_to_shards`)."""
     engine = engine_of(args)  # before the model loads: a missing Ray costs nothing
-    report = embed_to_shards(args.paths, args.out, load_model(args.model, **run_options(args)),
-                             shard_size=args.shard_size, resume=args.resume or args.engine == "ray", engine=engine)
+    model = load_model(args.model, **run_options(args))
+    captions = None if args.captions is None else ShardCaptions.read(args.paths, args.captions or None, model)
+    report = embed_to_shards(args.paths, args.out, model, shard_size=args.shard_size,
+                             resume=args.resume or args.engine == "ray", engine=engine, captions=captions)
     what = f"{report.rows} embeddings in {len(report.shards)} shard(s)"
     print(f"{args.out}: already complete ({what})" if report.complete_before else
-          f"{args.out}: {what} (img_emb/, metadata/)")
+          f"{args.out}: {what} (img_emb/, {'text_emb/, ' if captions else ''}metadata/)")
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     return 1 if report.failures else 0
@@ -107,10 +130,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def register(commands: Any) -> None:
     index = commands.add_parser("index", help="build, inspect or repair an image index (resumable)")
-    index.add_argument("kind", choices=("images", "from-shards", "info", "repair"),
+    index.add_argument("kind", choices=("images", "from-shards", "info", "repair", "dedup"),
                        help="images: embed PATHs into --out; from-shards: clip-retrieval shards DIR into --out; "
-                            "info / repair: the index directory given")
-    index.add_argument("folders", nargs="+", metavar="PATH", help="image folders or files (images); the index (info, repair)")
+                            "info / repair: the index directory given; dedup: its groups of near-duplicate images")
+    index.add_argument("folders", nargs="+", metavar="PATH",
+                       help="image folders, files or webdataset .tar shards (images); the index (info, repair, dedup)")
     index.add_argument("--out", help="index directory (images, from-shards): new, empty, or one clipzsl made")
     index.add_argument("--model", help="model spec (default: the index's own, else packaged)")
     index.add_argument("--dtype", choices=("float32", "float16"), default="float32",
@@ -125,6 +149,13 @@ def register(commands: Any) -> None:
                        help="images: forget every indexed image under PATH that is not found now. Without it a PATH "
                             "that held indexed images but is now missing, unreadable or empty (an unmounted drive) "
                             "stops the update with nothing changed, and only files confirmed deleted are forgotten")
+    index.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                       help="dedup: the cosine similarity at or above which two images are near-duplicates")
+    shown = index.add_mutually_exclusive_group()
+    shown.add_argument("--hide", action="store_true", help="dedup: search finds only the first image of each group "
+                                                            "(kept with the index, in place of earlier --hide)")
+    shown.add_argument("--show", action="store_true", help="dedup: search finds every image again")
+    index.add_argument("--format", dest="dedup_format", choices=GROUP_FORMATS, default="text", help="dedup: output format")
     add_run_options(index)
     index.set_defaults(outputs=(("folders",), ("out",), False), run=cmd_index)
 
@@ -137,6 +168,9 @@ def register(commands: Any) -> None:
                             "shard, e.g. after an interruption (always on with --engine ray)")
     embed.add_argument("--model", default="packaged", help="model spec (see `clipzsl models`)")
     embed.add_argument("--shard-size", type=positive_int, default=100_000, help="rows per shard")
+    embed.add_argument("--captions", nargs="?", const="", metavar="FILE",
+                       help="the images' captions (one folder PATH): a .csv or .jsonl file, or alone a .txt beside each "
+                            "image; each shard then gets text_emb/ and a caption column, as clip-retrieval writes them")
     add_engine_arguments(embed)
     add_run_options(embed)
     embed.set_defaults(outputs=(("paths",), ("out",), False), run=cmd_embed)
