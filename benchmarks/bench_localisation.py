@@ -32,6 +32,7 @@ Usage: python -m benchmarks.bench_localisation [--quick] [--scenes N] [--zoom-im
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from dataclasses import dataclass
@@ -72,8 +73,10 @@ class Scene:
 # ---------------------------------------------------------------- scenes
 
 
+@functools.lru_cache(maxsize=1)
 def stamps() -> list[tuple[Image.Image, str]]:
-    """(RGBA cut-out, its label) of each photo stamp of TOPICS, one per label."""
+    """(RGBA cut-out, its label) of each photo stamp of TOPICS, one per label (read once; callers copy, never
+    change, them)."""
     root = datasets.fetch(*datasets.TUXPAINT, datasets.TUXPAINT_EXPECT) / datasets.TUXPAINT_DIR
     found: dict[str, Image.Image] = {}
     for path, description, folder in datasets.read_tuxpaint(root):
