@@ -159,3 +159,45 @@ def test_spatial_tokens_are_not_exported(exported):
     assert model.spatial_tokens is False
     with pytest.raises(NotImplementedError, match="embeddings only"):
         model.encode_images(torch.zeros(1, 3, 64, 64), return_tokens=True)
+
+
+def test_command_line_exports_then_classifies(tiny_clip, photos, tmp_path, capsys):
+    from clipzsl.cli import main
+
+    out = tmp_path / "exported"
+    assert main(["export", "onnx", f"hf:{tiny_clip}", "--out", str(out)]) == 0
+    printed = __import__("json").loads(capsys.readouterr().out)
+    assert printed["spec"] == f"onnx:{out}" and printed["max_abs_diff"] <= TOLERANCE
+    image = str(photos[0] / "chelsea.png")
+    assert main(["classify", image, "--labels", "cat,dog", "--model", f"onnx:{out}", "--format", "csv"]) == 0
+    assert "chelsea.png" in capsys.readouterr().out
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep")
+    assert main(["export", "onnx", f"hf:{tiny_clip}", "--out", str(tmp_path / "theirs")]) == 2
+    assert "not a folder clipzsl made" in capsys.readouterr().err
+
+
+def test_service_runs_on_the_export(torch_models, exported, photos, tmp_path):
+    """`serve` on onnx:<folder>: /classify and /search answer as the torch model's service does."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from clipzsl.serve import create_app
+
+    folder, images = photos
+    model = clipzsl.load_model(f"onnx:{exported('hf')}")
+    index = clipzsl.ImageIndex(tmp_path / "index", model)
+    index.update(folder, progress=False)
+    png = io.BytesIO()
+    images[0].save(png, format="PNG")
+    answers = []
+    for backend in (model, torch_models["hf"]):
+        with TestClient(create_app(backend, {"photos": index.directory}, cache=False)) as client:
+            classified = client.post("/classify", files={"image": ("c.png", png.getvalue(), "image/png")},
+                                     data={"labels": ",".join(LABELS), "top_k": "3"})
+            searched = client.post("/search", json={"text": "a cat", "top_k": 3})
+            assert classified.status_code == searched.status_code == 200, classified.text
+            answers.append(([p["label"] for p in classified.json()["predictions"]],
+                            [r["path"] for r in searched.json()["results"]]))
+    assert answers[0] == answers[1]
