@@ -11,9 +11,7 @@ it imported.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import os
 import tempfile
 from importlib.metadata import PackageNotFoundError, distribution, distributions
 from pathlib import Path
@@ -24,25 +22,10 @@ import clipzsl
 from clipzsl.backends.onnx import OnnxBackend
 from clipzsl.export import export_onnx
 
-from . import report
+from . import children, report
 
 THREADS = 2
 MODELS = {"packaged": "packaged", "ViT-B/32": "openclip:ViT-B-32/random"}
-HEAVY = ("torch", "torchvision", "timm", "open_clip", "transformers", "onnxruntime")
-#: run in a fresh process: classify one image through onnx:<folder>, then list what was imported
-CHILD = """
-import sys, time, json
-start = time.perf_counter()
-import clipzsl
-imported_by_package = [m for m in {heavy} if m in sys.modules]
-from PIL import Image
-clf = clipzsl.ZeroShotClassifier("onnx:{folder}", labels=["cat", "dog"], cache=False)
-clf.predict([Image.new("RGB", (64, 48), "red")])
-print(json.dumps({{"package_import": imported_by_package, "after_classify": [m for m in {heavy} if m in sys.modules],
-                  "seconds": time.perf_counter() - start}}))
-"""
-
-
 def installed_mb(*names: str) -> float:
     """Megabytes of the installed files of the named distributions (missing ones count 0)."""
     total = 0
@@ -82,12 +65,6 @@ def speeds(backend, exported: OnnxBackend, size: list[int], quick: bool) -> dict
     return out
 
 
-def imports(folder: Path) -> dict:
-    code = CHILD.format(heavy=HEAVY, folder=folder)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def measure_model(spec: str, quick: bool, scratch: Path) -> dict:
     backend = clipzsl.load_model(spec, device="cpu")
     manifest = export_onnx(backend, scratch / spec.replace(":", "_").replace("/", "_"))
@@ -95,12 +72,13 @@ def measure_model(spec: str, quick: bool, scratch: Path) -> dict:
     files = {name: (exported.directory / name).stat().st_size / 1e6 for name in manifest.files if name.endswith(".onnx")}
     return {"max_abs_diff": manifest.max_abs_diff, "onnx_mb": files,
             "images_per_s": speeds(backend, exported, manifest.image_size, quick),
-            "imports": imports(exported.directory)}
+            "imports": children.run_json("onnx-imports", str(exported.directory))}
 
 
 def summary(results: dict) -> list[str]:
     lines = [f"Image tower only (preprocessed pixels in, normalised embeddings out), CPU, {THREADS} threads for "
-             "torch and for onnxruntime, same pixels, interleaved runs, median.", "",
+             f"torch and for onnxruntime, same pixels, interleaved runs, median; the machine's load average at the end "
+             f"was {results['load_average_1min']:.1f} on {os.cpu_count()} cores.", "",
              "| model | batch | torch img/s | onnxruntime img/s | onnxruntime / torch |", "|---|---|---|---|---|"]
     for model, r in results["models"].items():
         for batch, s in r["images_per_s"].items():
@@ -123,7 +101,8 @@ def run(quick: bool = False) -> dict:
     models = {"packaged": MODELS["packaged"]} if quick else MODELS
     with tempfile.TemporaryDirectory() as scratch:
         results = {"threads": THREADS, "quick": quick, "sizes": sizes(),
-                   "models": {name: measure_model(spec, quick, Path(scratch)) for name, spec in models.items()}}
+                   "models": {name: measure_model(spec, quick, Path(scratch)) for name, spec in models.items()},
+                   "load_average_1min": os.getloadavg()[0]}  # other processes' load skews the speeds
     lines = summary(results)
     report.write("onnx", results, lines)
     print("\n".join(lines))

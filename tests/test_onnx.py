@@ -32,21 +32,41 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def torch_models(tiny_clip, openclip_backend):
-    return {"hf": clipzsl.load_model(f"hf:{tiny_clip}", device="cpu"), "openclip": openclip_backend,
-            "packaged": clipzsl.load_model("packaged", device="cpu")}
+def hf_model(tiny_clip):
+    return clipzsl.load_model(f"hf:{tiny_clip}", device="cpu")
 
 
 @pytest.fixture(scope="module")
-def exported(torch_models, tmp_path_factory):
+def packaged_model():
+    return clipzsl.load_model("packaged", device="cpu")
+
+
+@pytest.fixture
+def torch_models(request):
+    """family -> its torch backend, each fixture asked for only when a test uses it (no ViT-B/32 for hf tests)."""
+    names = {"hf": "hf_model", "openclip": "openclip_backend", "packaged": "packaged_model"}
+
+    class Models(dict):
+        def __missing__(self, family):
+            return request.getfixturevalue(names[family])
+
+    return Models()
+
+
+@pytest.fixture(scope="module")
+def exported_folders():
+    return {}
+
+
+@pytest.fixture
+def exported(torch_models, exported_folders, tmp_path_factory):
     """family -> the folder its export went to (exported once per module, on first use)."""
-    folders: dict[str, object] = {}
 
     def get(family):
-        if family not in folders:
-            folders[family] = tmp_path_factory.mktemp(f"onnx-{family}") / "model"
-            export_onnx(torch_models[family], folders[family])
-        return folders[family]
+        if family not in exported_folders:
+            exported_folders[family] = tmp_path_factory.mktemp(f"onnx-{family}") / "model"
+            export_onnx(torch_models[family], exported_folders[family])
+        return exported_folders[family]
 
     return get
 
