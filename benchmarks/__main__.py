@@ -51,6 +51,7 @@ BENCHMARKS = {
     "serve": "`clipzsl serve` under load, and its page in a real browser",
     "gpu": "Device and precision: images/s end to end, fp32 against bf16, the pipeline's memory",
     "distributed": "Ray Data's overhead at equal cores",
+    "onnx": "ONNX export against torch: install size, image-tower speed on the CPU, what serving imports",
 }
 #: run only when named (--only), and why: the plain run stays about an hour on 2 cores
 BY_NAME_ONLY = {
