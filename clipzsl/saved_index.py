@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .search import build_index, factory_for, fast_scan_factory, fast_scan_subquantizers, load_index, new_index, recall_at_k, set_search_parameter, write_index
+from .search import (build_index, factory_for, fast_scan_factory, fast_scan_subquantizers, load_index, new_index, recall_at_k,
+                     selector_parameters, set_search_parameter, write_index)
 from .search import search as faiss_search
 from .store import (COMPACT_SEGMENT_ROWS, INDEX_FILE, INDEX_STATE, VERIFY_ON_OPEN_BYTES, EmbeddingStore,
                     SegmentsChanged, StoreError, atomic_write, file_crc)
@@ -53,6 +54,71 @@ TextQueries = Callable[[int, int], Optional[np.ndarray]]
 
 #: ids of the candidates [Q, R] (-1: none) of queries [Q, D] -> (similarities, ids) [Q, R], exact, best first
 Rerank = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: a search allowed this many rows or fewer scores them exactly from the store rather than searching the index
+#: (benchmarks/results/filter.md: at 10^6 rows the scan of 10^4 rows costs about what the unfiltered search does)
+SCAN_ROWS = 20_000
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The global rows a search may return: row r is allowed where `mask[r - first]` is true; rows outside
+    [first, first + len(mask)) are not. A metadata filter's rows (`clipzsl.metadata.Metadata.allowed`), or
+    every row but some hidden ones (`all_but`); `&` combines two."""
+
+    first: int
+    mask: np.ndarray
+
+    @classmethod
+    def of_rows(cls, rows: np.ndarray, span: tuple[int, int]) -> "Allowed":
+        """These global rows (those within `span`, the store's (first, next) row) and no others."""
+        mask = np.zeros(span[1] - span[0], bool)
+        rows = np.asarray(rows, np.int64) - span[0]
+        mask[rows[(rows >= 0) & (rows < len(mask))]] = True
+        return cls(span[0], mask)
+
+    @classmethod
+    def all_but(cls, rows: np.ndarray, span: tuple[int, int]) -> "Allowed":
+        """Every row of `span` but these (hidden duplicates, say)."""
+        return cls(span[0], ~cls.of_rows(rows, span).mask)
+
+    def __and__(self, other: "Allowed") -> "Allowed":
+        return Allowed.of_rows(np.intersect1d(self.rows(), other.rows()), (self.first, self.first + len(self.mask)))
+
+    def rows(self) -> np.ndarray:
+        """The allowed global rows, ascending."""
+        return np.flatnonzero(self.mask) + self.first
+
+    def positions(self, base: int, size: int) -> np.ndarray:
+        """A bool per position 0..size-1 of an index whose position 0 is global row `base`."""
+        keep = np.zeros(size, bool)
+        start, stop = max(base, self.first), min(base + size, self.first + len(self.mask))
+        if stop > start:
+            keep[start - base : stop - base] = self.mask[start - self.first : stop - self.first]
+        return keep
+
+
+@dataclass(frozen=True)
+class Within:
+    """How an index search keeps to allowed positions: FAISS `params` with an ID selector where the index
+    takes one; else `keep` (a bool per position) applied to its candidates, `spread` times as many asked for
+    (the index's size over the allowed count), so that as many allowed ones come back as unfiltered."""
+
+    params: Any = None
+    keep: np.ndarray | None = None
+    spread: float = 1.0
+
+    @classmethod
+    def of(cls, index: Any, keep: np.ndarray) -> "Within":
+        params = selector_parameters(index, keep)
+        if params is not None:
+            return cls(params)
+        return cls(None, keep, len(keep) / max(1, int(keep.sum())))
+
+    def kept(self, ids: np.ndarray) -> np.ndarray:
+        """Candidate positions [Q, R] with those not allowed set to -1 (none)."""
+        if self.keep is None:
+            return ids
+        return np.where((ids >= 0) & self.keep[np.maximum(ids, 0)], ids, -1)
 
 
 @dataclass(frozen=True)
@@ -134,13 +200,30 @@ def candidates(setting: Setting, want: int) -> int:
 
 
 def search_with(index: Any, queries: np.ndarray, k: int, setting: Setting, rerank: Rerank | None,
-                pool: int) -> tuple[np.ndarray, np.ndarray]:
+                pool: int, within: Within = Within()) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, ids) [Q, k]: the index's top `k`, or with a re-rank (`setting.rerank` > 0), its top
-    `pool` (at least k) re-ordered by `rerank` and cut to `k`."""
+    `pool` (at least k) re-ordered by `rerank` and cut to `k`; only positions `within` allows (-1 for
+    candidates it drops, so fewer than k may come back)."""
     if not setting.rerank or rerank is None:
-        return faiss_search(index, queries, k)
-    similarities, ids = rerank(queries, faiss_search(index, queries, max(pool, k))[1])
+        similarities, ids = faiss_search(index, queries, k, within.params)
+        kept = within.kept(ids)
+        return np.where(kept >= 0, similarities, -np.inf), kept
+    similarities, ids = rerank(queries, within.kept(faiss_search(index, queries, max(pool, k), within.params)[1]))
     return similarities[:, :k], ids[:, :k]
+
+
+def scan(store: EmbeddingStore, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, global rows) [Q, min(k, len(rows))]: the exact top `k` of `rows` (ascending), scored
+    from the store, best first (ties: the lower row first)."""
+    k = min(k, len(rows))
+    if not k:
+        return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+    sims = queries @ store.read_rows(rows).T
+    best = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < len(rows) else np.broadcast_to(np.arange(k), sims.shape)
+    best = np.sort(best, axis=1)  # ties resolve to the lower row, as FAISS's own heap does
+    order = np.argsort(-np.take_along_axis(sims, best, 1), axis=1, kind="stable")
+    best = np.take_along_axis(best, order, 1)
+    return np.take_along_axis(sims, best, 1), rows[best]
 
 
 def reranked(store: EmbeddingStore, queries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -361,34 +444,56 @@ class SavedIndex:
         self._loaded = None
         return self.state()
 
-    def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+    def search(self, queries: np.ndarray, top_k: int,
+               allowed: Allowed | None = None) -> list[list[tuple[str, float]]]:
         """Per query, the `top_k` (key, inner product) pairs, best first, through the saved index
         (exact search over the segments when none was saved); rows added since it was saved are
-        searched too. Never rebuilds or trains an index."""
+        searched too. Never rebuilds or trains an index. `allowed`: only those rows may come back
+        (a metadata filter's, say): at most SCAN_ROWS of them are scored exactly from the store; more
+        are searched through the index with an ID selector (`Within`), as exact as the unfiltered
+        search of that index (exact for Flat)."""
         queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.store.embed_dim))
-        return self.store.consistent(lambda: self._search(queries, top_k))
+        return self.store.consistent(lambda: self._search(queries, top_k, allowed))
 
-    def _search(self, queries: np.ndarray, want: int) -> list[list[tuple[str, float]]]:
+    def _search(self, queries: np.ndarray, want: int, allowed: Allowed | None) -> list[list[tuple[str, float]]]:
         loaded = self._current()
         index, base = loaded.index, loaded.base
         if index.ntotal == 0:
             return [[] for _ in queries]
-        k = min(index.ntotal, want + max(16, want))  # a few more than wanted: some may be replaced rows
-        pool = candidates(loaded.setting, want)  # what tuning measured for a top `want`, re-ranked before any key is read
+        find, reach = self._finder(loaded, queries, want, allowed)
+        k = min(reach, want + max(16, want))  # a few more than wanted: some may be replaced rows
         while True:
-            similarities, ids = search_with(index, queries, k, loaded.setting, self.reranker(base), pool)
-            keys = self.store.row_keys(np.unique(ids[ids >= 0]) + base)
-            results = [
-                [(keys[base + i], float(s)) for i, s in zip(row_ids, row_sims) if i >= 0 and base + i in keys][:want]
-                for row_ids, row_sims in zip(ids.tolist(), similarities.tolist())
-            ]
+            similarities, rows = find(k)
+            keys = self.store.row_keys(np.unique(rows[rows >= 0]))
+            results = [[(keys[r], float(s)) for r, s in zip(row_ids, row_sims) if r in keys][:want]
+                       for row_ids, row_sims in zip(rows.tolist(), similarities.tolist())]
             if all(len(r) == want for r in results):
                 return results
-            if k >= index.ntotal:
+            if k >= reach:
                 if self.store.row_span[1] > base + index.ntotal:
                     raise SegmentsChanged()  # another process rewrote entries past the rows searched: search them too
                 return results
-            k = min(index.ntotal, 4 * k)  # replaced rows crowded the live ones out: look further
+            k = min(reach, 4 * k)  # replaced rows crowded the live ones out: look further
+
+    def _finder(self, loaded: _Loaded, queries: np.ndarray, want: int,
+                allowed: Allowed | None) -> tuple[Callable[[int], tuple[np.ndarray, np.ndarray]], int]:
+        """(k -> (similarities, global rows -1: none) [Q, <= k] of the top k allowed, the most rows it can
+        return): an exact scan of few allowed rows, else the index (through `Within`)."""
+        index, base = loaded.index, loaded.base
+        keep = None if allowed is None else allowed.positions(base, index.ntotal)
+        count = index.ntotal if keep is None else int(keep.sum())
+        if keep is not None and count <= SCAN_ROWS:
+            rows = np.flatnonzero(keep) + base
+            return (lambda k: scan(self.store, queries, rows, k)), max(1, count)
+        within = Within() if keep is None else Within.of(index, keep)
+        pool = candidates(loaded.setting, want)  # what tuning measured for a top `want`, re-ranked before any key is read
+
+        def find(k: int) -> tuple[np.ndarray, np.ndarray]:
+            spread = min(index.ntotal, int(np.ceil(k * within.spread)))
+            sims, ids = search_with(index, queries, spread, loaded.setting, self.reranker(base),
+                                    int(np.ceil(pool * within.spread)), within)
+            return sims, np.where(ids >= 0, ids + base, -1)
+        return find, max(1, count)  # with `spread`, a k of `count` covers the whole index
 
     def _current(self) -> _Loaded:
         """The index in memory, covering every row written so far."""
