@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg
 
 
+MIN_PICTURE_SIDE, MIN_PICTURE_HEIGHT = 256, 64  # pixels: smaller images are enlarged in their pictures
+MAX_PICTURE_SIDE = 4096  # but never beyond this
+
+
 def colormap(x: np.ndarray) -> np.ndarray:
     """[H, W] in [0, 1] -> [H, W, 3] uint8, a blue-cyan-yellow-red ramp (no matplotlib needed)."""
     stops = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 64, 0], [160, 0, 0]], float)
@@ -61,7 +65,7 @@ def annotate(picture: Image.Image, caption: str) -> Image.Image:
     """`picture` on a white canvas with `caption` in a strip below it and the colour scale of
     `colormap` beside it (high at the top, low at the bottom)."""
     w, h = picture.size
-    size = int(np.clip(max(w, h) / 40, 10, 48))
+    size = int(np.clip(min(max(w, h) / 40, h / 5), 10, 48))  # "high" and "low" fit one above the other
     font, pad = _font(size), max(2, size // 3)
     text_w = max(font.getlength(t) for t in ("high", "low"))
     low_h, caption_h = font.getbbox("low")[3], font.getbbox(caption)[3]
@@ -78,9 +82,18 @@ def annotate(picture: Image.Image, caption: str) -> Image.Image:
     return canvas
 
 
+def legible(picture: Image.Image) -> Image.Image:
+    """`picture` enlarged by a whole factor (nearest neighbour: pixels stay visible) until its longer side is
+    `MIN_PICTURE_SIDE` and its height `MIN_PICTURE_HEIGHT`, so that a thumbnail's colour scale has room
+    for "high" above "low"."""
+    w, h = picture.size
+    factor = min(max(-(-MIN_PICTURE_SIDE // max(w, h)), -(-MIN_PICTURE_HEIGHT // h)), max(1, MAX_PICTURE_SIDE // max(w, h)))
+    return picture.resize((w * factor, h * factor), Image.Resampling.NEAREST) if factor > 1 else picture
+
+
 def picture(image: Image.Image, heat_map: HeatMap, column: int, caption: str) -> Image.Image:
     """Label `column`'s map of `heat_map` over `image`, captioned, with its colour scale and the method's name."""
-    return annotate(overlay(image, heat_map.grid[column], heat_map.box), f"{caption} ({heat_map.method})")
+    return annotate(legible(overlay(image, heat_map.grid[column], heat_map.box)), f"{caption} ({heat_map.method})")
 
 
 def _slug(text: str) -> str:

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from clipzsl import load_labels
-from clipzsl.cli import labels_argument, main
+from clipzsl.cli import main
+from clipzsl.cli.options import labels_argument
 from test_images import make_bad_files
 
 

@@ -90,42 +90,42 @@ def test_a_wrong_adapter_type_is_still_a_type_error():
 
 
 def test_the_command_line_gives_one_line_for_a_clipzsl_error_and_a_traceback_for_a_bug(monkeypatch, capsys):
-    from clipzsl import cli
+    from clipzsl.cli import main, tools
 
     def refuse():
         raise InputError("no such thing; give another")
 
-    monkeypatch.setattr(cli, "available_models", refuse)
-    assert cli.main(["models"]) == 2
+    monkeypatch.setattr(tools, "available_models", refuse)
+    assert main(["models"]) == 2
     assert capsys.readouterr().err == "clipzsl: error: no such thing; give another\n"
 
     def disk_full():
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "available_models", disk_full)
-    assert cli.main(["models"]) == 2
+    monkeypatch.setattr(tools, "available_models", disk_full)
+    assert main(["models"]) == 2
     assert "No space left on device" in capsys.readouterr().err
 
     def bug():
         raise ValueError("a tensor of the wrong shape")  # not a ClipzslError: a bug, never a "user error"
 
-    monkeypatch.setattr(cli, "available_models", bug)
+    monkeypatch.setattr(tools, "available_models", bug)
     with pytest.raises(ValueError, match="wrong shape"):
-        cli.main(["models"])
+        main(["models"])
 
 
 def test_the_library_notices_reach_the_command_line_through_logging(monkeypatch, capsys):
     import logging
 
-    from clipzsl import cli
+    from clipzsl.cli import main, tools
 
     def notice():
         logging.getLogger("clipzsl.backends").info("building something once")
         logging.getLogger("clipzsl.store").warning("a damaged file was set aside")
         return [("packaged", "offline")]
 
-    monkeypatch.setattr(cli, "available_models", notice)
-    assert cli.main(["models"]) == 0
+    monkeypatch.setattr(tools, "available_models", notice)
+    assert main(["models"]) == 0
     assert capsys.readouterr().err == "clipzsl: building something once\nclipzsl: warning: a damaged file was set aside\n"
     assert not [h for h in logging.getLogger("clipzsl").handlers if isinstance(h, logging.StreamHandler)
                 and not isinstance(h, logging.NullHandler)]  # removed after the command

@@ -9,8 +9,8 @@ from PIL import Image
 
 import clipzsl
 from clipzsl.backends.packaged import CROP_PADDING, image_transform
-from clipzsl.explain import annotate, explain, output_stems, overlay
-from clipzsl.maps import View, image_view
+from clipzsl.explain import MIN_PICTURE_HEIGHT, annotate, explain, output_stems, overlay, picture
+from clipzsl.maps import HeatMap, View, image_view
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,15 @@ def test_explain_skips_an_unreadable_image_and_the_command_exits_1(tiny_clip, tm
     printed = capsys.readouterr()
     assert code == 1 and "b.png" in printed.err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a__cat.png", "a__dog.png", "c__cat.png", "c__dog.png"]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 40), (200, 9)])
+def test_a_tiny_image_is_enlarged_so_its_scale_and_caption_do_not_overlap(size):
+    heat = HeatMap(grid=np.arange(4.0).reshape(1, 2, 2), box=(0, 0, *size), method="cosine")
+    image = Image.new("RGB", size, (128, 128, 128))
+    out = np.asarray(picture(image, heat, 0, "cat 90%"))
+    factor = next(f for f in range(1, 300) if f * size[1] >= MIN_PICTURE_HEIGHT and f * max(size) >= 256)
+    drawn = np.asarray(overlay(image, heat.grid[0], heat.box))
+    area = out[:size[1] * factor, :size[0] * factor]
+    assert np.array_equal(area, drawn.repeat(factor, 0).repeat(factor, 1))  # enlarged whole, nothing written over it
+    assert out.shape[0] > size[1] * factor  # the caption strip is below it

@@ -10,7 +10,8 @@ from PIL import Image
 
 import clipzsl
 from clipzsl import ClassEntry, PromptFileError, load_labels, load_templates
-from clipzsl.cli import labels_argument, main
+from clipzsl.cli import main
+from clipzsl.cli.options import labels_argument
 from clipzsl.prompts import LABELS_DIR, MAX_TEXT_CHARS
 
 # the shapes of CLIP_benchmark's en_classnames.json and en_zeroshot_classification_templates.json
