@@ -143,19 +143,24 @@ def search(index, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray,
     k = min(k, index.ntotal)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if len(queries) < 2:
-        return index.search(queries, k, params=params)
+        return _searched(index, queries, k, params)
     import faiss
 
     with _FAISS_SETTING:
         saved = faiss.cvar.distance_compute_blas_threshold
         faiss.cvar.distance_compute_blas_threshold = 2
         try:
-            return index.search(queries, k, params=params)
+            return _searched(index, queries, k, params)
         finally:
             faiss.cvar.distance_compute_blas_threshold = saved
 
 
 _FAISS_SETTING = threading.Lock()
+
+
+def _searched(index, queries: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search`, with `params` only where given (so any object with FAISS's search(x, k) will do)."""
+    return index.search(queries, k) if params is None else index.search(queries, k, params=params)
 
 
 def selector_parameters(index, keep: np.ndarray):

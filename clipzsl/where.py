@@ -31,6 +31,8 @@ from .errors import InputError
 OPERATORS = {"=": "equal", "!=": "not_equal", "<>": "not_equal", "<": "less", "<=": "less_equal",
              ">": "greater", ">=": "greater_equal"}
 KEYWORDS = ("and", "or", "not", "in", "true", "false")
+#: most nested `not`s and parentheses a filter may have (deeper would exhaust Python's stack)
+MAX_DEPTH = 64
 _TOKEN = re.compile(r"""\s*(?:(?P<string>'(?:[^']|'')*')|(?P<quoted>"[^"]+")|(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
                         |(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op><=|>=|!=|<>|=|<|>)|(?P<punct>[(),]))""", re.VERBOSE)
 
@@ -110,6 +112,7 @@ class _Parser:
         self.text = text
         self.tokens = tokens(text)
         self.at = 0
+        self.depth = 0
 
     def peek(self) -> Token:
         return self.tokens[self.at]
@@ -152,14 +155,20 @@ class _Parser:
         return left
 
     def factor(self) -> Expr:
-        if self.keyword("not"):
-            return Not(self.factor())
-        if self.punct("("):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise FilterError(self.text, self.peek().position, f"nested more than {MAX_DEPTH} deep; write it flatter")
+        try:
+            if self.keyword("not"):
+                return Not(self.factor())
+            if not self.punct("("):
+                return self.comparison()
             inner = self.expr()
             if not self.punct(")"):
                 raise self.fail("`)`")
             return inner
-        return self.comparison()
+        finally:
+            self.depth -= 1
 
     def comparison(self) -> Expr:
         token = self.peek()

@@ -1,0 +1,160 @@
+"""Search inside a metadata filter against the unfiltered search (issue 23, item 3): its overhead and recall.
+
+N synthetic vectors (d = 384, bench_ann's `collection`: clustered, float16 in the store) get a metadata
+column `bucket` (uniform 0..999, seeded), kept with the index (`clipzsl.metadata`); the default index of
+that size is built once (`SavedIndex.save("auto")`: exact at 10^5, fast-scan PQ codes + exact re-rank at
+10^6, tuned on stored vectors) and reused for every selectivity: `bucket < 500`, `< 100`, `< 10`, `< 1`
+(50%, 10%, 1%, 0.1%). Queries: QUERIES text-like and QUERIES image-like ones (bench_ann's generators).
+Per selectivity and kind: ms per query (one at a time, the filter evaluated each time: `ImageIndex`-style
+`Metadata.allowed` + `SavedIndex.search(allowed=...)`), recall@10 against brute force over the filtered
+subset, and the two search paths forced (`SCAN_ROWS` 0: the index with an ID selector or post-filter;
+infinite: the exact scan of the allowed rows), which is how the switch point `SCAN_ROWS` was chosen.
+
+Usage: nice python -m benchmarks.bench_filter [--rows 100000,1000000] [--queries 50]
+Results: benchmarks/results/filter.md and filter.json
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import common, report
+from .bench_ann import CHUNK, collection, image_like, text_like
+
+SELECTIVITIES = (0.5, 0.1, 0.01, 0.001)
+QUICK = {"rows": "20000", "queries": 10}
+#: the exact scan is timed only up to this many allowed rows (at 5x10^5 it reads 400 MB per query)
+SCAN_TIMED_ROWS = 100_000
+
+
+def build(folder: Path, vectors: np.ndarray):
+    """A store of `vectors` (float16), its default index and a `bucket` metadata column."""
+    import pyarrow as pa
+
+    from clipzsl.metadata import Metadata
+    from clipzsl.saved_index import SavedIndex
+    from clipzsl.store import EmbeddingStore
+
+    store = EmbeddingStore(folder, "synthetic", vectors.shape[1], "synthetic", dtype="float16")
+    keys = [f"/data/{i % 100:02d}/{i:08d}.jpg" for i in range(len(vectors))]
+    for start in range(0, len(vectors), CHUNK):
+        store.add(keys[start : start + CHUNK], vectors[start : start + CHUNK])
+    started = time.perf_counter()
+    saved = SavedIndex(store)
+    state = saved.save("auto")
+    built = time.perf_counter() - started
+    buckets = np.random.default_rng(7).integers(0, 1000, len(vectors))
+    metadata = Metadata(store)
+    metadata.update([], pa.table({"path": keys, "bucket": buckets}), sizes=False)
+    return saved, metadata, buckets, {"factory": state.get("factory", "Flat"), "param": state.get("param", 0),
+                                      "rerank": state.get("rerank", 0), "build_s": round(built, 1)}
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray, chosen: np.ndarray) -> list[set[int]]:
+    """The exact top 10 rows among `chosen`, per query."""
+    sims = queries @ vectors[chosen].T
+    return [set(chosen[row].tolist()) for row in np.argsort(-sims, axis=1)[:, :10]]
+
+
+def timed(saved, metadata, queries: np.ndarray, where: str | None, first: int) -> tuple[float, list[set[int]]]:
+    """(ms per query, found rows per query): each query searched alone, the filter evaluated each time."""
+    found, started = [], time.perf_counter()
+    for query in queries:
+        allowed = metadata.allowed(where) if where else None
+        found.append({int(k[-12:-4]) for k, _ in saved.search(query[None], 10, allowed)[0]})
+    return 1000 * (time.perf_counter() - started) / len(queries), found
+
+
+def recall(found: list[set[int]], exact: list[set[int]]) -> float:
+    return float(np.mean([len(f & e) / max(1, len(e)) for f, e in zip(found, exact)]))
+
+
+def one_point(saved, metadata, vectors, kinds, where, chosen) -> dict:
+    """Per kind: ms/query and recall@10 on the chosen path, and ms/query on each path forced."""
+    from clipzsl import saved_index
+
+    point: dict = {"where": where, "allowed": int(len(chosen))}
+    for kind, queries in kinds.items():
+        exact = exact_top(vectors, queries, chosen if where else np.arange(len(vectors)))
+        ms, found = timed(saved, metadata, queries, where, 0)
+        point[kind] = {"ms": round(ms, 2), "recall": round(recall(found, exact), 4)}
+        if where is None:
+            continue
+        limit = saved_index.SCAN_ROWS
+        try:
+            for path, rows in (("index", 0), ("scan", 1 << 62)):
+                if path == "scan" and len(chosen) > SCAN_TIMED_ROWS:
+                    continue
+                saved_index.SCAN_ROWS = rows
+                ms, found = timed(saved, metadata, queries[:max(5, len(queries) // 2)], where, 0)
+                point[kind][f"{path}_ms"] = round(ms, 2)
+        finally:
+            saved_index.SCAN_ROWS = limit
+    return point
+
+
+def measure_size(rows: int, queries: int) -> dict:
+    vectors = collection(rows)
+    kinds = {"text": text_like(queries, seed=5), "image": image_like(queries, seed=5)}
+    with tempfile.TemporaryDirectory(prefix="bench-filter-") as tmp:
+        saved, metadata, buckets, size = build(Path(tmp) / "index", vectors)
+        started = time.perf_counter()
+        metadata.allowed("bucket < 1")
+        size["first_filter_s"] = round(time.perf_counter() - started, 2)  # reads the table, maps keys to rows
+        size["rows"] = rows
+        size["points"] = [one_point(saved, metadata, vectors, kinds, None, np.arange(rows))]
+        for share in SELECTIVITIES:
+            where = f"bucket < {round(share * 1000)}"
+            size["points"].append(one_point(saved, metadata, vectors, kinds, where, np.flatnonzero(
+                buckets < round(share * 1000))))
+    return size
+
+
+def summary(results: dict) -> list[str]:
+    lines = ["# Search inside a metadata filter: overhead and recall", "",
+             f"d = {results['dim']}, {results['queries']} queries per kind, one at a time; the filter is evaluated on "
+             "every query (pyarrow over the metadata table). `ms` is the path chosen (exact scan of the allowed rows "
+             f"up to SCAN_ROWS = {results['scan_rows']:,}, else the index with an ID selector / post-filter); "
+             "`index ms` and `scan ms` force one path. Recall@10 is against brute force over the filtered subset.", ""]
+    for size in results["sizes"]:
+        lines += [f"## {size['rows']:,} vectors: {size['factory']} (param {size['param']}, re-rank {size['rerank']}), "
+                  f"built in {size['build_s']} s; first filter {size['first_filter_s']} s (table read, keys mapped)", "",
+                  "| filter | allowed | kind | ms | recall@10 | index ms | scan ms |", "|---|---|---|---|---|---|---|"]
+        for p in size["points"]:
+            for kind in ("text", "image"):
+                r = p[kind]
+                lines.append(f"| {p['where'] or '(none)'} | {p['allowed']:,} | {kind} | {r['ms']} | {r['recall']:.3f} | "
+                             f"{r.get('index_ms', '')} | {r.get('scan_ms', '')} |")
+        lines.append("")
+    return lines
+
+
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = report.parser("bench_filter", __doc__, f"{QUICK['rows']} rows, {QUICK['queries']} queries per kind")
+    parser.add_argument("--rows", help="comma-separated sizes (default 100000,1000000)")
+    parser.add_argument("--queries", type=int, help="queries per kind (default 50)")
+    parser.set_defaults(name="filter")
+    return report.fill(parser.parse_args(argv), QUICK, {"rows": "100000,1000000", "queries": 50})
+
+
+def measure(args: argparse.Namespace) -> dict:
+    from clipzsl.saved_index import SCAN_ROWS
+
+    results: dict = {"quick": args.quick, "dim": 384, "queries": args.queries, "scan_rows": SCAN_ROWS,
+                     "load_average": {"before": common.load_average()}}
+    results["sizes"] = [measure_size(int(rows), args.queries) for rows in args.rows.split(",") if rows]
+    results["load_average"]["after"] = common.load_average()
+    report.write(args.name, results, summary(results))
+    return results
+
+
+run, main = report.entry_points(options, measure, report.printer(summary))
+
+
+if __name__ == "__main__":
+    main()
