@@ -326,9 +326,14 @@ class ImageIndex:
             return [[] for _ in range(len(queries))]
         return self.saved_index.search(self.query_vectors(queries), top_k, allowed)
 
-    def allowed(self, where: str | None) -> Allowed | None:
-        """The rows a search may return: those the filter `where` holds true for (None: every row)."""
-        return None if where is None else self.metadata.allowed(where)
+    def allowed(self, where: str | None) -> Callable[[], Allowed] | None:
+        """The rows a search may return, as `SavedIndex.search` takes them: those the filter `where` holds
+        true for, worked out inside the search's consistent read (None: every row). The filter is checked
+        now (`clipzsl.where.FilterError`)."""
+        if where is None:
+            return None
+        self.metadata.check(where)
+        return lambda: self.metadata.allowed(where)
 
     def text_queries(self, count: int, part: int = 0) -> np.ndarray | None:
         """`count` text-like queries from the model's text tower (`vocabulary_queries`: part 0 tunes the

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from . import where as filters
 from .errors import InputError
 from .saved_index import Allowed
 from .store import EmbeddingStore, StoreError, atomic_write, file_crc
@@ -282,6 +283,11 @@ class Metadata:
         self.store.set_state(METADATA_STATE, {"bytes": self.path.stat().st_size, "crc": file_crc(self.path),
                                               "rows": len(table)})
         self._mapped = None
+
+    def check(self, where: str) -> None:
+        """Refuse (`clipzsl.where.FilterError`) a filter that does not parse or names a column or kind of value
+        the table lacks, without evaluating it."""
+        filters.check(filters.parse(where), self._current().table.schema, where)
 
     def allowed(self, where: str) -> Allowed:
         """The global rows whose metadata the filter `where` (`clipzsl.where`) holds true for."""

@@ -54,9 +54,12 @@ TextQueries = Callable[[int, int], Optional[np.ndarray]]
 
 #: ids of the candidates [Q, R] (-1: none) of queries [Q, D] -> (similarities, ids) [Q, R], exact, best first
 Rerank = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-#: a search allowed this many rows or fewer scores them exactly from the store rather than searching the index
-#: (benchmarks/results/filter.md: at 10^6 rows the scan of 10^4 rows costs about what the unfiltered search does)
-SCAN_ROWS = 20_000
+#: a search allowed this many rows or fewer scores them exactly from the store rather than searching the index,
+#: unless the index is exact (Flat: `scan_rows`). benchmarks/results/filter.md, 10^6 rows of fast-scan PQ codes
+#: (which take no ID selector: post-filtered over size/allowed times the candidates, all re-ranked): the scan
+#: took 36-38 ms at 978 allowed rows against 108-137 ms through the index, 132-160 ms at 9,895 against 51-68;
+#: the two meet near the geometric midpoint, 3,000
+SCAN_ROWS = 3_000
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,16 @@ def search_with(index: Any, queries: np.ndarray, k: int, setting: Setting, reran
         return np.where(kept >= 0, similarities, -np.inf), kept
     similarities, ids = rerank(queries, within.kept(faiss_search(index, queries, max(pool, k), within.params)[1]))
     return similarities[:, :k], ids[:, :k]
+
+
+def scan_rows(index: Any) -> int:
+    """The most allowed rows that `SavedIndex.search` scores exactly from the store rather than searching
+    `index`: SCAN_ROWS, and none for an exact (Flat) index, whose ID-selector search is exact too and skips
+    the rows filtered out (benchmarks/results/filter.md, 10^5 rows: 10-15 ms at 100 and 1,000 allowed rows as
+    the scan, 24-30 ms at 10^4 against 173-175 ms for the scan)."""
+    import faiss
+
+    return 0 if isinstance(index, faiss.IndexFlat) else SCAN_ROWS
 
 
 def scan(store: EmbeddingStore, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -445,18 +458,22 @@ class SavedIndex:
         return self.state()
 
     def search(self, queries: np.ndarray, top_k: int,
-               allowed: Allowed | None = None) -> list[list[tuple[str, float]]]:
+               allowed: Allowed | Callable[[], Allowed] | None = None) -> list[list[tuple[str, float]]]:
         """Per query, the `top_k` (key, inner product) pairs, best first, through the saved index
         (exact search over the segments when none was saved); rows added since it was saved are
         searched too. Never rebuilds or trains an index. `allowed`: only those rows may come back
-        (a metadata filter's, say): at most SCAN_ROWS of them are scored exactly from the store; more
-        are searched through the index with an ID selector (`Within`), as exact as the unfiltered
-        search of that index (exact for Flat)."""
+        (a metadata filter's, say): at most SCAN_ROWS of them are scored exactly from the store (none for a
+        Flat index: `scan_rows`); more are searched through the index with an ID selector (`Within`), as exact as the unfiltered
+        search of that index (exact for Flat). A callable `allowed` (`Metadata.allowed` of a filter, say)
+        is called inside the same consistent read as the search: a compaction between the two, which
+        renumbers every row, starts both again rather than searching with the rows of before."""
         queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.store.embed_dim))
         return self.store.consistent(lambda: self._search(queries, top_k, allowed))
 
-    def _search(self, queries: np.ndarray, want: int, allowed: Allowed | None) -> list[list[tuple[str, float]]]:
+    def _search(self, queries: np.ndarray, want: int,
+                allowed: Allowed | Callable[[], Allowed] | None) -> list[list[tuple[str, float]]]:
         loaded = self._current()
+        allowed = allowed() if callable(allowed) else allowed  # on the rows just reloaded, checked by `consistent`
         index, base = loaded.index, loaded.base
         if index.ntotal == 0:
             return [[] for _ in queries]
@@ -482,7 +499,7 @@ class SavedIndex:
         index, base = loaded.index, loaded.base
         keep = None if allowed is None else allowed.positions(base, index.ntotal)
         count = index.ntotal if keep is None else int(keep.sum())
-        if keep is not None and count <= SCAN_ROWS:
+        if keep is not None and count <= scan_rows(index):
             rows = np.flatnonzero(keep) + base
             return (lambda k: scan(self.store, queries, rows, k)), max(1, count)
         within = Within() if keep is None else Within.of(index, keep)

@@ -4,7 +4,7 @@ the table's durability (checked on load, kept over compaction, rebuilt by repair
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -146,7 +146,7 @@ def brute_force(vectors, keys, queries, chosen, k):
     return [[keys[chosen[j]] for j in row] for row in order], np.take_along_axis(sims, order, 1)
 
 
-@pytest.mark.parametrize("factory, scan_rows", [("Flat", 0), ("Flat", 10 ** 9), ("IVF8,Flat", 0),
+@pytest.mark.parametrize("factory, scan_rows", [("Flat", 0), ("IVF8,Flat", 10 ** 9), ("IVF8,Flat", 0),
                                                 ("PQ16x4fs", 0), ("IVF8,PQ16x4fs", 0)])
 @pytest.mark.parametrize("where", ["folder = 'cats'", "folder = 'dogs' and name < '00300.jpg'",
                                    "name in ('00007.jpg', '02999.jpg') or folder = 'nowhere'", "folder = 'none'"])
@@ -166,6 +166,18 @@ def test_filtered_search_is_brute_force_over_the_subset(tmp_path, vectors, monke
     expected, sims = brute_force(vectors, keys, queries, chosen, 10)
     assert [[p for p, _ in hits] for hits in found] == expected
     assert np.allclose(np.array([[s for _, s in hits] for hits in found]).reshape(sims.shape), sims, atol=1e-5)
+
+
+@pytest.mark.parametrize("factory, scans", [("Flat", False), ("IVF8,Flat", True), ("PQ16x4fs", True)])
+def test_only_an_inexact_index_lets_few_allowed_rows_be_scanned(tmp_path, vectors, monkeypatch, factory, scans):
+    """A Flat index's selector search is exact and skips the rows filtered out: never the store scan."""
+    store, _, keys = filled(tmp_path, vectors, factory)
+    scanned, real = [], saved_index.scan
+    monkeypatch.setattr(saved_index, "scan", lambda *args: scanned.append(1) or real(*args))
+    allowed = Allowed.of_rows(np.arange(100, 200) + store.row_span[0], store.row_span)  # keys 100..199
+    found = SavedIndex(store).search(vectors[[3, 60]], 10, allowed)
+    expected, _ = brute_force(vectors, keys, vectors[[3, 60]], np.arange(100, 200), 10)
+    assert bool(scanned) == scans and [[p for p, _ in hits] for hits in found] == expected
 
 
 def test_fast_scan_without_selector_still_reaches_unfiltered_recall(tmp_path, vectors):
@@ -235,6 +247,27 @@ def test_metadata_survives_compaction_and_repair_rebuilds_it(tiny, tmp_path):
     again = ImageIndex(tmp_path / "idx")
     assert again.metadata.table().num_rows == 3 and "stars" not in again.metadata.table().column_names
     assert len(again.search("x", 5, where="folder = 'cats'")) == 2
+
+
+def test_a_compaction_between_the_filter_and_the_search_starts_both_again(tiny, tmp_path, monkeypatch):
+    """The filter's rows are worked out inside the search's consistent read: a compaction right after them
+    (every row renumbered) makes the search run again on the new rows, not return stale or no rows."""
+    photos(tmp_path / "p")
+    index = ImageIndex(tmp_path / "idx", tiny)
+    index.update(tmp_path / "p")
+    before = index.search("x", 5, where="folder = 'cats'")
+    computed, spans = Metadata.allowed, []
+
+    def compacting(self, where):
+        allowed = computed(self, where)
+        spans.append(self.store.row_span)
+        if len(spans) == 1:
+            ImageIndex(tmp_path / "idx").store.compact()  # by another handle, as another process would
+        return allowed
+
+    monkeypatch.setattr(Metadata, "allowed", compacting)
+    assert index.search("x", 5, where="folder = 'cats'") == before and len(before) == 2
+    assert len(spans) == 2 and spans[1][0] >= spans[0][1]  # worked out again over the renumbered rows
 
 
 def _csv(tmp_path):

@@ -2,21 +2,19 @@
 import shutil
 
 import pytest
-from PIL import Image
 
 pytest.importorskip("fastapi", reason="the service needs the serve extra: pip install 'clipzsl[serve]'")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
+from test_filter import photos
 
-import clipzsl  # noqa: E402
-from clipzsl.serve import create_app  # noqa: E402
+import clipzsl
+from clipzsl.serve import create_app
 
 
 @pytest.fixture(scope="module")
 def served(tiny_clip, tmp_path_factory):
     root = tmp_path_factory.mktemp("filter-serve")
-    for sub, color, size in (("cats", "red", (640, 480)), ("cats", "pink", (100, 80)), ("dogs", "blue", (800, 600))):
-        (root / "p" / sub).mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", size, color).save(root / "p" / sub / f"{color}.png")
+    photos(root / "p")
     index = clipzsl.ImageIndex(root / "idx", f"hf:{tiny_clip}")
     index.update(root / "p", progress=False)
     return root, index
