@@ -55,11 +55,15 @@ TextQueries = Callable[[int, int], Optional[np.ndarray]]
 #: ids of the candidates [Q, R] (-1: none) of queries [Q, D] -> (similarities, ids) [Q, R], exact, best first
 Rerank = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: a search allowed this many rows or fewer scores them exactly from the store rather than searching the index,
-#: unless the index is exact (Flat: `scan_rows`). benchmarks/results/filter.md, 10^6 rows of fast-scan PQ codes
-#: (which take no ID selector: post-filtered over size/allowed times the candidates, all re-ranked): the scan
-#: took 36-38 ms at 978 allowed rows against 108-137 ms through the index, 132-160 ms at 9,895 against 51-68;
-#: the two meet near the geometric midpoint, 3,000
-SCAN_ROWS = 3_000
+#: unless the index is exact (Flat: `scan_rows`). Chosen on benchmarks/results/filter.md, 10^6 rows of fast-scan
+#: PQ codes (which take no ID selector: post-filtered over size/allowed times the candidates, re-ranked), median
+#: ms per query, scan / index: 978 allowed rows 6.4 / 32-33, 1,998: 8.4-8.8 / 22-25, 4,975: 15-16 / 18,
+#: 9,895: 19-20 / 15. The scan's cost grows with the rows, the index's falls: the last point the scan won.
+SCAN_ROWS = 5_000
+#: rows a scan multiplies at once: one query's product with 1,000 rows or more goes to OpenBLAS's threads,
+#: which on a busy machine stalled it (2,000 rows of d = 384: 5.5 ms median, up to 108 ms at 5,000; in blocks
+#: of 512: 0.24 and 0.77 ms)
+SCAN_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -218,8 +222,8 @@ def search_with(index: Any, queries: np.ndarray, k: int, setting: Setting, reran
 def scan_rows(index: Any) -> int:
     """The most allowed rows that `SavedIndex.search` scores exactly from the store rather than searching
     `index`: SCAN_ROWS, and none for an exact (Flat) index, whose ID-selector search is exact too and skips
-    the rows filtered out (benchmarks/results/filter.md, 10^5 rows: 10-15 ms at 100 and 1,000 allowed rows as
-    the scan, 24-30 ms at 10^4 against 173-175 ms for the scan)."""
+    the rows filtered out (benchmarks/results/filter.md, 10^5 rows, median ms, index / scan: 7-8 / 104-112
+    at 9,889 allowed rows, 1.1-1.2 / 1.7 at 974, within 0.2 ms of each other at 101 and 197)."""
     import faiss
 
     return 0 if isinstance(index, faiss.IndexFlat) else SCAN_ROWS
@@ -231,7 +235,8 @@ def scan(store: EmbeddingStore, queries: np.ndarray, rows: np.ndarray, k: int) -
     k = min(k, len(rows))
     if not k:
         return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
-    sims = queries @ store.read_rows(rows).T
+    vectors = store.read_rows(rows)
+    sims = np.hstack([queries @ vectors[start:start + SCAN_BLOCK].T for start in range(0, len(rows), SCAN_BLOCK)])
     best = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < len(rows) else np.broadcast_to(np.arange(k), sims.shape)
     best = np.sort(best, axis=1)  # ties resolve to the lower row, as FAISS's own heap does
     order = np.argsort(-np.take_along_axis(sims, best, 1), axis=1, kind="stable")
