@@ -57,8 +57,8 @@ Rerank = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: a search allowed this many rows or fewer scores them exactly from the store rather than searching the index,
 #: unless the index is exact (Flat: `scan_rows`). Chosen on benchmarks/results/filter.md, 10^6 rows of fast-scan
 #: PQ codes (which take no ID selector: post-filtered over size/allowed times the candidates, re-ranked), median
-#: ms per query, scan / index: 978 allowed rows 6.4 / 32-33, 1,998: 8.4-8.8 / 22-25, 4,975: 15-16 / 18,
-#: 9,895: 19-20 / 15. The scan's cost grows with the rows, the index's falls: the last point the scan won.
+#: ms per query, scan / index: 978 allowed rows 6.8-9.3 / 30, 1,998: 7.9-8.6 / 22, 4,975: 11.5-11.7 / 17-18,
+#: 9,895: 17-22 / 15. The scan's cost grows with the rows, the index's falls: the last point the scan won.
 SCAN_ROWS = 5_000
 #: rows a scan multiplies at once: one query's product with 1,000 rows or more goes to OpenBLAS's threads,
 #: which on a busy machine stalled it (2,000 rows of d = 384: 5.5 ms median, up to 108 ms at 5,000; in blocks
@@ -222,8 +222,8 @@ def search_with(index: Any, queries: np.ndarray, k: int, setting: Setting, reran
 def scan_rows(index: Any) -> int:
     """The most allowed rows that `SavedIndex.search` scores exactly from the store rather than searching
     `index`: SCAN_ROWS, and none for an exact (Flat) index, whose ID-selector search is exact too and skips
-    the rows filtered out (benchmarks/results/filter.md, 10^5 rows, median ms, index / scan: 7-8 / 104-112
-    at 9,889 allowed rows, 1.1-1.2 / 1.7 at 974, within 0.2 ms of each other at 101 and 197)."""
+    the rows filtered out (benchmarks/results/filter.md, 10^5 rows, median ms, index / scan: 4.8-5.5 / 12-13.5
+    at 9,889 allowed rows, 1.1-1.2 / 1.7-1.8 at 974; the scan's best gain, at 101 rows, 0.12 ms)."""
     import faiss
 
     return 0 if isinstance(index, faiss.IndexFlat) else SCAN_ROWS
