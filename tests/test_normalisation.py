@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import clipzsl
 from clipzsl import PromptFileError, load_labels, load_templates
-from clipzsl.cli import labels_argument, main
+from clipzsl.cli import main
+from clipzsl.cli.options import labels_argument
 from clipzsl.prompts import normalise_text
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
