@@ -45,11 +45,12 @@ DEFAULT_THRESHOLD = 0.97
 #: cosine similarity from which pairs are candidates for the hash's verification (`verify="hash"`): chosen with
 #: `DEFAULT_HASH_DISTANCE` on a development half of the planted copies (benchmarks/results/dedup.md)
 CANDIDATE_THRESHOLD = 0.90
-#: imagehash's hash that verifies candidate pairs, and its size in bits (8 x 8)
-HASH_METHOD = "phash"
+#: imagehash's hash that verifies candidate pairs (chosen with the distance on the development half), and its size in
+#: bits (8 x 8)
+HASH_METHOD = "dhash"
 HASH_BITS = 64
 #: the most bits two images' hashes may differ by to be near-duplicates (`verify="hash"`)
-DEFAULT_HASH_DISTANCE = 12
+DEFAULT_HASH_DISTANCE = 14
 #: how candidate pairs are verified: by their files' perceptual hashes, or not at all (the embedding alone)
 VERIFY_CHOICES = ("hash", "none")
 #: images decoded and hashed per task, and the threads that do it (Pillow releases the GIL while it decodes)
