@@ -40,7 +40,7 @@ from . import common, datasets, report
 
 NAME = "dedup"
 #: originals per collection (skimage: all 7): full run, --quick
-SIZES = {"full": {"tuxpaint": 120, "emoji": 120}, "quick": {"tuxpaint": 20, "emoji": 20}}
+SIZES = {"full": {"tuxpaint": 240, "emoji": 240}, "quick": {"tuxpaint": 20, "emoji": 20}}
 #: cosine thresholds of the embedding alone, and of the candidates a hash verifies
 THRESHOLDS = (0.85, 0.90, 0.94, 0.97, 0.99)
 CANDIDATES = (0.85, 0.90, 0.94)
@@ -261,7 +261,9 @@ def protocol(planted: dict) -> list[str]:
             "apart; the defaults are the setting of best F1 over all kinds on the development half, and the table "
             "gives the test half. Precision / recall in percent; per kind over the originals and that kind's copies, "
             "`all` over everything at once. Pairs with a file that cannot be hashed fall back to the embedding alone "
-            f"(none here). Dev F1: all kinds, development half."]
+            "(none here). Dev F1: all kinds, development half. A first run with half as many originals (123 in the "
+            "development half) chose dhash <= 14 by 0.2 F1 points over phash, and dhash kept 69% precision on its test "
+            "half (seven clock-face emoji chained into one group); with these sizes both halves choose the same setting."]
 
 
 def test_table(planted: dict) -> list[str]:

@@ -44,10 +44,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.97
 #: cosine similarity from which pairs are candidates for the hash's verification (`verify="hash"`): chosen with
 #: `DEFAULT_HASH_DISTANCE` on a development half of the planted copies (benchmarks/results/dedup.md)
-CANDIDATE_THRESHOLD = 0.90
+CANDIDATE_THRESHOLD = 0.85
 #: imagehash's hash that verifies candidate pairs (chosen with the distance on the development half), and its size in
 #: bits (8 x 8)
-HASH_METHOD = "dhash"
+HASH_METHOD = "phash"
 HASH_BITS = 64
 #: the most bits two images' hashes may differ by to be near-duplicates (`verify="hash"`)
 DEFAULT_HASH_DISTANCE = 14

@@ -174,7 +174,7 @@ def test_index_dedup_command_lists_hides_and_shows(tmp_path, tiny_clip, capsys):
     out, err = capsys.readouterr()
     rows = out.splitlines()
     assert rows[0] == "group,path,similarity,kept" and len(rows) == 3 and {r.split(",")[0] for r in rows[1:]} == {"1"}
-    assert "1 groups of near-duplicates at cosine similarity >= 0.999 and dhash distance <= " in err
+    assert "1 groups of near-duplicates at cosine similarity >= 0.999 and phash distance <= " in err
     assert "; --hide keeps" in err and "without a file" not in err
     assert main(["index", "dedup", idx, "--threshold", "0.999", "--hide"]) == 0
     assert "1 images hidden from search" in capsys.readouterr().err

@@ -135,7 +135,7 @@ def test_index_dedup_verify_and_hash_distance_options(tmp_path, tiny_clip, capsy
     photos, idx = photo_index(tmp_path, tiny_clip, capsys)
     assert main(["index", "dedup", idx, "--threshold", "0.5", "--format", "csv"]) == 0
     out, err = capsys.readouterr()
-    assert len(out.splitlines()) == 3 and "cosine similarity >= 0.5 and dhash distance <= " in err
+    assert len(out.splitlines()) == 3 and "cosine similarity >= 0.5 and phash distance <= " in err
     assert main(["index", "dedup", idx, "--threshold", "0.5", "--hash-distance", "0", "--verify", "none"]) == 0
     assert "cosine similarity >= 0.5; --hide" in capsys.readouterr().err
     (photos / "copy.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
