@@ -48,9 +48,11 @@ BENCHMARKS = {
     "store_scale": "The embedding store at scale: append, open, label cache, from-shards, index images",
     "compressed": "An index under a memory budget (--max-memory), built in one pass over shards",
     "ann": "Approximate indexes for text-like and image-like queries: recall@10 against ms per query",
+    "filter": "Search inside a metadata filter (--where) against the unfiltered search: overhead and recall",
     "serve": "`clipzsl serve` under load, and its page in a real browser",
     "gpu": "Device and precision: images/s end to end, fp32 against bf16, the pipeline's memory",
     "distributed": "Ray Data's overhead at equal cores",
+    "onnx": "ONNX export against torch: install size, image-tower speed on the CPU, what serving imports",
 }
 #: run only when named (--only), and why: the plain run stays about an hour on 2 cores
 BY_NAME_ONLY = {
@@ -60,6 +62,7 @@ BY_NAME_ONLY = {
     "store_scale": "a million rows, autofaiss in its own venv",
     "compressed": "a million rows, built under two budgets (about 15 min on 2 cores)",
     "ann": "six indexes over a million rows (about 30 min)",
+    "filter": "a million rows, one index for four selectivities (about 10 min)",
     "serve": "load tests of a live server, a browser for the screenshot",
     "gpu": "a GPU measurement",
     "distributed": "needs Ray",

@@ -224,6 +224,23 @@ def index_info(directory: str) -> int:
     return 0
 
 
+def onnx_imports(folder: str) -> int:
+    """Classify one image through `onnx:<folder>` (bench_onnx): which heavy modules `import clipzsl` alone
+    brings in, which are in the process after classifying, and the seconds it all took."""
+    start = time.perf_counter()
+    heavy = ("torch", "torchvision", "timm", "open_clip", "transformers", "onnxruntime")
+    import clipzsl
+
+    by_package = [m for m in heavy if m in sys.modules]
+    from PIL import Image
+
+    classifier = clipzsl.ZeroShotClassifier(f"onnx:{folder}", labels=["cat", "dog"], cache=False)
+    classifier.predict([Image.new("RGB", (64, 48), "red")])
+    print(json.dumps({"package_import": by_package, "after_classify": [m for m in heavy if m in sys.modules],
+                      "seconds": time.perf_counter() - start}))
+    return 0
+
+
 CHILDREN: dict[str, Callable[..., int]] = {
     "counting-classify": counting_classify,
     "embed-peak-rss": embed_peak_rss,
@@ -233,6 +250,7 @@ CHILDREN: dict[str, Callable[..., int]] = {
     "budget-build": budget_build,
     "budget-search": budget_search,
     "index-info": index_info,
+    "onnx-imports": onnx_imports,
 }
 
 

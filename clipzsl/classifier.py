@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .adapter import CrossAttentionAdapter, tokens_of
+from .adapter import tokens_of
 from .backends import DEFAULT_MODEL, Backend, load_model
 from .backends.base import CacheArg, cache_dir_of
 from .errors import ClipzslError, InputError

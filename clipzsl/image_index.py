@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,8 +25,9 @@ from .backends import Backend, load_model
 from .errors import InputError, MissingExtra
 from .images import EmbeddedImages, ImageLoadError, check_output, embed_images, expand_sources
 from .prompts import query_text
+from .metadata import Metadata, read_sidecar
 from .records import RecordError, dumps, parse, rule
-from .saved_index import SavedIndex, describe_tuning, factory_within, parse_size, save_streamed
+from .saved_index import Allowed, SavedIndex, describe_tuning, factory_within, parse_size, save_streamed
 from .store import EmbeddingStore, StoreError
 from .tars import TarMember, embed_named, is_tar, tar_members
 from .text_encoding import vocabulary_queries
@@ -209,6 +210,7 @@ class ImageIndex:
         )
         self.saved_index = SavedIndex(self.store, self.text_queries)
         self._hidden: tuple[object, frozenset[str]] = (None, frozenset())  # (the record as stored, its paths)
+        self.metadata = Metadata(self.store)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -236,6 +238,7 @@ class ImageIndex:
         workers: int | None = None,
         prune: bool = False,
         max_memory: int | str | None = None,
+        metadata: str | os.PathLike | None = None,
     ) -> UpdateReport:
         """Embed new and changed images under `folders`; forget indexed files that are gone.
         `factory`: FAISS factory string of the saved index ("auto": the saved one, else by size),
@@ -247,7 +250,10 @@ class ImageIndex:
         only once it is confirmed gone (a file in a folder that cannot be read is kept). With it,
         every indexed file under `folders` that was not found now is forgotten.
         `max_memory` (bytes, or a size such as "2G") bounds the saved index's size in RAM, as in
-        `index_from_shards`: the factory is chosen to fit the collection's size after the update."""
+        `index_from_shards`: the factory is chosen to fit the collection's size after the update.
+        `metadata`: a sidecar CSV of extra columns keyed by `path` (`clipzsl.metadata.read_sidecar`),
+        stored with the index beside the path-derived ones (folder, name, width, height) for `where`."""
+        extra = read_sidecar(metadata) if metadata is not None else None  # a bad CSV: refused before any work
         plan = self._plan(folders, prune)
         count = len(plan.stored) - len(plan.gone) + sum(f not in plan.stored for f in plan.todo)
         if max_memory is not None:  # a bad budget, or none that fits: refused before anything is embedded
@@ -263,6 +269,7 @@ class ImageIndex:
             report.updated += sum(1 for f in result.sources if f in plan.stored)
             report.added += sum(1 for f in result.sources if f not in plan.stored)
         self.saved_index.save(factory)
+        self.metadata.update(plan.todo, extra)
         return report
 
     def _plan(self, folders: str | os.PathLike | Sequence[str | os.PathLike], prune: bool) -> _Plan:
@@ -291,18 +298,23 @@ class ImageIndex:
             yield result
 
     def add_vectors(self, blocks: Iterable[tuple[Sequence[str], np.ndarray]], factory: str = "auto",
-                    training: Callable[[int], np.ndarray] | None = None) -> dict:
+                    training: Callable[[int], np.ndarray] | None = None, metadata: Any = None) -> dict:
         """Add (paths, vectors [N, D]) blocks embedded elsewhere (e.g. by `clipzsl embed` into shards),
         then bring the saved FAISS index up to date; `factory` is refused (an InputError) before the
         first row is written. With `training` (n -> n vectors drawn from the blocks' data) the index is
         built as the blocks come, in one pass (`save_streamed`). Returns the saved index's state
-        (`SavedIndex.state`)."""
+        (`SavedIndex.state`). `metadata`: extra columns keyed by `path` (a pyarrow table, e.g.
+        `clipzsl.metadata.shard_columns`) stored beside the path-derived ones (no width or height read:
+        the files may be elsewhere)."""
         self.saved_index.check_factory(factory)
         if training is not None:
-            return save_streamed(self.saved_index, factory, blocks, training)
-        for paths, vectors in blocks:
-            self.store.add(paths, vectors)
-        return self.saved_index.save(factory)
+            state = save_streamed(self.saved_index, factory, blocks, training)
+        else:
+            for paths, vectors in blocks:
+                self.store.add(paths, vectors)
+            state = self.saved_index.save(factory)
+        self.metadata.update([], metadata, sizes=False)
+        return state
 
     def query_vector(self, query: Query) -> np.ndarray:
         """A query as one embedding [1, D]: text, an image file (`pathlib.Path`), or a vector."""
@@ -340,20 +352,41 @@ class ImageIndex:
         row = {path: r for r, path in enumerate(unique)}
         return embedded.embeddings.numpy()[[row[p] for p in paths]]
 
-    def search(self, query: Query, top_k: int = 10) -> list[tuple[str, float]]:
+    def search(self, query: Query, top_k: int = 10, where: str | None = None) -> list[tuple[str, float]]:
         """The `top_k` (path, cosine similarity) pairs, best first, for a text query, an image
-        file (as a `pathlib.Path`) or a query embedding; the `hidden` images are left out."""
-        if not self.store:
-            return []
-        return self.saved_index.search(self.query_vector(query), top_k, self.hidden())[0]
+        file (as a `pathlib.Path`) or a query embedding. `where`: a filter over the metadata columns
+        (`clipzsl.where`, e.g. "folder = 'cats' and width > 512"): only images it holds true for. The
+        `hidden` images are left out."""
+        return self.search_many([query] if not isinstance(query, (np.ndarray, torch.Tensor)) else query,
+                                top_k, where)[0] if self.store else []
 
-    def search_many(self, queries: Sequence[Query] | np.ndarray | torch.Tensor,
-                    top_k: int = 10) -> list[list[tuple[str, float]]]:
+    def search_many(self, queries: Sequence[Query] | np.ndarray | torch.Tensor, top_k: int = 10,
+                    where: str | None = None) -> list[list[tuple[str, float]]]:
         """Per query, what `search` returns for it, in one call: the queries are embedded together
         (`query_vectors`) and searched as one batch (a FAISS matrix product, not one scan each)."""
+        allowed = self.allowed(where)  # a bad filter: refused before any query is embedded
         if not self.store:
             return [[] for _ in range(len(queries))]
-        return self.saved_index.search(self.query_vectors(queries), top_k, self.hidden())
+        return self.saved_index.search(self.query_vectors(queries), top_k, allowed)
+
+    def allowed(self, where: str | None) -> Callable[[], Allowed] | None:
+        """The rows a search may return, as `SavedIndex.search` takes them: those the filter `where` holds
+        true for, less the `hidden` images, worked out inside the search's consistent read (None: every
+        row). The filter is checked now (`clipzsl.where.FilterError`)."""
+        if where is not None:
+            self.metadata.check(where)
+        hidden = self.hidden()
+        if where is None and not hidden:
+            return None
+
+        def rows() -> Allowed:
+            span = self.store.row_span
+            found = (self.metadata.allowed(where) if where is not None
+                     else Allowed(span[0], np.ones(span[1] - span[0], bool)))
+            if not hidden:
+                return found
+            return found & Allowed.all_but(np.fromiter(self.store.rows_of(list(hidden)).values(), np.int64), span)
+        return rows
 
     def hide(self, paths: Sequence[str], reason: str = "") -> None:
         """Keep the images `paths` out of every search from now on, in place of those hidden before (none:
@@ -430,6 +463,8 @@ class ImageIndex:
             report.reembedded += len(result.sources)
         report.index_rebuilt = self.saved_index.problem() is not None
         self.saved_index.save()  # a damaged one is built afresh
+        if self.metadata.problem() is not None:
+            self.metadata.rebuild()
         return report
 
 

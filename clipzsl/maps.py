@@ -22,7 +22,7 @@ from .adapter import CrossAttentionAdapter
 from .backends import Backend
 from .errors import InputError
 from .family_maps import gradcam_spatial, gscorecam, has_conv_feature_map, has_feature_map, is_attention_pooled, maskclip_pooled
-from .packaged_maps import cam, confident_cosine, conse_centred, conse_dot, is_packaged
+from .packaged_maps import cam, confident_cosine, conse_centred, conse_dot, conse_flip, conse_multiscale, is_packaged
 from .vit_maps import METHODS as VIT_METHODS
 from .vit_maps import applies as vit_applies
 
@@ -172,7 +172,8 @@ _POOLED = {"maskclip": Method(on_grid(maskclip_pooled), is_attention_pooled),
 #: (the packaged model's maps that keep each cell's confidence come first: they point at the object far more
 #: often than its cosine, benchmarks/results/localisation.md)
 METHODS: dict[str, Method] = {
-    "conse_dot": Method(conse_dot, is_packaged), "conse_centred": Method(conse_centred, is_packaged),
+    "conse_dot": Method(conse_dot, is_packaged), "conse_multiscale": Method(conse_multiscale, is_packaged),
+    "conse_flip": Method(conse_flip, is_packaged), "conse_centred": Method(conse_centred, is_packaged),
     "confident_cosine": Method(confident_cosine, is_packaged),
     "cam": Method(cam, is_packaged), "cosine": Method(cosine, has_tokens),
     **{name: by_family(*(family[name] for family in (_VIT, _POOLED) if name in family)) for name in {**_VIT, **_POOLED}},

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .search import (build_index, excluding, factory_for, fast_scan_factory, fast_scan_subquantizers, load_index,
-                     new_index, recall_at_k, set_search_parameter, write_index)
+from .search import (build_index, factory_for, fast_scan_factory, fast_scan_subquantizers, load_index, new_index, recall_at_k,
+                     selector_parameters, set_search_parameter, write_index)
 from .search import search as faiss_search
 from .store import (COMPACT_SEGMENT_ROWS, INDEX_FILE, INDEX_STATE, VERIFY_ON_OPEN_BYTES, EmbeddingStore,
                     SegmentsChanged, StoreError, atomic_write, file_crc)
@@ -54,6 +54,78 @@ TextQueries = Callable[[int, int], Optional[np.ndarray]]
 
 #: ids of the candidates [Q, R] (-1: none) of queries [Q, D] -> (similarities, ids) [Q, R], exact, best first
 Rerank = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: a search allowed this many rows or fewer scores them exactly from the store rather than searching the index,
+#: unless the index is exact (Flat: `scan_rows`). Chosen on benchmarks/results/filter.md, 10^6 rows of fast-scan
+#: PQ codes (which take no ID selector: post-filtered over size/allowed times the candidates, re-ranked), median
+#: ms per query, scan / index: 978 allowed rows 6.8-9.3 / 30, 1,998: 7.9-8.6 / 22, 4,975: 11.5-11.7 / 17-18,
+#: 9,895: 17-22 / 15. The scan's cost grows with the rows, the index's falls: the last point the scan won.
+SCAN_ROWS = 5_000
+#: rows a scan multiplies at once: one query's product with 1,000 rows or more goes to OpenBLAS's threads,
+#: which on a busy machine stalled it (2,000 rows of d = 384: 5.5 ms median, up to 108 ms at 5,000; in blocks
+#: of 512: 0.24 and 0.77 ms)
+SCAN_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The global rows a search may return: row r is allowed where `mask[r - first]` is true; rows outside
+    [first, first + len(mask)) are not. A metadata filter's rows (`clipzsl.metadata.Metadata.allowed`), or
+    every row but some hidden ones (`all_but`); `&` combines two."""
+
+    first: int
+    mask: np.ndarray
+
+    @classmethod
+    def of_rows(cls, rows: np.ndarray, span: tuple[int, int]) -> "Allowed":
+        """These global rows (those within `span`, the store's (first, next) row) and no others."""
+        mask = np.zeros(span[1] - span[0], bool)
+        rows = np.asarray(rows, np.int64) - span[0]
+        mask[rows[(rows >= 0) & (rows < len(mask))]] = True
+        return cls(span[0], mask)
+
+    @classmethod
+    def all_but(cls, rows: np.ndarray, span: tuple[int, int]) -> "Allowed":
+        """Every row of `span` but these (hidden duplicates, say)."""
+        return cls(span[0], ~cls.of_rows(rows, span).mask)
+
+    def __and__(self, other: "Allowed") -> "Allowed":
+        return Allowed.of_rows(np.intersect1d(self.rows(), other.rows()), (self.first, self.first + len(self.mask)))
+
+    def rows(self) -> np.ndarray:
+        """The allowed global rows, ascending."""
+        return np.flatnonzero(self.mask) + self.first
+
+    def positions(self, base: int, size: int) -> np.ndarray:
+        """A bool per position 0..size-1 of an index whose position 0 is global row `base`."""
+        keep = np.zeros(size, bool)
+        start, stop = max(base, self.first), min(base + size, self.first + len(self.mask))
+        if stop > start:
+            keep[start - base : stop - base] = self.mask[start - self.first : stop - self.first]
+        return keep
+
+
+@dataclass(frozen=True)
+class Within:
+    """How an index search keeps to allowed positions: FAISS `params` with an ID selector where the index
+    takes one; else `keep` (a bool per position) applied to its candidates, `spread` times as many asked for
+    (the index's size over the allowed count), so that as many allowed ones come back as unfiltered."""
+
+    params: Any = None
+    keep: np.ndarray | None = None
+    spread: float = 1.0
+
+    @classmethod
+    def of(cls, index: Any, keep: np.ndarray) -> "Within":
+        params = selector_parameters(index, keep)
+        if params is not None:
+            return cls(params)
+        return cls(None, keep, len(keep) / max(1, int(keep.sum())))
+
+    def kept(self, ids: np.ndarray) -> np.ndarray:
+        """Candidate positions [Q, R] with those not allowed set to -1 (none)."""
+        if self.keep is None:
+            return ids
+        return np.where((ids >= 0) & self.keep[np.maximum(ids, 0)], ids, -1)
 
 
 @dataclass(frozen=True)
@@ -135,13 +207,41 @@ def candidates(setting: Setting, want: int) -> int:
 
 
 def search_with(index: Any, queries: np.ndarray, k: int, setting: Setting, rerank: Rerank | None,
-                pool: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                pool: int, within: Within = Within()) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, ids) [Q, k]: the index's top `k`, or with a re-rank (`setting.rerank` > 0), its top
-    `pool` (at least k) re-ordered by `rerank` and cut to `k`. `params`: FAISS's (`search.excluding`)."""
+    `pool` (at least k) re-ordered by `rerank` and cut to `k`; only positions `within` allows (-1 for
+    candidates it drops, so fewer than k may come back)."""
     if not setting.rerank or rerank is None:
-        return faiss_search(index, queries, k, params)
-    similarities, ids = rerank(queries, faiss_search(index, queries, max(pool, k), params)[1])
+        similarities, ids = faiss_search(index, queries, k, within.params)
+        kept = within.kept(ids)
+        return np.where(kept >= 0, similarities, -np.inf), kept
+    similarities, ids = rerank(queries, within.kept(faiss_search(index, queries, max(pool, k), within.params)[1]))
     return similarities[:, :k], ids[:, :k]
+
+
+def scan_rows(index: Any) -> int:
+    """The most allowed rows that `SavedIndex.search` scores exactly from the store rather than searching
+    `index`: SCAN_ROWS, and none for an exact (Flat) index, whose ID-selector search is exact too and skips
+    the rows filtered out (benchmarks/results/filter.md, 10^5 rows, median ms, index / scan: 4.8-5.5 / 12-13.5
+    at 9,889 allowed rows, 1.1-1.2 / 1.7-1.8 at 974; the scan's best gain, at 101 rows, 0.12 ms)."""
+    import faiss
+
+    return 0 if isinstance(index, faiss.IndexFlat) else SCAN_ROWS
+
+
+def scan(store: EmbeddingStore, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, global rows) [Q, min(k, len(rows))]: the exact top `k` of `rows` (ascending), scored
+    from the store, best first (ties: the lower row first)."""
+    k = min(k, len(rows))
+    if not k:
+        return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+    vectors = store.read_rows(rows)
+    sims = np.hstack([queries @ vectors[start:start + SCAN_BLOCK].T for start in range(0, len(rows), SCAN_BLOCK)])
+    best = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < len(rows) else np.broadcast_to(np.arange(k), sims.shape)
+    best = np.sort(best, axis=1)  # ties resolve to the lower row, as FAISS's own heap does
+    order = np.argsort(-np.take_along_axis(sims, best, 1), axis=1, kind="stable")
+    best = np.take_along_axis(best, order, 1)
+    return np.take_along_axis(sims, best, 1), rows[best]
 
 
 def reranked(store: EmbeddingStore, queries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -263,7 +363,6 @@ class SavedIndex:
         self.store = store
         self.text_queries = text_queries
         self._loaded: _Loaded | None = None
-        self._hidden_rows: tuple[Any, np.ndarray] | None = None  # ((row span, hidden keys), their positions)
 
     @property
     def path(self) -> Path:
@@ -366,47 +465,59 @@ class SavedIndex:
         return self.state()
 
     def search(self, queries: np.ndarray, top_k: int,
-               hidden: frozenset[str] = frozenset()) -> list[list[tuple[str, float]]]:
+               allowed: Allowed | Callable[[], Allowed] | None = None) -> list[list[tuple[str, float]]]:
         """Per query, the `top_k` (key, inner product) pairs, best first, through the saved index
         (exact search over the segments when none was saved); rows added since it was saved are
-        searched too; the keys `hidden` never come back (`_excluded`). Never rebuilds or trains an index."""
+        searched too. Never rebuilds or trains an index. `allowed`: only those rows may come back
+        (a metadata filter's, say): at most SCAN_ROWS of them are scored exactly from the store (none for a
+        Flat index: `scan_rows`); more are searched through the index with an ID selector (`Within`), as exact as the unfiltered
+        search of that index (exact for Flat). A callable `allowed` (`Metadata.allowed` of a filter, say)
+        is called inside the same consistent read as the search: a compaction between the two, which
+        renumbers every row, starts both again rather than searching with the rows of before."""
         queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.store.embed_dim))
-        return self.store.consistent(lambda: self._search(queries, top_k, hidden))
+        return self.store.consistent(lambda: self._search(queries, top_k, allowed))
 
-    def _excluded(self, loaded: _Loaded, hidden: frozenset[str]) -> Any:
-        """FAISS search parameters that leave out the rows of the `hidden` keys (None: none hidden, or an index
-        that takes no selector, whose results `_search` filters by key instead); cached per rows and set."""
-        if not hidden:
-            return None
-        span = (self.store.row_span, hidden)
-        if self._hidden_rows is None or self._hidden_rows[0] != span:
-            rows = np.fromiter(self.store.rows_of(list(hidden)).values(), np.int64)
-            self._hidden_rows = (span, rows - loaded.base)
-        return excluding(loaded.index, self._hidden_rows[1])
-
-    def _search(self, queries: np.ndarray, want: int, hidden: frozenset[str]) -> list[list[tuple[str, float]]]:
+    def _search(self, queries: np.ndarray, want: int,
+                allowed: Allowed | Callable[[], Allowed] | None) -> list[list[tuple[str, float]]]:
         loaded = self._current()
+        allowed = allowed() if callable(allowed) else allowed  # on the rows just reloaded, checked by `consistent`
         index, base = loaded.index, loaded.base
         if index.ntotal == 0:
             return [[] for _ in queries]
-        k = min(index.ntotal, want + max(16, want))  # a few more than wanted: some may be replaced rows
-        pool = candidates(loaded.setting, want)  # what tuning measured for a top `want`, re-ranked before any key is read
-        params = self._excluded(loaded, hidden)
+        find, reach = self._finder(loaded, queries, want, allowed)
+        k = min(reach, want + max(16, want))  # a few more than wanted: some may be replaced rows
         while True:
-            similarities, ids = search_with(index, queries, k, loaded.setting, self.reranker(base), pool, params)
-            keys = {row: key for row, key in self.store.row_keys(np.unique(ids[ids >= 0]) + base).items()
-                    if key not in hidden}
-            results = [
-                [(keys[base + i], float(s)) for i, s in zip(row_ids, row_sims) if i >= 0 and base + i in keys][:want]
-                for row_ids, row_sims in zip(ids.tolist(), similarities.tolist())
-            ]
+            similarities, rows = find(k)
+            keys = self.store.row_keys(np.unique(rows[rows >= 0]))
+            results = [[(keys[r], float(s)) for r, s in zip(row_ids, row_sims) if r in keys][:want]
+                       for row_ids, row_sims in zip(rows.tolist(), similarities.tolist())]
             if all(len(r) == want for r in results):
                 return results
-            if k >= index.ntotal:
+            if k >= reach:
                 if self.store.row_span[1] > base + index.ntotal:
                     raise SegmentsChanged()  # another process rewrote entries past the rows searched: search them too
                 return results
-            k = min(index.ntotal, 4 * k)  # replaced rows crowded the live ones out: look further
+            k = min(reach, 4 * k)  # replaced rows crowded the live ones out: look further
+
+    def _finder(self, loaded: _Loaded, queries: np.ndarray, want: int,
+                allowed: Allowed | None) -> tuple[Callable[[int], tuple[np.ndarray, np.ndarray]], int]:
+        """(k -> (similarities, global rows -1: none) [Q, <= k] of the top k allowed, the most rows it can
+        return): an exact scan of few allowed rows, else the index (through `Within`)."""
+        index, base = loaded.index, loaded.base
+        keep = None if allowed is None else allowed.positions(base, index.ntotal)
+        count = index.ntotal if keep is None else int(keep.sum())
+        if keep is not None and count <= scan_rows(index):
+            rows = np.flatnonzero(keep) + base
+            return (lambda k: scan(self.store, queries, rows, k)), max(1, count)
+        within = Within() if keep is None else Within.of(index, keep)
+        pool = candidates(loaded.setting, want)  # what tuning measured for a top `want`, re-ranked before any key is read
+
+        def find(k: int) -> tuple[np.ndarray, np.ndarray]:
+            spread = min(index.ntotal, int(np.ceil(k * within.spread)))
+            sims, ids = search_with(index, queries, spread, loaded.setting, self.reranker(base),
+                                    int(np.ceil(pool * within.spread)), within)
+            return sims, np.where(ids >= 0, ids + base, -1)
+        return find, max(1, count)  # with `spread`, a k of `count` covers the whole index
 
     def _current(self) -> _Loaded:
         """The index in memory, covering every row written so far."""

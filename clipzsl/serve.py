@@ -57,6 +57,7 @@ from .explain import picture
 from .image_index import ImageIndex, is_under, model_spec_of
 from .images import MAX_PIXELS, EmbeddedImages, ImageLoadError, TooManyPixels, decode_image, encode_pixels, load_image
 from .maps import HeatMap, methods_for, peak_box
+from .where import FilterError
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
                       available, content_lines, load_labels, load_templates, normalise_text, parse_label_list,
                       query_text)
@@ -88,6 +89,8 @@ class SearchQuery(BaseModel):
     text: str = Field(min_length=1, description="what to look for")
     top_k: int = Field(10, ge=1)
     index: str | None = Field(None, description="index name (default: the first one loaded)")
+    where: str | None = Field(None, description="only images whose metadata match, e.g. \"folder = 'cats' and "
+                                                "width > 512\" (clipzsl.where); a bad filter is a 400 saying why")
 
 
 class Hit(BaseModel):
@@ -184,6 +187,7 @@ class _Job:
     target: ZeroShotClassifier | Collection  # classify the image with it, or search it for the image or text
     pixels: torch.Tensor | None = None  # an image as the model takes it (`Backend.pixels_uint8`)
     text: str | None = None
+    where: str | None = None  # a search's metadata filter: searches are batched per collection and filter
 
 
 @dataclass
@@ -286,14 +290,19 @@ class Batcher:
         the text tower once over every text query, then one head per label set and one index
         search per collection, each over all of its jobs."""
         encoded = self._encode(jobs)
-        groups: dict[int, list[int]] = {}  # jobs by label set, or by collection
+        groups: dict[tuple[int, str | None], list[int]] = {}  # jobs by label set, or by collection and filter
         for i, job in enumerate(jobs):
-            groups.setdefault(id(job.target), []).append(i)
+            groups.setdefault((id(job.target), job.where), []).append(i)
         results: list[Any] = [None] * len(jobs)
         for members in groups.values():
-            found = self._answer_group(jobs[members[0]].target, encoded, members, max(jobs[i].top_k for i in members))
+            first = jobs[members[0]]
+            try:
+                found = self._answer_group(first.target, encoded, members, max(jobs[i].top_k for i in members),
+                                           first.where)
+            except FilterError as err:  # that filter's jobs are refused, the others answered
+                found = [ServiceError(400, str(err))] * len(members)
             for i, best in zip(members, found):
-                results[i] = best[: jobs[i].top_k]
+                results[i] = best if isinstance(best, Exception) else best[: jobs[i].top_k]
         return results
 
     def _encode(self, jobs: list[_Job]) -> _Encoded:
@@ -310,17 +319,19 @@ class Batcher:
 
     @staticmethod
     def _answer_group(target: ZeroShotClassifier | Collection, encoded: _Encoded, members: list[int],
-                      top_k: int) -> list[list[Any]]:
-        """The `top_k` answers of each of `members`, all for one label set or one collection."""
+                      top_k: int, where: str | None = None) -> list[Any]:
+        """The `top_k` answers of each of `members`, all for one label set or one collection (and filter)."""
         if isinstance(target, ZeroShotClassifier):
             return target.predict(encoded.images_of(members), top_k=top_k)
-        return Batcher._search(target, encoded.queries(members), top_k)
+        return Batcher._search(target, encoded.queries(members), top_k, where)
 
     @staticmethod
-    def _search(collection: Collection, queries: np.ndarray, top_k: int) -> list[list[tuple[int, str, float]]]:
+    def _search(collection: Collection, queries: np.ndarray, top_k: int,
+                where: str | None = None) -> list[list[tuple[int, str, float]]]:
         """Per query, its `top_k` hits as (id, path, score): one index search for the whole batch (a
-        shorter top_k is the head of a longer one's hits, exactly so for exact and IVF indexes)."""
-        found = collection.index.search_many(queries, top_k)
+        shorter top_k is the head of a longer one's hits, exactly so for exact and IVF indexes), inside
+        the metadata filter `where` (a FilterError when it is bad)."""
+        found = collection.index.search_many(queries, top_k, where)
         return [[(collection.id_of(path), path, score) for path, score in hits] for hits in found]
 
 
@@ -656,22 +667,23 @@ def create_app(
             "application/json": {"schema": SearchQuery.model_json_schema()},
             "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
                 "image": {"type": "string", "format": "binary"}, "top_k": {"type": "integer", "minimum": 1},
-                "index": {"type": "string"}}}},
+                "index": {"type": "string"}, "where": {"type": "string"}}}},
         }},
     }
 
     @app.post("/search", response_model=SearchResults, openapi_extra=search_body,
               responses={404: {"description": "unknown index"}, 413: {"description": "body too large"},
-                         422: {"description": "bad query or image"}})
+                         422: {"description": "bad query or image"}, 400: {"description": "bad filter (where)"}})
     async def search(request: Request) -> SearchResults:
         """The `top_k` indexed images closest to a text (JSON) or an image (multipart `image`)."""
         kind = request.headers.get("content-type", "")
         pixels: torch.Tensor | None = None
         text: str | None = None
         if kind.startswith("multipart/form-data"):
-            async with request.form(max_files=1, max_fields=4) as form:
+            async with request.form(max_files=1, max_fields=5) as form:
                 top_k = _form_int(form.get("top_k"), 10, "top_k")
                 name = index if isinstance(index := form.get("index"), str) else None
+                where = given if isinstance(given := form.get("where"), str) else None
                 pixels = await service.pixels(form.get("image"))
         elif kind.startswith("application/json"):
             try:
@@ -685,12 +697,12 @@ def create_app(
                 text = query_text(body.text)
             except PromptFileError as err:
                 raise ServiceError(422, str(err)) from err
-            top_k, name = body.top_k, body.index
+            top_k, name, where = body.top_k, body.index, body.where
         else:
             raise ServiceError(415, "send JSON {\"text\": ..., \"top_k\": 10} or a multipart form with an image")
         collection = service.collection(name)
         hits = await service.batcher.submit(top_k=service.check_top_k(top_k), target=collection, pixels=pixels,
-                                            text=text)
+                                            text=text, where=where)
         return SearchResults(results=[Hit(id=i, path=path, score=score) for i, path, score in hits])
 
     @app.post("/classify", response_model=Predictions,

@@ -33,6 +33,7 @@ from .image_index import ImageIndex
 from .images import ImageLoadError, each_image_once, expand_sources
 from .prompts import content_lines
 from .records import RecordError, dumps, load, rule
+from .metadata import shard_columns
 from .saved_index import factory_within, parse_size
 from .store import MARKER, atomic_write, claim
 from .tars import ImageSourceItem, tar_members
@@ -442,6 +443,14 @@ def training_sample(shards: Sequence[tuple[Path, np.ndarray, list[str]]], count:
     return out
 
 
+def _shards_metadata(directory: str | os.PathLike, shards: Sequence[tuple[Path, np.ndarray, list[str]]]):
+    """The metadata shards' extra columns (caption, url, width...: `shard_columns`) of checked `shards`, as one table."""
+    import pyarrow as pa
+
+    metas = dict(shard_files(directory))
+    return pa.concat_tables([shard_columns(metas[emb], paths) for emb, _, paths in shards], promote_options="permissive")
+
+
 def index_from_shards(directory: str | os.PathLike, out: str | os.PathLike, model: Backend | str,
                       factory: str = "auto", dtype: str = "float32", max_memory: int | str | None = None):
     """An `ImageIndex` at `out` holding every row of the shards (keys from `image_path`), its FAISS
@@ -450,17 +459,19 @@ def index_from_shards(directory: str | os.PathLike, out: str | os.PathLike, mode
     `max_memory` (bytes, or a size such as "2G": `parse_size`) bounds the saved index's size in RAM:
     the factory is chosen to fit it (`factory_within`: the usual one, else a compressed SQ or PQ
     index), trained on a strided sample of the shards (`training_sample`), and built in one pass
-    over the shards, one block of one shard in memory at a time (`save_streamed`)."""
+    over the shards, one block of one shard in memory at a time (`save_streamed`). The metadata shards'
+    other columns (caption, url, width, height...) are kept as the index's metadata (`clipzsl.metadata`)."""
     budget = None if max_memory is None else parse_size(max_memory)  # a bad budget: refused before any work
     backend = load_model(model) if isinstance(model, str) else model
     shards = _read_shards(directory, backend)
     index = ImageIndex(out, backend, dtype=dtype)
     blocks = ((paths[start : start + len(block)], block) for emb, vectors, paths in shards
               for start, block in _unit_rows(vectors, emb))
+    extra = _shards_metadata(directory, shards)
     if budget is None:
-        index.add_vectors(blocks, factory)  # a bad factory: refused first
+        index.add_vectors(blocks, factory, metadata=extra)  # a bad factory: refused first
         return index
     count = len(index) + sum(len(vectors) for _, vectors, _ in shards)
     index.add_vectors(blocks, factory_within(count, backend.embed_dim, budget, factory),
-                      lambda n: training_sample(shards, n))
+                      lambda n: training_sample(shards, n), metadata=extra)
     return index

@@ -652,6 +652,11 @@ class EmbeddingStore:
         """The global row of each present key among `keys`."""
         return self._rows_of(keys)
 
+    def key_rows(self) -> tuple[list[str], np.ndarray]:
+        """Every present key and its global row, in one query (how `clipzsl.metadata` maps its keys to rows)."""
+        found = self._sql("SELECT key, row FROM entries")
+        return [k for k, _ in found], np.fromiter((r for _, r in found), np.int64, len(found))
+
     def _rows_of(self, keys: Sequence[str]) -> dict[str, int]:
         found: dict[str, int] = {}
         keys = list(keys)

@@ -100,6 +100,20 @@ def test_hidden_images_never_come_back_and_k_results_still_do(tmp_path, tiny, fa
     assert sum(f"/img/{400 + i:04d}.png" in {p for p, _ in h} for i, h in enumerate(hits)) >= 45
 
 
+@pytest.mark.parametrize("factory", ["Flat", "PQ8x4fs"])
+def test_a_filter_and_hidden_duplicates_narrow_one_search_together(tmp_path, tiny, factory):
+    vectors = planted(400, tiny.embed_dim, 50, noise=0.005)
+    index = vector_index(tmp_path, tiny, vectors, factory)
+    hidden = {p for g in deduplicate(index, 0.97, hide=True, progress=False) for p in g.paths[1:]}
+    paths = [f"/img/{i:04d}.png" for i in range(len(vectors))]
+    allowed = [i for i, p in enumerate(paths) if Path(p).name >= "0350.png" and p not in hidden]
+    queries = vectors[:20]
+    found = ImageIndex(tmp_path / "idx").search_many(queries, top_k=5, where="name >= '0350.png'")
+    for query, hits in zip(queries, found):
+        best = np.argsort(-(vectors[allowed] @ query), kind="stable")[:5]
+        assert [p for p, _ in hits] == [paths[allowed[i]] for i in best]  # exact inside both, in order
+
+
 def test_hidden_rows_stay_hidden_after_a_compaction(tmp_path, tiny):
     vectors = planted(100, tiny.embed_dim, 10, noise=0.005)
     index = vector_index(tmp_path, tiny, vectors)

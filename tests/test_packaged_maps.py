@@ -94,9 +94,10 @@ def test_cam_sums_the_top_classes_spatial_softmax_weighted_by_probability_and_re
 def test_the_packaged_methods_apply_to_the_packaged_model_only_and_come_first(classifier, tiny_clip):
     tiny = clipzsl.load_model(f"hf:{tiny_clip}")
     packaged = maps.methods_for(classifier.model)
-    assert packaged[:4] == ["conse_dot", "conse_centred", "confident_cosine", "cam"] and "cosine" in packaged
+    assert packaged[:6] == ["conse_dot", "conse_multiscale", "conse_flip", "conse_centred", "confident_cosine", "cam"]
+    assert "cosine" in packaged
     assert maps.default_method(classifier.model) == packaged[0]
-    assert not {"confident_cosine", "conse_dot", "conse_centred", "cam"} & set(maps.methods_for(tiny))
+    assert not set(packaged[:6]) & set(maps.methods_for(tiny))
     with pytest.raises(InputError, match="does not apply"):
         maps.method_named(tiny, "conse_dot")
     with pytest.raises(InputError, match="only the packaged model"):
@@ -191,3 +192,68 @@ def test_the_pictures_are_palette_sheets_of_smaller_tiles(monkeypatch, tmp_path)
     with Image.open(tmp_path / name) as sheet:
         assert sheet.mode == "P" and len(sheet.getcolors()) <= 16
         assert sheet.size == (2 * round(tile.width / 2), 2 * round(tile.height / 2))
+
+
+def conse_dot_at(model, image, embeddings, scale, flip=False):
+    """conse_dot by hand at one scale ([C, h, w]): the ImageNet classifier on every cell of the (mirrored) input."""
+    pixels = model.normalize_pixels(model.pixels_uint8(image)[None]).float()
+    pixels = F.interpolate(pixels.flip(-1) if flip else pixels, scale_factor=scale, mode="bilinear",
+                           align_corners=False)
+    with torch.no_grad():
+        features = model.image_model.forward_features(pixels)[0]
+        fc = model.image_model.classifier
+        cells = features.flatten(1).T @ fc.weight.T + fc.bias
+    side = features.shape[-1]
+    grid = (top10_conse(model, cells.softmax(-1)) @ embeddings.T).T.reshape(-1, side, side)
+    return grid.flip(-1) if flip else grid
+
+
+def test_conse_multiscale_averages_conse_dot_at_each_scale_on_the_finest_grid(classifier, image):
+    model, embeddings = classifier.model, classifier.class_embeddings
+    grids = [conse_dot_at(model, image, embeddings, scale) for scale in packaged_maps.SCALES]
+    side = 7 * max(packaged_maps.SCALES)
+    expected = sum(F.interpolate(g[None], size=(side, side), mode="bilinear", align_corners=False)[0]
+                   for g in grids) / len(grids)
+    grid = drawn(classifier, image, "conse_multiscale")
+    assert grid.shape == (3, side, side) and np.allclose(grid, expected.numpy(), atol=1e-4)
+
+
+def test_conse_flip_averages_conse_dot_of_the_image_and_of_its_mirror_mirrored_back(classifier, image):
+    model, embeddings = classifier.model, classifier.class_embeddings
+    plain, mirrored = (conse_dot_at(model, image, embeddings, packaged_maps.UPSCALE, flip) for flip in (False, True))
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the network is not mirror-symmetric
+    assert np.allclose(drawn(classifier, image, "conse_flip"), ((plain + mirrored) / 2).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["conse_multiscale", "conse_flip"])
+def test_the_averaged_maps_find_each_label_on_a_real_picture(classifier, method):
+    """chelsea (a cat) left, coffee (a cup) right: the cat's map peaks in the left half, the cup's in the right."""
+    left, right = (Image.fromarray(f()).resize((112, 112)) for f in (skimage_data.chelsea, skimage_data.coffee))
+    pair = Image.new("RGB", (224, 224), "grey")
+    pair.paste(left, (0, 56))
+    pair.paste(right, (112, 56))
+    heat_map, = classifier.heatmaps([pair], method=method)
+    width = heat_map.grid.shape[2]
+    columns = [np.unravel_index(int(np.argmax(heat_map.grid[k])), heat_map.grid.shape[1:])[1] for k in (0, 1)]
+    assert columns[0] < width // 2 <= columns[1]
+
+
+def test_object_photos_paste_one_labelled_cut_out_on_a_background_photo():
+    ds = bench.object_photos(3, seed=5)
+    cutouts, grounds = bench.stamps(), bench.backgrounds()
+    assert len(ds) == 3 and ds.classnames == [label for _, label in cutouts]
+    for n, (image, label) in enumerate(zip(ds.images, ds.labels)):
+        ground = np.asarray(grounds[n % len(grounds)], np.int16)
+        changed = (np.abs(np.asarray(image, np.int16) - ground).max(-1) > 0).mean()
+        assert image.size == (bench.SIDE, bench.SIDE) and 0 < label < len(cutouts)
+        assert 0.02 < changed < max(bench.SIZES) ** 2  # one object, at most its box
+    assert bench.object_photos(3, seed=5).labels == ds.labels != bench.object_photos(3, seed=6).labels
+
+
+def test_the_held_out_table_shows_each_candidate_pooled_and_per_seed():
+    row = {"pointing": 0.5, "per_seed": {5: 0.4, 6: 0.5, 7: 0.6}, "sensitivity": 0.3, "inside": 0.2, "grid": "28x28",
+           "s_per_image": 4.0, "labels": 150}
+    lines = bench.protocol_lines({"held_out": {"conse_multiscale": row}, "heldout_scenes": 20})
+    assert "seeds 5, 6, 7, 20 each, 150 labels" in lines[0] and "seeds 3, 4 only" in lines[0]
+    assert "| conse_multiscale | 0.500 | 0.400 / 0.500 / 0.600 | 0.300 | 0.200 | 28x28, 4.00 s |" in lines
+    assert bench.protocol_lines({"held_out": {}}) == []

@@ -42,9 +42,9 @@ def test_a_batch_of_text_and_image_searches_is_one_store_search(model, collectio
     searched: list[int] = []
     store_search = SavedIndex.search
 
-    def counted(self, queries, top_k):
+    def counted(self, queries, top_k, allowed=None):
         searched.append(len(queries))
-        return store_search(self, queries, top_k)
+        return store_search(self, queries, top_k, allowed)
 
     monkeypatch.setattr(SavedIndex, "search", counted)
     app = create_app(model, {"photos": index.directory}, cache=tmp_path, limits=Limits(batch_window_s=0.5))

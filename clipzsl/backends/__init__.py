@@ -4,7 +4,8 @@ Specs: ``packaged`` (the offline default; ``packaged:lite1`` and ``packaged:lite
 pick a larger image tower; by default each image gets the view that suits it, the whole
 image for a cut-out (transparent or plain background) and its largest centred square for a photo;
 ``+crop`` or ``+whole``, as in ``packaged+crop``, forces one view for every image),
-``openclip:<arch>/<tag|checkpoint path|random>`` and ``hf:<hub id|local directory>``.
+``openclip:<arch>/<tag|checkpoint path|random>``, ``hf:<hub id|local directory>`` and ``onnx:<folder>``
+(a model `clipzsl export onnx` wrote, run on onnxruntime).
 """
 from __future__ import annotations
 
@@ -59,9 +60,14 @@ def _build(model_spec: str, device: str, cache: CacheArg) -> Backend:
         from .hf import HFBackend
 
         return HFBackend.from_spec(model_spec, device=device)
+    if kind == "onnx" and rest:
+        from .onnx import OnnxBackend
+
+        return OnnxBackend(rest)
     raise InputError(
         f"Unknown model spec {model_spec!r}. Use 'packaged' (offline default), "
-        "'openclip:<arch>/<pretrained|checkpoint path|random>' or 'hf:<hub id|local directory>'."
+        "'openclip:<arch>/<pretrained|checkpoint path|random>', 'hf:<hub id|local directory>' or "
+        "'onnx:<folder from clipzsl export onnx>'."
     )
 
 
@@ -82,4 +88,5 @@ def available_models() -> list[tuple[str, str]]:
     rows += [(f"openclip:{arch}/{tag}", "hub download") for arch, tag in open_clip.list_pretrained()]
     rows.append(("hf:<local directory>", "offline (a saved CLIPModel/SiglipModel)"))
     rows.append(("hf:<hub id>", "hub download, e.g. hf:openai/clip-vit-base-patch32"))
+    rows.append(("onnx:<folder>", "offline (a model `clipzsl export onnx` wrote; onnxruntime)"))
     return rows

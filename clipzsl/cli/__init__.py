@@ -21,10 +21,10 @@ from typing import Sequence
 from .. import __version__
 from ..errors import ClipzslError
 from ..images import check_output
-from . import classify, evaluate, explain, index, labels, service, tools
+from . import classify, evaluate, explain, export, index, labels, service, tools
 from .options import Parser, notices_to_stderr, show_warning
 
-COMMAND_MODULES = (classify, tools, index, evaluate, explain, service, labels)
+COMMAND_MODULES = (classify, tools, index, evaluate, explain, service, labels, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,7 +98,8 @@ def index_update(args: argparse.Namespace) -> int:
                        precision=args.precision)
     with empty_folders() as empty:
         report = index.update(args.folders, batch_size=args.batch_size, factory=args.faiss_factory,
-                              workers=args.workers, prune=args.prune, max_memory=args.max_memory)
+                              workers=args.workers, prune=args.prune, max_memory=args.max_memory,
+                              metadata=args.metadata)
     for failure in report.failures:
         print(f"clipzsl: skipped {failure}", file=sys.stderr)
     print(report.summary(args.out, len(index)))
@@ -127,7 +128,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.image}: no such image file (--image)")
     query = args.query if args.image is None else Path(args.image)
     index = ImageIndex(args.index, device=args.device, precision=args.precision)
-    sys.stdout.write(format_hits(index.search(query, top_k=args.top_k), args.format))
+    sys.stdout.write(format_hits(index.search(query, top_k=args.top_k, where=args.where), args.format))
     return 0
 
 
@@ -164,6 +165,8 @@ def register(commands: Any) -> None:
                                                             "(kept with the index, in place of earlier --hide)")
     shown.add_argument("--show", action="store_true", help="dedup: search finds every image again")
     index.add_argument("--format", dest="dedup_format", choices=GROUP_FORMATS, default="text", help="dedup: output format")
+    index.add_argument("--metadata", metavar="CSV", help="images: a CSV of extra metadata columns keyed by a `path` "
+                       "column, kept with the index for `search --where` (beside folder, name, width, height)")
     add_run_options(index)
     index.set_defaults(outputs=(("folders",), ("out",), False), run=cmd_index)
 
@@ -189,5 +192,7 @@ def register(commands: Any) -> None:
     search.add_argument("--image", help="an image file as the query")
     search.add_argument("--top-k", type=positive_int, default=10, help="images shown")
     search.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    search.add_argument("--where", metavar="EXPR", help="only images whose metadata match, e.g. \"folder = 'cats' and "
+                        "width > 512\" (=, !=, <, <=, >, >=, in (...), and, or, not; text in single quotes)")
     add_run_options(search)
     search.set_defaults(run=cmd_search)
