@@ -104,7 +104,7 @@ def test_hidden_images_never_come_back_and_k_results_still_do(tmp_path, tiny, fa
 def test_a_filter_and_hidden_duplicates_narrow_one_search_together(tmp_path, tiny, factory):
     vectors = planted(400, tiny.embed_dim, 50, noise=0.005)
     index = vector_index(tmp_path, tiny, vectors, factory)
-    hidden = {p for g in deduplicate(index, 0.97, hide=True, progress=False) for p in g.paths[1:]}
+    hidden = {p for g in deduplicate(index, 0.97, hide=True, progress=False).groups for p in g.paths[1:]}
     paths = [f"/img/{i:04d}.png" for i in range(len(vectors))]
     allowed = [i for i, p in enumerate(paths) if Path(p).name >= "0350.png" and p not in hidden]
     queries = vectors[:20]
