@@ -70,10 +70,13 @@ def vector_index(tmp_path, tiny, vectors, factory="Flat"):
 
 def test_find_duplicates_groups_the_planted_copies_in_index_order(tmp_path, tiny):
     vectors = planted(300, tiny.embed_dim, 20, noise=0.01)
-    groups = find_duplicates(vector_index(tmp_path, tiny, vectors), 0.97, block=64, progress=False)
+    found = find_duplicates(vector_index(tmp_path, tiny, vectors), 0.97, block=64, progress=False)
+    groups = found.groups
     assert [g.paths for g in groups] == [[f"/img/{i:04d}.png", f"/img/{300 + i:04d}.png"] for i in range(20)]
     for group, i in zip(groups, range(20)):
         np.testing.assert_allclose(group.similarities, [1.0, vectors[i] @ vectors[300 + i]], atol=1e-5)
+    assert len(found.no_file) == 40 and found.candidates == 20  # vectors without files: the embedding alone, said so
+    assert "40 images without a file and 0 unreadable: their pairs by the embedding alone, cosine >= 0.97" in found.describe()
 
 
 @pytest.mark.parametrize("threshold", [0, -0.5, 1.01, float("nan")])
@@ -86,7 +89,7 @@ def test_a_threshold_outside_0_1_is_refused(threshold):
 def test_hidden_images_never_come_back_and_k_results_still_do(tmp_path, tiny, factory):
     vectors = planted(400, tiny.embed_dim, 50, noise=0.005)
     index = vector_index(tmp_path, tiny, vectors, factory)
-    groups = deduplicate(index, 0.97, hide=True, progress=False)
+    groups = deduplicate(index, 0.97, hide=True, progress=False).groups
     hidden = {p for g in groups for p in g.paths[1:]}
     assert len(hidden) == 50 and ImageIndex(tmp_path / "idx").hidden() == hidden  # persisted
     reopened = ImageIndex(tmp_path / "idx")
@@ -101,7 +104,7 @@ def test_hidden_images_never_come_back_and_k_results_still_do(tmp_path, tiny, fa
 def test_a_filter_and_hidden_duplicates_narrow_one_search_together(tmp_path, tiny, factory):
     vectors = planted(400, tiny.embed_dim, 50, noise=0.005)
     index = vector_index(tmp_path, tiny, vectors, factory)
-    hidden = {p for g in deduplicate(index, 0.97, hide=True, progress=False) for p in g.paths[1:]}
+    hidden = {p for g in deduplicate(index, 0.97, hide=True, progress=False).groups for p in g.paths[1:]}
     paths = [f"/img/{i:04d}.png" for i in range(len(vectors))]
     allowed = [i for i, p in enumerate(paths) if Path(p).name >= "0350.png" and p not in hidden]
     queries = vectors[:20]
@@ -156,7 +159,7 @@ def test_the_same_photo_indexed_twice_is_one_group_and_comes_back_once_when_hidd
     index.update(photos)
     query = photos / "chelsea.png"
     assert sum(Path(p).name == "chelsea.png" for p, _ in index.search(query, top_k=3)) == 2  # today: twice
-    groups = deduplicate(index, 0.999, hide=True, progress=False)
+    groups = deduplicate(index, 0.999, hide=True, progress=False).groups
     assert [sorted(Path(p).parent.name for p in g.paths) for g in groups] == [["copy", "photos"]]
     hits = index.search(query, top_k=3)
     assert len(hits) == 3 and sum(Path(p).name == "chelsea.png" for p, _ in hits) == 1
@@ -185,7 +188,8 @@ def test_index_dedup_command_lists_hides_and_shows(tmp_path, tiny_clip, capsys):
     out, err = capsys.readouterr()
     rows = out.splitlines()
     assert rows[0] == "group,path,similarity,kept" and len(rows) == 3 and {r.split(",")[0] for r in rows[1:]} == {"1"}
-    assert "1 groups of near-duplicates at cosine similarity >= 0.999; --hide keeps" in err
+    assert "1 groups of near-duplicates at cosine similarity >= 0.999 and phash distance <= " in err
+    assert "; --hide keeps" in err and "without a file" not in err
     assert main(["index", "dedup", idx, "--threshold", "0.999", "--hide"]) == 0
     assert "1 images hidden from search" in capsys.readouterr().err
     assert main(["search", idx, "--image", str(photos / "chelsea.png"), "--top-k", "4", "--format", "csv"]) == 0

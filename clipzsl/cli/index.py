@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import load_model
-from ..dedup import DEFAULT_THRESHOLD, GROUP_FORMATS, deduplicate, format_groups
+from ..dedup import (CANDIDATE_THRESHOLD, DEFAULT_HASH_DISTANCE, DEFAULT_THRESHOLD, GROUP_FORMATS, VERIFY_CHOICES,
+                     deduplicate, format_groups)
 from ..errors import InputError
 from ..image_index import ImageIndex, format_hits
 from ..pipeline import embed_to_shards
@@ -31,13 +32,15 @@ def index_dedup(args: argparse.Namespace) -> int:
         index.hide([])
         print(f"{args.folders[0]}: every image is found by search again", file=sys.stderr)
         return 0
-    groups = deduplicate(index, args.threshold, hide=args.hide)
-    sys.stdout.write(format_groups(groups, args.dedup_format))
-    hidden = sum(len(g.paths) - 1 for g in groups)
-    print(f"{args.folders[0]}: {len(groups)} groups of near-duplicates at cosine similarity >= {args.threshold:g}; "
+    found = deduplicate(index, args.threshold, hide=args.hide, verify=args.verify, hash_distance=args.hash_distance)
+    sys.stdout.write(format_groups(found.groups, args.dedup_format))
+    for failure in found.unreadable:
+        print(f"clipzsl: unreadable {failure}", file=sys.stderr)
+    hidden = sum(len(g.paths) - 1 for g in found.groups)
+    print(f"{args.folders[0]}: {len(found.groups)} groups of {found.describe()}; "
           + (f"{hidden} images hidden from search (--show: found again)" if args.hide else
              f"--hide keeps the first of each group in search results ({hidden} hidden)"), file=sys.stderr)
-    return 0
+    return 1 if found.unreadable else 0
 
 
 def index_info(args: argparse.Namespace) -> int:
@@ -150,8 +153,13 @@ def register(commands: Any) -> None:
                        help="images: forget every indexed image under PATH that is not found now. Without it a PATH "
                             "that held indexed images but is now missing, unreadable or empty (an unmounted drive) "
                             "stops the update with nothing changed, and only files confirmed deleted are forgotten")
-    index.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                       help="dedup: the cosine similarity at or above which two images are near-duplicates")
+    index.add_argument("--threshold", type=float, help="dedup: the cosine similarity at or above which two images are "
+                       f"near-duplicates (candidates, with --verify hash; default {CANDIDATE_THRESHOLD}, else {DEFAULT_THRESHOLD})")
+    index.add_argument("--verify", choices=VERIFY_CHOICES, default="hash", help="dedup: hash: a candidate pair must "
+                       "also look alike (perceptual hashes of the files; an image without a readable file: the embedding "
+                       f"alone at {DEFAULT_THRESHOLD}); none: the embedding alone")
+    index.add_argument("--hash-distance", type=int, default=DEFAULT_HASH_DISTANCE,
+                       help="dedup --verify hash: the most bits (of 64) two images' hashes may differ by")
     shown = index.add_mutually_exclusive_group()
     shown.add_argument("--hide", action="store_true", help="dedup: search finds only the first image of each group "
                                                             "(kept with the index, in place of earlier --hide)")
