@@ -29,12 +29,11 @@ import numpy as np
 from . import where as filters
 from .errors import InputError
 from .saved_index import Allowed
-from .store import EmbeddingStore, StoreError, atomic_write, file_crc
+from .store import METADATA_FILE, EmbeddingStore, StoreError, atomic_write, file_crc
 from .where import matching
 
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = "metadata.parquet"
 METADATA_STATE = "metadata_"
 #: the key column and the columns every index has, derived from the path (width, height from the file)
 KEY = "path"

@@ -73,6 +73,7 @@ VERIFY_ON_OPEN_BYTES = 256 << 20
 #: the saved index's file and the prefix of its description in the state table (`clipzsl.saved_index`):
 #: derived from the rows' positions, so a compaction deletes both
 INDEX_FILE = "index.faiss"
+METADATA_FILE = "metadata.parquet"  # an image index's metadata columns (clipzsl.metadata), beside its rows
 INDEX_STATE = "index_"
 DTYPES = ("float32", "float16")
 T = TypeVar("T")
@@ -288,8 +289,8 @@ def _only(names: Sequence[str], patterns: Sequence[str]) -> bool:
 
 
 #: the files a store writes (`is_store_folder`)
-_STORE_FILES = ("meta.json", "table.sqlite*", "seg-*.npy", "seg-*.npy.corrupt", INDEX_FILE, ".lock", ".*.tmp",
-                MARKER)
+_STORE_FILES = ("meta.json", "table.sqlite*", "seg-*.npy", "seg-*.npy.corrupt", INDEX_FILE, METADATA_FILE, ".lock",
+                ".*.tmp", MARKER)
 
 
 def is_store_folder(directory: Path) -> bool:
