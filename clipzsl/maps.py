@@ -170,9 +170,10 @@ _POOLED = {"maskclip": Method(on_grid(maskclip_pooled), is_attention_pooled),
 
 #: the training-free methods, by name; the first that applies to a model is its default (`default_method`)
 #: (the packaged model's maps that keep each cell's confidence come first: they point at the object far more
-#: often than its cosine, benchmarks/results/localisation.md)
+#: often than its cosine; `conse_multiscale` leads, chosen by bench_localisation's development/held-out
+#: protocol, benchmarks/results/localisation.md)
 METHODS: dict[str, Method] = {
-    "conse_dot": Method(conse_dot, is_packaged), "conse_multiscale": Method(conse_multiscale, is_packaged),
+    "conse_multiscale": Method(conse_multiscale, is_packaged), "conse_dot": Method(conse_dot, is_packaged),
     "conse_flip": Method(conse_flip, is_packaged), "conse_centred": Method(conse_centred, is_packaged),
     "confident_cosine": Method(confident_cosine, is_packaged),
     "cam": Method(cam, is_packaged), "cosine": Method(cosine, has_tokens),
