@@ -43,7 +43,7 @@ BENCHMARKS = {
     "tip": "Few-shot without training: zero-shot vs Tip-Adapter, Tip-Adapter-F and the cross-attention adapter",
     "retrieval": "Zero-shot retrieval (CLIP_benchmark's recall@k) on Tux Paint stamps and emoji with their captions",
     "linear_probe": "Linear probe (CLIP_benchmark's) at 1-16 shots and full, next to zero-shot and the adapter",
-    "dedup": "Near-duplicate detection: precision and recall on planted copies of real images, cost at 10^5",
+    "dedup": "Near-duplicate detection: the embedding and a perceptual hash, precision and recall on planted copies of real images",
     "store": "Label store and label search at scale",
     "store_scale": "The embedding store at scale: append, open, label cache, from-shards, index images",
     "compressed": "An index under a memory budget (--max-memory), built in one pass over shards",
