@@ -15,6 +15,7 @@ predictions, the same way for both engines, with resume).
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import secrets
@@ -77,6 +78,13 @@ def ray_runtime(address: str | None = None) -> Iterator[None]:
             ray.shutdown()
 
 
+@functools.cache
+def process_token() -> str:
+    """The auth token of every local runtime this process starts: Ray keeps the first token it reads for the
+    life of the process, so a second runtime under a new token would refuse its own driver."""
+    return secrets.token_hex(32)
+
+
 @contextmanager
 def _private_runtime() -> Iterator[dict]:
     """ray.init options for a local runtime that lives and dies with this process: its files in a
@@ -88,7 +96,7 @@ def _private_runtime() -> Iterator[dict]:
                                  str(os.getpid())], stdin=subprocess.PIPE, start_new_session=True)
     saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     if not any(os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # ray.init turns token auth on (RAY_AUTH_MODE)
+        os.environ["RAY_AUTH_TOKEN"] = process_token()  # ray.init turns token auth on (RAY_AUTH_MODE)
     try:
         yield {"include_dashboard": False, "_temp_dir": folder}
     finally:

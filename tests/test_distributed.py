@@ -235,3 +235,24 @@ def test_engine_ray_without_ray_says_how_to_install(images, tmp_path, capsys, mo
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     assert main(["embed", str(images), "--out", str(tmp_path / "o"), "--engine", "ray"]) == 2
     assert "pip install 'clipzsl[ray]'" in capsys.readouterr().err
+
+
+SEQUENTIAL_RUNTIMES = """
+import os
+os.environ.pop("RAY_ADDRESS", None)
+import ray
+from clipzsl import distributed
+for n in range(2):
+    with distributed.ray_runtime():
+        assert ray.get(ray.put(n)) == n
+print("both answered")
+"""
+
+
+def test_one_process_starts_a_second_local_runtime_after_the_first():
+    """Ray keeps the first auth token it reads: a second runtime under a fresh token refused its own driver."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", SEQUENTIAL_RUNTIMES], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")})
+    assert done.returncode == 0 and "both answered" in done.stdout, done.stderr[-2000:]
