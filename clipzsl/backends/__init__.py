@@ -31,13 +31,21 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str =
     for name, value in (("batch_size", batch_size), ("workers", workers)):
         if value is not None and value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
-    device = resolve_device(device)
+    device = _onnx_device(device) if spec.startswith("onnx:") else resolve_device(device)
     precision = resolve_precision(precision, device)  # before the load: a bad choice costs nothing
     backend = _build(spec, device, cache)
     backend.precision = precision  # set after the build: derived caches (packaged concepts) stay fp32
     backend.batch_size = batch_size or default_batch_size(device)
     backend.workers = workers or default_workers(device)
     return backend
+
+
+def _onnx_device(device: str) -> str:
+    """onnxruntime runs `onnx:` models on the CPU, so no accelerator (nor torch) is looked for."""
+    if device not in ("auto", "cpu"):
+        raise InputError(f"device {device!r}: onnx: models run on onnxruntime's CPU provider; use --device cpu "
+                         "(or auto), or the source model (its spec is in the folder's manifest.json) on the GPU")
+    return "cpu"
 
 
 def _build(model_spec: str, device: str, cache: CacheArg) -> Backend:

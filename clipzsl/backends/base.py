@@ -4,29 +4,33 @@ A backend owns its weights, its image preprocessing and its tokenizer. Everythin
 downstream (classifier, store, adapter) sees only normalised tensors in a shared
 embedding space, so swapping open_clip for transformers or the packaged model
 changes nothing else.
+
+torch is imported only where a torch model is met: a model run on onnxruntime (`onnx:DIR`) gives
+numpy arrays, and a process serving it needs no torch installed.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
 import hashlib
+import importlib.util
 import os
-from typing import Callable, ContextManager, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence, Union
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 #: file-name prefix of the packaged model's cached concept embeddings in the cache directory; here,
 #: not in packaged.py, so that `clipzsl cache` finds them without importing timm and transformers
 CONCEPTS_PREFIX = "conse-imagenet-minilm-"
 
-#: precision name -> the dtype autocast computes in ("fp32": no autocast)
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: precision name -> the name of the torch dtype autocast computes in ("fp32": no autocast)
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 #: images per forward pass when the user names none: an accelerator needs large batches to be kept
 #: busy, two CPU cores gain nothing past a few dozen (and hold less in memory)
 DEFAULT_BATCH_SIZE = {"cpu": 32, "mps": 64, "cuda": 256}
@@ -40,9 +44,29 @@ def cache_dir_of(cache: CacheArg) -> str | os.PathLike | None:
     return None if isinstance(cache, bool) else cache
 
 
+def has_torch() -> bool:
+    """Whether torch can be imported, found without importing it (so a torch-free process stays so)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # an import hook that refuses it, or a half-removed install
+        return False
+
+
+def device_kind(device: str) -> str:
+    """"cuda:1" -> "cuda": the kind of a device name, without asking torch."""
+    return device.partition(":")[0]
+
+
 def resolve_device(device: str = "auto") -> str:
     """"auto" -> cuda, then mps, then cpu; a named device is checked to exist (one clear error, not a
-    CUDA stack trace from deep inside the first forward pass)."""
+    CUDA stack trace from deep inside the first forward pass). Without torch installed only the CPU is."""
+    if not has_torch():
+        if device in ("auto", "cpu"):
+            return "cpu"
+        raise InputError(f"device {device!r}: torch is not installed, so only the CPU is used (models run on "
+                         "onnxruntime); use --device cpu, or install torch")
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -61,12 +85,16 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def _mps_available() -> bool:
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
 
 def _check_cuda(device: str) -> None:
     """A CUDA device that this torch sees, else an InputError saying which ones there are."""
+    import torch
+
     if not torch.cuda.is_available():
         raise InputError(f"device {device!r}: this torch sees no CUDA GPU; use --device cpu (or auto)")
     if (torch.device(device).index or 0) >= torch.cuda.device_count():
@@ -80,9 +108,11 @@ def resolve_precision(precision: str, device: str) -> str:
     fp32 stays the CPU default: bf16 there agrees to cosine >= 0.999 but is not faster on CPUs
     without bf16 instructions (benchmarks/results/gpu.md). fp16 is refused on the CPU, where
     autocast runs it slowly and with no benefit."""
-    kind = torch.device(device).type
+    kind = device_kind(device)
     if precision == "auto":
         if kind == "cuda":
+            import torch
+
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if precision not in PRECISIONS:
@@ -93,14 +123,14 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def default_batch_size(device: str) -> int:
-    return DEFAULT_BATCH_SIZE.get(torch.device(device).type, 32)
+    return DEFAULT_BATCH_SIZE.get(device_kind(device), 32)
 
 
 def default_workers(device: str) -> int:
     """Decoding threads: on the CPU the model needs the cores too, so at most 4; an accelerator is
     fed by every core."""
     cores = os.cpu_count() or 1
-    return min(4, cores) if torch.device(device).type == "cpu" else cores
+    return min(4, cores) if device_kind(device) == "cpu" else cores
 
 
 def split_preprocess(transform: Callable) -> tuple[Callable, tuple, tuple] | None:
@@ -110,6 +140,8 @@ def split_preprocess(transform: Callable) -> tuple[Callable, tuple, tuple] | Non
     float conversion and normalisation, the same arithmetic as ToTensor + Normalize, run on the
     device (`Backend.normalize_pixels`), so a batch travels as uint8, a quarter of float32's bytes.
     None for any other preprocessing."""
+    from torchvision import transforms as T
+
     steps = list(getattr(transform, "transforms", []))
     if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
         return None
@@ -131,8 +163,8 @@ class Backend(abc.ABC):
     logit_bias: float = 0.0
     #: how logits become probabilities: "softmax" over classes (CLIP) or "sigmoid" per class (SigLIP)
     probability: str = "softmax"
-    #: turns one PIL image (RGB) into a [3, H, W] float tensor
-    preprocess: Callable[[Image.Image], torch.Tensor]
+    #: turns one PIL image (RGB) into a [3, H, W] float tensor (a numpy array for a model run on onnxruntime)
+    preprocess: Callable[[Image.Image], Any]
     #: how many prompts one forward pass of the text tower takes
     text_batch_size: int = 256
     #: where the weights live ("cpu", "cuda", "cuda:1", "mps"); inputs are moved there
@@ -169,21 +201,31 @@ class Backend(abc.ABC):
         """The forward passes' precision: autocast to bf16/fp16 (weights stay fp32), none for fp32."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(torch.device(self.device).type, dtype=PRECISIONS[self.precision])
+        import torch
 
-    def pixels_uint8(self, image: Image.Image) -> torch.Tensor:
+        return torch.autocast(device_kind(self.device), dtype=getattr(torch, PRECISIONS[self.precision]))
+
+    def pixels_uint8(self, image: Image.Image) -> Any:
         """What a CPU worker makes of one RGB image: `preprocess` without its final ToTensor +
         Normalize, as uint8 [3, H, W] (float `preprocess` output if it cannot be split)."""
         transform = self.preprocess
         if hasattr(transform, "transform_for"):  # a per-image view (the packaged default)
             transform = transform.transform_for(image)
         split = split_preprocess(transform) if self.pixel_stats is not None else None
-        return transform(image) if split is None else pil_to_tensor(split[0](image))
+        if split is None:
+            return transform(image)
+        from torchvision.transforms.functional import pil_to_tensor
 
-    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pil_to_tensor(split[0](image))
+
+    def normalize_pixels(self, pixels: Any) -> Any:
         """A batch from `pixels_uint8` moved to the device, then converted and normalised there
-        exactly as ToTensor + Normalize do (float batches are only moved). Pinned memory makes
-        the copy asynchronous on CUDA."""
+        exactly as ToTensor + Normalize do (float batches are only moved; numpy ones, for onnxruntime,
+        stay as they are). Pinned memory makes the copy asynchronous on CUDA."""
+        if isinstance(pixels, np.ndarray):
+            return pixels
+        import torch
+
         pixels = pixels.to(self.device, non_blocking=True)
         if pixels.dtype != torch.uint8:
             return pixels
@@ -199,6 +241,8 @@ class Backend(abc.ABC):
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise the last dimension (kept here so every backend agrees on eps)."""
+    import torch.nn.functional as F
+
     return F.normalize(x, dim=-1)
 
 
@@ -208,6 +252,8 @@ def state_dict_digest(module: torch.nn.Module, length: int = 16) -> str:
     Tags and paths can point at different bytes (random init, a retrained file), so
     cache keys hash the tensors themselves.
     """
+    import torch
+
     digest = hashlib.blake2b(digest_size=length)
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
