@@ -148,6 +148,7 @@ class OnnxBackend(Backend):
     """Both towers on onnxruntime (CPU); preprocessing and tokenising as the source model does them."""
 
     spatial_tokens = False
+    needs_torch = False
 
     def __init__(self, directory: str | Path, manifest: Manifest | None = None, threads: int | None = None):
         """`manifest`: None reads and checks the folder's; `threads`: onnxruntime's intra-op threads
@@ -166,6 +167,9 @@ class OnnxBackend(Backend):
         self._image = _session(self.directory / IMAGE_FILE, threads)
         self._text = _session(self.directory / TEXT_FILE, threads)
         self._text_inputs = [i.name for i in self._text.get_inputs()]
+
+    def from_numpy(self, array: np.ndarray) -> np.ndarray:
+        return array
 
     def encode_images(self, pixels: torch.Tensor, return_tokens: bool = False) -> torch.Tensor:
         if return_tokens:
