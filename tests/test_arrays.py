@@ -30,7 +30,7 @@ def test_numpy_ops_equal_torch_ops(seed, rows, columns, scale):
     np.testing.assert_array_equal(got_values, want_values.numpy())
     np.testing.assert_array_equal(np.take_along_axis(values, got_columns, 1), got_values)  # ties may swap columns
     for name in ("logsumexp", "softmax", "sigmoid", "exp"):
-        np.testing.assert_allclose(getattr(NP, name)(values), getattr(TORCH, name)(tensor).numpy(), rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(getattr(NP, name)(values), getattr(TORCH, name)(tensor).numpy(), rtol=5e-5, atol=1e-12)
 
 
 @settings(max_examples=25, deadline=None)
