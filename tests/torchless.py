@@ -15,18 +15,35 @@ from pathlib import Path
 #: the top-level packages a torch-free process must never import
 BLOCKED = ("torch", "torchvision", "timm", "open_clip")
 
+# Every finder on sys.meta_path is wrapped so that it finds none of them: `importlib.util.find_spec("torch")` is
+# None, as where torch is not installed. (A finder that raised would break transformers, which asks find_spec
+# whether torch is there before it imports anything; one that returned None would let the next finder find it.)
 _BLOCKER = f"""
 import sys
 
+_loaded = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r})
+assert not _loaded, f"imported before the blocker: {{_loaded}}"
+
+
 class _NoTorch:
+    \"\"\"A meta-path finder that answers as the one it wraps, except that the blocked packages do not exist.\"\"\"
+
     blocked = {BLOCKED!r}
+
+    def __init__(self, finder):
+        self.finder = finder
 
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in self.blocked:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: a torch-free process)", name=name)
-        return None
+            return None
+        find = getattr(self.finder, "find_spec", None)
+        return find(name, path, target) if find else None
 
-sys.meta_path.insert(0, _NoTorch())
+    def __getattr__(self, attribute):
+        return getattr(self.finder, attribute)
+
+
+sys.meta_path[:] = [_NoTorch(finder) for finder in sys.meta_path]
 """
 
 
