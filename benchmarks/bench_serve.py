@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -44,16 +44,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], timeout: float = 300, log: IO[bytes] | None = None
+def running_server(args: list[str], timeout: float = 300, log: IO[bytes] | None = None,
+                   clipzsl: Sequence[str] = (sys.executable, "-m", "clipzsl.cli")
                    ) -> Iterator[tuple[str, subprocess.Popen]]:
     """`clipzsl serve ARGS` on 127.0.0.1 and a free port, until /health answers; stopped on exit.
-    Its output goes to `log` (a binary file the caller reads), else to a temporary file."""
+    Its output goes to `log` (a binary file the caller reads), else to a temporary file. `clipzsl`: the
+    command that runs the command line."""
     import httpx
 
     port = free_port()
     log = log or tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "clipzsl.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             *args], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([*clipzsl, "serve", "--host", "127.0.0.1", "--port", str(port), *args], stdout=log,
+                            stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

@@ -11,26 +11,30 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
-from .adapter import tokens_of
+from safetensors import safe_open
+from safetensors.numpy import save as safetensors_bytes
+
+from .arrays import as_numpy
 from .backends import DEFAULT_MODEL, Backend, load_model
 from .backends.base import CacheArg, cache_dir_of
 from .errors import ClipzslError, InputError
 from .head import Head, check_top_k, probabilities, zero_shot_head
 from .head import top_k as top_k_labels
 from .images import EmbeddedImages, ImageSource, embed_images, expand_sources, load_image
-from .maps import HeatMap, image_maps, peak_box
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_prompts
 from .store import EmbeddingStore, StoreError, atomic_write, cache_root
 from .text_encoding import cached_class_embeddings
 from .text_encoding import class_embeddings as class_embeddings_of
-from .tip_adapter import Adapter, attending, bind_head, resolve_any_adapter
+
+if TYPE_CHECKING:
+    import torch
+
+    from .maps import HeatMap
+    from .tip_adapter import Adapter
 
 #: the "format" metadata entry of a classifier file written by `ZeroShotClassifier.save`
 CLASSIFIER_FORMAT = "clipzsl-zero-shot-classifier"
@@ -43,7 +47,7 @@ class ClassifierMismatch(ClipzslError, ValueError):
 
 
 def label_embeddings(model: Backend, entries: Sequence[ClassEntry], templates: Sequence[str],
-                     cache: CacheArg = True, progress: bool | None = None) -> torch.Tensor:
+                     cache: CacheArg = True, progress: bool | None = None) -> Any:
     """Class embeddings [C, D] through the label cache (`cache` as `ZeroShotClassifier` takes it; False: in
     memory only). Best effort: an unusable cache costs time, never the classification. The cache's
     table is closed before returning, so no connection (nor SQLite's -wal file) outlives the call."""
@@ -72,7 +76,7 @@ class ZeroShotClassifier:
         cache: CacheArg = True,
         progress: bool | None = None,
         adapter: Adapter | str | os.PathLike | None = None,
-        class_embeddings: torch.Tensor | None = None,
+        class_embeddings: Any = None,
         device: str = "auto",
         precision: str = "auto",
     ):
@@ -101,12 +105,16 @@ class ZeroShotClassifier:
             if tuple(class_embeddings.shape) != expected:
                 raise InputError(f"class embeddings have shape {tuple(class_embeddings.shape)}, but "
                                  f"{len(self.entries)} labels and model {self.model.spec!r} need {expected}")
-            self.class_embeddings = class_embeddings.float()
+            self.class_embeddings = self.model.from_numpy(as_numpy(class_embeddings))
         else:
             self.class_embeddings = label_embeddings(self.model, self.entries, self.templates, cache, progress)
-        self.adapter = resolve_any_adapter(adapter, self.model) if adapter is not None else None
-        self._head = bind_head(self.adapter, self.labels, self.class_embeddings) \
-            if self.adapter is not None else zero_shot_head
+        self.adapter: Adapter | None = None
+        self._head: Head = zero_shot_head
+        if adapter is not None:  # adapters are torch modules: imported only when there is one
+            from .tip_adapter import bind_head, resolve_any_adapter
+
+            self.adapter = resolve_any_adapter(adapter, self.model)
+            self._head = bind_head(self.adapter, self.labels, self.class_embeddings)
 
     @property
     def labels(self) -> list[str]:
@@ -121,13 +129,21 @@ class ZeroShotClassifier:
     def embed(self, images: ImageSource | Sequence[ImageSource], **kwargs) -> EmbeddedImages:
         """Image embeddings (with the spatial tokens when an adapter needs them); keyword
         arguments go to `clipzsl.images.embed_images`."""
-        kwargs.setdefault("return_tokens", attending(self.adapter) is not None)
+        kwargs.setdefault("return_tokens", self._attending() is not None)
         return embed_images(self.model, images, **kwargs)
 
     def _embedded(self, images: Images, batch_size: int | None) -> EmbeddedImages:
         return images if isinstance(images, EmbeddedImages) else self.embed(images, batch_size=batch_size)
 
-    def logits(self, images: Images, batch_size: int | None = None) -> torch.Tensor:
+    def _attending(self) -> Any:
+        """The cross-attention adapter, if the adapter is one (`tip_adapter.attending`)."""
+        if self.adapter is None:
+            return None
+        from .tip_adapter import attending
+
+        return attending(self.adapter)
+
+    def logits(self, images: Images, batch_size: int | None = None) -> Any:
         """Logits [N, C] through the head: rank by these, since far-down probabilities underflow
         to equal zeros."""
         return self.head(self._embedded(images, batch_size), self.class_embeddings, self.model.logit_scale,
@@ -136,7 +152,7 @@ class ZeroShotClassifier:
     def predict_proba(self, images: Images, batch_size: int | None = None) -> np.ndarray:
         """Probabilities [N, C]; images are paths, PIL images, folders (walked recursively) or
         already-embedded `EmbeddedImages`."""
-        return probabilities(self.logits(images, batch_size), self.model.probability).numpy()
+        return as_numpy(probabilities(self.logits(images, batch_size), self.model.probability))
 
     def predict(self, images: Images, top_k: int = 5, batch_size: int | None = None) -> list[list[tuple[str, float]]]:
         """Per image: the `top_k` (label, probability) pairs, best first, without an [N, C] matrix."""
@@ -150,9 +166,13 @@ class ZeroShotClassifier:
 
     def attention(self, images: Images, batch_size: int | None = None) -> torch.Tensor:
         """The adapter's attention [N, C, heads, 1 + T] (global token first) over each image's tokens."""
-        adapter = attending(self.adapter)
+        adapter = self._attending()
         if adapter is None:
             raise InputError("attention needs a cross-attention adapter: ZeroShotClassifier(..., adapter=PATH_OR_OBJECT)")
+        import torch
+
+        from .adapter import tokens_of
+
         embedded = self._embedded(images, batch_size)
         with torch.no_grad():
             return adapter.attention(self.class_embeddings, tokens_of(embedded), embedded.embeddings)
@@ -161,11 +181,13 @@ class ZeroShotClassifier:
         """Per image, where each label is: a `HeatMap` ([C, h, w] grid and the image box it covers) drawn by
         `method` (`clipzsl.maps.METHODS`; None: the adapter's attention if there is one, else the
         model's default; a Tip adapter has no attention)."""
-        if method == "adapter" and self.adapter is not None and attending(self.adapter) is None:
+        from .maps import image_maps
+
+        if method == "adapter" and self.adapter is not None and self._attending() is None:
             raise InputError("method 'adapter' draws a cross-attention adapter's attention, and a Tip adapter has "
                              "none: pick another method (the default is the model's)")
         return image_maps(self.model, [load_image(s) for s in expand_sources(images)], self.class_embeddings,
-                          method, attending(self.adapter))
+                          method, self._attending())
 
     def zoomed_proba(self, images: ImageSource | Sequence[ImageSource], top: int = 5, method: str | None = None,
                      batch_size: int | None = None) -> np.ndarray:
@@ -175,6 +197,8 @@ class ZeroShotClassifier:
         (so a row sums to 1 only when the zoom leaves those labels' share unchanged)."""
         if isinstance(top, bool) or not isinstance(top, int) or top < 0:
             raise InputError(f"top must be a whole number of labels to zoom on, 0 or more, not {top!r}")
+        from .maps import peak_box
+
         pictures = [load_image(s) for s in expand_sources(images)]
         probs = self.predict_proba(pictures, batch_size)
         zoomed = probs.copy()
@@ -197,7 +221,7 @@ class ZeroShotClassifier:
             "templates": json.dumps(self.templates),
         }
         path = Path(path)
-        data = safetensors_bytes({"class_embeddings": self.class_embeddings.contiguous()}, metadata=metadata)
+        data = safetensors_bytes({"class_embeddings": as_numpy(self.class_embeddings)}, metadata=metadata)
         atomic_write(path, lambda f: f.write(data))
         return path
 
@@ -210,7 +234,7 @@ class ZeroShotClassifier:
             raise FileNotFoundError(f"{path}: no such classifier file; write one with ZeroShotClassifier.save "
                                     "(clipzsl eval --save-classifier)")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="np") as f:
                 meta = f.metadata() or {}
                 saved = f.get_tensor("class_embeddings") if "class_embeddings" in f.keys() else None
         except Exception as err:  # safetensors raises its own error type for a damaged file

@@ -24,12 +24,13 @@ import sys
 import tempfile
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .arrays import as_numpy
 from .backends import DEFAULT_MODEL, Backend, load_model
 from .classifier import ZeroShotClassifier
 from .head import top_k as top_k_labels
@@ -174,8 +175,8 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocess: Callable[[Image.Imag
     shape = next((p.shape for p in pixels if p is not None), None)
     if shape is None:  # every row failed: any image gives the model's input shape
         shape = preprocess(Image.new("RGB", (32, 32))).shape
-    stacked = torch.stack([p if p is not None else torch.zeros(shape) for p in pixels])
-    return {"path": np.array(paths, dtype=object), "pixels": stacked.numpy(), "error": np.array(errors, dtype=object)}
+    stacked = np.stack([as_numpy(p) if p is not None else np.zeros(shape, np.float32) for p in pixels])
+    return {"path": np.array(paths, dtype=object), "pixels": stacked, "error": np.array(errors, dtype=object)}
 
 
 class _Encoder:
@@ -196,8 +197,7 @@ class _Encoder:
         embeddings = np.full((len(good), self.model.embed_dim), np.nan, dtype=np.float32)
         if good.any():
             # no tokens asked for: the embeddings alone
-            vectors = cast(torch.Tensor, self.model.encode_images(torch.from_numpy(batch["pixels"][good])))
-            embeddings[good] = vectors.float().cpu().numpy()
+            embeddings[good] = as_numpy(self.model.encode_images(self.model.from_numpy(batch["pixels"][good])))
         out = {"path": batch["path"], "error": batch["error"]}
         if self.classes is None:
             return {**out, "embedding": embeddings}
@@ -207,9 +207,10 @@ class _Encoder:
         names = np.empty(len(good), dtype=object)
         names[:] = [[] for _ in range(len(good))]
         if good.any():
-            p, ids = top_k_labels(zero_shot_head, EmbeddedImages(torch.from_numpy(embeddings[good])), class_embeddings,
-                                  self.model.logit_scale, self.model.logit_bias, self.model.probability, k)
-            probs[good] = p.numpy()
+            p, ids = top_k_labels(zero_shot_head, EmbeddedImages(self.model.from_numpy(embeddings[good])),
+                                  class_embeddings, self.model.logit_scale, self.model.logit_bias,
+                                  self.model.probability, k)
+            probs[good] = as_numpy(p)
             names[np.flatnonzero(good)] = [[labels[j] for j in row] for row in ids.tolist()]
         return {**out, "labels": names, "probabilities": probs}
 

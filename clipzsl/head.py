@@ -4,17 +4,22 @@ The formula `logit_scale * image_embeddings @ class_embeddings.T + logit_bias` l
 once (`cosine_logits`), and so does the softmax/sigmoid switch (`probabilities`). A head is
 any callable `(images, class_embeddings, logit_scale, logit_bias) -> logits [N, C]`: the
 zero-shot head below, or a trained `CrossAttentionAdapter.head`. `top_k` ranks labels through
-any head without ever holding the [N, C] matrix of a large vocabulary.
+any head without ever holding the [N, C] matrix of a large vocabulary. The zero-shot head, `probabilities`
+and `top_k` take torch tensors or numpy arrays (an `onnx:` model's, `clipzsl.arrays`) and answer in kind.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+import numpy as np
 
+from .arrays import ops
 from .errors import InputError
 from .images import EmbeddedImages
 from .search import check_top_k
+
+if TYPE_CHECKING:
+    import torch
 
 #: labels scored at once by `top_k` (rows of class embeddings)
 LABEL_CHUNK = 16_384
@@ -47,26 +52,26 @@ def calibrated_stacking(logits: torch.Tensor, seen_mask: torch.Tensor, gamma: fl
     return logits - gamma * seen_mask.to(logits.dtype)[None]
 
 
-def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
+def probabilities(logits: Any, kind: str) -> Any:
     """Softmax over the classes (CLIP) or a sigmoid per class (SigLIP), as the model was trained."""
     if kind == "sigmoid":
-        return torch.sigmoid(logits)
+        return ops(logits).sigmoid(logits)
     if kind == "softmax":
-        return torch.softmax(logits, dim=-1)
+        return ops(logits).softmax(logits)
     raise InputError(f"unknown probability kind {kind!r}; expected one of {KINDS}")
 
 
 def top_k(
     head: Head,
     images: EmbeddedImages,
-    class_embeddings: torch.Tensor,
+    class_embeddings: Any,
     logit_scale: float,
     logit_bias: float,
     kind: str,
     k: int,
     image_chunk: int = IMAGE_CHUNK,
     label_chunk: int = LABEL_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Any, Any]:
     """(probabilities, class ids), each [N, min(k, C)], best first, exact.
 
     Labels are scored in chunks: each chunk's best k are merged into a running top k and its
@@ -80,27 +85,37 @@ def top_k(
     if not len(class_embeddings):
         raise InputError("top_k needs at least one class embedding")
     k = min(k, class_embeddings.shape[0])
+    xp = ops(class_embeddings)
     all_probs, all_ids = [], []
     for start in range(0, len(images), image_chunk):
-        part = images.subset(torch.arange(start, min(start + image_chunk, len(images))))
-        best: torch.Tensor | None = None
-        ids: torch.Tensor | None = None
-        normalisers = []
-        for first in range(0, class_embeddings.shape[0], label_chunk):
-            logits = head(part, class_embeddings[first:first + label_chunk], logit_scale, logit_bias)
-            normalisers.append(torch.logsumexp(logits, dim=1))
-            values, columns = logits.topk(min(k, logits.shape[1]), dim=1)
-            if best is not None and ids is not None:
-                values, columns = torch.cat([best, values], 1), torch.cat([ids, columns + first], 1)
-                values, order = values.topk(k, dim=1)
-                columns = columns.gather(1, order)
-            best, ids = values, columns
-        assert best is not None and ids is not None  # class_embeddings is not empty: one chunk at least
+        part = images.subset(range(start, min(start + image_chunk, len(images))))
+        best, ids, normalisers = _chunked_top_k(head, part, class_embeddings, (logit_scale, logit_bias), k,
+                                                label_chunk)
         if kind == "sigmoid":
-            all_probs.append(torch.sigmoid(best))
+            all_probs.append(xp.sigmoid(best))
         else:
-            all_probs.append(torch.exp(best - torch.logsumexp(torch.stack(normalisers, 1), 1)[:, None]))
+            all_probs.append(xp.exp(best - xp.logsumexp(xp.stack(normalisers, 1))[:, None]))
         all_ids.append(ids)
     if not all_probs:
-        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
-    return torch.cat(all_probs), torch.cat(all_ids)
+        return xp.from_numpy(np.empty((0, k), np.float32)), xp.from_numpy(np.empty((0, k), np.int64))
+    return xp.cat(all_probs), xp.cat(all_ids)
+
+
+def _chunked_top_k(head: Head, images: EmbeddedImages, class_embeddings: Any, scale_bias: tuple[float, float],
+                   k: int, label_chunk: int) -> tuple[Any, Any, list[Any]]:
+    """The best k logits of `images` and their columns, label chunk by label chunk, and each chunk's
+    log-sum-exp."""
+    xp = ops(class_embeddings)
+    best: Any = None
+    ids: Any = None
+    normalisers = []
+    for first in range(0, class_embeddings.shape[0], label_chunk):
+        logits = head(images, class_embeddings[first:first + label_chunk], *scale_bias)
+        normalisers.append(xp.logsumexp(logits))
+        values, columns = xp.top_k(logits, min(k, logits.shape[1]))
+        if best is not None:
+            values, columns = xp.cat([best, values], 1), xp.cat([ids, columns + first], 1)
+            values, order = xp.top_k(values, k)
+            columns = xp.take(columns, order)
+        best, ids = values, columns
+    return best, ids, normalisers

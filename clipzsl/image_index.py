@@ -16,11 +16,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, Union, cast
 
 import numpy as np
-import torch
 
+from .arrays import as_numpy, is_torch
 from .backends import Backend, load_model
 from .errors import InputError, MissingExtra
 from .images import EmbeddedImages, ImageLoadError, check_output, embed_images, expand_sources
@@ -32,10 +32,13 @@ from .store import EmbeddingStore, StoreError
 from .tars import TarMember, embed_named, is_tar, tar_members
 from .text_encoding import vocabulary_queries
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
 #: what a search takes: a text, an image file (as a `pathlib.Path`) or a query embedding
-Query = Union[str, torch.Tensor, np.ndarray, os.PathLike]
+Query = Union[str, "torch.Tensor", np.ndarray, os.PathLike]
 
 
 @dataclass
@@ -294,7 +297,7 @@ class ImageIndex:
             result = embed_named([(f, members.get(f, f)) for f in files[start : start + chunk]],
                                  lambda images, **kw: embed_images(self.model, images, **kw), **options)
             if result.sources:
-                self.store.add(result.sources, result.embeddings.numpy(), [stamp(f) for f in result.sources])
+                self.store.add(result.sources, as_numpy(result.embeddings), [stamp(f) for f in result.sources])
             yield result
 
     def add_vectors(self, blocks: Iterable[tuple[Sequence[str], np.ndarray]], factory: str = "auto",
@@ -319,27 +322,27 @@ class ImageIndex:
     def query_vector(self, query: Query) -> np.ndarray:
         """A query as one embedding [1, D]: text, an image file (`pathlib.Path`), or a vector."""
         if isinstance(query, str):
-            return self.model.encode_texts([query_text(query)]).float().cpu().numpy()
+            return as_numpy(self.model.encode_texts([query_text(query)]))
         if isinstance(query, os.PathLike):
-            return embed_images(self.model, [str(query)], progress=False).embeddings.numpy()
-        return _as_vector(query).reshape(1, -1)
+            return as_numpy(embed_images(self.model, [str(query)], progress=False).embeddings)
+        return as_numpy(query).reshape(1, -1)
 
     def query_vectors(self, queries: Sequence[Query] | np.ndarray | torch.Tensor) -> np.ndarray:
         """Queries as embeddings [N, D], in their order: the texts in one text-tower pass, the image
         files in one `embed_images` call, vectors as given (a [N, D] array or tensor is N vectors)."""
-        if isinstance(queries, (np.ndarray, torch.Tensor)):
-            return _as_vector(queries).reshape(-1, self.model.embed_dim)
+        if _is_array(queries):
+            return as_numpy(queries).reshape(-1, self.model.embed_dim)
         items = list(queries)
         out = np.empty((len(items), self.model.embed_dim), np.float32)
         texts = [i for i, q in enumerate(items) if isinstance(q, str)]
         images = [i for i, q in enumerate(items) if isinstance(q, os.PathLike)]
         if texts:
-            out[texts] = self.model.encode_texts([query_text(str(items[i])) for i in texts]).float().cpu().numpy()
+            out[texts] = as_numpy(self.model.encode_texts([query_text(str(items[i])) for i in texts]))
         if images:
             out[images] = self._image_vectors([os.fspath(q) for q in items if isinstance(q, os.PathLike)])
         for i, query in enumerate(items):
-            if isinstance(query, (torch.Tensor, np.ndarray)):
-                out[i] = _as_vector(query).reshape(-1)
+            if _is_array(query):
+                out[i] = as_numpy(query).reshape(-1)
         return out
 
     def _image_vectors(self, paths: list[str]) -> np.ndarray:
@@ -350,15 +353,15 @@ class ImageIndex:
             raise InputError(f"image queries {unique}: {len(embedded.sources)} images found in {len(unique)} "
                              "paths; give image files, not folders")
         row = {path: r for r, path in enumerate(unique)}
-        return embedded.embeddings.numpy()[[row[p] for p in paths]]
+        return as_numpy(embedded.embeddings)[[row[p] for p in paths]]
 
     def search(self, query: Query, top_k: int = 10, where: str | None = None) -> list[tuple[str, float]]:
         """The `top_k` (path, cosine similarity) pairs, best first, for a text query, an image
         file (as a `pathlib.Path`) or a query embedding. `where`: a filter over the metadata columns
         (`clipzsl.where`, e.g. "folder = 'cats' and width > 512"): only images it holds true for. The
         `hidden` images are left out."""
-        return self.search_many([query] if not isinstance(query, (np.ndarray, torch.Tensor)) else query,
-                                top_k, where)[0] if self.store else []
+        queries = cast(np.ndarray, query) if _is_array(query) else [query]  # a [N, D] array is N queries
+        return self.search_many(queries, top_k, where)[0] if self.store else []
 
     def search_many(self, queries: Sequence[Query] | np.ndarray | torch.Tensor, top_k: int = 10,
                     where: str | None = None) -> list[list[tuple[str, float]]]:
@@ -496,6 +499,6 @@ def model_spec_of(directory: str | os.PathLike) -> str | None:
     return EmbeddingStore.read_meta(directory).get("spec") or None
 
 
-def _as_vector(query: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A query embedding (tensor or array, any device) as float32 numpy."""
-    return query.float().cpu().numpy() if isinstance(query, torch.Tensor) else np.asarray(query, np.float32)
+def _is_array(query: Any) -> bool:
+    """Whether a query is an embedding (a numpy array or a torch tensor) rather than a text or a path."""
+    return isinstance(query, np.ndarray) or is_torch(query)

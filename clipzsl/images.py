@@ -26,16 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from .backends.base import Backend, CacheArg, cache_dir_of
+from .arrays import is_torch, ops
+from .backends.base import Backend, CacheArg, cache_dir_of, device_kind
 from .errors import ClipzslError, InputError
 from .store import atomic_write, own_cache_root
+
+if TYPE_CHECKING:
+    import torch
 
 ImageSource = Union[str, Path, Image.Image]
 IMAGE_SUFFIXES = {suffix for suffix, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
@@ -58,17 +61,17 @@ FEATURES_DIR = "image-features"
 class EmbeddedImages:
     """Images as a frozen backbone sees them: what every head scores."""
 
-    embeddings: torch.Tensor  # [N, D] pooled, L2-normalised, in `sources` order
-    tokens: torch.Tensor | None = None  # [N, T, D] spatial tokens (unnormalised), with `return_tokens`
+    embeddings: Any  # [N, D] pooled, L2-normalised, in `sources` order: a torch tensor (numpy for an onnx: model)
+    tokens: Any = None  # [N, T, D] spatial tokens (unnormalised), with `return_tokens`
     sources: list[str] = field(default_factory=list)  # names of the images that were embedded
     failures: list[ImageLoadError] = field(default_factory=list)  # images that were skipped, with why
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
 
-    def subset(self, index: Sequence[int] | torch.Tensor) -> "EmbeddedImages":
+    def subset(self, index: Sequence[int] | range | np.ndarray) -> "EmbeddedImages":
         """The rows `index` (failures are not rows, so they stay behind)."""
-        index = torch.as_tensor(index, dtype=torch.long)
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
         sources = [self.sources[i] for i in index.tolist()] if self.sources else []
         tokens = self.tokens[index] if self.tokens is not None else None
         return EmbeddedImages(self.embeddings[index], tokens, sources)
@@ -77,8 +80,9 @@ class EmbeddedImages:
     def cat(parts: Sequence["EmbeddedImages"]) -> "EmbeddedImages":
         """The parts one after the other (tokens only when every part has them)."""
         tokens = [p.tokens for p in parts if p.tokens is not None]
-        return EmbeddedImages(torch.cat([p.embeddings for p in parts]),
-                              torch.cat(tokens) if len(tokens) == len(parts) else None,
+        xp = ops(parts[0].embeddings)
+        return EmbeddedImages(xp.cat([p.embeddings for p in parts]),
+                              xp.cat(tokens) if len(tokens) == len(parts) else None,
                               [s for p in parts for s in p.sources], [f for p in parts for f in p.failures])
 
 
@@ -336,11 +340,11 @@ class _Jpeg:
     """A JPEG file's bytes, read by a worker, to be decoded on the device."""
 
     source: str
-    data: torch.Tensor  # uint8 [bytes]
+    data: torch.Tensor  # uint8 [bytes] (decode="device" runs only with a torch model)
 
 
 #: what a worker makes of one image: uint8 pixels, a JPEG's bytes for the device, or why it failed
-_Prepared = Union[torch.Tensor, _Jpeg, ImageLoadError]
+_Prepared = Union["torch.Tensor", np.ndarray, _Jpeg, ImageLoadError]
 
 
 def _prepared(backend: Backend, source: ImageSource, decode: str = "cpu") -> _Prepared:
@@ -349,6 +353,8 @@ def _prepared(backend: Backend, source: ImageSource, decode: str = "cpu") -> _Pr
             with open(source, "rb") as f:
                 data = f.read()
             if data.startswith(_JPEG_MAGIC):
+                import torch
+
                 return _Jpeg(str(source), torch.frombuffer(bytearray(data), dtype=torch.uint8))
         return backend.pixels_uint8(load_image(source))
     except ImageLoadError as err:
@@ -452,7 +458,7 @@ def embed_images(
                 kept.extend(source_name(sources[i], i) for i, _ in good)
             bar.update(len(batch))
     if not chunks:
-        return EmbeddedImages(torch.empty(0, model.embed_dim), None, kept, failures)
+        return EmbeddedImages(_no_rows(model, model.embed_dim), None, kept, failures)
     embedded = EmbeddedImages.cat(chunks)
     return EmbeddedImages(embedded.embeddings, embedded.tokens, kept, failures)
 
@@ -474,30 +480,37 @@ def _jpegs_decoded(model: Backend, batch: list[tuple[int, _Prepared]], steps: li
 
 
 def _usable(batch: list[tuple[int, _Prepared]], skip_errors: bool,
-            failures: list[ImageLoadError]) -> list[tuple[int, torch.Tensor]]:
+            failures: list[ImageLoadError]) -> list[tuple[int, Any]]:
     """The batch's decoded images; its first unreadable image raises, or with `skip_errors` every one
     is added to `failures`."""
     for _, err in ((i, t) for i, t in batch if isinstance(t, ImageLoadError)):
         if not skip_errors:
             raise err
         failures.append(err)
-    return [(i, t) for i, t in batch if isinstance(t, torch.Tensor)]
+    return [(i, t) for i, t in batch if not isinstance(t, (ImageLoadError, _Jpeg))]
 
 
-def encode_pixels(model: Backend, pixels: Sequence[torch.Tensor], return_tokens: bool = False) -> EmbeddedImages:
+def encode_pixels(model: Backend, pixels: Sequence[Any], return_tokens: bool = False) -> EmbeddedImages:
     """One forward pass over prepared images (`Backend.pixels_uint8`'s, or decoded on the device), as
     float32 on the CPU. Apart from `embed_images`, so a caller that prepared its images as they
     arrived (the service) runs only this in the model's thread."""
+    if not is_torch(pixels[0]):  # an onnx: model's float pixels, and embeddings, are numpy arrays
+        return EmbeddedImages(np.asarray(model.encode_images(np.stack(list(pixels))), dtype=np.float32))
     if any(t.device.type != "cpu" for t in pixels):
         pixels = [t.to(model.device) for t in pixels]
-    batch = torch.stack(list(pixels))
-    if batch.device.type == "cpu" and torch.device(model.device).type == "cuda":
+    batch = ops(pixels[0]).stack(pixels)
+    if batch.device.type == "cpu" and device_kind(model.device) == "cuda":
         batch = batch.pin_memory()  # an asynchronous copy to the device
     encoded = model.encode_images(model.normalize_pixels(batch), return_tokens=return_tokens)
     if isinstance(encoded, tuple):  # with return_tokens
         pooled, tokens = encoded
         return EmbeddedImages(pooled.float().cpu(), tokens.float().cpu())
     return EmbeddedImages(encoded.float().cpu())
+
+
+def _no_rows(model: Backend, *shape: int) -> Any:
+    """An empty float32 [0, *shape] in the model's kind of array (numpy for an onnx: model)."""
+    return model.from_numpy(np.empty((0, *shape), np.float32))
 
 
 def _image_identity(source: ImageSource) -> str:
@@ -548,9 +561,11 @@ def embed_images_cached(
         if cached is not None:
             return cached
     if not sources:
-        return EmbeddedImages(torch.empty(0, model.embed_dim), torch.empty(0, 0, model.embed_dim))
+        return EmbeddedImages(_no_rows(model, model.embed_dim), _no_rows(model, 0, model.embed_dim))
     embedded = embed_images(model, sources, batch_size=batch_size, progress=progress, return_tokens=True)
     if path is not None:
+        from safetensors.torch import save as safetensors_bytes
+
         assert embedded.tokens is not None  # asked for with return_tokens
         tensors = {"pooled": embedded.embeddings.contiguous(), "tokens": embedded.tokens.half().contiguous()}
         atomic_write(path, lambda f: f.write(safetensors_bytes(tensors)))
@@ -561,6 +576,8 @@ def _cached_features(path: Path, sources: list[ImageSource]) -> EmbeddedImages |
     """The features `embed_images_cached` kept at `path`; None when there are none (or they are unusable)."""
     if not path.exists():
         return None
+    from safetensors.torch import load_file
+
     try:
         data = load_file(str(path))
         if data["pooled"].shape[0] == len(sources):

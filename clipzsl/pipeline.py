@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import distributed
+from .arrays import as_numpy
 from .backends import DEFAULT_MODEL, Backend, load_model
 from .classifier import ZeroShotClassifier
 from .errors import InputError
@@ -115,7 +116,7 @@ class Mapper:
         predictions = None
         if self.classifier is not None:
             predictions = self.classifier.predict(embedded, self.top_k) if len(embedded) else []
-        batch = Batch([name for name, _ in items], errors, embedded.embeddings.numpy(), predictions)
+        batch = Batch([name for name, _ in items], errors, as_numpy(embedded.embeddings), predictions)
         source = dict(todo)
         batch.peaks = self.peaks([source[name] for name in batch.read()], predictions)
         return batch

@@ -38,10 +38,9 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal, Sequence, cast
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Literal, Sequence, cast
 
 import numpy as np
-import torch
 import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -50,18 +49,19 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile as Upload
 from starlette.requests import ClientDisconnect
 
+from .arrays import as_numpy
 from .backends import Backend, load_model
 from .classifier import ZeroShotClassifier, label_embeddings
 from .errors import ClipzslError, InputError
-from .explain import picture
 from .image_index import ImageIndex, is_under, model_spec_of
 from .images import MAX_PIXELS, EmbeddedImages, ImageLoadError, TooManyPixels, decode_image, encode_pixels, load_image
-from .maps import HeatMap, methods_for, peak_box
 from .where import FilterError
 from .prompts import (DEFAULT_TEMPLATES, LABEL_SUFFIXES, LABELS_DIR, TEMPLATES_DIR, ClassEntry, PromptFileError,
                       available, content_lines, load_labels, load_templates, normalise_text, parse_label_list,
                       query_text)
-from .tip_adapter import draws_attention
+
+if TYPE_CHECKING:
+    from .maps import HeatMap
 
 MB = 1 << 20
 #: the hosts that only this machine reaches (any other is warned about: `run_service`)
@@ -185,7 +185,7 @@ class _Job:
     future: asyncio.Future
     top_k: int
     target: ZeroShotClassifier | Collection  # classify the image with it, or search it for the image or text
-    pixels: torch.Tensor | None = None  # an image as the model takes it (`Backend.pixels_uint8`)
+    pixels: Any = None  # an image as the model takes it (`Backend.pixels_uint8`)
     text: str | None = None
     where: str | None = None  # a search's metadata filter: searches are batched per collection and filter
 
@@ -207,7 +207,7 @@ class _Encoded:
     def queries(self, members: list[int]) -> np.ndarray:
         """A query embedding [len(members), D] per job: its image's, else its text's."""
         images = self.images.embeddings if self.images is not None else None
-        return np.stack([images[self.image_row[i]].numpy() if images is not None and i in self.image_row
+        return np.stack([as_numpy(images[self.image_row[i]]) if images is not None and i in self.image_row
                          else self.texts[self.text_row[i]] for i in members])
 
 
@@ -313,7 +313,7 @@ class Batcher:
         size = self.model.batch_size
         images = EmbeddedImages.cat([encode_pixels(self.model, pixels[first:first + size], self.tokens)
                                      for first in range(0, len(pixels), size)]) if pixels else None
-        vectors = self.model.encode_texts(texts).float().numpy() if texts else np.empty((0, self.model.embed_dim))
+        vectors = as_numpy(self.model.encode_texts(texts)) if texts else np.empty((0, self.model.embed_dim))
         return _Encoded(images, _rows([job.pixels is not None for job in jobs]), vectors,
                         _rows([job.text is not None for job in jobs]))
 
@@ -333,6 +333,25 @@ class Batcher:
         the metadata filter `where` (a FilterError when it is bad)."""
         found = collection.index.search_many(queries, top_k, where)
         return [[(collection.id_of(path), path, score) for path, score in hits] for hits in found]
+
+
+def map_methods(model: Backend) -> list[str]:
+    """The heat-map methods `model` has (`maps.methods_for`): none for an onnx: model, whose towers are not
+    torch modules (asked without importing torch and the maps)."""
+    if not model.needs_torch:
+        return []
+    from .maps import methods_for
+
+    return methods_for(model)
+
+
+def _draws_attention(adapter: Any) -> bool:
+    """`tip_adapter.draws_attention`, imported only when there is an adapter (adapters are torch modules)."""
+    if adapter is None:
+        return False
+    from .tip_adapter import draws_attention
+
+    return draws_attention(adapter)
 
 
 def _rows(chosen: list[bool]) -> dict[int, int]:
@@ -357,7 +376,7 @@ class _TextTower:
     def __getattr__(self, name: str):
         return getattr(self._model, name)
 
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode_texts(self, texts: Sequence[str]) -> Any:
         return self._worker.submit(self._model.encode_texts, texts).result()
 
 
@@ -367,7 +386,7 @@ class Service:
     def __init__(self, model: Backend, indexes: dict[str, str | os.PathLike], label_sets: dict[str, list[ClassEntry]],
                  templates: Sequence[str], adapter, cache, limits: Limits):
         self.model = model
-        self.attends = draws_attention(adapter)  # a cross-attention adapter: it needs tokens and draws maps
+        self.attends = _draws_attention(adapter)  # a cross-attention adapter: it needs tokens and draws maps
         self.batcher = Batcher(model, limits, self.attends)
         # an index's SQLite table may only be used by the thread that opened it: the model's thread
         self.collections = self.batcher.worker.submit(
@@ -490,7 +509,7 @@ class Service:
         """A heat-map method a request may name (`maps.methods_for` the model, and "adapter" with a
         cross-attention adapter loaded (a Tip adapter has no attention); None: the default, the adapter's attention
         or the model's default); otherwise 422 naming the choices."""
-        choices = methods_for(self.model) + (["adapter"] if self.attends else [])
+        choices = map_methods(self.model) + (["adapter"] if self.attends else [])
         if not choices:
             raise ServiceError(422, f"no heat-map method draws maps for {self.model.spec}")
         if method and method not in choices:
@@ -508,7 +527,7 @@ class Service:
         """An uploaded image, decoded within the pixel budget (a JPEG reduced towards the model's size), or 422."""
         return await self._decoded(upload, field_name, lambda image: image)
 
-    async def pixels(self, upload: Upload | str | None, field_name: str = "image") -> torch.Tensor:
+    async def pixels(self, upload: Upload | str | None, field_name: str = "image") -> Any:
         """An uploaded image as the model takes it, decoded and resized as `image` arrives, in a
         thread off the event loop: the model's thread then only runs forward passes."""
         return await self._decoded(upload, field_name, self.model.pixels_uint8)
@@ -549,14 +568,18 @@ class _Explained:
     label: str
     column: int
     probability: float
-    heat_map: HeatMap
+    heat_map: "HeatMap"
 
     def png(self) -> bytes:
+        from .explain import picture
+
         out = io.BytesIO()
         picture(self.image, self.heat_map, self.column, f"{self.label}: {self.probability:.1%}").save(out, "PNG")
         return out.getvalue()
 
     def data(self) -> HeatMapData:
+        from .maps import peak_box
+
         box, score = peak_box(self.heat_map, self.column)
         return HeatMapData(label=self.label, probability=self.probability, method=self.heat_map.method,
                            width=self.image.width, height=self.image.height, box=list(self.heat_map.box),
@@ -654,7 +677,7 @@ def create_app(
         """The model, what is loaded, and the sizes of recent batches."""
         recent = service.batcher.batches[-100:]
         return {"status": "ok", "model": model.spec, "adapter": adapter is not None,
-                "map_methods": (["adapter"] if service.attends else []) + methods_for(model),
+                "map_methods": (["adapter"] if service.attends else []) + map_methods(model),
                 "indexes": {name: c.size for name, c in service.collections.items()},
                 "label_sets": sorted(service.label_sets), "shipped_label_sets": service.shipped_labels,
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_labels": limits.max_labels,
@@ -677,7 +700,7 @@ def create_app(
     async def search(request: Request) -> SearchResults:
         """The `top_k` indexed images closest to a text (JSON) or an image (multipart `image`)."""
         kind = request.headers.get("content-type", "")
-        pixels: torch.Tensor | None = None
+        pixels: Any = None
         text: str | None = None
         if kind.startswith("multipart/form-data"):
             async with request.form(max_files=1, max_fields=5) as form:

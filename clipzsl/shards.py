@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .arrays import as_numpy
 from .backends import Backend, load_model
 from .captions import CaptionedImages
 from .errors import InputError
@@ -125,7 +126,7 @@ def _write_shard(out: Path, number: int, vectors: np.ndarray, names: list[str],
                "resolved_path": pa.array([os.path.realpath(n) for n in names], pa.string())}
     if captions is not None:
         texts = captions.texts(names)
-        text_vectors = encode_prompts(captions.model, texts).numpy().astype(np.float16)
+        text_vectors = as_numpy(encode_prompts(captions.model, texts)).astype(np.float16)
         atomic_write(out / "text_emb" / f"text_emb_{number}.npy", lambda f: np.save(f, text_vectors, allow_pickle=False))
         columns["caption"] = pa.array(texts, pa.string())
     emb = out / "img_emb" / f"img_emb_{number}.npy"

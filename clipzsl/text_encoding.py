@@ -11,12 +11,12 @@ embeddings with it), so it names `Backend` only for type checking.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from .arrays import as_numpy, ops
 from .prompts import ClassEntry, load_labels, load_templates
 from .store import EmbeddingStore, digest
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .backends.base import Backend
 
 
-def encode_prompts(model: Backend, prompts: Sequence[str], progress: bool | None = None) -> torch.Tensor:
+def encode_prompts(model: Backend, prompts: Sequence[str], progress: bool | None = None) -> Any:
     """L2-normalised embeddings [len(prompts), D] of possibly repeated prompts, each encoded once:
     float32 on the CPU, whatever the model's device and precision (label stores and heads take them there)."""
     unique = list(dict.fromkeys(prompts))
@@ -33,13 +33,13 @@ def encode_prompts(model: Backend, prompts: Sequence[str], progress: bool | None
     size = model.text_batch_size
     disable = (len(unique) <= 4 * size) if progress is None else not progress
     chunks = [
-        model.encode_texts(by_length[start : start + size]).float().cpu()
+        model.encode_texts(by_length[start : start + size])
         for start in tqdm(range(0, len(by_length), size), desc="prompts", unit="batch", disable=disable)
     ]
-    encoded = torch.empty(len(unique), chunks[0].shape[1], dtype=chunks[0].dtype)
-    encoded[torch.tensor(order)] = torch.cat(chunks)
+    encoded = np.empty((len(unique), chunks[0].shape[1]), np.float32)
+    encoded[order] = np.concatenate([as_numpy(chunk) for chunk in chunks])
     row = {prompt: i for i, prompt in enumerate(unique)}
-    return encoded[torch.tensor([row[p] for p in prompts])]
+    return ops(chunks[0]).from_numpy(encoded[[row[p] for p in prompts]])
 
 
 #: the shipped vocabulary and templates text-like queries are drawn from (`vocabulary_queries`): every
@@ -56,7 +56,7 @@ def vocabulary_queries(model: Backend, count: int, part: int = 0) -> np.ndarray:
     templates = [t for spec in QUERY_TEMPLATES for t in load_templates(spec)]
     prompts = [text for entry in load_labels(QUERY_LABELS) for text in ClassEntry(entry.name).texts(templates)]
     order = np.random.default_rng(0).permutation(len(prompts))[part::QUERY_PARTS][:count]
-    return encode_prompts(model, [prompts[i] for i in order.tolist()], progress=False).numpy()
+    return as_numpy(encode_prompts(model, [prompts[i] for i in order.tolist()], progress=False))
 
 
 def class_embeddings(
@@ -64,15 +64,17 @@ def class_embeddings(
     entries: Sequence[ClassEntry],
     templates: Sequence[str],
     progress: bool | None = None,
-) -> torch.Tensor:
-    """Prompt-ensembled, renormalised class embeddings [C, D] (rows in `entries` order)."""
+) -> Any:
+    """Prompt-ensembled, renormalised class embeddings [C, D] (rows in `entries` order), float32 on the CPU
+    in the model's kind of array."""
     texts = [entry.texts(templates) for entry in entries]
-    flat = encode_prompts(model, [t for group in texts for t in group], progress)
-    counts = torch.tensor([len(group) for group in texts])
-    owner = torch.repeat_interleave(torch.arange(len(entries)), counts)
-    sums = torch.zeros(len(entries), flat.shape[1], dtype=flat.dtype).index_add_(0, owner, flat)
-    means = sums / counts[:, None].to(flat.dtype)
-    return means / means.norm(dim=-1, keepdim=True)
+    encoded = encode_prompts(model, [t for group in texts for t in group], progress)
+    flat = as_numpy(encoded)
+    counts = np.array([len(group) for group in texts])
+    assert counts.min(initial=1) > 0, "every class entry has a text (`ClassEntry.texts`)"
+    means = np.add.reduceat(flat, np.cumsum(counts) - counts, axis=0) / counts[:, None].astype(np.float32) \
+        if len(entries) else flat[:0]
+    return ops(encoded).from_numpy(means / np.linalg.norm(means, axis=-1, keepdims=True))
 
 
 def class_key(entry: ClassEntry, templates_digest: str) -> str:
@@ -86,13 +88,13 @@ def cached_class_embeddings(
     templates: Sequence[str],
     store: EmbeddingStore,
     progress: bool | None = None,
-) -> torch.Tensor:
+) -> Any:
     """`class_embeddings`, encoding only the classes the store does not hold yet."""
     templates_digest = digest(json.dumps(list(templates)))
     keys = [class_key(entry, templates_digest) for entry in entries]
     by_key = dict(zip(keys, entries))
 
     def compute(todo: list[str]) -> np.ndarray:
-        return class_embeddings(model, [by_key[k] for k in todo], templates, progress).numpy()
+        return as_numpy(class_embeddings(model, [by_key[k] for k in todo], templates, progress))
 
-    return torch.from_numpy(store.get_or_compute(keys, compute, best_effort=True))
+    return model.from_numpy(store.get_or_compute(keys, compute, best_effort=True))

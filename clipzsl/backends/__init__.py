@@ -9,10 +9,12 @@ image for a cut-out (transparent or plain background) and its largest centred sq
 """
 from __future__ import annotations
 
-from ..errors import InputError
+from ..errors import InputError, MissingExtra
 from .base import Backend, CacheArg, default_batch_size, default_workers, resolve_device, resolve_precision
 
 DEFAULT_MODEL = "packaged"
+#: what the torch models are built on; an onnx: model needs none of them
+TORCH_PACKAGES = ("torch", "torchvision", "timm", "open_clip")
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto",
@@ -33,7 +35,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str =
             raise InputError(f"{name} must be at least 1, got {value}")
     device = _onnx_device(device) if spec.startswith("onnx:") else resolve_device(device)
     precision = resolve_precision(precision, device)  # before the load: a bad choice costs nothing
-    backend = _build(spec, device, cache)
+    try:
+        backend = _build(spec, device, cache)
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] not in TORCH_PACKAGES:
+            raise
+        raise MissingExtra(f"{spec} is a torch model, and {err.name} is not installed here: install clipzsl with its "
+                           "dependencies (pip install clipzsl), or export the model where torch is (clipzsl export "
+                           "onnx MODEL --out DIR) and run it here as onnx:DIR") from err
     backend.precision = precision  # set after the build: derived caches (packaged concepts) stay fp32
     backend.batch_size = batch_size or default_batch_size(device)
     backend.workers = workers or default_workers(device)

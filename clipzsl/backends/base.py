@@ -178,15 +178,15 @@ class Backend(abc.ABC):
     #: (mean, std) of the normalisation `normalize_pixels` applies to a uint8 batch; None when the
     #: backend's preprocessing cannot be split, and its workers hand over float pixels
     pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None
+    #: whether the towers are torch modules (heat maps, adapters and training need them); an onnx: model's are not
+    needs_torch: bool = True
     #: whether `encode_images(return_tokens=True)` gives spatial tokens in the joint space (adapters and the
     #: cosine heat map need them)
     spatial_tokens: bool = True
 
     @abc.abstractmethod
-    def encode_images(
-        self, pixels: torch.Tensor, return_tokens: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Embed a preprocessed batch [N, 3, H, W].
+    def encode_images(self, pixels: Any, return_tokens: bool = False) -> Any:
+        """Embed a preprocessed batch [N, 3, H, W] (a torch tensor; numpy arrays for onnxruntime).
 
         Returns L2-normalised pooled embeddings [N, D]; with `return_tokens`, also
         the spatial tokens [N, T, D] projected into the same space (unnormalised),
@@ -194,8 +194,8 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embed one batch of texts into L2-normalised [len(texts), D]."""
+    def encode_texts(self, texts: Sequence[str]) -> Any:
+        """Embed one batch of texts into L2-normalised [len(texts), D] (a torch tensor; numpy for onnxruntime)."""
 
     def autocast(self) -> ContextManager:
         """The forward passes' precision: autocast to bf16/fp16 (weights stay fp32), none for fp32."""
@@ -233,6 +233,13 @@ class Backend(abc.ABC):
         mean, std = (torch.tensor(v, dtype=torch.float32, device=pixels.device)[:, None, None]
                      for v in self.pixel_stats)
         return pixels.float().div_(255).sub_(mean).div_(std)
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        """`array` in the kind of array this model's towers give: a torch tensor sharing its memory (an
+        onnx: model keeps the numpy array)."""
+        import torch
+
+        return torch.from_numpy(array)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(spec={self.spec!r}, embed_dim={self.embed_dim}, device={self.device!r}, "

@@ -181,6 +181,7 @@ class OnnxBackend(Backend):
     """Both towers on onnxruntime (CPU); preprocessing and tokenising as the source model does them."""
 
     spatial_tokens = False
+    needs_torch = False
 
     def __init__(self, directory: str | Path, manifest: Manifest | None = None, threads: int | None = None):
         """`manifest`: None reads and checks the folder's; `threads`: onnxruntime's intra-op threads
@@ -199,6 +200,9 @@ class OnnxBackend(Backend):
         self._image = _session(self.directory / IMAGE_FILE, threads)
         self._text = _session(self.directory / TEXT_FILE, threads)
         self._text_inputs = [i.name for i in self._text.get_inputs()]
+
+    def from_numpy(self, array: np.ndarray) -> np.ndarray:
+        return array
 
     def encode_images(self, pixels: Any, return_tokens: bool = False) -> np.ndarray:  # type: ignore[override]
         """Preprocessed pixels [N, 3, H, W] (numpy, or a torch tensor) -> float32 [N, D]."""

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..pipeline import Classification, classify_to_file
 from ..predictions import PREDICTION_FORMATS
 from ..prompts import DEFAULT_TEMPLATES
 from .options import (LABELS_HELP, adapter_directory, add_engine_arguments, add_run_options, empty_folders, engine_of,
@@ -15,6 +14,8 @@ from .options import (LABELS_HELP, adapter_directory, add_engine_arguments, add_
 
 def cmd_classify(args: argparse.Namespace) -> int:
     """`classify`: predictions of every image into --output (or stdout), on either engine (`classify_to_file`)."""
+    from ..pipeline import Classification, classify_to_file
+
     fmt = args.format or ("parquet" if args.output and Path(args.output).suffix == ".parquet" else "table")
     job = Classification(labels_argument(args.labels), args.model, args.templates, args.top_k,
                          cache=False if args.no_cache else (args.cache_dir or True), adapter=args.adapter,

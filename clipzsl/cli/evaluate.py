@@ -8,14 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .. import evaluation as ev
 from ..backends import load_model
-from ..calibration import describe_calibration, fit_gamma
 from ..errors import InputError
-from ..linear_probe import format_linear_probe
 from ..prompts import DEFAULT_TEMPLATES
-from ..tip_training import build_tip_from_folder, describe_tip
-from ..training import ClassFolders, adapter_grid, describe_training, train_adapter_from_folder, training_set
 from .options import adapter_directory, add_run_options, output_file, positive_int, run_options
 
 EPOCHS = 15
@@ -33,6 +28,8 @@ def refuse(given: dict[str, bool], why: str) -> None:
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     """`training.train_adapter_from_folder` (`--kind tip|tip-f`: `cmd_build_tip`); exit 1 when the adapter saved
     is untrained (it warned)."""
+    from ..training import adapter_grid, describe_training, train_adapter_from_folder, training_set
+
     if args.kind != "cross-attention":
         return cmd_build_tip(args)
     data = training_set(args.data, args.seen)  # checked before the model loads
@@ -46,6 +43,9 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
 
 def cmd_build_tip(args: argparse.Namespace) -> int:
     """`train-adapter --kind tip|tip-f`: `tip_training.build_tip_from_folder`."""
+    from ..tip_training import build_tip_from_folder, describe_tip
+    from ..training import training_set
+
     refuse({"--epochs": args.epochs is not None, "--lr": args.lr is not None,
             "--consistency": args.consistency is not None},
            f"to --kind {args.kind}: its alpha and beta are searched on held-out images of DATA (Tip-Adapter-F's "
@@ -60,6 +60,9 @@ def cmd_build_tip(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """`eval DATA --calibrate DIR`: `calibration.fit_gamma`, gamma stored in the adapter and printed."""
+    from ..calibration import describe_calibration, fit_gamma
+    from ..training import ClassFolders
+
     refuse({"--test": bool(args.test), "--captions": bool(args.captions), "--protocol": args.protocol != "both",
             "--methods": args.methods != METHODS, "--seeds": args.seeds != SEEDS,
             "--templates": args.templates != DEFAULT_TEMPLATES, "--save-classifier": bool(args.save_classifier),
@@ -76,6 +79,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_eval_record(args: argparse.Namespace) -> int:
     """`eval --protocol zeroshot|retrieval`: a CLIP_benchmark-style record; exit 1 when images are left out."""
+    from .. import evaluation as ev
+    from ..training import ClassFolders
+
     if args.test:
         raise InputError(f"--test does not apply to --protocol {args.protocol}: it evaluates every image of DATA")
     # read before the model loads: a DATA without images or a wrong captions file is refused at once
@@ -103,6 +109,10 @@ def shots(value: str) -> int | None:
 
 def cmd_eval_probe(args: argparse.Namespace) -> int:
     """`eval --protocol linear-probe`: `evaluation.linear_probe_evaluation`, its table, its records as JSON."""
+    from .. import evaluation as ev
+    from ..linear_probe import format_linear_probe
+    from ..training import ClassFolders
+
     data, test = ClassFolders.read(args.data), ClassFolders.read(args.test) if args.test else None
     model = load_model(args.model, cache=args.cache_dir or True, **run_options(args))
     records = ev.linear_probe_evaluation(data, model, test=test, shots=args.shots or [None],
@@ -115,6 +125,8 @@ def cmd_eval_probe(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """`evaluation.class_split` and `run_protocols`: the tables, and the results as JSON with --output."""
+    from .. import evaluation as ev
+
     if args.calibrate:
         return cmd_calibrate(args)
     if args.protocol != "zeroshot" and (args.save_classifier or args.load_classifier):

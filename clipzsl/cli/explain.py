@@ -5,11 +5,12 @@ import argparse
 from typing import Any
 
 from ..backends import load_model
-from ..explain import explain
 from .options import LABELS_HELP, add_run_options, labels_argument, run_options
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from ..explain import explain
+
     model = load_model(args.model, **run_options(args))
     done = explain(model, args.images, labels_argument(args.labels), args.out, adapter=args.adapter,
                    templates=args.templates, method=args.method)

@@ -5,10 +5,11 @@ import argparse
 import json
 from typing import Any
 
-from ..export import export_onnx
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export_onnx
+
     manifest = export_onnx(args.model, args.out)
     print(json.dumps({"out": args.out, "spec": f"onnx:{args.out}", "source": manifest.source_spec,
                       "fingerprint": manifest.fingerprint, "max_abs_diff": manifest.max_abs_diff}))

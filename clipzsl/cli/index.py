@@ -11,7 +11,6 @@ from ..dedup import (CANDIDATE_THRESHOLD, DEFAULT_HASH_DISTANCE, DEFAULT_THRESHO
                      deduplicate, format_groups)
 from ..errors import InputError
 from ..image_index import ImageIndex, format_hits
-from ..pipeline import embed_to_shards
 from ..saved_index import describe_tuning
 from ..shards import ShardCaptions, index_from_shards
 from .options import (FORMATS, add_engine_arguments, add_run_options, empty_folders, engine_of, positive_int,
@@ -108,6 +107,8 @@ def index_update(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """`embed`: clip-retrieval shards of every image, on either engine, resumable (`embed_to_shards`)."""
+    from ..pipeline import embed_to_shards
+
     engine = engine_of(args)  # before the model loads: a missing Ray costs nothing
     model = load_model(args.model, **run_options(args))
     captions = None if args.captions is None else ShardCaptions.read(args.paths, args.captions or None, model)

@@ -9,12 +9,13 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from ..adapter import CONFIG_NAME
 from ..images import NoImagesWarning
-from ..pipeline import Engine
 from ..prompts import parse_label_list
+
+if TYPE_CHECKING:
+    from ..pipeline import Engine
 
 FORMATS = ("table", "csv", "json")
 
@@ -49,6 +50,8 @@ def output_file(value: str) -> str:
 
 def adapter_directory(value: str) -> str:
     """A saved adapter's directory: checked before the model is loaded and the labels encoded."""
+    from ..adapter import CONFIG_NAME
+
     if not (Path(value) / CONFIG_NAME).is_file():
         reason = f"no {CONFIG_NAME} in it" if Path(value).is_dir() else "no such folder"
         raise argparse.ArgumentTypeError(
@@ -88,6 +91,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_of(args: argparse.Namespace) -> Engine:
     """The `add_engine_arguments` and `add_run_options` choices of a command, as a pipeline `Engine`."""
+    from ..pipeline import Engine
+
     return Engine(args.engine, args.batch_size, args.workers, args.address, args.actors, args.gpus_per_actor)
 
 
