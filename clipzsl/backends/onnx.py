@@ -204,14 +204,14 @@ class OnnxBackend(Backend):
     def from_numpy(self, array: np.ndarray) -> np.ndarray:
         return array
 
-    def encode_images(self, pixels: Any, return_tokens: bool = False) -> np.ndarray:  # type: ignore[override]
+    def encode_images(self, pixels: Any, return_tokens: bool = False) -> np.ndarray:
         """Preprocessed pixels [N, 3, H, W] (numpy, or a torch tensor) -> float32 [N, D]."""
         if return_tokens:
             raise NotImplementedError(f"{self.spec} exports embeddings only; spatial tokens (heat maps, the "
                                       f"cross-attention adapter) need its source model, {self.manifest.source_spec}")
         return np.asarray(self._image.run(None, {"pixels": as_pixels(pixels)})[0], np.float32)
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:  # type: ignore[override]
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> float32 [N, D]."""
         inputs = self._tokenize(list(texts))
         return np.asarray(self._text.run(None, {name: inputs[name] for name in self._text_inputs})[0], np.float32)
