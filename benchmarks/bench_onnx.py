@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from importlib.metadata import PackageNotFoundError, distribution, distributions
+from importlib.metadata import PackageNotFoundError, distribution, distributions, packages_distributions
 from pathlib import Path
 
 import torch
@@ -51,6 +51,13 @@ def sizes() -> dict[str, float]:
     }
 
 
+def served_distributions(modules: list[str]) -> dict[str, float]:
+    """The distributions that provide these top-level modules (clipzsl itself left out) -> their installed MB."""
+    provided = packages_distributions()
+    names = sorted({name for module in modules for name in provided.get(module, []) if name != "clipzsl"})
+    return {name: installed_mb(name) for name in names}
+
+
 def speeds(backend, exported: OnnxBackend, size: list[int], quick: bool) -> dict[str, dict[str, float]]:
     """Images/s of the image tower, torch against onnxruntime, at batch 1 and 32 (interleaved runs)."""
     out = {}
@@ -72,7 +79,13 @@ def measure_model(spec: str, quick: bool, scratch: Path) -> dict:
     files = {name: (exported.directory / name).stat().st_size / 1e6 for name in manifest.files if name.endswith(".onnx")}
     return {"max_abs_diff": manifest.max_abs_diff, "onnx_mb": files,
             "images_per_s": speeds(backend, exported, manifest.image_size, quick),
-            "imports": children.run_json("onnx-imports", str(exported.directory))}
+            "imports": imports(exported.directory)}
+
+
+def imports(folder: Path) -> dict:
+    """What a fresh process classifying through `onnx:<folder>` imports, and the installed size of it."""
+    found = children.run_json("onnx-imports", str(folder))
+    return {**found, "distributions_mb": served_distributions(found["modules"])}
 
 
 def summary(results: dict) -> list[str]:
@@ -89,10 +102,15 @@ def summary(results: dict) -> list[str]:
               f"max abs difference {r['max_abs_diff']:.1e}" for model, r in results["models"].items()]
     lines += ["", "Installed size (the distributions' files, this machine's wheels):", "", "| packages | MB |", "|---|---|"]
     lines += [f"| {name} | {mb:,.0f} |" for name, mb in results["sizes"].items()]
-    lines += ["", "What a process serving `onnx:<folder>` imports (fresh process, classify one image):", ""]
-    lines += [f"- {model}: `import clipzsl` alone imports {', '.join(r['imports']['package_import']) or 'none of them'}; "
-              f"after classifying: {', '.join(r['imports']['after_classify'])}"
-              for model, r in results["models"].items()]
+    lines += ["", "What a process serving `onnx:<folder>` imports (fresh process: `clipzsl.serve` imported, one image "
+              "classified), and the installed size of every distribution it loaded (clipzsl's dependencies that it "
+              "loads; clipzsl itself not counted):", ""]
+    for model, r in results["models"].items():
+        loaded = r["imports"]["distributions_mb"]
+        lines.append(f"- {model}: `import clipzsl` alone imports {', '.join(r['imports']['package_import']) or 'none of them'}; "
+                     f"after classifying: {', '.join(r['imports']['after_classify'])}; {len(loaded)} distributions, "
+                     f"{sum(loaded.values()):,.0f} MB in all (the largest: "
+                     f"{', '.join(f'{n} {mb:,.0f}' for n, mb in sorted(loaded.items(), key=lambda x: -x[1])[:5])})")
     return lines
 
 
