@@ -227,9 +227,14 @@ def _versions() -> dict[str, str]:
 
 
 def _max_difference(backend: Backend, exported: OnnxBackend, size: list[int]) -> float:
-    """Max abs difference of both towers' normalised embeddings, onnxruntime against torch, on probe inputs."""
+    """Max abs difference of both towers' normalised embeddings, onnxruntime against torch, on probe inputs:
+    random pixels, the probe image through each side's own preprocessing, the probe prompts through each
+    side's own tokenizer."""
     pixels = torch.randn(PROBE_IMAGES, 3, *size, generator=torch.Generator().manual_seed(0))
+    image = _probe_image()
     pairs = [(backend.encode_images(pixels), exported.encode_images(pixels.numpy())),
+             (backend.encode_images(backend.preprocess(image)[None]),
+              exported.encode_images(exported.preprocess(image)[None])),
              (backend.encode_texts(PROBE_TEXTS), exported.encode_texts(PROBE_TEXTS))]
     return max(float((torch.as_tensor(a).float() - torch.from_numpy(b)).abs().max()) for a, b in pairs)
 

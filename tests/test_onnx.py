@@ -115,7 +115,8 @@ def test_export_matches_torch(family, torch_models, exported, photos):
             assert isinstance(embedded, np.ndarray) and embedded.dtype == np.float32
             assert max_difference(embedded, source.encode_images(batch)) <= TOLERANCE
     texts = model.encode_texts(LABELS)
-    assert isinstance(texts, np.ndarray) and texts.dtype == np.float32 and texts.shape == (len(LABELS), source.embed_dim)
+    assert isinstance(texts, np.ndarray) and texts.dtype == np.float32
+    assert texts.shape == (len(LABELS), source.embed_dim)
     assert max_difference(texts, source.encode_texts(LABELS)) <= TOLERANCE
     assert max_difference(model.encode_texts(LABELS[:1]), source.encode_texts(LABELS[:1])) <= TOLERANCE
     # the embeddings differ between images: the check above is not between constants
@@ -198,6 +199,17 @@ def test_a_failed_export_leaves_no_manifest(torch_models, exported, tmp_path, mo
         export_onnx(torch_models["hf"], folder)
     with pytest.raises(OnnxModelError, match="no manifest.json"):
         clipzsl.load_model(f"onnx:{folder}")
+
+
+def test_an_export_whose_preprocessing_differs_is_refused(torch_models, tmp_path, monkeypatch):
+    """The export embeds a probe image through each side's own preprocessing: one that gives other pixels
+    (here the right shape, all zeros) is caught."""
+    def zeros(manifest, directory):
+        return lambda image: np.zeros((3, *manifest.image_size), np.float32)
+
+    monkeypatch.setattr("clipzsl.backends.onnx._preprocessor", zeros)
+    with pytest.raises(ExportMismatch, match="no manifest written"):
+        export_onnx(torch_models["hf"], tmp_path / "model")
 
 
 def test_spatial_tokens_are_not_exported(exported):
@@ -284,7 +296,8 @@ OPEN_CLIP_STATS = [((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), size=st.one_of(st.integers(16, 300), st.tuples(st.integers(16, 300), st.integers(16, 300))),
-       resize_mode=st.sampled_from(["shortest", "longest", "squash"]), interpolation=st.sampled_from(["bicubic", "bilinear"]),
+       resize_mode=st.sampled_from(["shortest", "longest", "squash"]),
+       interpolation=st.sampled_from(["bicubic", "bilinear"]),
        fill_color=st.integers(0, 255), stats=st.sampled_from(OPEN_CLIP_STATS))
 def test_open_clip_views_match_open_clip(data, size, resize_mode, interpolation, fill_color, stats):
     """open_clip's evaluation transform for the settings its models' preprocess configs use."""
@@ -312,7 +325,8 @@ def test_open_clip_views_match_open_clip(data, size, resize_mode, interpolation,
 
 #: labels and prompts: ASCII letters and digits, ASCII punctuation, spaces and tabs, accented Latin letters and
 #: ligatures (lower and upper case), HTML entities; up to 150 characters, so some pass the 77-token context
-ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \t" + "éèêëàâäîïôöùûüçñÉÈÀÇÑßøåæœÅØÆŒíóúý"
+ALPHABET = (string.ascii_letters + string.digits + string.punctuation + " \t"
+            + "éèêëàâäîïôöùûüçñÉÈÀÇÑßøåæœÅØÆŒíóúý")
 LABEL = st.one_of(st.text(ALPHABET, max_size=150),
                   st.lists(st.sampled_from(["&amp;", "caf\u00e9", "na\u00efve", "3\u00bd", "x", "R2-D2's", "  "]))
                   .map("".join))

@@ -144,13 +144,13 @@ def _open_clip_hf_tokens(settings: dict[str, Any], directory: Path) -> Callable[
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory / settings["path"], local_files_only=True)
-    length, sep = settings["context_length"], settings["strip_sep_token"] and tokenizer.sep_token_id
+    length = settings["context_length"]
 
     def tokens(texts: list[str]) -> dict[str, np.ndarray]:
         ids = np.asarray(tokenizer([clean(t, settings["clean"]) for t in texts], return_tensors="np",
                                    max_length=length, padding="max_length", truncation=True)["input_ids"], np.int64)
         if settings["strip_sep_token"]:
-            ids = np.where(ids == sep, 0, ids)
+            ids = np.where(ids == tokenizer.sep_token_id, 0, ids)
         return {"tokens": _trimmed(ids, settings["trim"])}
 
     return tokens
