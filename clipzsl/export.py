@@ -4,7 +4,10 @@ The graphs are what the backend computes, traced by torch's exporter (`torch.onn
 the TorchScript exporter fails on open_clip's fused attention): the image tower is the backend's
 `encode_images` on preprocessed pixels (for the packaged model the EfficientNet, the softmax and
 ConSE's top-k weighted sum of the concept embeddings, which the graph carries as a constant), the text
-tower its `encode_texts` after tokenising. Image decoding, resizing and tokenising stay in Python.
+tower its `encode_texts` after tokenising. Image decoding, resizing and tokenising stay in Python, where
+`onnx:` does them without torch: the folder gets what its tokenizer needs as files (open_clip's
+byte-pair merges and settings, or the transformers tokenizer open_clip wraps, `_open_clip_tokenizer`)
+and the manifest the image preprocessing's settings (`backends.pixels` rebuilds it).
 Both have a dynamic batch (and, where the model allows it, a dynamic text length). The export is
 checked against the torch model under onnxruntime before its manifest is written: a difference
 above `TOLERANCE` is refused, so the folder may keep the source's fingerprint.
@@ -27,8 +30,9 @@ import torch
 
 from .backends import load_model
 from .backends.base import Backend, normalize
-from .backends.onnx import (FOLDER_KIND, FORMAT, IMAGE_FILE, MANIFEST, TEXT_FILE, TOLERANCE, Manifest, OnnxBackend,
-                            sha256_file, tokenizer_for)
+from .backends.clip_bpe import CLEANINGS, write_merges
+from .backends.onnx import (FOLDER_KIND, FORMAT, IMAGE_FILE, MANIFEST, MERGES, TEXT_FILE, TOLERANCE, Manifest,
+                            OnnxBackend, sha256_file, tokenizer_for)
 from .errors import ClipzslError, InputError, MissingExtra
 from .records import dumps
 from .store import atomic_write, claim
@@ -125,14 +129,41 @@ def _packaged(backend: Any) -> _Recipe:
                    {"view": view}, tower.tokenizer.save_pretrained)
 
 
+def _open_clip_tokenizer(tokenizer: Any, trim: bool) -> tuple[dict[str, Any], Callable[[Path], None]]:
+    """open_clip's tokenizer as settings and files that `tokenizer_for` reads without open_clip: its
+    byte-pair merges (`SimpleTokenizer`) or the transformers tokenizer it wraps, with its cleaning and
+    context length."""
+    from open_clip.tokenizer import HFTokenizer, SigLipTokenizer, SimpleTokenizer, get_clean_fn
+
+    cleaning = {get_clean_fn(name): name for name in CLEANINGS}
+    settings: dict[str, Any] = {"path": "tokenizer", "context_length": tokenizer.context_length, "trim": trim}
+    if isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None:
+        merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+
+        def save(folder: Path) -> None:
+            folder.mkdir()
+            write_merges(folder / MERGES, merges)
+
+        special = [tokenizer.decoder[i] for i in tokenizer.all_special_ids]
+        return {**settings, "kind": "clip_bpe", "special": special, "clean": cleaning[tokenizer.clean_fn]}, save
+    if isinstance(tokenizer, SigLipTokenizer):
+        return {**settings, "kind": "open_clip_hf", "clean": "canonicalize", "strip_sep_token": False}, \
+            tokenizer.save_pretrained
+    if isinstance(tokenizer, HFTokenizer) and not tokenizer.tokenizer_mode:
+        return {**settings, "kind": "open_clip_hf", "clean": cleaning[tokenizer.clean_fn],
+                "strip_sep_token": tokenizer.strip_sep_token}, tokenizer.save_pretrained
+    raise InputError(f"open_clip's {type(tokenizer).__name__} with a reduction mask or a tokenizer mode cannot be "
+                     "exported: only its plain tokenizers can")
+
+
 def _openclip(backend: Any) -> _Recipe:
     from .backends.openclip import _trimmable
 
     trim = _trimmable(backend._text_tower)
-    arch = backend.spec.split(":", 1)[1].split("/", 1)[0]
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in backend.network.visual.preprocess_cfg.items()}
-    return _Recipe("openclip", _OpenClipText(backend.network, backend._text_tower, trim),
-                   {"kind": "open_clip", "name": arch, "trim": trim}, {"open_clip": cfg}, None, dynamic_length=trim)
+    tokenizer, save = _open_clip_tokenizer(backend.tokenizer, trim)
+    return _Recipe("openclip", _OpenClipText(backend.network, backend._text_tower, trim), tokenizer,
+                   {"open_clip": cfg}, save, dynamic_length=trim)
 
 
 def _hf(backend: Any) -> _Recipe:
@@ -196,11 +227,16 @@ def _versions() -> dict[str, str]:
 
 
 def _max_difference(backend: Backend, exported: OnnxBackend, size: list[int]) -> float:
-    """Max abs difference of both towers' normalised embeddings, onnxruntime against torch, on probe inputs."""
+    """Max abs difference of both towers' normalised embeddings, onnxruntime against torch, on probe inputs:
+    random pixels, the probe image through each side's own preprocessing, the probe prompts through each
+    side's own tokenizer."""
     pixels = torch.randn(PROBE_IMAGES, 3, *size, generator=torch.Generator().manual_seed(0))
-    pairs = [(backend.encode_images(pixels), exported.encode_images(pixels)),
+    image = _probe_image()
+    pairs = [(backend.encode_images(pixels), exported.encode_images(pixels.numpy())),
+             (backend.encode_images(backend.preprocess(image)[None]),
+              exported.encode_images(exported.preprocess(image)[None])),
              (backend.encode_texts(PROBE_TEXTS), exported.encode_texts(PROBE_TEXTS))]
-    return max(float((torch.as_tensor(a).float() - b).abs().max()) for a, b in pairs)
+    return max(float((torch.as_tensor(a).float() - torch.from_numpy(b)).abs().max()) for a, b in pairs)
 
 
 def _prepare(directory: Path, recipe: _Recipe) -> None:

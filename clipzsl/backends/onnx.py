@@ -1,17 +1,21 @@
-"""`onnx:<folder>`: a model that `clipzsl export onnx` wrote, its two towers run on onnxruntime.
+"""`onnx:<folder>`: a model that `clipzsl export onnx` wrote, its two towers run on onnxruntime, without torch.
 
 The folder (`clipzsl.export.export_onnx`) holds `image.onnx` (preprocessed pixels [N, 3, H, W] ->
 L2-normalised embeddings [N, D]: for the packaged model the EfficientNet, its ImageNet softmax and
 the ConSE step, top-k and concept table included), `text.onnx` (token ids -> L2-normalised
-embeddings), the tokenizer's files (or, for open_clip, the name of its tokenizer) and
-`manifest.json`: the source's spec and weight fingerprint, the embedding size, the image
-preprocessing, the tokenizer, the opset, the versions, and the sha256 of every file, checked on
-load, so a truncated or swapped file is refused before anything runs.
+embeddings), the tokenizer's files (transformers' saved tokenizer; for open_clip's own tokenizer its
+byte-pair merges, `MERGES`) and `manifest.json`: the source's spec and weight fingerprint, the
+embedding size, the image preprocessing, the tokenizer, the opset, the versions, and the sha256 of
+every file, checked on load, so a truncated or swapped file is refused before anything runs.
 
-What stays in Python: decoding and preprocessing images (the source family's own transform) and
-tokenising. The backend keeps the source's fingerprint: the export checked that both towers match
-the source within `TOLERANCE`, so label caches and image indexes made with either are shared.
-Embeddings only: no spatial tokens (heat maps and the cross-attention adapter need the torch model).
+Nothing here imports torch, torchvision, timm or open_clip (tests/test_onnx.py runs it in a process
+where they cannot be imported): images are preprocessed with Pillow and numpy (`backends.pixels`,
+the same values as the source family's torchvision transform; for hf, transformers' Pillow image
+processor, within one uint8 level of its torch one), texts tokenised by `backends.clip_bpe` or
+transformers' tokenizers, and both towers take and give numpy arrays. The backend keeps the
+source's fingerprint: the export checked that both towers match the source within `TOLERANCE`, so
+label caches and image indexes made with either are shared. Embeddings only: no spatial tokens
+(heat maps and the cross-attention adapter need the torch model).
 """
 from __future__ import annotations
 
@@ -22,20 +26,23 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..errors import ClipzslError, MissingExtra
 from ..records import RecordError, load, rule
 from .base import Backend
+from .clip_bpe import ClipBpe, clean
+from .pixels import open_clip_view, packaged_view
 
 log = logging.getLogger(__name__)
 
 #: the manifest's file name and format, and the kind of folder `store.claim` marks
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: open_clip's tokenizer as files (no open_clip at serving time)
 FOLDER_KIND = "onnx-model"
 IMAGE_FILE, TEXT_FILE = "image.onnx", "text.onnx"
+#: open_clip's byte-pair merges, in the tokenizer folder (`clip_bpe`)
+MERGES = "merges.txt"
 #: the largest max-abs difference of the L2-normalised embeddings, onnxruntime against torch, an export accepts
 TOLERANCE = 1e-4
 
@@ -104,44 +111,70 @@ def _session(path: Path, threads: int | None) -> Any:
         raise OnnxModelError(f"{path}: onnxruntime cannot load it ({err}); export the model again") from err
 
 
-def _preprocessor(manifest: Manifest, directory: Path) -> Callable[[Image.Image], torch.Tensor]:
-    """The source family's own image transform, rebuilt from the manifest's settings."""
+def _preprocessor(manifest: Manifest, directory: Path) -> Callable[[Image.Image], np.ndarray]:
+    """The source family's image transform, rebuilt from the manifest's settings with Pillow and numpy
+    (`backends.pixels`; for hf, transformers' Pillow image processor)."""
     settings = manifest.preprocess
     if manifest.family == "packaged":
-        from .packaged import AutoView, image_transform
-
-        size = manifest.image_size[0]
-        return AutoView(size) if settings["view"] == "auto" else image_transform(size, settings["view"] == "crop")
+        return packaged_view(manifest.image_size[0], settings["view"])
     if manifest.family == "openclip":
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-
-        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in settings["open_clip"].items()}
-        return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+        return open_clip_view(settings["open_clip"])
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(directory / settings["path"], local_files_only=True)
-    return lambda image: processor(images=[image], return_tensors="pt")["pixel_values"][0]
+    processor = AutoImageProcessor.from_pretrained(directory / settings["path"], local_files_only=True, backend="pil")
+    return lambda image: np.asarray(processor(images=[image], return_tensors="np")["pixel_values"][0], np.float32)
+
+
+def _trimmed(tokens: np.ndarray, trim: bool) -> np.ndarray:
+    """As OpenClipBackend: padding after the end-of-text cannot change the embedding, so the batch is cut
+    at its longest prompt."""
+    return tokens[:, :max(1, int((tokens != 0).sum(axis=1).max()))] if trim else tokens
+
+
+def _clip_bpe_tokens(settings: dict[str, Any], directory: Path) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """open_clip's own tokenizer (`SimpleTokenizer`), from the merges file the export wrote."""
+    tokenize = ClipBpe.from_files(directory / settings["path"] / MERGES, settings["special"],
+                                  settings["context_length"], settings["clean"])
+    return lambda texts: {"tokens": _trimmed(tokenize(texts), settings["trim"])}
+
+
+def _open_clip_hf_tokens(settings: dict[str, Any], directory: Path) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """open_clip's wrappers of a transformers tokenizer (HFTokenizer, SigLipTokenizer): its cleaning, padded
+    to the context length, the separator zeroed where the model strips it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory / settings["path"], local_files_only=True)
+    length = settings["context_length"]
+
+    def tokens(texts: list[str]) -> dict[str, np.ndarray]:
+        ids = np.asarray(tokenizer([clean(t, settings["clean"]) for t in texts], return_tensors="np",
+                                   max_length=length, padding="max_length", truncation=True)["input_ids"], np.int64)
+        if settings["strip_sep_token"]:
+            ids = np.where(ids == tokenizer.sep_token_id, 0, ids)
+        return {"tokens": _trimmed(ids, settings["trim"])}
+
+    return tokens
 
 
 def tokenizer_for(settings: dict[str, Any], directory: Path) -> Callable[[list[str]], dict[str, np.ndarray]]:
-    """texts -> the text tower's named int64 inputs, as a manifest's `tokenizer` settings say."""
-    if settings["kind"] == "open_clip":
-        import open_clip
-
-        tokenize = open_clip.get_tokenizer(settings["name"])
-
-        def open_clip_tokens(texts: list[str]) -> dict[str, np.ndarray]:
-            tokens = tokenize(texts).numpy().astype(np.int64)
-            if settings["trim"]:  # as OpenClipBackend: padding after the end-of-text cannot change the embedding
-                tokens = tokens[:, :max(1, int((tokens != 0).sum(axis=1).max()))]
-            return {"tokens": tokens}
-
-        return open_clip_tokens
+    """texts -> the text tower's named int64 inputs, as a manifest's `tokenizer` settings say (no torch)."""
+    if settings["kind"] == "clip_bpe":
+        return _clip_bpe_tokens(settings, directory)
+    if settings["kind"] == "open_clip_hf":
+        return _open_clip_hf_tokens(settings, directory)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory / settings["path"], local_files_only=True)
     return lambda texts: {k: np.asarray(v, dtype=np.int64)
                           for k, v in tokenizer(texts, return_tensors="np", **settings["kwargs"]).items()}
+
+
+def as_pixels(pixels: Any) -> np.ndarray:
+    """A batch [N, 3, H, W] as contiguous float32 numpy: numpy arrays as they are, a torch tensor (duck-typed,
+    so torch is never imported here) through the CPU."""
+    if hasattr(pixels, "detach"):
+        pixels = pixels.detach().cpu().float().numpy()
+    return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
 class OnnxBackend(Backend):
@@ -171,13 +204,14 @@ class OnnxBackend(Backend):
     def from_numpy(self, array: np.ndarray) -> np.ndarray:
         return array
 
-    def encode_images(self, pixels: torch.Tensor, return_tokens: bool = False) -> torch.Tensor:
+    def encode_images(self, pixels: Any, return_tokens: bool = False) -> np.ndarray:
+        """Preprocessed pixels [N, 3, H, W] (numpy, or a torch tensor) -> float32 [N, D]."""
         if return_tokens:
             raise NotImplementedError(f"{self.spec} exports embeddings only; spatial tokens (heat maps, the "
                                       f"cross-attention adapter) need its source model, {self.manifest.source_spec}")
-        array = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self._image.run(None, {"pixels": array})[0])
+        return np.asarray(self._image.run(None, {"pixels": as_pixels(pixels)})[0], np.float32)
 
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> float32 [N, D]."""
         inputs = self._tokenize(list(texts))
-        return torch.from_numpy(self._text.run(None, {name: inputs[name] for name in self._text_inputs})[0])
+        return np.asarray(self._text.run(None, {name: inputs[name] for name in self._text_inputs})[0], np.float32)

