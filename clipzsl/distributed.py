@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .arrays import as_numpy
-from .backends import DEFAULT_MODEL, Backend, load_model
+from .backends import DEFAULT_MODEL, Backend, load_model, resolve_device
 from .classifier import ZeroShotClassifier
 from .head import top_k as top_k_labels
 from .head import zero_shot_head
@@ -155,7 +154,7 @@ def _decoded(row_image: Any, path: str) -> Image.Image:
     return load_image(Image.fromarray(np.asarray(row_image)))
 
 
-def _decode_batch(batch: dict[str, np.ndarray], preprocess: Callable[[Image.Image], torch.Tensor]) -> dict:
+def _decode_batch(batch: dict[str, np.ndarray], preprocess: Callable[[Image.Image], Any]) -> dict:
     """The CPU stage: decode and preprocess; a row that fails keeps its place with zero pixels and
     its reason in `error`, so the reason reaches the output."""
     paths = [str(p) for p in batch["path"]]
@@ -163,7 +162,7 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocess: Callable[[Image.Imag
     if "tar" in batch:  # `sources_dataset`'s rows: a .tar member's data read from its shard
         images = [member_bytes(tar, offset, size) if tar else None
                   for tar, offset, size in zip(batch["tar"], batch["offset"].tolist(), batch["size"].tolist())]
-    pixels: list[torch.Tensor | None] = []
+    pixels: list[Any] = []
     errors: list[str] = []
     for path, image in zip(paths, images):
         try:
@@ -183,7 +182,7 @@ class _Encoder:
     """The model stage, one per actor: the model is loaded once, in the constructor."""
 
     def __init__(self, spec: str, cache: bool | str, num_gpus: float, classes: Any = None, top_k: int = 5):
-        device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+        device = "cuda" if num_gpus and resolve_device() == "cuda" else "cpu"
         self.model = load_model(spec, device=device, cache=cache)
         self.classes = None
         if classes is not None:  # (class embeddings, label names) put once by the driver

@@ -30,13 +30,11 @@ from .backends import DEFAULT_MODEL, Backend, load_model
 from .classifier import ZeroShotClassifier
 from .errors import InputError
 from .images import ImageLoadError, check_output, each_image_once, embed_images, expand_sources, image_key, source_name
-from .maps import method_named, peak_box
 from .predictions import (ClassifySettings, Explained, Peak, Predictions, PredictionWriter, Row, check_resumable,
                           check_settings, classified_images, saved_settings)
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_prompts
 from .shards import ShardCaptions, ShardReport, ShardWriter, image_sources, resume_state, run_identity
 from .tars import ImageSourceItem, load_sources
-from .tip_adapter import draws_attention
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +123,8 @@ class Mapper:
         """Each image's predicted labels' `Peak`s, from its heat map by the `explain` method (None without)."""
         if self.classifier is None or self.explain is None or predictions is None:
             return None
+        from .maps import peak_box
+
         column = {label: i for i, label in enumerate(self.classifier.labels)}
         maps = self.classifier.heatmaps(list(images), self.explain) if images else []
         return [[Peak(*peak_box(heat_map, column[label])) for label, _ in preds]
@@ -238,6 +238,9 @@ class Classification:
         it is unknown or does not apply (`maps.method_named`)."""
         if not self.explain:
             return None
+        from .maps import method_named
+        from .tip_adapter import draws_attention
+
         if draws_attention(self.adapter) and self.method in (None, "adapter"):
             return "adapter"
         if self.adapter is not None and self.method == "adapter":

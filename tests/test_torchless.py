@@ -4,6 +4,8 @@ The child processes run with torch, torchvision, timm and open_clip unimportable
 import of them on the way fails the test. The answers are checked against the torch model's in this process.
 """
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +102,28 @@ def test_an_onnx_service_classifies_and_searches_without_torch(packaged_export, 
     assert found.status_code == 200, found.text
     assert [r["path"] for r in found.json()["results"]] == [path for path, _ in expected_hits]
     assert explained.status_code == 422 and "no heat-map method" in explained.text
+
+
+def test_onnx_index_and_classify_commands_without_torch(packaged_export, photos, tmp_path):
+    model, folder = packaged_export
+    spec, index, output = f"onnx:{folder}", tmp_path / "index", tmp_path / "labels.jsonl"
+    result = run_without_torch(f"""
+        from clipzsl.cli import main
+        assert main(["index", "images", {str(photos)!r}, "--out", {str(index)!r}, "--model", {spec!r}]) == 0
+        assert main(["classify", {str(photos)!r}, "--labels", {",".join(LABELS)!r}, "--model", {spec!r}, "--top-k", "2",
+                     "--format", "jsonl", "--output", {str(output)!r}, "--cache-dir", {str(tmp_path / "cache")!r}]) == 0
+        print("loaded:", [name for name in ("torch", "torchvision", "timm", "open_clip") if sys.modules.get(name)])
+    """, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "loaded: []" in result.stdout
+    rows = {Path(row["image"]).name: row for row in map(json.loads, output.read_text().splitlines())}
+    expected = clipzsl.ZeroShotClassifier(model, labels=LABELS, cache=False).predict(sorted(photos.iterdir()), 2)
+    for path, predictions in zip(sorted(photos.iterdir()), expected):
+        got = rows[path.name]
+        assert [p["label"] for p in got["predictions"]] == [label for label, _ in predictions]
+        np.testing.assert_allclose([p["probability"] for p in got["predictions"]], [p for _, p in predictions], atol=1e-4)
+    built = clipzsl.ImageIndex(index, spec)
+    assert built.search(photos / "rocket.png", top_k=1)[0][0] == str(photos / "rocket.png")
+    reference = clipzsl.ImageIndex(tmp_path / "torch-index", model)
+    reference.update([photos])
+    assert [p for p, _ in built.search("a cup of coffee", 4)] == [p for p, _ in reference.search("a cup of coffee", 4)]
