@@ -406,6 +406,40 @@ def test_open_clips_transformers_tokenizers(texts, minilm_path, tmp_path_factory
         np.testing.assert_array_equal(ours(texts)["tokens"], theirs(texts).numpy())
 
 
+@pytest.fixture(scope="module")
+def minilm_saved(minilm_path, tmp_path_factory):
+    """The packaged model's MiniLM tokenizer saved as the export saves it (`save_pretrained`), and transformers' own."""
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(minilm_path)
+    folder = tmp_path_factory.mktemp("minilm")
+    theirs.save_pretrained(folder / "tokenizer")
+    return theirs, folder
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=TEXTS, max_length=st.sampled_from([8, 256]))
+def test_packaged_tokens_without_transformers_equal_transformers(texts, max_length, minilm_saved):
+    """The packaged model's call (pad to the longest, truncate at max_length) on `tokenizers` alone gives
+    transformers' ids, mask and types: what the text tower receives."""
+    theirs, folder = minilm_saved
+    kwargs = {"padding": True, "truncation": True, "max_length": max_length}
+    ours = tokenizer_for({"kind": "hf", "path": "tokenizer", "kwargs": kwargs}, folder)
+    assert ours.__qualname__.startswith("_fast_tokens")  # not transformers' call
+    expected = theirs(texts, return_tensors="np", **kwargs)
+    got = ours(texts)
+    assert set(got) == set(expected)
+    for name in got:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_other_transformers_calls_keep_transformers(minilm_saved):
+    _, folder = minilm_saved
+    other = tokenizer_for({"kind": "hf", "path": "tokenizer", "kwargs": {"padding": "max_length", "max_length": 9,
+                                                                           "truncation": True}}, folder)
+    assert not other.__qualname__.startswith("_fast_tokens") and other(["a cat"])["input_ids"].shape == (1, 9)
+
+
 def test_open_clip_tokenizers_it_cannot_repeat_are_refused():
     from open_clip.tokenizer import SimpleTokenizer
 

@@ -20,6 +20,7 @@ label caches and image indexes made with either are shared. Embeddings only: no 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,12 +157,44 @@ def _open_clip_hf_tokens(settings: dict[str, Any], directory: Path) -> Callable[
     return tokens
 
 
+#: the call of a transformers tokenizer that `_fast_tokens` repeats on the `tokenizers` library alone
+PAD_TO_LONGEST = {"padding": True, "truncation": True}
+
+
+def _fast_tokens(settings: dict[str, Any], directory: Path) -> Callable[[list[str]], dict[str, np.ndarray]] | None:
+    """A saved fast transformers tokenizer called with `padding=True, truncation=True, max_length=L` (the packaged
+    model's MiniLM), run by the `tokenizers` library without transformers (which imports torch where it is
+    installed); None for any other tokenizer or call."""
+    kwargs, folder = dict(settings["kwargs"]), directory / settings["path"]
+    if not (folder / "tokenizer.json").is_file() or {k: kwargs.pop(k, None) for k in PAD_TO_LONGEST} != PAD_TO_LONGEST \
+            or set(kwargs) != {"max_length"}:
+        return None
+    from tokenizers import Tokenizer
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.enable_truncation(kwargs["max_length"], strategy="longest_first", direction="right")
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id(config["pad_token"]), pad_token=config["pad_token"],
+                             pad_type_id=config.get("pad_token_type_id", 0), direction="right")
+
+    def tokens(texts: list[str]) -> dict[str, np.ndarray]:
+        encoded = tokenizer.encode_batch(texts)
+        return {name: np.array([getattr(e, field) for e in encoded], dtype=np.int64).reshape(len(texts), -1)
+                for name, field in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
+                                    ("token_type_ids", "type_ids"))}
+
+    return tokens
+
+
 def tokenizer_for(settings: dict[str, Any], directory: Path) -> Callable[[list[str]], dict[str, np.ndarray]]:
     """texts -> the text tower's named int64 inputs, as a manifest's `tokenizer` settings say (no torch)."""
     if settings["kind"] == "clip_bpe":
         return _clip_bpe_tokens(settings, directory)
     if settings["kind"] == "open_clip_hf":
         return _open_clip_hf_tokens(settings, directory)
+    fast = _fast_tokens(settings, directory)
+    if fast is not None:
+        return fast
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory / settings["path"], local_files_only=True)
