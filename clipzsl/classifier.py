@@ -25,7 +25,7 @@ from .errors import ClipzslError, InputError
 from .head import Head, check_top_k, probabilities, zero_shot_head
 from .head import top_k as top_k_labels
 from .images import EmbeddedImages, ImageSource, embed_images, expand_sources, load_image
-from .maps import HeatMap, image_maps, peak_box
+from .maps import HeatMap, image_maps, peak_box, square_box
 from .prompts import DEFAULT_TEMPLATES, ClassEntry, LabelsArg, TemplatesArg, load_prompts
 from .store import EmbeddingStore, StoreError, atomic_write, cache_root
 from .text_encoding import cached_class_embeddings
@@ -36,6 +36,21 @@ from .tip_adapter import Adapter, attending, bind_head, resolve_any_adapter
 CLASSIFIER_FORMAT = "clipzsl-zero-shot-classifier"
 
 Images = ImageSource | Sequence[ImageSource] | EmbeddedImages
+
+#: how `ZeroShotClassifier.zoomed_proba` combines a label's score on the whole image with its score on the
+#: crop, and which crop it scores; the defaults chosen by bench_localisation's zoom selection protocol
+ZOOM_COMBINES, ZOOM_CROPS = ("probability", "logit"), ("peak", "square")
+ZOOM_COMBINE, ZOOM_CROP = "probability", "peak"
+
+
+def _check_zoom(top: int, combine: str, crop: str) -> None:
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise InputError(f"top must be a whole number of labels to zoom on, 0 or more, not {top!r}")
+    if combine not in ZOOM_COMBINES:
+        raise InputError(f"combine must be one of {ZOOM_COMBINES} (how the whole image's and the crop's scores "
+                         f"are combined), not {combine!r}")
+    if crop not in ZOOM_CROPS:
+        raise InputError(f"crop must be one of {ZOOM_CROPS} (the peak box, or the square around it), not {crop!r}")
 
 
 class ClassifierMismatch(ClipzslError, ValueError):
@@ -168,21 +183,36 @@ class ZeroShotClassifier:
                           method, attending(self.adapter))
 
     def zoomed_proba(self, images: ImageSource | Sequence[ImageSource], top: int = 5, method: str | None = None,
-                     batch_size: int | None = None) -> np.ndarray:
+                     batch_size: int | None = None, *, combine: str = ZOOM_COMBINE, crop: str = ZOOM_CROP,
+                     heat_maps: Sequence[HeatMap] | None = None) -> np.ndarray:
         """Probabilities [N, C] with an attention-guided zoom: each image's `top` labels are scored again
-        on the crop around their own peak (`maps.peak_box` of `heatmaps(method)`), and each of them gets
-        the mean of its probabilities on the whole image and on its crop; the other labels keep theirs
-        (so a row sums to 1 only when the zoom leaves those labels' share unchanged)."""
-        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
-            raise InputError(f"top must be a whole number of labels to zoom on, 0 or more, not {top!r}")
+        on a crop around their own peak in `heatmaps(method)` (or `heat_maps`, already drawn for these
+        images): crop "peak" is `maps.peak_box`, "square" the square around it (`maps.square_box`).
+        combine "logit": each of them gets the mean of its logits on the whole image and on its crop, and
+        the probabilities are taken after (rows sum to 1 for a softmax model); "probability": each of them
+        gets the mean of its probabilities, the other labels keep theirs (so a row sums to 1 only when the
+        zoom leaves those labels' share unchanged). The defaults were chosen by bench_localisation's
+        selection protocol (development images, then held-out ones)."""
+        _check_zoom(top, combine, crop)
         pictures = [load_image(s) for s in expand_sources(images)]
-        probs = self.predict_proba(pictures, batch_size)
-        zoomed = probs.copy()
-        for i, (picture, heat_map) in enumerate(zip(pictures, self.heatmaps(pictures, method))):
-            columns = np.argsort(-probs[i], kind="stable")[:top]
-            crops = self.predict_proba([picture.crop(peak_box(heat_map, int(c))[0]) for c in columns], batch_size)
-            zoomed[i, columns] = (probs[i, columns] + crops[np.arange(len(columns)), columns]) / 2
-        return zoomed
+        if heat_maps is None:
+            heat_maps = self.heatmaps(pictures, method)
+        elif len(heat_maps) != len(pictures):
+            raise InputError(f"{len(heat_maps)} heat maps for {len(pictures)} images: pass one per image "
+                             "(ZeroShotClassifier.heatmaps of the same images), or none")
+        logits = self.logits(pictures, batch_size).float()
+        probs = probabilities(logits, self.model.probability)
+        zoomed = (logits if combine == "logit" else probs).clone()
+        for i, (picture, heat_map) in enumerate(zip(pictures, heat_maps)):
+            columns = torch.from_numpy(np.argsort(-probs[i].numpy(), kind="stable")[:top])
+            boxes = [peak_box(heat_map, int(c))[0] for c in columns]
+            if crop == "square":
+                boxes = [square_box(box, picture.size) for box in boxes]
+            on_crops = self.logits([picture.crop(box) for box in boxes], batch_size).float()
+            if combine == "probability":
+                on_crops = probabilities(on_crops, self.model.probability)
+            zoomed[i, columns] = (zoomed[i, columns] + on_crops[torch.arange(len(columns)), columns]) / 2
+        return (probabilities(zoomed, self.model.probability) if combine == "logit" else zoomed).numpy()
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the class embeddings as safetensors, with the model fingerprint and spec, the
