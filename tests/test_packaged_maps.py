@@ -244,6 +244,24 @@ def test_zoom_parts_are_disjoint_at_every_size(monkeypatch):
     assert bench.zoom_set("objects_on_photos", 2, "dev").labels == bench.object_photos(2, bench.ZOOM_SEEDS["dev"]).labels
 
 
+def test_zoom_scores_gives_each_candidates_paired_gain_over_no_zoom(monkeypatch, tiny_clip):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)) for _ in range(18)]
+    fake = lambda name, split, limit, **_: datasets.Dataset(name, ["cat", "boat", "tree"], images[:limit],
+                                                            [v % 3 for v in range(18)][:limit], "x")
+    monkeypatch.setattr(bench.datasets, "load", fake)
+    model = clipzsl.load_model(f"hf:{tiny_clip}")
+    scores = bench.zoom_scores(model, "tuxpaint", 4, "dev", top=2)
+    ds = bench.zoom_set("tuxpaint", 4, "dev")
+    clf = ZeroShotClassifier(model, ds.classnames, cache=False)
+    truth = np.asarray(ds.labels)
+    plain = clf.predict_proba(ds.images).argmax(1) == truth
+    assert scores["images"] == len(ds) >= 2 and scores["top1"] == plain.mean() and len(scores["gains"]) == len(bench.ZOOM_CANDIDATES)
+    for combine, crop in bench.ZOOM_CANDIDATES:
+        hits = clf.zoomed_proba(ds.images, top=2, combine=combine, crop=crop).argmax(1) == truth
+        assert scores["gains"][f"{combine}, {crop}"][0] == pytest.approx(100 * (hits.mean() - plain.mean()))
+
+
 def test_the_zoom_tables_and_checks_read_the_held_out_gains_of_the_default():
     names = [f"{combine}, {crop}" for combine, crop in bench.ZOOM_CANDIDATES]
     row = lambda kind, gain: {"kind": kind, "images": 100, "classes": 2, "top1": 0.5,
