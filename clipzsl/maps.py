@@ -254,6 +254,18 @@ def peak_box(heat_map: HeatMap, column: int, share: float = 0.5) -> tuple[tuple[
     return box, float(grid.max())
 
 
+def square_box(box: tuple[int, int, int, int], size: tuple[int, int], scale: float = 1.5) -> tuple[int, int, int, int]:
+    """The square of side `scale` times `box`'s longer side (at most the image's shorter side), centred on
+    `box` and shifted to lie inside an image of `size` (width, height): a crop a model that views a centred
+    square (the packaged one) sees whole, with some context around the peak."""
+    left, top, right, bottom = box
+    width, height = size
+    side = max(1, min(round(scale * max(right - left, bottom - top)), width, height))
+    x = min(max(round((left + right - side) / 2), 0), width - side)
+    y = min(max(round((top + bottom - side) / 2), 0), height - side)
+    return x, y, x + side, y + side
+
+
 def positive_share(grid: np.ndarray, weights: np.ndarray) -> float:
     """The share of a map's positive energy (its values clipped at 0) on a region given per cell as the
     share of the cell it covers (`weights`, the grid's shape, in [0, 1]); 0 for a map with no positive value."""
