@@ -238,19 +238,20 @@ class ZeroShotClassifier:
         elif len(heat_maps) != len(pictures):
             raise InputError(f"{len(heat_maps)} heat maps for {len(pictures)} images: pass one per image "
                              "(ZeroShotClassifier.heatmaps of the same images), or none")
-        logits = self.logits(pictures, batch_size).float()
-        probs = probabilities(logits, self.model.probability)
-        zoomed = (logits if combine == "logit" else probs).clone()
+        kind = self.model.probability
+        logits = as_numpy(self.logits(pictures, batch_size))
+        probs = probabilities(logits, kind)
+        zoomed = (logits if combine == "logit" else probs).copy()
         for i, (picture, heat_map) in enumerate(zip(pictures, heat_maps)):
-            columns = torch.from_numpy(np.argsort(-probs[i].numpy(), kind="stable")[:top])
+            columns = np.argsort(-probs[i], kind="stable")[:top]
             boxes = [peak_box(heat_map, int(c))[0] for c in columns]
             if crop == "square":
                 boxes = [square_box(box, picture.size) for box in boxes]
-            on_crops = self.logits([picture.crop(box) for box in boxes], batch_size).float()
+            on_crops = as_numpy(self.logits([picture.crop(box) for box in boxes], batch_size))
             if combine == "probability":
-                on_crops = probabilities(on_crops, self.model.probability)
-            zoomed[i, columns] = (zoomed[i, columns] + on_crops[torch.arange(len(columns)), columns]) / 2
-        return (probabilities(zoomed, self.model.probability) if combine == "logit" else zoomed).numpy()
+                on_crops = probabilities(on_crops, kind)
+            zoomed[i, columns] = (zoomed[i, columns] + on_crops[np.arange(len(columns)), columns]) / 2
+        return probabilities(zoomed, kind) if combine == "logit" else zoomed
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the class embeddings as safetensors, with the model fingerprint and spec, the
