@@ -56,6 +56,19 @@ def test_a_torch_model_without_torch_is_one_clear_error(tmp_path):
     assert {line.split(", and ")[1].split()[0] for line in refusals} <= set(BLOCKED)
 
 
+def test_a_command_that_needs_torch_is_one_line_and_status_2(tmp_path):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 24), "red").save(image)
+    result = run_without_torch(f"""
+        from clipzsl.cli import main
+        print("status", main(["explain", {str(image)!r}, "--labels", "cat,dog", "--out", {str(tmp_path / "maps")!r}]))
+    """, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "status 2" in result.stdout
+    assert result.stderr.startswith("clipzsl: error: this command needs torch (") and "Traceback" not in result.stderr
+    assert not (tmp_path / "maps").exists()
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     from skimage import data

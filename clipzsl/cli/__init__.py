@@ -19,6 +19,7 @@ import warnings
 from typing import Sequence
 
 from .. import __version__
+from ..backends import TORCH_PACKAGES
 from ..errors import ClipzslError
 from ..images import check_output
 from . import classify, evaluate, explain, export, index, labels, service, tools
@@ -50,8 +51,8 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. A `ClipzslError` (the input or a file is wrong; the message says how to fix it)
-    or an `OSError` (a missing file, a full disk) is one line and exit status 2; anything else is a bug,
-    and its traceback is shown."""
+    or an `OSError` (a missing file, a full disk) is one line and exit status 2, and so is a command that needs
+    torch where it is not installed; anything else is a bug, and its traceback is shown."""
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings(), notices_to_stderr():
         warnings.showwarning = show_warning
@@ -60,4 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.run(args)
         except (ClipzslError, OSError) as err:
             print(f"clipzsl: error: {err}", file=sys.stderr)
+            return 2
+        except ModuleNotFoundError as err:  # a command that needs torch, where it is not installed
+            if (err.name or "").partition(".")[0] not in TORCH_PACKAGES:
+                raise
+            print(f"clipzsl: error: this command needs torch ({err.name} is not installed here): install clipzsl with "
+                  "its dependencies (pip install clipzsl); without torch, onnx: models classify, index and serve",
+                  file=sys.stderr)
             return 2
