@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from ..arrays import as_numpy
 from ..errors import ClipzslError, MissingExtra
 from ..records import RecordError, load, rule
 from .base import Backend
@@ -202,14 +203,6 @@ def tokenizer_for(settings: dict[str, Any], directory: Path) -> Callable[[list[s
                           for k, v in tokenizer(texts, return_tensors="np", **settings["kwargs"]).items()}
 
 
-def as_pixels(pixels: Any) -> np.ndarray:
-    """A batch [N, 3, H, W] as contiguous float32 numpy: numpy arrays as they are, a torch tensor (duck-typed,
-    so torch is never imported here) through the CPU."""
-    if hasattr(pixels, "detach"):
-        pixels = pixels.detach().cpu().float().numpy()
-    return np.ascontiguousarray(pixels, dtype=np.float32)
-
-
 class OnnxBackend(Backend):
     """Both towers on onnxruntime (CPU); preprocessing and tokenising as the source model does them."""
 
@@ -242,7 +235,7 @@ class OnnxBackend(Backend):
         if return_tokens:
             raise NotImplementedError(f"{self.spec} exports embeddings only; spatial tokens (heat maps, the "
                                       f"cross-attention adapter) need its source model, {self.manifest.source_spec}")
-        return np.asarray(self._image.run(None, {"pixels": as_pixels(pixels)})[0], np.float32)
+        return np.asarray(self._image.run(None, {"pixels": np.ascontiguousarray(as_numpy(pixels))})[0], np.float32)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> float32 [N, D]."""
