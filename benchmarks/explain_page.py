@@ -21,18 +21,34 @@ SHOWN = ("(label) => { const img = document.getElementById('heatmap'); "
          "return img.dataset.label === label && img.complete && img.naturalWidth > 0; }")
 
 
-def drive_explain(url: str, image: Path, labels: str, click: str | int = 1, screenshot: Path | None = None) -> dict:
-    """Upload `image` against `labels`, wait for the top label's heat map, then click the label `click` (a name,
-    or a rank counted from 0) and wait for its map. What the page showed before and after the click."""
+#: records the "zoom" field of each /classify request the page sends (a multipart body with a file is not
+#: visible to the browser's request events)
+RECORD_ZOOM = """window.zoomSent = [];
+const sendRequest = window.fetch;
+window.fetch = (url, options) => {
+  if (String(url).endsWith("/classify") && options && options.body instanceof FormData)
+    window.zoomSent.push(options.body.get("zoom"));
+  return sendRequest(url, options);
+};"""
+
+
+def drive_explain(url: str, image: Path, labels: str, click: str | int = 1, screenshot: Path | None = None,
+                  zoom: bool = False) -> dict:
+    """Upload `image` against `labels` (with the zoom box ticked, when `zoom`), wait for the top label's heat map,
+    then click the label `click` (a name, or a rank counted from 0) and wait for its map. What the page showed
+    before and after the click, and the zoom field of each /classify request it sent."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.add_init_script(RECORD_ZOOM)
             page.goto(url)
             page.wait_for_function("document.getElementById('status').textContent.indexOf('connecting') < 0")
             page.fill("#labels", labels)
+            if zoom:
+                page.check("#zoom")
             page.set_input_files("#file", str(image))
             page.wait_for_selector("#labels-out li.prediction")
             shown = page.eval_on_selector_all("#labels-out li.prediction", "items => items.map(i => i.dataset.label)")
@@ -48,7 +64,8 @@ def drive_explain(url: str, image: Path, labels: str, click: str | int = 1, scre
                     "caption": page.text_content("#heatmap-caption"),
                     "chosen": page.eval_on_selector_all("#labels-out li.chosen", "items => items.map(i => i.dataset.label)"),
                     "map_size": page.eval_on_selector("#heatmap", "i => [i.naturalWidth, i.naturalHeight]"),
-                    "error": page.text_content("#classify-error")}
+                    "error": page.text_content("#classify-error"),
+                    "zoom_sent": page.evaluate("window.zoomSent")}
         finally:
             browser.close()
 

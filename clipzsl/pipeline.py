@@ -29,7 +29,7 @@ from .arrays import as_numpy
 from .backends import DEFAULT_MODEL, Backend, load_model
 from .classifier import ZeroShotClassifier
 from .errors import InputError
-from .images import ImageLoadError, check_output, each_image_once, embed_images, expand_sources, image_key, source_name
+from .images import EmbeddedImages, ImageLoadError, check_output, each_image_once, embed_images, expand_sources, image_key, source_name
 from .predictions import (ClassifySettings, Explained, Peak, Predictions, PredictionWriter, Row, check_resumable,
                           check_settings, classified_images, saved_settings)
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_prompts
@@ -90,14 +90,16 @@ class Batch:
 
 @dataclass
 class Mapper:
-    """Embeds images with `model`, and with a `classifier` scores each image's `top_k` labels (and with
-    `explain`, a heat-map method's name, finds each label's peak: one more forward pass per image)."""
+    """Embeds images with `model`, and with a `classifier` scores each image's `top_k` labels (with `zoom`,
+    a heat-map method's name, through the attention-guided zoom by its maps: `zoomed_predict`) and with
+    `explain`, a heat-map method's name, finds each label's peak (one more forward pass per image each)."""
 
     model: Backend
     classifier: ZeroShotClassifier | None = None
     top_k: int = 5
     cache: bool | str = True  # where a Ray actor's model keeps its caches
     explain: str | None = None
+    zoom: str | None = None
 
     def local(self, items: Sequence[tuple[str, ImageSourceItem]], engine: Engine) -> Batch:
         """One chunk, in this process."""
@@ -111,24 +113,27 @@ class Mapper:
         why = {name_of.get(f.source, f.source): f.reason for f in embedded.failures}
         why.update((name, s.reason) for (name, _), s in zip(items, loaded) if isinstance(s, ImageLoadError))
         errors = [ImageLoadError(name, why[name]) if name in why else None for name, _ in items]
-        predictions = None
+        batch = Batch([name for name, _ in items], errors, as_numpy(embedded.embeddings))
         if self.classifier is not None:
-            predictions = self.classifier.predict(embedded, self.top_k) if len(embedded) else []
-        batch = Batch([name for name, _ in items], errors, as_numpy(embedded.embeddings), predictions)
-        source = dict(todo)
-        batch.peaks = self.peaks([source[name] for name in batch.read()], predictions)
+            source = dict(todo)
+            self.score(batch, embedded, [source[name] for name in batch.read()])
         return batch
 
-    def peaks(self, images: Sequence, predictions: list[Predictions] | None) -> list[list[Peak]] | None:
-        """Each image's predicted labels' `Peak`s, from its heat map by the `explain` method (None without)."""
-        if self.classifier is None or self.explain is None or predictions is None:
-            return None
-        from .maps import peak_box
+    def score(self, batch: Batch, embedded: EmbeddedImages, images: list) -> None:
+        """Fill in the predictions of the rows read (`images`, in order), and their peaks with `explain`."""
+        assert self.classifier is not None
+        drawn = {method: self.classifier.heatmaps(images, method) if images else []
+                 for method in {self.explain, self.zoom} - {None}}
+        if self.zoom is not None:
+            batch.predictions = self.classifier.zoomed_predict(images, self.top_k, drawn[self.zoom]) if images else []
+        else:
+            batch.predictions = self.classifier.predict(embedded, self.top_k) if len(embedded) else []
+        if self.explain is not None:
+            from .maps import peak_box
 
-        column = {label: i for i, label in enumerate(self.classifier.labels)}
-        maps = self.classifier.heatmaps(list(images), self.explain) if images else []
-        return [[Peak(*peak_box(heat_map, column[label])) for label, _ in preds]
-                for heat_map, preds in zip(maps, predictions)]
+            column = {label: i for i, label in enumerate(self.classifier.labels)}
+            batch.peaks = [[Peak(*peak_box(heat_map, column[label])) for label, _ in preds]
+                           for heat_map, preds in zip(drawn[self.explain], batch.predictions)]
 
     def ray(self, items: Sequence[tuple[str, ImageSourceItem]], engine: Engine) -> Iterator[Batch]:
         """Every image, on Ray Data, as the cluster delivers them."""
@@ -208,7 +213,10 @@ class Classification:
     through `adapter` (a saved adapter's directory) when given. `cache`: as `ZeroShotClassifier`'s.
     `explain`: also give each label's peak box and score (`predictions.Peak`) from the image's heat map by
     `method` (`clipzsl.maps`; None: the adapter's attention with a cross-attention adapter, else the model's
-    default; a Tip adapter has no attention), one more forward pass per image (local engine only)."""
+    default; a Tip adapter has no attention), one more forward pass per image (local engine only).
+    `zoom`: score each image through the attention-guided zoom (`ZeroShotClassifier.zoomed_predict`, by the
+    default map: the adapter's attention with a cross-attention adapter, else the model's), a heat map and one
+    more forward pass per image (local engine only)."""
 
     labels: LabelsArg
     model: Backend | str = DEFAULT_MODEL
@@ -220,6 +228,7 @@ class Classification:
     precision: str = "auto"
     explain: bool = False
     method: str | None = None
+    zoom: bool = False
 
     @property
     def model_spec(self) -> str:
@@ -231,7 +240,7 @@ class Classification:
             warnings.simplefilter("ignore")
             entries, templates = load_prompts(self.labels, self.templates)
         return ClassifySettings.of(self.model_spec, entries, templates, self.top_k, fmt,
-                                   (self.method or "") if self.explain else None)
+                                   (self.method or "") if self.explain else None, self.zoom)
 
     def map_method(self, model: Backend) -> str | None:
         """The name of --explain's heat-map method on `model` (None without --explain); an InputError when
@@ -247,6 +256,10 @@ class Classification:
             raise InputError(f"{self.adapter} is a Tip adapter, which has no attention to draw; pick another --method "
                              "(the default is the model's)")
         return method_named(model, self.method)[0]
+
+    def zoom_method(self, model: Backend) -> str | None:
+        """The heat-map method --zoom crops by on `model` (None without --zoom): --explain's default."""
+        return replace(self, explain=True, method=None).map_method(model) if self.zoom else None
 
     def load_model(self) -> Backend:
         if isinstance(self.model, Backend):
@@ -282,9 +295,10 @@ def _check_request(output: str | None, fmt: str, resume: bool, job: Classificati
         raise InputError("--adapter is not supported with --engine ray; classify with the default engine")
     if job.method is not None and not job.explain:
         raise InputError(f"--method {job.method} chooses the heat maps of --explain; add --explain")
-    if engine.kind == "ray" and job.explain:
-        raise InputError("--explain is not supported with --engine ray (the model actors give no heat maps); "
-                         "classify with the default engine")
+    for flag, asked in (("--explain", job.explain), ("--zoom", job.zoom)):
+        if engine.kind == "ray" and asked:
+            raise InputError(f"{flag} is not supported with --engine ray (the model actors give no heat maps); "
+                             "classify with the default engine")
 
 
 def _resume_point(output: str | None, saved: ClassifySettings | None, wanted: ClassifySettings,
@@ -293,7 +307,7 @@ def _resume_point(output: str | None, saved: ClassifySettings | None, wanted: Cl
     The settings are checked before the output is read (and a torn last line cut off)."""
     if saved is None or not output:
         return set()
-    check_settings(output, saved, wanted, ("labels", "templates", "top_k", "format", "explain"))
+    check_settings(output, saved, wanted, ("labels", "templates", "top_k", "format", "explain", "zoom"))
     return {image_key(name, saved.base) for name in classified_images(Path(output), wanted.format, top_k)}
 
 
@@ -328,7 +342,7 @@ def classify_to_file(sources: Sequence[str | os.PathLike], output: str | None, j
     clf = job.classifier(model)
     width = max([len("image")] + [len(s) for s in todo])
     with PredictionWriter(output, fmt, wanted, append=resume, width=width) as writer:
-        mapper = Mapper(clf.model, clf, job.top_k, job.cache, wanted.explain)
+        mapper = Mapper(clf.model, clf, job.top_k, job.cache, wanted.explain, job.zoom_method(clf.model))
         for batch in run([(name, name) for name in todo], mapper, engine):
             writer.add(batch.rows())
             report.written += len(batch.names) - len(batch.failures())

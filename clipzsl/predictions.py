@@ -210,15 +210,16 @@ class ClassifySettings:
     record_sha256: str = ""
     #: --explain's heat-map method (None: no peaks; "": the model's default, until the model is loaded)
     explain: str | None = None
+    zoom: bool = False  # scored through the attention-guided zoom (classify --zoom)
 
     @classmethod
     def of(cls, model_spec: str, entries: Sequence[ClassEntry], templates: Sequence[str], top_k: int,
-           fmt: str, explain: str | None = None) -> "ClassifySettings":
+           fmt: str, explain: str | None = None, zoom: bool = False) -> "ClassifySettings":
         """This run's settings; the model's weights (`fingerprint`) are filled in once it is loaded."""
         entries_text = canonical([asdict(e) for e in entries]).decode()
         return cls(model_spec, "", len(entries), digest(entries_text, 64), len(templates),
                    digest(canonical(list(templates)).decode(), 64), top_k, cast(Format, fmt), os.getcwd(),
-                   explain=explain)
+                   explain=explain, zoom=zoom)
 
 
 def settings_path(output: str | os.PathLike) -> Path:
@@ -228,7 +229,7 @@ def settings_path(output: str | os.PathLike) -> Path:
 
 #: the settings a resumed run compares, and the option that sets each
 RESUME_FLAGS = {"labels": "--labels", "templates": "--templates", "top_k": "--top-k", "format": "--format",
-                "fingerprint": "--model", "explain": "--explain/--method"}
+                "fingerprint": "--model", "explain": "--explain/--method", "zoom": "--zoom"}
 
 
 def saved_settings(output: str | os.PathLike) -> ClassifySettings | None:
@@ -258,6 +259,8 @@ def _describe(settings: ClassifySettings, field: str) -> str:
             return "no --explain"
         return f"--explain by heat-map method {settings.explain!r}" if settings.explain else \
             "--explain by the model's default heat-map method"
+    if field == "zoom":
+        return "--zoom" if settings.zoom else "no --zoom"
     return f"{settings.model} (weights {settings.fingerprint})" if field == "fingerprint" else \
         str(getattr(settings, field))
 

@@ -736,12 +736,19 @@ def create_app(
         labels: Annotated[str, Form(description="a comma list (cat,dog) or a label set's name")],
         templates: Annotated[str | None, Form(description="a template set's name, or templates one a line")] = None,
         top_k: Annotated[int, Form(ge=1)] = 5,
+        zoom: Annotated[bool, Form(description="score the image again on crops around its labels' heat-map peaks "
+                                               "(the attention-guided zoom: a heat map and one more forward pass)")
+                        ] = False,
     ) -> Predictions:
-        """The image's `top_k` labels among `labels`, with their probabilities."""
+        """The image's `top_k` labels among `labels`, with their probabilities (through the zoom with `zoom`)."""
         service.check_top_k(top_k)
+        if zoom:
+            service.map_method(None)  # 422 for a model that draws no heat maps
         classifier = await service.classifier(labels, templates)
-        pixels = await service.pixels(image)
-        found = await service.batcher.submit(pixels=pixels, target=classifier, top_k=top_k)
+        if zoom:
+            found = (await service.batcher.call(classifier.zoomed_predict, [await service.image(image)], top_k))[0]
+        else:
+            found = await service.batcher.submit(pixels=await service.pixels(image), target=classifier, top_k=top_k)
         return Predictions(predictions=[Prediction(label=label, probability=p) for label, p in found])
 
     @app.post("/explain", response_class=Response,

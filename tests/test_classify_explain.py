@@ -20,11 +20,6 @@ TEMPLATES = ["a photo of a {}."]
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_clip):
-    return clipzsl.load_model(f"hf:{tiny_clip}")
-
-
-@pytest.fixture(scope="module")
 def expected(tiny):
     """image -> [(label, probability, box, score)] computed straight from the classifier's heat maps."""
     def compute(paths):

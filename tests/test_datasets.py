@@ -10,9 +10,11 @@ import json
 import os
 import pickle
 import stat
+import struct
 import sys
 import tarfile
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -250,6 +252,83 @@ def test_load_emoji_twemoji_from_a_seeded_cache(tmp_path, monkeypatch):
     assert set(every.groups) == {"twemoji"} and every.classnames == ds.classnames  # openmoji drew nothing
     with pytest.raises(D.DatasetUnavailable, match="npm is not installed"):
         D.load("emoji", style="fluent3d", cache_dir=cache)
+
+
+# ---------------------------------------------------------------- gcompris_photos: Qt resource bundles
+
+
+def qt_bundle(files: dict[str, bytes], compressed: frozenset[str] = frozenset(), version: int = 1) -> bytes:
+    """A Qt resource bundle (.rcc) holding `files` (path -> bytes), written by the layout Qt documents: the
+    header, the tree (each folder's children consecutive), the names (UTF-16) and the data (zlib for `compressed`)."""
+    tree: dict[str, dict] = {}
+    for path in files:
+        node = tree
+        for part in path.split("/"):
+            node = node.setdefault(part, {})
+    nodes, names, blobs, queue = [], b"", b"", [("", "", tree)]
+    name_at: dict[str, int] = {}
+    while queue:  # breadth first: a folder's children get consecutive node numbers
+        path, name, children = queue.pop(0)
+        if name not in name_at:
+            name_at[name] = len(names)
+            names += len(name).to_bytes(2, "big") + b"\0" * 4 + name.encode("utf-16-be")
+        if path in files:
+            data = files[path]
+            if path in compressed:
+                data = len(data).to_bytes(4, "big") + zlib.compress(data)
+            nodes.append(("file", name_at[name], int(path in compressed), len(blobs)))
+            blobs += len(data).to_bytes(4, "big") + data
+        else:
+            first = len(nodes) + len(queue) + 1
+            nodes.append(("dir", name_at[name], len(children), first))
+            queue += [(f"{path}/{child}".lstrip("/"), child, grand) for child, grand in sorted(children.items())]
+    extra = b"" if version < 2 else b"\0" * 8  # format 2 adds each node's modification time
+    packed = b"".join((struct.pack(">IHII", at, 2, a, b) if kind == "dir" else struct.pack(">IHHHI", at, a, 0, 0, b))
+                      + extra for kind, at, a, b in nodes)
+    node_size = 14 + len(extra)
+    tree_at = 20
+    names_at = tree_at + len(nodes) * node_size
+    blobs_at = names_at + len(names)
+    return b"qres" + struct.pack(">IIII", version, tree_at, blobs_at, names_at) + packed + names + blobs
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_read_qt_resources_gives_every_file_inflated(version):
+    files = {"a/b/one.webp": b"first file", "a/b/two.png": b"second " * 50, "a/c.txt": b"", "top.bin": b"\x00\x01"}
+    bundle = qt_bundle(files, frozenset({"a/b/two.png"}), version)
+    assert D.read_qt_resources(bundle) == files
+    with pytest.raises(D.DatasetUnavailable, match="not a Qt resource bundle"):
+        D.read_qt_resources(b"PK" + bundle[2:])
+
+
+def test_gcompris_labels_come_from_file_names():
+    assert [D.gcompris_label(n) for n in ("x/measuringTape3.webp", "polar_bear.webp", "windmill11.webp",
+                                           "chamaeleon.webp", "long_nosed_monkey.webp", "screwDriver.webp")] == [
+        "measuring tape", "polar bear", "windmill", "chameleon", "long nosed monkey", "screw driver"]
+
+
+def test_load_gcompris_photos_from_a_seeded_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    photo = lambda rgb: png_bytes((*rgb, 255))
+    bundles = {
+        "erase": qt_bundle({"gcompris/src/activities/erase/resource/red_panda.webp": photo((200, 0, 0)),
+                            "gcompris/src/activities/erase/resource/erase.svg": b"<svg/>"}),
+        "explore_world_animals": qt_bundle({}),
+        "explore_farm_animals": qt_bundle({"gcompris/src/activities/explore_farm_animals/resource/animals/cat.webp":
+                                           photo((0, 200, 0))}),
+        "categorization": qt_bundle({
+            "gcompris/src/activities/categorization/resource/images/tools/hammer1.webp": photo((0, 0, 200)),
+            "gcompris/src/activities/categorization/resource/images/tools/hammer2.webp": photo((0, 0, 100)),
+            "gcompris/src/activities/categorization/resource/images/monuments/colosseum.webp": photo((9, 9, 9))}),
+    }
+    expect = seed_package(cache, *D.GCOMPRIS, {f"{D.GCOMPRIS_DIR}/{name}.rcc": data for name, data in bundles.items()})
+    monkeypatch.setattr(D, "GCOMPRIS_EXPECT", expect)
+    ds = D.load("gcompris_photos", cache_dir=cache)
+    assert ds.classnames == ["cat", "hammer", "red panda"]  # monuments and drawings are not taken
+    assert sorted(zip(ds.labels, ds.groups)) == [(0, "animals"), (1, "tools"), (1, "tools"), (2, "resource")]
+    red = ds.images[ds.labels.index(2)]
+    assert red.mode == "RGB" and red.getpixel((3, 3)) == (200, 0, 0)
+    assert len(D.load("gcompris_photos", limit=2, cache_dir=cache)) == 2
 
 
 # ---------------------------------------------------------------- shared: fetch, check, client failures

@@ -229,6 +229,8 @@ def test_command_line_exports_then_classifies(tiny_clip, photos, tmp_path, capsy
     image = str(photos[0] / "chelsea.png")
     assert main(["classify", image, "--labels", "cat,dog", "--model", f"onnx:{out}", "--format", "csv"]) == 0
     assert "chelsea.png" in capsys.readouterr().out
+    assert main(["classify", image, "--labels", "cat,dog", "--model", f"onnx:{out}", "--zoom"]) == 2
+    assert "no heat-map method" in capsys.readouterr().err  # the zoom crops by a heat map, which onnx: has not
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "notes.txt").write_text("keep")
     assert main(["export", "onnx", f"hf:{tiny_clip}", "--out", str(tmp_path / "theirs")]) == 2
@@ -256,6 +258,9 @@ def test_service_runs_on_the_export(torch_models, exported, photos, tmp_path):
                                      data={"labels": ",".join(LABELS), "top_k": "3"})
             searched = client.post("/search", json={"text": "a cat", "top_k": 3})
             assert classified.status_code == searched.status_code == 200, classified.text
+            zoomed = client.post("/classify", files={"image": ("c.png", png.getvalue(), "image/png")},
+                                 data={"labels": ",".join(LABELS), "zoom": "true"})
+            assert zoomed.status_code == (422 if backend is model else 200), zoomed.text
             answers.append(([p["label"] for p in classified.json()["predictions"]],
                             [r["path"] for r in searched.json()["results"]]))
     assert answers[0] == answers[1]

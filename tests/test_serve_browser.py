@@ -61,8 +61,9 @@ def test_clicking_a_label_shows_its_heat_map_in_chromium(tiny_clip, tmp_path):
     method = default_method(clipzsl.load_model(f"hf:{tiny_clip}"))
     args = ["--model", f"hf:{tiny_clip}", "--cache-dir", str(tmp_path / "cache")]
     with running_server(args, timeout=120) as (url, _):
-        seen = drive_explain(url, upload, "cat,dog,bird", click=1)
+        seen = drive_explain(url, upload, "cat,dog,bird", click=1, zoom=True)
     assert seen["error"] == "" and len(seen["labels"]) == 3
+    assert seen["zoom_sent"] == ["true"]  # the zoom box was shown (the model draws maps) and its answer shown
     second = seen["labels"][1]
     assert seen["clicked"] == second and seen["chosen"] == [second]
     assert seen["src_before"].startswith("blob:") and seen["src_after"].startswith("blob:")

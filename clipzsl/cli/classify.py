@@ -19,7 +19,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     fmt = args.format or ("parquet" if args.output and Path(args.output).suffix == ".parquet" else "table")
     job = Classification(labels_argument(args.labels), args.model, args.templates, args.top_k,
                          cache=False if args.no_cache else (args.cache_dir or True), adapter=args.adapter,
-                         device=args.device, precision=args.precision, explain=args.explain, method=args.method)
+                         device=args.device, precision=args.precision, explain=args.explain, method=args.method,
+                         zoom=args.zoom)
     with empty_folders() as empty:
         report = classify_to_file(args.paths, args.output, job, fmt=fmt, resume=args.resume, engine=engine_of(args))
     if not report.images:
@@ -67,6 +68,11 @@ def register(commands: Any) -> None:
     classify.add_argument("--method", help="heat-map method of --explain (default: the adapter's attention with "
                                            "a cross-attention --adapter, else the model's default; see "
                                            "clipzsl.maps.METHODS)")
+    classify.add_argument("--zoom", action="store_true",
+                          help="score each image again on crops around its labels' heat-map peaks and average the "
+                               "scores (the attention-guided zoom, ZeroShotClassifier.zoomed_predict; what it gains: "
+                               "benchmarks/results/zoom.md). "
+                               "Costs a heat map and one more forward pass per image; local engine only")
     add_engine_arguments(classify)
     add_run_options(classify)
     classify.set_defaults(outputs=(("paths",), ("output",), False), run=cmd_classify)
