@@ -220,7 +220,8 @@ class ZeroShotClassifier:
 
     def zoomed_proba(self, images: ImageSource | Sequence[ImageSource], top: int = 5, method: str | None = None,
                      batch_size: int | None = None, *, rescore: str = ZOOM_RESCORE, combine: str = ZOOM_COMBINE,
-                     crop: str = ZOOM_CROP, heat_maps: Sequence[HeatMap] | None = None) -> np.ndarray:
+                     crop: str = ZOOM_CROP, heat_maps: Sequence[HeatMap] | None = None,
+                     embedded: EmbeddedImages | None = None) -> np.ndarray:
         """Probabilities [N, C] with an attention-guided zoom, from the image's heat maps (`heatmaps(method)`,
         or `heat_maps` already drawn for these images). rescore "top": each of the image's `top` labels is
         scored again on a crop around its own peak; "all": every label is scored again on one crop, around
@@ -236,8 +237,11 @@ class ZeroShotClassifier:
         elif len(heat_maps) != len(pictures):
             raise InputError(f"{len(heat_maps)} heat maps for {len(pictures)} images: pass one per image "
                              "(ZeroShotClassifier.heatmaps of the same images), or none")
+        if embedded is not None and len(embedded) != len(pictures):
+            raise InputError(f"{len(embedded)} embedded images for {len(pictures)} images: pass the embedding of "
+                             "the same images (ZeroShotClassifier.embed), or none")
         kind = self.model.probability
-        logits = as_numpy(self.logits(pictures, batch_size))
+        logits = as_numpy(self.logits(pictures if embedded is None else embedded, batch_size))
         probs = probabilities(logits, kind)
         zoomed = (logits if combine == "logit" else probs).copy()
         if top:
@@ -263,11 +267,12 @@ class ZeroShotClassifier:
             at += len(columns)
 
     def zoomed_predict(self, images: ImageSource | Sequence[ImageSource], top_k: int = 5,
-                       heat_maps: Sequence[HeatMap] | None = None) -> list[list[tuple[str, float]]]:
+                       heat_maps: Sequence[HeatMap] | None = None,
+                       embedded: EmbeddedImages | None = None) -> list[list[tuple[str, float]]]:
         """`predict` through the default zoom (`zoomed_proba`): what `classify --zoom` and the service's
         zoom give."""
         check_top_k(top_k)
-        probs = self.zoomed_proba(images, heat_maps=heat_maps)
+        probs = self.zoomed_proba(images, heat_maps=heat_maps, embedded=embedded)
         return self._named(*ops(probs).top_k(probs, min(top_k, probs.shape[1])))
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -125,7 +125,8 @@ class Mapper:
         drawn = {method: self.classifier.heatmaps(images, method) if images else []
                  for method in {self.explain, self.zoom} - {None}}
         if self.zoom is not None:
-            batch.predictions = self.classifier.zoomed_predict(images, self.top_k, drawn[self.zoom]) if images else []
+            batch.predictions = self.classifier.zoomed_predict(images, self.top_k, drawn[self.zoom],
+                                                               embedded) if images else []
         else:
             batch.predictions = self.classifier.predict(embedded, self.top_k) if len(embedded) else []
         if self.explain is not None:

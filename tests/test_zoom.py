@@ -86,6 +86,20 @@ def test_the_zoom_takes_heat_maps_already_drawn_and_refuses_wrong_options(zoom_c
             clf.zoomed_proba(images, **{option: value})
 
 
+def test_the_zoom_takes_the_images_already_embedded(zoom_case, monkeypatch):
+    clf, images, heat_maps = zoom_case
+    embedded = clf.embed(images, progress=False)
+    want = clf.zoomed_proba(images, heat_maps=heat_maps)
+    seen = []
+    original = clf.logits
+    monkeypatch.setattr(clf, "logits", lambda given, batch_size=None: seen.append(
+        (type(given).__name__, len(given))) or original(given, batch_size))
+    assert np.allclose(clf.zoomed_proba(images, heat_maps=heat_maps, embedded=embedded), want, atol=1e-6)
+    assert seen == [("EmbeddedImages", 2), ("list", 2 * 4)]  # the whole images not embedded again; 4 labels' crops
+    with pytest.raises(InputError, match="1 embedded images for 2 images"):
+        clf.zoomed_proba(images, heat_maps=heat_maps, embedded=clf.embed(images[:1], progress=False))
+
+
 def test_zoomed_predict_is_the_top_k_of_the_default_zoom(zoom_case):
     clf, images, heat_maps = zoom_case
     zoomed = clf.zoomed_proba(images)
