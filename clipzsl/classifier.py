@@ -232,11 +232,7 @@ class ZeroShotClassifier:
         the zoom leaves their share unchanged). The defaults, and what they gain: bench_zoom's results."""
         _check_zoom(top, rescore, combine, crop)
         pictures = [load_image(s) for s in expand_sources(images)]
-        if heat_maps is None:
-            heat_maps = self.heatmaps(pictures, method) if top else []
-        elif len(heat_maps) != len(pictures):
-            raise InputError(f"{len(heat_maps)} heat maps for {len(pictures)} images: pass one per image "
-                             "(ZeroShotClassifier.heatmaps of the same images), or none")
+        heat_maps = self._zoom_maps(pictures, top, method, heat_maps)
         if embedded is not None and len(embedded) != len(pictures):
             raise InputError(f"{len(embedded)} embedded images for {len(pictures)} images: pass the embedding of "
                              "the same images (ZeroShotClassifier.embed), or none")
@@ -265,6 +261,16 @@ class ZeroShotClassifier:
             else:
                 zoomed[i, columns] = (zoomed[i, columns] + on_crops[at + np.arange(len(columns)), columns]) / 2
             at += len(columns)
+
+    def _zoom_maps(self, pictures: list, top: int, method: str | None,
+                   heat_maps: Sequence[HeatMap] | None) -> Sequence[HeatMap]:
+        """The zoom's heat maps: those given (one per picture), else drawn by `method` (none when `top` is 0)."""
+        if heat_maps is None:
+            return self.heatmaps(pictures, method) if top else []
+        if len(heat_maps) != len(pictures):
+            raise InputError(f"{len(heat_maps)} heat maps for {len(pictures)} images: pass one per image "
+                             "(ZeroShotClassifier.heatmaps of the same images), or none")
+        return heat_maps
 
     def zoomed_predict(self, images: ImageSource | Sequence[ImageSource], top_k: int = 5,
                        heat_maps: Sequence[HeatMap] | None = None,
