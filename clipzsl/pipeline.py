@@ -29,7 +29,8 @@ from .arrays import as_numpy
 from .backends import DEFAULT_MODEL, Backend, load_model
 from .classifier import ZeroShotClassifier
 from .errors import InputError
-from .images import EmbeddedImages, ImageLoadError, check_output, each_image_once, embed_images, expand_sources, image_key, source_name
+from .images import (EmbeddedImages, ImageLoadError, check_output, each_image_once, embed_images, expand_sources,
+                     image_key, source_name)
 from .predictions import (ClassifySettings, Explained, Peak, Predictions, PredictionWriter, Row, check_resumable,
                           check_settings, classified_images, saved_settings)
 from .prompts import DEFAULT_TEMPLATES, LabelsArg, TemplatesArg, load_prompts
@@ -92,7 +93,8 @@ class Batch:
 class Mapper:
     """Embeds images with `model`, and with a `classifier` scores each image's `top_k` labels (with `zoom`,
     a heat-map method's name, through the attention-guided zoom by its maps: `zoomed_predict`) and with
-    `explain`, a heat-map method's name, finds each label's peak (one more forward pass per image each)."""
+    `explain`, a heat-map method's name, finds each label's peak (a heat map per image; one map serves both
+    when the methods are the same)."""
 
     model: Backend
     classifier: ZeroShotClassifier | None = None
@@ -216,8 +218,8 @@ class Classification:
     `method` (`clipzsl.maps`; None: the adapter's attention with a cross-attention adapter, else the model's
     default; a Tip adapter has no attention), one more forward pass per image (local engine only).
     `zoom`: score each image through the attention-guided zoom (`ZeroShotClassifier.zoomed_predict`, by the
-    default map: the adapter's attention with a cross-attention adapter, else the model's), a heat map and one
-    more forward pass per image (local engine only)."""
+    default map: the adapter's attention with a cross-attention adapter, else the model's): a heat map and its
+    crops (one per top label, at most 5) scored per image (local engine only)."""
 
     labels: LabelsArg
     model: Backend | str = DEFAULT_MODEL

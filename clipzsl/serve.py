@@ -737,7 +737,7 @@ def create_app(
         templates: Annotated[str | None, Form(description="a template set's name, or templates one a line")] = None,
         top_k: Annotated[int, Form(ge=1)] = 5,
         zoom: Annotated[bool, Form(description="score the image again on crops around its labels' heat-map peaks "
-                                               "(the attention-guided zoom: a heat map and one more forward pass)")
+                                               "(the attention-guided zoom: a heat map and up to 5 crops scored)")
                         ] = False,
     ) -> Predictions:
         """The image's `top_k` labels among `labels`, with their probabilities (through the zoom with `zoom`)."""

@@ -72,7 +72,8 @@ def register(commands: Any) -> None:
                           help="score each image again on crops around its labels' heat-map peaks and average the "
                                "scores (the attention-guided zoom, ZeroShotClassifier.zoomed_predict; what it gains: "
                                "benchmarks/results/zoom.md). "
-                               "Costs a heat map and one more forward pass per image; local engine only")
+                               "Costs a heat map per image and the crops of its top labels (at most 5); local engine "
+                               "only")
     add_engine_arguments(classify)
     add_run_options(classify)
     classify.set_defaults(outputs=(("paths",), ("output",), False), run=cmd_classify)
